@@ -19,7 +19,7 @@ codes ``round(x / 0.5) + 2 = [0, 2, 3, 7]``, dequantized ``[-1.0, 0.0, 0.5, 2.5]
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -174,6 +174,10 @@ class QuantizedWeight:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    def to(self, device: torch.device | str) -> "QuantizedWeight":
+        return replace(self, **{f: getattr(self, f).to(device) for f in
+                                ("codes", "scales", "zeros", "g_idx", "rows", "cols", "vals")})
 
     @property
     def nnz(self) -> int:

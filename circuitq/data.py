@@ -1,0 +1,91 @@
+"""Reading task data from the public layouts (MMLU CSVs, GSM8k JSONL) and plain text corpora.
+
+Layouts (see ``../shared/data/README.md``): ``mmlu/{dev,val}/SUBJECT_{dev,val}.csv`` without a
+header (``question,A,B,C,D,answer``) and ``gsm8k/train.jsonl`` with ``{"question", "answer"}``.
+The data directory is ``--data-dir``, else ``$CIRCUITQ_DATA_DIR``, else the first ``shared/data``
+found next to the working directory or the repository.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+
+class DataError(ValueError):
+    pass
+
+
+def default_data_dir() -> Path | None:
+    env = os.environ.get("CIRCUITQ_DATA_DIR")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent.parent
+    for base in (Path.cwd(), Path.cwd().parent, here, here.parent):
+        cand = base / "shared" / "data"
+        if (cand / "README.md").exists() or (cand / "gsm8k").exists():
+            return cand
+    return None
+
+
+def resolve_data_dir(data_dir: str | Path | None) -> Path:
+    d = Path(data_dir) if data_dir else default_data_dir()
+    if d is None or not d.is_dir():
+        raise DataError(f"task data directory not found (looked for {data_dir or 'shared/data, $CIRCUITQ_DATA_DIR'}); "
+                        "pass --data-dir pointing at a folder with mmlu/ and gsm8k/ in their public layouts")
+    return d
+
+
+def read_gsm8k(data_dir: str | Path | None = None, split: str = "train") -> list[dict]:
+    """GSM8k rows ``{"question", "answer"}`` from ``DATA/gsm8k/{split}.jsonl``."""
+    path = resolve_data_dir(data_dir) / "gsm8k" / f"{split}.jsonl"
+    if not path.exists():
+        raise DataError(f"GSM8k split '{split}' not found: looked for {path}")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not rows:
+        raise DataError(f"{path} is empty")
+    return rows
+
+
+def read_mmlu(data_dir: str | Path | None = None, split: str = "val") -> list[dict]:
+    """MMLU rows ``{"subject", "question", "choices": [4], "answer": "A".."D"}``, sorted by subject."""
+    folder = resolve_data_dir(data_dir) / "mmlu" / split
+    files = sorted(folder.glob(f"*_{split}.csv"))
+    if not files:
+        raise DataError(f"MMLU split '{split}' not found: looked for {folder}/*_{split}.csv")
+    rows = []
+    for f in files:
+        subject = f.name[: -len(f"_{split}.csv")]
+        with f.open(newline="", encoding="utf-8") as fh:
+            for rec in csv.reader(fh):
+                if len(rec) != 6:
+                    raise DataError(f"{f}: expected 6 columns (question,A,B,C,D,answer), got {len(rec)}")
+                rows.append({"subject": subject, "question": rec[0], "choices": rec[1:5], "answer": rec[5].strip()})
+    return rows
+
+
+def read_text_corpus(path: str | Path) -> list[str]:
+    """Documents of a ``.txt`` file (blank-line separated) or a ``.jsonl`` file (its ``text``
+    field, else every string field joined)."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"text corpus not found: {p}")
+    raw = p.read_text(encoding="utf-8")
+    if p.suffix == ".jsonl":
+        docs = []
+        for i, line in enumerate(raw.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}:{i + 1}: not valid JSON ({e.msg})") from None
+            docs.append(obj["text"] if isinstance(obj, dict) and "text" in obj else
+                        "\n".join(v for v in (obj.values() if isinstance(obj, dict) else [obj]) if isinstance(v, str)))
+    else:
+        docs = [d.strip() for d in raw.split("\n\n")]
+    docs = [d for d in docs if d]
+    if not docs:
+        raise DataError(f"text corpus {p} has no text")
+    return docs

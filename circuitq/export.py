@@ -1,0 +1,256 @@
+"""Writing quantized models that real tools load, and loading them back.
+
+One output directory holds three things:
+
+* ``hf/``: a plain Hugging Face model directory with the dequantized weights (``config.json``,
+  tokenizer, ``model.safetensors``); ``AutoModelForCausalLM.from_pretrained`` loads it without
+  circuitq.
+* ``gptq/``: a packed GPTQ checkpoint in the standard v1 layout. Per module: ``qweight``
+  ``[in·bits/32, out]`` int32 packed along the input dimension, ``qzeros``
+  ``[groups, out·bits/32]`` int32 holding ``zero − 1`` (the v1 convention), ``scales``
+  ``[groups, out]`` float16, ``g_idx`` ``[in]`` int32; ``config.json`` carries
+  ``quantization_config`` (quant_method gptq, bits, group_size, desc_act, sym, checkpoint_format
+  gptq). Entries kept in 16-bit hold their nearest code, and ``gptq/circuitq_sparse/`` holds them
+  as an additive COO residual per module (``rows``, ``cols`` int32 sorted by row, ``vals``
+  float16 = ``W_kept − dequant(Q)``) with a manifest of nnz per module.
+* ``circuitq.json``: the run's metadata, bit accounting and per-module errors.
+
+Packing is a little-endian bit stream: code ``k`` of a column occupies stream bits
+``[bits·k, bits·k + bits)`` and every 32 stream bits form one int32 word. For 2, 4 and 8 bits this
+is the familiar ``word |= q << (bits·j)``; for 3 bits it is GPTQ's 10-10-(2+1)... layout.
+
+``load_packed`` rebuilds a model from ``gptq/`` whose weights equal ``hf/``'s exactly, because
+both go through ``QuantizedWeight.dequantize``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .artifacts import atomic_dir
+from .quantizer import QuantizedWeight
+
+SPARSE_FORMAT = "circuitq.sparse16"
+SPARSE_VERSION = "1"
+SPARSE_DIR = "circuitq_sparse"
+SPARSE_FILE = "outliers.safetensors"
+
+
+class ExportError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# bit packing (pure)
+# ---------------------------------------------------------------------------------------------
+def _cycle(bits: int) -> tuple[int, int]:
+    """(values, int32 words) of the smallest whole packing cycle."""
+    lcm = bits * 32 // math.gcd(bits, 32)
+    return lcm // bits, lcm // 32
+
+
+def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack ``[K, N]`` codes in ``[0, 2^bits)`` along dim 0 into ``[K·bits/32, N]`` int32."""
+    K, N = values.shape
+    nv, nw = _cycle(bits)
+    if K % nv:
+        raise ExportError(f"cannot pack {K} values of {bits} bits: the dimension must be a multiple of {nv}")
+    v = values.to(torch.int64).reshape(K // nv, nv, N)
+    out = torch.zeros(K // nv, nw, N, dtype=torch.int64)
+    for k in range(nv):
+        for b in range(bits):
+            pos = bits * k + b
+            out[:, pos // 32] |= ((v[:, k] >> b) & 1) << (pos % 32)
+    out = out.reshape(K // nv * nw, N)
+    return torch.where(out >= 2 ** 31, out - 2 ** 32, out).to(torch.int32)
+
+
+def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of ``pack_rows``: ``[K·bits/32, N]`` int32 -> ``[K, N]`` uint8."""
+    R, N = packed.shape
+    nv, nw = _cycle(bits)
+    p = (packed.to(torch.int64) & 0xFFFFFFFF).reshape(R // nw, nw, N)
+    v = torch.zeros(R // nw, nv, N, dtype=torch.int64)
+    for k in range(nv):
+        for b in range(bits):
+            pos = bits * k + b
+            v[:, k] |= ((p[:, pos // 32] >> (pos % 32)) & 1) << b
+    return v.reshape(R // nw * nv, N).to(torch.uint8)
+
+
+def pack_gptq_v1(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """The four GPTQ v1 tensors of one module (without the module prefix)."""
+    maxq = 2 ** qw.bits - 1
+    zeros_m1 = (qw.zeros.to(torch.int64) - 1) & maxq  # v1 stores zero - 1 (wraps 0 -> maxq)
+    return {
+        "qweight": pack_rows(qw.codes.T, qw.bits),
+        "qzeros": pack_rows(zeros_m1.T, qw.bits).T.contiguous(),
+        "scales": qw.scales.to(torch.float16).contiguous(),
+        "g_idx": qw.g_idx.to(torch.int32).contiguous(),
+    }
+
+
+def unpack_gptq_v1(t: dict[str, torch.Tensor], bits: int, group_size: int, sym: bool,
+                   sparse: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> QuantizedWeight:
+    """Rebuild a ``QuantizedWeight`` from the v1 tensors (and an optional COO residual)."""
+    maxq = 2 ** bits - 1
+    codes = unpack_rows(t["qweight"], bits).T.contiguous()
+    zeros = ((unpack_rows(t["qzeros"].T.contiguous(), bits).T.to(torch.int64) + 1) & maxq).to(torch.uint8)
+    e = torch.zeros(0, dtype=torch.int32)
+    rows, cols, vals = sparse if sparse is not None else (e, e.clone(), torch.zeros(0, dtype=torch.float16))
+    return QuantizedWeight(codes, t["scales"], zeros.contiguous(), t["g_idx"], bits, group_size, sym, rows, cols, vals)
+
+
+# ---------------------------------------------------------------------------------------------
+# writers
+# ---------------------------------------------------------------------------------------------
+def _unique_state(model: torch.nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
+    """State dict without ``skip`` and without tensors that share storage with an earlier one
+    (tied embeddings)."""
+    seen, out = set(), {}
+    for k, v in model.state_dict().items():
+        if k in skip:
+            continue
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        out[k] = v.detach().cpu().contiguous()
+    return out
+
+
+def quantization_config(qweights: dict[str, QuantizedWeight], meta: dict) -> dict:
+    """``quantization_config`` for ``config.json`` (gptqmodel ``dynamic`` rules for modules
+    whose bits differ from the default)."""
+    bits = int(meta["bits"])
+    dynamic = {f"+:{name.replace('.', '[.]')}$": {"bits": qw.bits} for name, qw in qweights.items() if qw.bits != bits}
+    cfg = {
+        "quant_method": "gptq", "bits": bits, "group_size": int(meta["group_size"]),
+        "desc_act": bool(meta.get("act_order", False)), "sym": bool(meta.get("sym", False)),
+        "checkpoint_format": "gptq", "true_sequential": True, "static_groups": False,
+        "damp_percent": float(meta.get("damp", 0.01)), "pack_dtype": "int32",
+        "meta": {"quantizer": [f"circuitq:{__version__}"], "method": meta.get("method")},
+    }
+    if dynamic:
+        cfg["dynamic"] = dynamic
+    return cfg
+
+
+def _write_sparse(dest: Path, qweights: dict[str, QuantizedWeight]) -> dict:
+    dest.mkdir(parents=True, exist_ok=True)
+    tensors, manifest = {}, {}
+    for name, qw in qweights.items():
+        manifest[name] = qw.nnz
+        if qw.nnz:
+            tensors[f"{name}.rows"] = qw.rows.int().contiguous()
+            tensors[f"{name}.cols"] = qw.cols.int().contiguous()
+            tensors[f"{name}.vals"] = qw.vals.half().contiguous()
+    total = sum(manifest.values())
+    meta = {"format": SPARSE_FORMAT, "version": SPARSE_VERSION, "semantics": "add", "nnz": str(total),
+            "layout": "COO per module: rows, cols int32 sorted by row; vals float16 = W_kept - dequant(Q)"}
+    save_file(tensors, str(dest / SPARSE_FILE), metadata=meta)
+    (dest / "manifest.json").write_text(json.dumps({**meta, "nnz_per_module": manifest}, indent=2) + "\n")
+    return manifest
+
+
+def write_gptq(dest: Path, model, tokenizer, qweights: dict[str, QuantizedWeight], meta: dict) -> dict:
+    """Write the packed v1 checkpoint and its 16-bit sidecar into ``dest``; returns facts for
+    the manifest (zero-point-0 groups that external v1 loaders misread are counted)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    tensors = _unique_state(model, {f"{n}.weight" for n in qweights})
+    zero0 = 0
+    for name, qw in qweights.items():
+        for k, v in pack_gptq_v1(qw).items():
+            tensors[f"{name}.{k}"] = v
+        zero0 += int((qw.zeros == 0).sum())
+    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    cfg = model.config.to_dict()
+    cfg["quantization_config"] = qcfg = quantization_config(qweights, meta)
+    cfg["circuitq"] = meta
+    (dest / "config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
+    (dest / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(dest)
+    manifest = _write_sparse(dest / SPARSE_DIR, qweights)
+    return {"zero_point_zero_groups": zero0, "nnz_per_module": manifest}
+
+
+def write_hf(dest: Path, model, tokenizer, meta: dict) -> None:
+    """Plain HF directory of the (already dequantized) in-memory model."""
+    model.config.circuitq = meta
+    try:
+        model.save_pretrained(dest)
+    finally:
+        del model.config.circuitq
+    if tokenizer is not None:
+        tokenizer.save_pretrained(dest)
+
+
+def export_all(out: str | Path, model, tokenizer, qweights: dict[str, QuantizedWeight], meta: dict,
+               summary: dict, overwrite: bool = False) -> Path:
+    """Write ``hf/``, ``gptq/`` and ``circuitq.json`` into ``out`` atomically."""
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        write_hf(tmp / "hf", model, tokenizer, meta)
+        facts = write_gptq(tmp / "gptq", model, tokenizer, qweights, meta)
+        doc = {"format": "circuitq.quantized", "version": __version__, "metadata": meta, **summary,
+               "exports": {"hf": "hf/", "gptq": "gptq/", "sparse": f"gptq/{SPARSE_DIR}/{SPARSE_FILE}"},
+               "zero_point_zero_groups": facts["zero_point_zero_groups"]}
+        (tmp / "circuitq.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    return Path(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# loader
+# ---------------------------------------------------------------------------------------------
+def read_sparse(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    f = path / SPARSE_DIR / SPARSE_FILE
+    if not f.exists():
+        return {}
+    out: dict[str, list] = {}
+    with safe_open(str(f), framework="pt") as fh:
+        meta = fh.metadata() or {}
+        if meta.get("format") != SPARSE_FORMAT or meta.get("semantics") != "add":
+            raise ExportError(f"{f} is not a {SPARSE_FORMAT} file with additive semantics (metadata {meta})")
+        for k in fh.keys():
+            name, part = k.rsplit(".", 1)
+            out.setdefault(name, [None, None, None])[["rows", "cols", "vals"].index(part)] = fh.get_tensor(k)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def load_packed(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Rebuild a plain HF model from a circuitq ``gptq/`` directory (codes + 16-bit sidecar)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if (path / "gptq").is_dir():
+        path = path / "gptq"
+    if not (path / "model.safetensors").exists():
+        raise ExportError(f"{path} holds no packed checkpoint (model.safetensors missing)")
+    cfg = AutoConfig.from_pretrained(path)
+    q = cfg.quantization_config
+    del cfg.quantization_config
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    sparse = read_sparse(path)
+    dyn = {k[2:]: v for k, v in (q.get("dynamic") or {}).items()}
+    with safe_open(str(path / "model.safetensors"), framework="pt") as fh:
+        keys = set(fh.keys())
+        state = {k: fh.get_tensor(k) for k in keys if not k.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales", "g_idx")}
+        modules = sorted({k.rsplit(".", 1)[0] for k in keys if k.endswith(".qweight")})
+        for name in modules:
+            t = {p: fh.get_tensor(f"{name}.{p}") for p in ("qweight", "qzeros", "scales", "g_idx")}
+            bits = next((v["bits"] for pat, v in dyn.items() if re.search(pat, name)), q["bits"])
+            qw = unpack_gptq_v1(t, bits, q["group_size"], q["sym"], sparse.get(name))
+            state[f"{name}.weight"] = qw.dequantize(dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise ExportError(f"packed checkpoint does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.tie_weights()
+    return model.to(device).eval()

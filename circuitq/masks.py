@@ -1,0 +1,104 @@
+"""Masks of weights kept in 16-bit: ``{HF parameter name: bool tensor of the weight's shape}``.
+
+Files: safetensors (the circuitq format; metadata in ``__metadata__``), or the official TaCQ
+repository's torch-saved dict of bool tensors, read with ``torch.load(weights_only=True)`` (never
+unpickled). TaCQ keys may name modules (``...q_proj``) instead of parameters; ``.weight`` is added.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .artifacts import atomic_file
+
+MASK_FORMAT = "circuitq.mask"
+
+
+class MaskError(ValueError):
+    pass
+
+
+class MaskFile(NamedTuple):
+    masks: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+
+def _normalize(name: str) -> str:
+    for prefix in ("module.", "_orig_mod."):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    name = name.replace("._original_component", "")
+    return name if name.endswith(".weight") else name + ".weight"
+
+
+def save_masks(path: str | Path, masks: dict[str, torch.Tensor], metadata: dict, overwrite: bool = False) -> None:
+    """Write masks as safetensors (bool tensors) with ``metadata`` (values stringified)."""
+    meta = {"format": MASK_FORMAT, **{k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}}
+    tensors = {k: v.to(torch.bool).contiguous().cpu() for k, v in masks.items()}
+    with atomic_file(path, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def load_masks(path: str | Path) -> MaskFile:
+    """Read a circuitq safetensors mask or a TaCQ torch-saved dict; names normalised."""
+    p = Path(path)
+    if not p.exists():
+        raise MaskError(f"mask file not found: {p}")
+    with p.open("rb") as fh:
+        head = fh.read(8)
+    meta: dict[str, str] = {}
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any load failure becomes one clear error
+            raise MaskError(f"{p} is not a loadable torch mask file ({e.__class__.__name__}: {e}); "
+                            "circuitq reads safetensors masks or a torch-saved dict of bool tensors") from None
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise MaskError(f"{p} does not hold a dict of tensors (got {type(obj).__name__})")
+        raw = obj
+        meta = {"format": "tacq-torch"}
+    else:
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                raw = {k: f.get_tensor(k) for k in f.keys()}
+                meta = dict(f.metadata() or {})
+        except Exception as e:  # noqa: BLE001
+            raise MaskError(f"{p} is neither safetensors nor a torch-saved mask ({e})") from None
+    masks = {}
+    for k, v in raw.items():
+        if v.dtype != torch.bool:
+            if not ((v == 0) | (v == 1)).all():
+                raise MaskError(f"mask entry {k} has dtype {v.dtype} with values other than 0/1")
+            v = v.bool()
+        masks[_normalize(k)] = v
+    return MaskFile(masks, meta)
+
+
+def validate_masks(masks: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], show: int = 5) -> list[str]:
+    """Check names and shapes against the model's targeted weights.
+
+    Raises ``MaskError`` listing the first mismatches (unknown names, wrong shapes). Returns the
+    targeted names the mask does not mention (treated as all-false; the caller reports them).
+    """
+    unknown = [k for k in masks if k not in shapes]
+    wrong = [f"{k}: mask {tuple(v.shape)} vs weight {tuple(shapes[k])}" for k, v in masks.items()
+             if k in shapes and tuple(v.shape) != tuple(shapes[k])]
+    if unknown or wrong:
+        lines = []
+        if unknown:
+            lines.append(f"{len(unknown)} mask names are not targeted weights of this model, e.g. "
+                         + ", ".join(unknown[:show]) + f" (expected names like {next(iter(shapes))})")
+        if wrong:
+            lines.append(f"{len(wrong)} shapes differ: " + "; ".join(wrong[:show]))
+        raise MaskError("the mask does not match the model: " + " | ".join(lines))
+    return [k for k in shapes if k not in masks]
+
+
+def mask_fraction(masks: dict[str, torch.Tensor]) -> float:
+    n = sum(v.numel() for v in masks.values())
+    return sum(int(v.sum()) for v in masks.values()) / max(n, 1)

@@ -1,0 +1,242 @@
+"""Whole-model sequential quantization driver (hooks, devices and progress live here; the
+algorithms are the pure cores in ``gptq.py`` and ``quantizer.py``).
+
+GPTQ's recipe: run the calibration windows up to the first decoder layer and keep its inputs;
+then for each layer, in true-sequential order (q/k/v, then o, then gate/up, then down), run the
+layer on the kept inputs only as far as the group's input (a pre-hook stops the forward there),
+accumulate the group's Hessian, quantize the group's modules, and move on; finally run the
+quantized layer in full and feed its outputs to the next layer. Only the current layer is moved
+to ``device``, so a model larger than GPU memory but within CPU RAM works.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, NamedTuple
+
+import torch
+
+from .arch import arch_for
+from .gptq import GPTQConfig, HessianState, gptq_quantize, hessian_error, hessian_update
+from .plan import FULL_PRECISION, BitReport, PrecisionPlan, bit_report
+from .quantizer import QuantizedWeight, QuantSpec, rtn_quantize
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Settings shared by the library and the CLI (CLI defaults come from here)."""
+
+    bits: int = 3
+    group_size: int = -1
+    sym: bool = False
+    mse: bool = False
+    method: str = "gptq"
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = False
+    batch_size: int = 8
+
+    def spec(self, bits: int) -> QuantSpec:
+        return QuantSpec(bits=bits, group_size=self.group_size, sym=self.sym, mse=self.mse)
+
+    def gptq(self) -> GPTQConfig:
+        return GPTQConfig(block_size=self.block_size, damp=self.damp, act_order=self.act_order)
+
+
+class MethodResult(NamedTuple):
+    qweight: QuantizedWeight
+    loss: float
+    damp: float
+
+
+@dataclass(frozen=True)
+class Method:
+    needs_hessian: bool
+    fn: Callable[[torch.Tensor, torch.Tensor | None, QuantSpec, torch.Tensor | None, QuantizeConfig], MethodResult]
+
+
+def _gptq(w, H, spec, keep, cfg):
+    r = gptq_quantize(w, H, spec, keep, cfg.gptq())
+    return MethodResult(r.qweight, r.loss, r.damp)
+
+
+def _rtn(w, H, spec, keep, cfg):
+    return MethodResult(rtn_quantize(w, spec, keep), float("nan"), 0.0)
+
+
+METHODS: dict[str, Method] = {"gptq": Method(True, _gptq), "rtn": Method(False, _rtn)}
+
+
+@dataclass
+class ModuleRecord:
+    name: str
+    bits: int
+    shape: tuple[int, int]
+    nnz: int
+    weight_rel_error: float          # ||W - Q||² / ||W||²
+    output_rel_error: float | None   # tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) on the calibration inputs
+    gptq_loss: float | None
+    damp: float
+    seconds: float
+
+
+@dataclass
+class QuantizeResult:
+    qweights: dict[str, QuantizedWeight]              # module name -> quantized weight
+    records: list[ModuleRecord] = field(default_factory=list)
+    bits: BitReport | None = None
+    seconds: float = 0.0
+    unmasked_modules: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"seconds": self.seconds, "bits": self.bits.to_dict() if self.bits else None,
+                "modules": [asdict(r) for r in self.records]}
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the wanted inputs are captured."""
+
+
+def target_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """``{HF weight name: (out, in)}`` of every targeted linear weight."""
+    cfg = model.config
+    spec = arch_for(cfg.model_type)
+    layers = model.get_submodule(spec.layers)
+    out = {}
+    for i, layer in enumerate(layers):
+        for n in spec.linear_names:
+            out[f"{spec.layers}.{i}.{n}.weight"] = tuple(layer.get_submodule(n).weight.shape)
+    return out
+
+
+def _capture_first_inputs(model, spec, calib: torch.Tensor, batch_size: int, device) -> tuple[list, list]:
+    """Run each calibration batch to the first decoder layer; returns its hidden states
+    (``[b, L, d]`` per batch) and keyword arguments (masks, rotary embeddings) per batch."""
+    layers = model.get_submodule(spec.layers)
+    moved = [(model.get_submodule(n), next(model.get_submodule(n).parameters(), None)) for n in spec.pre_layers]
+    homes = {n: (p.device if p is not None else None) for n, (_, p) in zip(spec.pre_layers, moved)}
+    for m, _ in moved:
+        m.to(device)
+    hidden, kwargs = [], []
+
+    def hook(_mod, args, kw):
+        h = args[0] if args else kw.pop("hidden_states")
+        hidden.append(h.detach())
+        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for b in range(0, calib.shape[0], batch_size):
+                try:
+                    model(input_ids=calib[b:b + batch_size].to(device), use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+        for (m, _), n in zip(moved, spec.pre_layers):
+            if homes[n] is not None:
+                m.to(homes[n])
+    return hidden, kwargs
+
+
+def _first_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _group_hessian(layer, mods, hidden, kwargs) -> HessianState:
+    """Accumulate the Hessian of the shared input of ``mods`` over all batches, stopping each
+    forward pass at the first of them."""
+    in_f = mods[0].weight.shape[1]
+    state = [HessianState.zeros(in_f, hidden[0].device)]
+
+    def pre(_mod, args):
+        state[0] = hessian_update(state[0], args[0])
+        raise _Stop
+
+    handles = [m.register_forward_pre_hook(pre) for m in mods]
+    try:
+        with torch.no_grad():
+            for h, kw in zip(hidden, kwargs):
+                try:
+                    layer(h, **kw)
+                except _Stop:
+                    pass
+    finally:
+        for hd in handles:
+            hd.remove()
+    return state[0]
+
+
+def _quantize_module(name, mod, H, spec, keep, cfg, method) -> tuple[QuantizedWeight, ModuleRecord]:
+    t0 = time.perf_counter()
+    w = mod.weight.data
+    r = method.fn(w.float(), H.H if H is not None else None, spec, keep, cfg)
+    q = r.qweight.dequantize()
+    wf = w.float()
+    out_err = None
+    if H is not None:
+        out_err = hessian_error(wf, q, H.H) / max(hessian_error(wf, torch.zeros_like(wf), H.H), 1e-30)
+    rec = ModuleRecord(name, spec.bits, tuple(w.shape), r.qweight.nnz,
+                       float(((wf - q) ** 2).sum() / (wf ** 2).sum().clamp(min=1e-30)), out_err,
+                       None if r.loss != r.loss else r.loss, r.damp, 0.0)
+    mod.weight.data = q.to(w.dtype)
+    rec.seconds = time.perf_counter() - t0
+    return r.qweight, rec
+
+
+def quantize_model(model: torch.nn.Module, calib: torch.Tensor | None, plan: PrecisionPlan,
+                   cfg: QuantizeConfig = QuantizeConfig(), masks: dict[str, torch.Tensor] | None = None,
+                   device: str | torch.device | None = None, progress: bool = True) -> QuantizeResult:
+    """Quantize every targeted linear weight of ``model`` in place (weights become their
+    dequantized values) and return the quantized representation for export.
+
+    ``calib``: ``[N, L]`` token ids (needed by GPTQ); ``masks``: ``{weight name: [out, in] bool}``
+    of entries kept in 16-bit; ``device``: where each layer runs (default: the model's device).
+    """
+    from tqdm.auto import tqdm
+
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown method '{cfg.method}'; choose one of {sorted(METHODS)}")
+    method = METHODS[cfg.method]
+    if method.needs_hessian and calib is None:
+        raise ValueError(f"method '{cfg.method}' needs calibration data")
+    spec_arch = arch_for(model.config.model_type)
+    shapes = target_shapes(model)
+    masks = masks or {}
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    t_start = time.perf_counter()
+    result = QuantizeResult({}, unmasked_modules=[k for k in shapes if k not in masks] if masks else [])
+    layers = model.get_submodule(spec_arch.layers)
+    hidden = kwargs = None
+    if method.needs_hessian:
+        hidden, kwargs = _capture_first_inputs(model, spec_arch, calib, cfg.batch_size, device)
+    bar = tqdm(range(len(layers)), desc=f"{cfg.method} {cfg.bits}-bit", unit="layer", disable=not progress)
+    for i in bar:
+        layer = layers[i]
+        home = next(layer.parameters()).device
+        layer.to(device)
+        for group in spec_arch.groups:
+            todo = [(f"{spec_arch.layers}.{i}.{n}", layer.get_submodule(n)) for n in group]
+            todo = [(n, m) for n, m in todo if plan.bits_for(n + ".weight") < FULL_PRECISION]
+            if not todo:
+                continue
+            H = _group_hessian(layer, [layer.get_submodule(n) for n in group], hidden, kwargs) if hidden else None
+            for name, mod in todo:
+                keep = masks.get(name + ".weight")
+                keep = keep.to(device) if keep is not None else None
+                qw, rec = _quantize_module(name, mod, H, cfg.spec(plan.bits_for(name + ".weight")), keep, cfg, method)
+                result.qweights[name] = qw.to("cpu")
+                result.records.append(rec)
+                bar.set_postfix_str(f"{name.split('.')[-1]} err {rec.output_rel_error or rec.weight_rel_error:.2e}")
+        if hidden is not None:
+            with torch.no_grad():
+                hidden = [_first_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
+            if not all(torch.isfinite(h).all() for h in hidden):
+                raise FloatingPointError(f"layer {i} produced NaN/Inf outputs after quantization")
+        layer.to(home)
+    nnz = {r.name + ".weight": r.nnz for r in result.records}
+    result.bits = bit_report(shapes, plan, cfg.group_size, nnz)
+    result.seconds = time.perf_counter() - t_start
+    return result
