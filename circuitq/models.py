@@ -116,6 +116,9 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
     arch_for(cfg.model_type)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     tok = AutoTokenizer.from_pretrained(path)
+    if len(tok) > cfg.vocab_size:
+        raise ModelLoadError(f"the tokenizer of {name} has {len(tok)} tokens but the model's vocabulary has "
+                             f"{cfg.vocab_size}: they do not belong together")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return LoadedModel(model, tok, name, path, note)

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 
-def tiny_model(model_type: str = "llama", seed: int = 0, layers: int = 2):
+def tiny_model(model_type: str = "llama", seed: int = 0, layers: int = 2, vocab: int = 128):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                   tie_word_embeddings=False)
     if model_type == "llama":
