@@ -55,28 +55,6 @@ def test_plan_parse_errors():
         PrecisionPlan.parse(3, ["x=5"])
 
 
-@pytest.fixture
-def tiny_dir(tmp_path):
-    """A tiny Llama saved with a real (byte-level) tokenizer trained on the fly: no downloads."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog 0123456789"] * 50,
-                            trainers.BpeTrainer(vocab_size=120, special_tokens=["<eos>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
-    model = tiny_model(vocab=len(fast))
-    d = tmp_path / "tiny"
-    model.save_pretrained(d)
-    fast.save_pretrained(d)
-    text = tmp_path / "corpus.txt"
-    text.write_text("\n\n".join(f"Doc {i}: the quick brown fox {i} jumps over the lazy dog {i * 7}." * 3 for i in range(60)))
-    return d, text
-
-
 def test_cli_quantize_end_to_end_with_mask(tmp_path, tiny_dir, capsys):
     d, text = tiny_dir
     shapes = target_shapes(tiny_model())

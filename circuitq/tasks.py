@@ -1,0 +1,217 @@
+"""Tasks as (prompt, completion) examples, tokenized with a loss mask on the completion.
+
+* ``mmlu`` / ``mmlu:stem|humanities|social_sciences|other`` / ``mmlu:SUBJECT``: question and
+  lettered choices (k-shot from the dev split, through the model's chat template when it has
+  one); the completion is the answer letter.
+* ``gsm8k``: question -> worked solution; loss on the solution tokens only.
+* ``text:PATH``: a .txt or .jsonl corpus; loss on all tokens.
+* ``jsonl:PATH``: custom ``{"prompt", "completion"}`` lines.
+
+Calibration and evaluation splits are a seeded permutation of the rows: ``calib`` takes the
+first part and ``eval`` the rest, so they never overlap. The MMLU subject -> category table is
+the MMLU paper's grouping (Hendrycks et al., 2021).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from .data import DataError, read_gsm8k, read_mmlu, read_text_corpus
+
+_SUBCATEGORY = {
+    "abstract_algebra": "math", "anatomy": "health", "astronomy": "physics", "business_ethics": "business",
+    "clinical_knowledge": "health", "college_biology": "biology", "college_chemistry": "chemistry",
+    "college_computer_science": "computer science", "college_mathematics": "math", "college_medicine": "health",
+    "college_physics": "physics", "computer_security": "computer science", "conceptual_physics": "physics",
+    "econometrics": "economics", "electrical_engineering": "engineering", "elementary_mathematics": "math",
+    "formal_logic": "philosophy", "global_facts": "other", "high_school_biology": "biology",
+    "high_school_chemistry": "chemistry", "high_school_computer_science": "computer science",
+    "high_school_european_history": "history", "high_school_geography": "geography",
+    "high_school_government_and_politics": "politics", "high_school_macroeconomics": "economics",
+    "high_school_mathematics": "math", "high_school_microeconomics": "economics", "high_school_physics": "physics",
+    "high_school_psychology": "psychology", "high_school_statistics": "math", "high_school_us_history": "history",
+    "high_school_world_history": "history", "human_aging": "health", "human_sexuality": "culture",
+    "international_law": "law", "jurisprudence": "law", "logical_fallacies": "philosophy",
+    "machine_learning": "computer science", "management": "business", "marketing": "business",
+    "medical_genetics": "health", "miscellaneous": "other", "moral_disputes": "philosophy",
+    "moral_scenarios": "philosophy", "nutrition": "health", "philosophy": "philosophy", "prehistory": "history",
+    "professional_accounting": "other", "professional_law": "law", "professional_medicine": "health",
+    "professional_psychology": "psychology", "public_relations": "politics", "security_studies": "politics",
+    "sociology": "culture", "us_foreign_policy": "politics", "virology": "health", "world_religions": "philosophy",
+}
+_CATEGORY_OF_SUB = {
+    "stem": ("physics", "chemistry", "biology", "computer science", "math", "engineering"),
+    "humanities": ("history", "philosophy", "law"),
+    "social_sciences": ("politics", "culture", "economics", "geography", "psychology"),
+    "other": ("other", "business", "health"),
+}
+MMLU_CATEGORY = {s: next(c for c, subs in _CATEGORY_OF_SUB.items() if sub in subs) for s, sub in _SUBCATEGORY.items()}
+MMLU_CATEGORIES = tuple(_CATEGORY_OF_SUB)
+LETTERS = "ABCD"
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    completion: str
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A parsed task name. ``kind``: mmlu, gsm8k, text or jsonl; ``arg``: category, subject or path."""
+
+    kind: str
+    arg: str | None = None
+
+    @classmethod
+    def parse(cls, name: str) -> "TaskSpec":
+        kind, _, arg = name.partition(":")
+        if kind not in ("mmlu", "gsm8k", "text", "jsonl"):
+            raise DataError(f"unknown task '{name}': use mmlu, mmlu:CATEGORY ({', '.join(MMLU_CATEGORIES)}), "
+                            "mmlu:SUBJECT, gsm8k, text:PATH or jsonl:PATH")
+        if kind in ("text", "jsonl") and not arg:
+            raise DataError(f"task '{name}' needs a path, e.g. {kind}:corpus.{'txt' if kind == 'text' else 'jsonl'}")
+        if kind == "mmlu" and arg and arg not in MMLU_CATEGORIES and arg not in _SUBCATEGORY:
+            raise DataError(f"unknown MMLU subject or category '{arg}'; categories: {', '.join(MMLU_CATEGORIES)}; "
+                            f"subjects like {', '.join(list(_SUBCATEGORY)[:4])}, ...")
+        return cls(kind, arg or None)
+
+    @property
+    def name(self) -> str:
+        return self.kind + (f":{self.arg}" if self.arg else "")
+
+
+def _fmt_question(q: dict, with_answer: bool) -> str:
+    lines = [q["question"].strip()] + [f"{l}. {c}" for l, c in zip(LETTERS, q["choices"])]
+    return "\n".join(lines) + "\nAnswer:" + (f" {q['answer']}\n\n" if with_answer else "")
+
+
+def _mmlu_rows(spec: TaskSpec, data_dir) -> tuple[list[dict], list[dict]]:
+    rows, dev = read_mmlu(data_dir, "val"), read_mmlu(data_dir, "dev")
+    if spec.arg in MMLU_CATEGORIES:
+        keep = lambda r: MMLU_CATEGORY.get(r["subject"]) == spec.arg  # noqa: E731
+    elif spec.arg:
+        keep = lambda r: r["subject"] == spec.arg  # noqa: E731
+    else:
+        keep = lambda r: True  # noqa: E731
+    rows = [r for r in rows if keep(r)]
+    if not rows:
+        raise DataError(f"MMLU selection '{spec.name}' has no validation questions")
+    return rows, dev
+
+
+def mmlu_example(q: dict, shots: list[dict], tokenizer=None) -> Example:
+    """One MMLU question as an example; the completion is the answer letter."""
+    head = f"The following are multiple choice questions (with answers) about {q['subject'].replace('_', ' ')}.\n\n"
+    body = head + "".join(_fmt_question(s, True) for s in shots) + _fmt_question(q, False)
+    meta = {"subject": q["subject"], "category": MMLU_CATEGORY.get(q["subject"], "other"), "answer": q["answer"]}
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": body}], tokenize=False,
+                                               add_generation_prompt=True)
+        return Example(prompt, q["answer"], meta)
+    return Example(body, " " + q["answer"], meta)
+
+
+def _permute(n: int, seed: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def load_examples(task: str, split: str = "calib", n: int | None = None, seed: int = 0, shots: int = 0,
+                  data_dir: str | Path | None = None, tokenizer=None, calib_fraction: float = 0.5) -> list[Example]:
+    """Examples of ``task`` for ``split`` (``calib`` or ``eval``, disjoint by construction)."""
+    if split not in ("calib", "eval"):
+        raise DataError(f"split must be 'calib' or 'eval', got '{split}'")
+    spec = TaskSpec.parse(task)
+    if spec.kind == "mmlu":
+        rows, dev = _mmlu_rows(spec, data_dir)
+        by_subject: dict[str, list[dict]] = {}
+        for d in dev:
+            by_subject.setdefault(d["subject"], []).append(d)
+        make = lambda r: mmlu_example(r, by_subject.get(r["subject"], [])[:shots], tokenizer)  # noqa: E731
+    elif spec.kind == "gsm8k":
+        rows = read_gsm8k(data_dir)
+        make = lambda r: Example(f"Question: {r['question']}\nAnswer:", " " + r["answer"],  # noqa: E731
+                                 {"final": r["answer"].rsplit("####", 1)[-1].strip()})
+    elif spec.kind == "text":
+        rows = read_text_corpus(spec.arg)
+        make = lambda r: Example("", r)  # noqa: E731
+    else:
+        rows = _read_custom(spec.arg)
+        make = lambda r: Example(r["prompt"], r["completion"])  # noqa: E731
+    order = _permute(len(rows), seed)
+    cut = int(round(len(rows) * calib_fraction))
+    idx = order[:cut] if split == "calib" else order[cut:]
+    if not idx:
+        raise DataError(f"the {split} split of '{task}' is empty ({len(rows)} rows in all)")
+    if n is not None:
+        idx = idx[:n]
+    return [make(rows[i]) for i in idx]
+
+
+def _read_custom(path: str) -> list[dict]:
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"custom task file not found: {p}")
+    rows = []
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}:{i + 1}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not {"prompt", "completion"} <= set(obj):
+            raise DataError(f"{p}:{i + 1}: each line needs \"prompt\" and \"completion\"")
+        rows.append(obj)
+    if not rows:
+        raise DataError(f"custom task file {p} has no rows")
+    return rows
+
+
+class Batch(NamedTuple):
+    input_ids: torch.Tensor      # [B, T] int64, right-padded
+    attention_mask: torch.Tensor  # [B, T] bool
+    loss_mask: torch.Tensor       # [B, T] bool: position t predicts token t+1 and is scored
+
+
+class Tokenized(NamedTuple):
+    ids: list[list[int]]
+    scored_from: list[int]   # index of the first completion token in each sequence
+    truncated: int
+
+
+def tokenize_examples(examples: list[Example], tokenizer, max_len: int) -> Tokenized:
+    """Token ids of prompt + completion; sequences longer than ``max_len`` keep their end (the
+    completion) and are counted as truncated."""
+    ids, starts, truncated = [], [], 0
+    for ex in examples:
+        p = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"] if ex.prompt else []
+        c = tokenizer(ex.completion, add_special_tokens=False)["input_ids"]
+        bos = [tokenizer.bos_token_id] if (not p and tokenizer.bos_token_id is not None) else []
+        seq, start = bos + p + c, len(bos) + len(p)
+        if len(seq) > max_len:
+            truncated += 1
+            cut = len(seq) - max_len
+            seq, start = seq[cut:], max(start - cut, 1)
+        ids.append(seq)
+        starts.append(max(start, 1))
+    return Tokenized(ids, starts, truncated)
+
+
+def collate(ids: list[list[int]], scored_from: list[int], pad_id: int) -> Batch:
+    """Right-pad a batch; the loss mask marks positions whose next token is a completion token."""
+    T = max(len(s) for s in ids)
+    B = len(ids)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attn = torch.zeros(B, T, dtype=torch.bool)
+    loss = torch.zeros(B, T, dtype=torch.bool)
+    for b, (s, st) in enumerate(zip(ids, scored_from)):
+        input_ids[b, :len(s)] = torch.tensor(s)
+        attn[b, :len(s)] = True
+        loss[b, st - 1:len(s) - 1] = True
+    return Batch(input_ids, attn, loss)
