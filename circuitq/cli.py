@@ -10,8 +10,9 @@ from . import __version__
 from .calib import CalibConfig
 from .models import DEFAULT_MODEL
 from .quantize import QuantizeConfig
+from .score import ScoreConfig
 
-_QD, _CD = QuantizeConfig(), CalibConfig()
+_QD, _CD, _SD = QuantizeConfig(), CalibConfig(), ScoreConfig()
 
 
 def _add_quantize(sub) -> None:
@@ -104,11 +105,100 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_score(sub) -> None:
+    from .saliency import METHODS
+
+    p = sub.add_parser("score", help="score every linear weight by how much quantizing it hurts a task",
+                       description="Per-sample gradients through TransformerLens hooks -> saliency scores. "
+                                   "Shard with: torchrun --nproc-per-node K -m circuitq score ...")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--task", default=_SD.task, help="mmlu, mmlu:CATEGORY, mmlu:SUBJECT, gsm8k, text:PATH, jsonl:PATH")
+    p.add_argument("--method", default=_SD.method, choices=list(METHODS))
+    p.add_argument("--bits", type=int, choices=[2, 3, 4, 8], default=_SD.bits)
+    p.add_argument("--group-size", type=int, default=_SD.group_size)
+    p.add_argument("--samples", type=int, default=_SD.samples)
+    p.add_argument("--seq-len", type=int, default=_SD.seq_len)
+    p.add_argument("--batch-size", type=int, default=_SD.batch_size)
+    p.add_argument("--shots", type=int, default=_SD.shots, help="MMLU few-shot examples from the dev split")
+    p.add_argument("--seed", type=int, default=_SD.seed)
+    p.add_argument("--data-dir")
+    p.add_argument("--device", default=None)
+    p.add_argument("--checkpoint-every", type=int, default=_SD.checkpoint_every, help="samples between checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_score)
+
+
+def cmd_score(a: argparse.Namespace) -> int:
+    import torch
+
+    from .models import load_model
+    from .score import run_score
+
+    torch.manual_seed(a.seed)
+    lm = load_model(a.model, device=_device(a.device))
+    cfg = ScoreConfig(a.task, a.method, a.bits, a.group_size, a.samples, a.seq_len, a.batch_size, a.seed,
+                      a.shots, a.checkpoint_every)
+    out = run_score(lm, cfg, a.out, a.data_dir, a.resume, a.overwrite)
+    print(f"[circuitq] wrote scores to {out}")
+    return 0
+
+
+def _add_mask(sub) -> None:
+    p = sub.add_parser("mask", help="select the circuit: top weights of one or more score directories",
+                       description="Global top-k by --fraction (default 0.35%%) or by --target-bits; "
+                                   "several --scores are combined with --combine union|intersection.")
+    p.add_argument("--scores", nargs="+", required=True, help="score directories from `circuitq score`")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--fraction", type=float, default=None, help="fraction of weights kept 16-bit (default 0.0035)")
+    g.add_argument("--target-bits", type=float, default=None, help="average bits to reach (exact accounting)")
+    p.add_argument("--per-layer", action="store_true", help="the same fraction in every decoder layer")
+    p.add_argument("--combine", choices=["union", "intersection"], default="union")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_mask)
+
+
+def cmd_mask(a: argparse.Namespace) -> int:
+    from .masks import combine, fraction_for_bits, mask_fraction, save_masks, select_per_layer, select_topk
+    from .artifacts import check_writable
+    from .score import load_scores
+
+    check_writable(a.out, a.overwrite)
+    files = [load_scores(s) for s in a.scores]
+    models = {f["meta"].get("model_source") for f in files}
+    if len(models) > 1:
+        raise ValueError(f"the score directories come from different models: {sorted(map(str, models))}")
+    masks = []
+    for f in files:
+        sc, meta = f["scores"], f["meta"]
+        frac = a.fraction if a.fraction is not None else 0.0035
+        if a.target_bits is not None:
+            frac = fraction_for_bits(a.target_bits, meta["bits"], meta["group_size"],
+                                     {n: tuple(t.shape) for n, t in sc.items()})
+        masks.append((select_per_layer if a.per_layer else select_topk)(sc, frac))
+    mask = masks[0] if len(masks) == 1 else combine(masks, a.combine)
+    m0 = files[0]["meta"]
+    meta = {"model": m0.get("model"), "model_source": m0.get("model_source"),
+            "task": "+".join(f["meta"]["task"] for f in files), "method": m0.get("method"),
+            "bits": m0.get("bits"), "group_size": m0.get("group_size"), "fraction": mask_fraction(mask),
+            "requested_fraction": a.fraction, "target_bits": a.target_bits, "per_layer": a.per_layer,
+            "combine": a.combine if len(files) > 1 else None, "samples": m0.get("n_samples"),
+            "seq_len": m0.get("seq_len"), "seed": m0.get("seed"), "scores": [str(s) for s in a.scores],
+            "circuitq_version": __version__}
+    save_masks(a.out, mask, meta, overwrite=a.overwrite)
+    print(f"[circuitq] wrote {a.out}: {mask_fraction(mask):.4%} of weights kept in 16-bit")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="circuitq", description="Task-Circuit Quantization (TaCQ) toolkit")
     p.add_argument("--version", action="version", version=f"circuitq {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     _add_quantize(sub)
+    _add_score(sub)
+    _add_mask(sub)
     return p
 
 

@@ -111,6 +111,16 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float, damp_max: float) -> tup
                        "inputs are degenerate (use more calibration samples)")
 
 
+def inverse_hessian_diag(H: torch.Tensor, damp: float = 0.01, damp_max: float = 10.0) -> torch.Tensor:
+    """``diag((H + λI)⁻¹)``: ``[in]`` float32, dead columns handled as in GPTQ (SpQR's
+    sensitivity denominator)."""
+    H = H.detach().float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    U, _ = inverse_hessian_factor(H, damp, damp_max)
+    return (U * U).sum(0)  # H⁻¹ = Uᵀ U
+
+
 def _group_of(col: int, gs: int) -> int:
     return col // gs
 

@@ -102,3 +102,74 @@ def validate_masks(masks: dict[str, torch.Tensor], shapes: dict[str, tuple[int, 
 def mask_fraction(masks: dict[str, torch.Tensor]) -> float:
     n = sum(v.numel() for v in masks.values())
     return sum(int(v.sum()) for v in masks.values()) / max(n, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# selection (pure): scores -> masks
+# ---------------------------------------------------------------------------------------------
+def select_topk(scores: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
+    """Global top ``fraction`` of all weights by score (exactly ``floor(fraction · N)`` entries;
+    ties broken by position). ``scores``: ``{name: [out, in]}`` -> bool masks of the same shapes."""
+    if not 0 <= fraction <= 1:
+        raise MaskError(f"fraction must be in [0, 1], got {fraction}")
+    names = list(scores)
+    flat = torch.cat([scores[n].detach().float().flatten().cpu() for n in names])
+    k = int(fraction * flat.numel())
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+    if k:
+        chosen[torch.topk(flat, k, sorted=False).indices] = True
+    out, off = {}, 0
+    for n in names:
+        m = scores[n].numel()
+        out[n] = chosen[off:off + m].view(scores[n].shape)
+        off += m
+    return out
+
+
+def select_per_layer(scores: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
+    """The same ``fraction`` inside every decoder layer (names ``...layers.{i}...``)."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for n, s in scores.items():
+        parts = n.split(".")
+        key = ".".join(parts[: parts.index("layers") + 2]) if "layers" in parts else n
+        groups.setdefault(key, {})[n] = s
+    out = {}
+    for g in groups.values():
+        out.update(select_topk(g, fraction))
+    return out
+
+
+def fraction_for_bits(target_bits: float, bits: int, group_size: int, shapes: dict[str, tuple[int, int]]) -> float:
+    """The 16-bit fraction whose exact bit accounting reaches ``target_bits`` on average.
+
+    Each 16-bit weight replaces ``bits`` with 32 bits (value + index), so
+    ``avg = base + f · (32 − bits)``.
+    """
+    from .plan import PrecisionPlan, bit_report
+
+    base = bit_report(shapes, PrecisionPlan(bits), group_size).average_bits
+    f = (target_bits - base) / (32 - bits)
+    if f < 0:
+        raise MaskError(f"target {target_bits} bits is below the {base:.4f} bits that {bits}-bit "
+                        f"quantization with group size {group_size} costs without any 16-bit weight")
+    return min(f, 1.0)
+
+
+def combine(masks: list[dict[str, torch.Tensor]], how: str) -> dict[str, torch.Tensor]:
+    """Union (``"union"``) or intersection (``"intersection"``) of masks over the same names."""
+    if how not in ("union", "intersection"):
+        raise MaskError(f"combine how must be union or intersection, got {how}")
+    names = set(masks[0])
+    for m in masks[1:]:
+        if set(m) != names:
+            raise MaskError("masks to combine name different weights (different models?)")
+    op = torch.logical_or if how == "union" else torch.logical_and
+    out = {}
+    for n in masks[0]:
+        acc = masks[0][n]
+        for m in masks[1:]:
+            if m[n].shape != acc.shape:
+                raise MaskError(f"{n}: shapes differ between masks")
+            acc = op(acc, m[n])
+        out[n] = acc
+    return out

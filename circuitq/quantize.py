@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .arch import arch_for
-from .gptq import GPTQConfig, HessianState, gptq_quantize, hessian_error, hessian_update
+from .gptq import GPTQConfig, HessianState, gptq_quantize, hessian_error, hessian_update, inverse_hessian_diag
 from .plan import FULL_PRECISION, BitReport, PrecisionPlan, bit_report
 from .quantizer import QuantizedWeight, QuantSpec, rtn_quantize
 
@@ -87,6 +87,7 @@ class QuantizeResult:
     bits: BitReport | None = None
     seconds: float = 0.0
     unmasked_modules: list[str] = field(default_factory=list)
+    hinv_diag: dict[str, torch.Tensor] = field(default_factory=dict)  # weight name -> [in], if asked
 
     def summary(self) -> dict:
         return {"seconds": self.seconds, "bits": self.bits.to_dict() if self.bits else None,
@@ -188,12 +189,14 @@ def _quantize_module(name, mod, H, spec, keep, cfg, method) -> tuple[QuantizedWe
 
 def quantize_model(model: torch.nn.Module, calib: torch.Tensor | None, plan: PrecisionPlan,
                    cfg: QuantizeConfig = QuantizeConfig(), masks: dict[str, torch.Tensor] | None = None,
-                   device: str | torch.device | None = None, progress: bool = True) -> QuantizeResult:
+                   device: str | torch.device | None = None, progress: bool = True,
+                   keep_hinv: bool = False) -> QuantizeResult:
     """Quantize every targeted linear weight of ``model`` in place (weights become their
     dequantized values) and return the quantized representation for export.
 
     ``calib``: ``[N, L]`` token ids (needed by GPTQ); ``masks``: ``{weight name: [out, in] bool}``
-    of entries kept in 16-bit; ``device``: where each layer runs (default: the model's device).
+    of entries kept in 16-bit; ``device``: where each layer runs (default: the model's device);
+    ``keep_hinv``: also return each module's inverse-Hessian diagonal (for SpQR saliency).
     """
     from tqdm.auto import tqdm
 
@@ -224,6 +227,8 @@ def quantize_model(model: torch.nn.Module, calib: torch.Tensor | None, plan: Pre
                 continue
             H = _group_hessian(layer, [layer.get_submodule(n) for n in group], hidden, kwargs) if hidden else None
             for name, mod in todo:
+                if keep_hinv and H is not None:
+                    result.hinv_diag[name + ".weight"] = inverse_hessian_diag(H.H, cfg.damp).cpu()
                 keep = masks.get(name + ".weight")
                 keep = keep.to(device) if keep is not None else None
                 qw, rec = _quantize_module(name, mod, H, cfg.spec(plan.bits_for(name + ".weight")), keep, cfg, method)

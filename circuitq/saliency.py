@@ -1,0 +1,101 @@
+"""Saliency methods: pure functions of accumulated statistics, ``W`` and ``Q(W)``.
+
+TaCQ (Xiao et al., 2025) scores weight ``w_ij`` by an attribution-patching estimate of the loss
+change that quantizing it causes: ``|Σ_s |G_s|| · |W − Q(W)| · |W|``, where ``G_s`` is sample
+``s``'s weight gradient and ``Q`` is mask-free GPTQ at the target bits. The other methods are the
+usual baselines. Every method maps ``{HF weight name: [out, in]}`` inputs to ``[out, in]`` float32
+scores (higher = keep in 16-bit).
+
+| method | score | needs |
+| --- | --- | --- |
+| ``tacq`` | Σ_s abs(G_s) · abs(W − Q_gptq(W)) · abs(W) | sum_abs, GPTQ |
+| ``tacq-rtn`` | Σ_s abs(G_s) · abs(W − Q_rtn(W)) · abs(W) | sum_abs, RTN |
+| ``taylor`` | abs(Σ_s G_s ⊙ (Q(W) − W)) (attribution patching) | sum, GPTQ |
+| ``grad`` | Σ_s abs(G_s) | sum_abs |
+| ``fisher`` | Σ_s G_s² | sum_sq |
+| ``magnitude`` | abs(W) | — |
+| ``spqr`` | (W − Q(W))² / [H⁻¹]_jj² | GPTQ Hessian |
+| ``awq`` | abs(W) · ‖X_j‖ | act_sq |
+| ``random`` | seeded uniform | — |
+
+Worked example (``tacq``, one weight): ``Σ|G| = 2``, ``W = 0.5``, ``Q(W) = 0.25`` gives
+``2 · 0.25 · 0.5 = 0.25``.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class SaliencyInputs:
+    """``weights``/``quantized``: ``{name: [out, in]}``; ``stats``: ``{stat: {name: tensor}}``
+    (``act_sq`` is ``[in]``); ``hinv_diag``: ``{name: [in]}``."""
+
+    weights: dict[str, torch.Tensor]
+    quantized: dict[str, torch.Tensor] | None = None
+    stats: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    hinv_diag: dict[str, torch.Tensor] | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SaliencyMethod:
+    stats: tuple[str, ...]        # accumulated statistics it reads
+    quantizer: str | None         # "gptq", "rtn" or None: which Q(W) it needs
+    hessian: bool                 # needs the GPTQ inverse-Hessian diagonal
+    fn: Callable[[str, SaliencyInputs], torch.Tensor]
+
+
+def _w(inp: SaliencyInputs, n: str) -> torch.Tensor:
+    return inp.weights[n].float()
+
+
+def _dq(inp: SaliencyInputs, n: str) -> torch.Tensor:
+    return inp.quantized[n].float() - _w(inp, n)
+
+
+def _random(n: str, inp: SaliencyInputs) -> torch.Tensor:
+    g = torch.Generator().manual_seed(inp.seed * 1_000_003 + zlib.crc32(n.encode()))
+    return torch.rand(inp.weights[n].shape, generator=g).to(inp.weights[n].device)
+
+
+def _tacq(n, inp):
+    return inp.stats["sum_abs"][n] * _dq(inp, n).abs() * _w(inp, n).abs()
+
+
+METHODS: dict[str, SaliencyMethod] = {
+    "tacq": SaliencyMethod(("sum_abs",), "gptq", False, _tacq),
+    "tacq-rtn": SaliencyMethod(("sum_abs",), "rtn", False, _tacq),
+    "taylor": SaliencyMethod(("sum",), "gptq", False, lambda n, i: (i.stats["sum"][n] * _dq(i, n)).abs()),
+    "grad": SaliencyMethod(("sum_abs",), None, False, lambda n, i: i.stats["sum_abs"][n].clone()),
+    "fisher": SaliencyMethod(("sum_sq",), None, False, lambda n, i: i.stats["sum_sq"][n].clone()),
+    "magnitude": SaliencyMethod((), None, False, lambda n, i: _w(i, n).abs()),
+    "spqr": SaliencyMethod((), "gptq", True, lambda n, i: _dq(i, n) ** 2 / i.hinv_diag[n].float()[None, :] ** 2),
+    "awq": SaliencyMethod(("act_sq",), None, False, lambda n, i: _w(i, n).abs() * i.stats["act_sq"][n].sqrt()[None, :]),
+    "random": SaliencyMethod((), None, False, _random),
+}
+
+
+def method(name: str) -> SaliencyMethod:
+    if name not in METHODS:
+        raise ValueError(f"unknown saliency method '{name}'; choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def compute_scores(name: str, inp: SaliencyInputs) -> dict[str, torch.Tensor]:
+    """Scores of every weight in ``inp.weights``: ``{name: [out, in] float32}``."""
+    m = method(name)
+    missing = [s for s in m.stats if s not in inp.stats]
+    if missing or (m.quantizer and inp.quantized is None) or (m.hessian and inp.hinv_diag is None):
+        raise ValueError(f"method '{name}' needs statistics {list(m.stats)}, "
+                         f"{'Q(W) from ' + m.quantizer if m.quantizer else 'no Q(W)'}"
+                         f"{' and the GPTQ Hessian' if m.hessian else ''}")
+    out = {}
+    for n in inp.weights:
+        s = m.fn(n, inp).float()
+        out[n] = torch.nan_to_num(s, nan=0.0, posinf=0.0, neginf=0.0)
+    return out

@@ -1,0 +1,80 @@
+import json
+
+import pytest
+import torch
+
+from circuitq.masks import MaskError, combine, fraction_for_bits, select_per_layer, select_topk
+from circuitq.saliency import METHODS, SaliencyInputs, compute_scores
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    W = {"a.weight": torch.randn(4, 6, generator=g), "b.weight": torch.randn(3, 6, generator=g)}
+    Q = {n: (w * 2).round() / 2 for n, w in W.items()}
+    stats = {"sum_abs": {n: torch.rand(w.shape, generator=g) for n, w in W.items()},
+             "sum": {n: torch.randn(w.shape, generator=g) for n, w in W.items()},
+             "sum_sq": {n: torch.rand(w.shape, generator=g) for n, w in W.items()},
+             "act_sq": {n: torch.rand(w.shape[1], generator=g) for n, w in W.items()}}
+    hinv = {n: torch.rand(w.shape[1], generator=g) + 0.5 for n, w in W.items()}
+    return SaliencyInputs(W, Q, stats, hinv, seed=3)
+
+
+def test_every_method_equals_its_direct_formula():
+    i = _inputs()
+    n = "a.weight"
+    W, Q, S, h = i.weights[n], i.quantized[n], {k: v[n] for k, v in i.stats.items()}, i.hinv_diag[n]
+    direct = {
+        "tacq": S["sum_abs"] * (W - Q).abs() * W.abs(),
+        "tacq-rtn": S["sum_abs"] * (W - Q).abs() * W.abs(),
+        "taylor": (S["sum"] * (Q - W)).abs(),
+        "grad": S["sum_abs"], "fisher": S["sum_sq"], "magnitude": W.abs(),
+        "spqr": (W - Q) ** 2 / h[None, :] ** 2,
+        "awq": W.abs() * S["act_sq"].sqrt()[None, :],
+    }
+    for m, expect in direct.items():
+        assert torch.allclose(compute_scores(m, i)[n], expect), m
+    r1, r2 = compute_scores("random", i), compute_scores("random", _inputs())
+    assert torch.equal(r1[n], r2[n]) and not torch.equal(r1["a.weight"][:3], r1["b.weight"])
+    assert set(direct) | {"random"} == set(METHODS)
+
+
+def test_docstring_worked_example():
+    i = SaliencyInputs({"w": torch.tensor([[0.5]])}, {"w": torch.tensor([[0.25]])},
+                       {"sum_abs": {"w": torch.tensor([[2.0]])}})
+    assert compute_scores("tacq", i)["w"].item() == pytest.approx(0.25)
+
+
+def test_missing_inputs_are_a_clear_error():
+    with pytest.raises(ValueError, match="needs statistics"):
+        compute_scores("tacq", SaliencyInputs({"w": torch.ones(1, 1)}))
+    with pytest.raises(ValueError, match="unknown saliency method"):
+        compute_scores("nope", SaliencyInputs({"w": torch.ones(1, 1)}))
+
+
+def test_topk_global_per_layer_union_intersection():
+    s = {"model.layers.0.x.weight": torch.tensor([[9.0, 1.0], [8.0, 0.0]]),
+         "model.layers.1.x.weight": torch.tensor([[7.0, 6.0], [5.0, 4.0]])}
+    m = select_topk(s, 0.375)  # 3 of 8
+    assert m["model.layers.0.x.weight"].tolist() == [[True, False], [True, False]]
+    assert m["model.layers.1.x.weight"].tolist() == [[True, False], [False, False]]
+    p = select_per_layer(s, 0.5)  # 2 of 4 in each layer
+    assert int(p["model.layers.0.x.weight"].sum()) == 2 and int(p["model.layers.1.x.weight"].sum()) == 2
+    u = combine([m, p], "union")
+    x = combine([m, p], "intersection")
+    for n in s:
+        assert torch.equal(u[n], m[n] | p[n]) and torch.equal(x[n], m[n] & p[n])
+    with pytest.raises(MaskError):
+        combine([m, {"other.weight": torch.zeros(1, dtype=torch.bool)}], "union")
+
+
+def test_fraction_for_bits_inverts_the_accounting():
+    from circuitq.plan import PrecisionPlan, bit_report
+
+    shapes = {"a.weight": (64, 128), "b.weight": (32, 128)}
+    f = fraction_for_bits(3.2, 3, -1, shapes)
+    numel = 64 * 128 + 32 * 128
+    nnz = {"a.weight": int(f * 64 * 128), "b.weight": int(f * 32 * 128)}
+    avg = bit_report(shapes, PrecisionPlan(3), -1, nnz).average_bits
+    assert avg == pytest.approx(3.2, abs=32 / numel * 2)
+    with pytest.raises(MaskError, match="below"):
+        fraction_for_bits(2.0, 3, -1, shapes)
