@@ -192,6 +192,28 @@ def cmd_mask(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="compare two task circuits (e.g. MMLU vs GSM8k) in an HTML report")
+    p.add_argument("dir_a", help="score directory of the first task")
+    p.add_argument("dir_b", help="score directory of the second task")
+    p.add_argument("--fraction", type=float, default=0.0035, help="circuit budget for both")
+    p.add_argument("--top-n", type=int, default=20, help="heads/neurons compared")
+    p.add_argument("--out", required=True, help="REPORT.html (also writes REPORT.json and REPORT.heads.png)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from .compare import compare_dirs, write_compare_report
+
+    res = compare_dirs(a.dir_a, a.dir_b, a.fraction, a.top_n)
+    out = write_compare_report(res, a.out, a.overwrite)
+    g = res["masks"]["global"]
+    print(f"[circuitq] IoU {g['iou']:.3f}, intersection/min {g['iom']:.3f}, head Spearman "
+          f"{res['circuits']['head_spearman']:.3f}; wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="circuitq", description="Task-Circuit Quantization (TaCQ) toolkit")
     p.add_argument("--version", action="version", version=f"circuitq {__version__}")
@@ -199,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize(sub)
     _add_score(sub)
     _add_mask(sub)
+    _add_compare(sub)
     return p
 
 
@@ -210,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     from .gptq import HessianError
     from .masks import MaskError
     from .models import ModelLoadError
+    from .compare import CompareError
 
-    known = (UnsupportedArchitecture, DataError, ExportError, HessianError, MaskError, ModelLoadError,
+    known = (CompareError, UnsupportedArchitecture, DataError, ExportError, HessianError, MaskError, ModelLoadError,
              FileExistsError, ValueError, FloatingPointError)
     t0 = time.perf_counter()
     try:

@@ -107,7 +107,10 @@ def run_score(lm, cfg: ScoreConfig, out: str | Path, data_dir=None, resume: bool
         check_writable(out, overwrite)
     examples = load_examples(cfg.task, "calib", cfg.samples, cfg.seed, cfg.shots, data_dir, lm.tokenizer)
     mine = examples[rank::world]
+    from .circuits import Geometry
+
     meta = {"model": lm.name, "model_source": lm.source, "model_note": lm.note, **asdict(cfg),
+            "geometry": Geometry.from_config(lm.model.config).to_dict(),
             "n_examples": len(examples), "world_size": world, "circuitq_version": __version__}
     ckpt = out.parent / f".{out.name}.ckpt-rank{rank}.safetensors"
     state, start = None, 0

@@ -1,0 +1,166 @@
+"""Circuit maps and cross-task comparison (pure: tensors in, tensors and dicts out).
+
+Aggregation of per-weight values (scores, or masks as 0/1) for a Llama-like layer with ``H``
+query heads, ``KV`` key/value heads and head size ``d``:
+
+* per layer × module type: the sum over each weight matrix;
+* per attention head: ``q_proj`` rows ``[h·d, (h+1)·d)`` and ``o_proj`` columns of the same range
+  belong to query head ``h``; ``k_proj``/``v_proj`` rows of KV head ``g`` are shared by the query
+  heads ``h`` with ``h // (H/KV) = g`` (GQA) and their mass is split equally among them, so the
+  head map sums to the attention total;
+* per MLP neuron ``j``: ``gate_proj`` and ``up_proj`` row ``j`` plus ``down_proj`` column ``j``.
+
+Worked example (GQA, H = 4, KV = 2, d = 1): k row 0 with mass 2 adds 1 to heads 0 and 1.
+
+Comparison of two masks: IoU ``|A∩B| / |A∪B|`` and intersection-over-minimum ``|A∩B| / min(|A|,
+|B|)`` globally, per layer and per module type; shared top-N heads and neurons; Spearman rank
+correlation of the head maps.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+MODULE_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_NAME = re.compile(r"^(?P<prefix>.*\.layers)\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<mod>\w+)\.weight$")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_mlp: int
+
+    @classmethod
+    def from_config(cls, cfg) -> "Geometry":
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(cfg.num_hidden_layers, cfg.num_attention_heads,
+                   getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, hd, cfg.intermediate_size)
+
+    @classmethod
+    def infer(cls, shapes: dict[str, tuple[int, int]], n_heads: int) -> "Geometry":
+        """From weight shapes and the number of query heads."""
+        layers = {int(_NAME.match(n)["layer"]) for n in shapes if _NAME.match(n)}
+        q = next(s for n, s in shapes.items() if n.endswith("q_proj.weight"))
+        k = next(s for n, s in shapes.items() if n.endswith("k_proj.weight"))
+        up = next(s for n, s in shapes.items() if n.endswith("up_proj.weight"))
+        hd = q[0] // n_heads
+        return cls(len(layers), n_heads, k[0] // hd, hd, up[0])
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class CircuitMap:
+    """``layer_module``: ``[L, 7]`` (``MODULE_TYPES`` order); ``head``: ``[L, H]``;
+    ``neuron``: ``[L, d_mlp]``; ``total``: sum over all weights."""
+
+    layer_module: torch.Tensor
+    head: torch.Tensor
+    neuron: torch.Tensor
+    total: float
+
+
+def parse_name(name: str) -> tuple[int, str] | None:
+    m = _NAME.match(name)
+    return (int(m["layer"]), m["mod"]) if m else None
+
+
+def aggregate(values: dict[str, torch.Tensor], geo: Geometry) -> CircuitMap:
+    """Sum per-weight ``values`` (``{HF weight name: [out, in]}``) into the circuit maps."""
+    L, H, KV, d = geo.n_layers, geo.n_heads, geo.n_kv_heads, geo.head_dim
+    lm = torch.zeros(L, len(MODULE_TYPES), dtype=torch.float64)
+    head = torch.zeros(L, H, dtype=torch.float64)
+    neuron = torch.zeros(L, geo.d_mlp, dtype=torch.float64)
+    per_kv = H // KV
+    for name, v in values.items():
+        parsed = parse_name(name)
+        if parsed is None or parsed[1] not in MODULE_TYPES:
+            raise ValueError(f"cannot place '{name}' in a circuit map (expected model.layers.N.(self_attn|mlp).X.weight)")
+        i, mod = parsed
+        v = v.detach().double().cpu()
+        lm[i, MODULE_TYPES.index(mod)] += v.sum()
+        if mod == "q_proj":
+            head[i] += v.view(H, d, -1).sum((1, 2))
+        elif mod == "o_proj":
+            head[i] += v.view(-1, H, d).sum((0, 2))
+        elif mod in ("k_proj", "v_proj"):
+            kv = v.view(KV, d, -1).sum((1, 2))
+            head[i] += kv.repeat_interleave(per_kv) / per_kv
+        elif mod in ("gate_proj", "up_proj"):
+            neuron[i] += v.sum(1)
+        else:
+            neuron[i] += v.sum(0)
+    return CircuitMap(lm, head, neuron, float(lm.sum()))
+
+
+def overlap(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """IoU and intersection-over-minimum of two bool tensors (any shape)."""
+    inter = int((a & b).sum())
+    union = int((a | b).sum())
+    na, nb = int(a.sum()), int(b.sum())
+    return {"intersection": inter, "union": union, "a": na, "b": nb,
+            "iou": inter / union if union else float("nan"),
+            "iom": inter / min(na, nb) if min(na, nb) else float("nan")}
+
+
+def compare_masks(ma: dict[str, torch.Tensor], mb: dict[str, torch.Tensor]) -> dict:
+    """Overlap globally, per layer and per module type. Masks must name the same weights."""
+    if set(ma) != set(mb):
+        raise ValueError("the two circuits cover different weights (different models?)")
+    for n in ma:
+        if ma[n].shape != mb[n].shape:
+            raise ValueError(f"{n}: shapes differ between the circuits (different models?)")
+    per_layer: dict[int, list] = {}
+    per_type: dict[str, list] = {}
+    for n in ma:
+        i, mod = parse_name(n)
+        per_layer.setdefault(i, []).append(n)
+        per_type.setdefault(mod, []).append(n)
+
+    def ov(names):
+        return overlap(torch.cat([ma[n].flatten() for n in names]), torch.cat([mb[n].flatten() for n in names]))
+
+    return {"global": ov(list(ma)), "per_layer": {i: ov(v) for i, v in sorted(per_layer.items())},
+            "per_module_type": {m: ov(per_type[m]) for m in MODULE_TYPES if m in per_type}}
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Spearman rank correlation of two equally shaped tensors (average ranks for ties)."""
+    def ranks(v):
+        v = v.flatten().double()
+        order = torch.argsort(v)
+        r = torch.empty_like(v)
+        r[order] = torch.arange(v.numel(), dtype=torch.float64)
+        # average ranks over ties
+        uniq, inv = torch.unique(v, return_inverse=True)
+        sums = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inv, r)
+        counts = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inv, torch.ones_like(r))
+        return (sums / counts)[inv]
+
+    rx, ry = ranks(x), ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    den = (rx.norm() * ry.norm())
+    return float((rx * ry).sum() / den) if den > 0 else float("nan")
+
+
+def top_units(m: torch.Tensor, n: int) -> list[tuple[int, int, float]]:
+    """The ``n`` largest entries of a ``[L, U]`` map as ``(layer, unit, value)``."""
+    flat = m.flatten()
+    k = min(n, flat.numel())
+    vals, idx = torch.topk(flat, k)
+    return [(int(i) // m.shape[1], int(i) % m.shape[1], float(v)) for v, i in zip(vals, idx)]
+
+
+def compare_circuits(ca: CircuitMap, cb: CircuitMap, top_n: int = 20) -> dict:
+    """Shared top-N heads and neurons and the rank correlation of the head maps."""
+    ha, hb = {(l, u) for l, u, _ in top_units(ca.head, top_n)}, {(l, u) for l, u, _ in top_units(cb.head, top_n)}
+    na, nb = ({(l, u) for l, u, _ in top_units(c.neuron, top_n)} for c in (ca, cb))
+    return {"top_n": top_n, "shared_heads": sorted(ha & hb), "shared_neurons": sorted(na & nb),
+            "n_shared_heads": len(ha & hb), "n_shared_neurons": len(na & nb),
+            "head_spearman": spearman(ca.head, cb.head), "neuron_spearman": spearman(ca.neuron, cb.neuron)}

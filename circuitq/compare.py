@@ -1,0 +1,78 @@
+"""Driver for ``circuitq compare``: two score directories -> circuits at a budget -> overlap
+metrics, circuit maps and plots -> one standalone HTML report (+ JSON metrics and PNG)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import __version__
+from .artifacts import atomic_file, check_writable
+from .circuits import MODULE_TYPES, Geometry, aggregate, compare_circuits, compare_masks
+from .masks import select_topk
+from .score import load_scores
+
+
+class CompareError(ValueError):
+    pass
+
+
+def _label(meta: dict, fallback: str) -> str:
+    return f"{meta.get('task', fallback)} ({meta.get('method', '?')})"
+
+
+def compare_dirs(dir_a: str, dir_b: str, fraction: float = 0.0035, top_n: int = 20) -> dict:
+    """Metrics and maps of two scored circuits (raises ``CompareError`` across models)."""
+    fa, fb = load_scores(dir_a), load_scores(dir_b)
+    ga, gb = fa["meta"].get("geometry"), fb["meta"].get("geometry")
+    if fa["meta"].get("model_source") != fb["meta"].get("model_source") or ga != gb:
+        raise CompareError(f"the circuits come from different models ({fa['meta'].get('model')} vs "
+                           f"{fb['meta'].get('model')}); a comparison would be meaningless")
+    geo = Geometry(**ga)
+    ma, mb = select_topk(fa["scores"], fraction), select_topk(fb["scores"], fraction)
+    sa, sb = aggregate(fa["scores"], geo), aggregate(fb["scores"], geo)
+    ca, cb = aggregate({k: v.float() for k, v in ma.items()}, geo), aggregate({k: v.float() for k, v in mb.items()}, geo)
+    return {"labels": (_label(fa["meta"], dir_a), _label(fb["meta"], dir_b)), "fraction": fraction,
+            "masks": compare_masks(ma, mb), "circuits": compare_circuits(sa, sb, top_n),
+            "score_maps": (sa, sb), "mask_maps": (ca, cb), "meta": (fa["meta"], fb["meta"]), "geometry": geo}
+
+
+def write_compare_report(res: dict, out: str | Path, overwrite: bool = False) -> Path:
+    from .plots import head_heatmaps, heatmap_png, module_layer_bars, overlap_by_layer, write_report
+
+    out = check_writable(Path(out), overwrite)
+    la, lb = res["labels"]
+    sa, sb = res["score_maps"]
+    ca, cb = res["mask_maps"]
+    m, c = res["masks"], res["circuits"]
+    g = m["global"]
+    summary = [{"metric": k, "value": v} for k, v in (
+        ("budget (fraction)", res["fraction"]), (f"|{la}|", g["a"]), (f"|{lb}|", g["b"]),
+        ("shared", g["intersection"]), (f"only {la}", g["a"] - g["intersection"]),
+        (f"only {lb}", g["b"] - g["intersection"]), ("IoU", g["iou"]), ("intersection / min", g["iom"]),
+        ("head Spearman", c["head_spearman"]), ("neuron Spearman", c["neuron_spearman"]),
+        (f"shared top-{c['top_n']} heads", c["n_shared_heads"]), (f"shared top-{c['top_n']} neurons", c["n_shared_neurons"]))]
+    by_type = [{"module": t, **{k: v for k, v in m["per_module_type"][t].items()}} for t in MODULE_TYPES
+               if t in m["per_module_type"]]
+    from .circuits import top_units
+
+    heads = [{"rank": r + 1, f"{la} head": f"L{l}.H{u}", f"{la} share": v / max(sa.total, 1e-30),
+              f"{lb} head": f"L{l2}.H{u2}", f"{lb} share": v2 / max(sb.total, 1e-30)}
+             for r, ((l, u, v), (l2, u2, v2)) in enumerate(zip(top_units(sa.head, 15), top_units(sb.head, 15)))]
+    neurons = [{"rank": r + 1, f"{la} neuron": f"L{l}.N{u}", f"{lb} neuron": f"L{l2}.N{u2}"}
+               for r, ((l, u, _), (l2, u2, _)) in enumerate(zip(top_units(sa.neuron, 15), top_units(sb.neuron, 15)))]
+    sections = [("Summary", summary), ("Heads", head_heatmaps(sa, sb, la, lb)),
+                (f"Circuit composition: {la}", module_layer_bars(ca, la)),
+                (f"Circuit composition: {lb}", module_layer_bars(cb, lb)),
+                ("Overlap by layer", overlap_by_layer(m, f"{la} vs {lb}")),
+                ("Overlap by module type", by_type), ("Top heads", heads), ("Top neurons", neurons)]
+    settings = {"circuitq_version": __version__, "a": res["meta"][0], "b": res["meta"][1], "fraction": res["fraction"]}
+    with atomic_file(out, overwrite=overwrite) as tmp:
+        write_report(tmp, f"Circuits: {la} vs {lb}", sections, settings)
+    png = out.with_suffix(".heads.png")
+    with atomic_file(png, overwrite=True) as tmp:
+        heatmap_png(sa, sb, la, lb, tmp.with_suffix(".png"))
+        tmp.with_suffix(".png").replace(tmp)
+    metrics = {k: res[k] for k in ("labels", "fraction", "masks", "circuits")}
+    with atomic_file(out.with_suffix(".json"), overwrite=True) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    return out

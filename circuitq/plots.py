@@ -1,0 +1,117 @@
+"""Circuit plots: plotly figures (interactive, for HTML) and matplotlib PNGs of the same data.
+
+Every function takes the maps from ``circuits.py`` and returns a figure; writing is the
+caller's business (``write_report`` below is the thin driver for ``circuitq compare``).
+"""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import torch
+
+from .circuits import MODULE_TYPES, CircuitMap
+
+
+def _share(m: torch.Tensor) -> torch.Tensor:
+    s = m.sum()
+    return m / s if s > 0 else m
+
+
+def head_heatmaps(a: CircuitMap, b: CircuitMap, label_a: str, label_b: str):
+    """Layer × head share of saliency mass for both tasks and their difference (plotly)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    ha, hb = _share(a.head), _share(b.head)
+    fig = make_subplots(rows=1, cols=3, subplot_titles=(label_a, label_b, f"{label_a} − {label_b}"),
+                        horizontal_spacing=0.08)
+    vmax = float(max(ha.max(), hb.max()))
+    for col, (z, cs, zmin, zmax) in enumerate(((ha, "Viridis", 0, vmax), (hb, "Viridis", 0, vmax),
+                                               (ha - hb, "RdBu", -float((ha - hb).abs().max()), float((ha - hb).abs().max()))), 1):
+        fig.add_trace(go.Heatmap(z=z.tolist(), colorscale=cs, zmin=zmin, zmax=zmax, showscale=col != 1,
+                                 colorbar=dict(x=0.64 if col == 2 else 1.0, len=0.9),
+                                 hovertemplate="layer %{y}, head %{x}: %{z:.4f}<extra></extra>"), 1, col)
+        fig.update_xaxes(title_text="query head", row=1, col=col)
+        fig.update_yaxes(title_text="layer", row=1, col=col)
+    fig.update_layout(title="Share of saliency mass per attention head", height=520)
+    return fig
+
+
+def module_layer_bars(m: CircuitMap, label: str):
+    """Share of the circuit's weights by module type and layer (stacked bars, plotly)."""
+    import plotly.graph_objects as go
+
+    share = _share(m.layer_module)
+    fig = go.Figure([go.Bar(name=t, x=list(range(share.shape[0])), y=share[:, j].tolist())
+                     for j, t in enumerate(MODULE_TYPES)])
+    fig.update_layout(barmode="stack", title=f"{label}: share of salient weights by layer and module type",
+                      xaxis_title="layer", yaxis_title="share of circuit", height=380)
+    return fig
+
+
+def overlap_by_layer(cmp: dict, label: str):
+    """IoU and intersection-over-minimum per layer (plotly)."""
+    import plotly.graph_objects as go
+
+    layers = list(cmp["per_layer"])
+    fig = go.Figure([go.Scatter(x=layers, y=[cmp["per_layer"][i][k] for i in layers], mode="lines+markers", name=k.upper())
+                     for k in ("iou", "iom")])
+    fig.update_layout(title=f"Circuit overlap by layer ({label})", xaxis_title="layer", yaxis_title="overlap",
+                      yaxis_range=[0, 1], height=360)
+    return fig
+
+
+def heatmap_png(a: CircuitMap, b: CircuitMap, label_a: str, label_b: str, path: Path) -> None:
+    """The head heatmaps as a PNG (matplotlib, no browser needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ha, hb = _share(a.head).numpy(), _share(b.head).numpy()
+    d = ha - hb
+    fig, axes = plt.subplots(1, 3, figsize=(13, 5), constrained_layout=True)
+    vmax = max(ha.max(), hb.max())
+    for ax, z, title, kw in ((axes[0], ha, label_a, dict(cmap="viridis", vmin=0, vmax=vmax)),
+                             (axes[1], hb, label_b, dict(cmap="viridis", vmin=0, vmax=vmax)),
+                             (axes[2], d, f"{label_a} − {label_b}", dict(cmap="RdBu", vmin=-abs(d).max(), vmax=abs(d).max()))):
+        im = ax.imshow(z, aspect="auto", origin="lower", **kw)
+        ax.set_title(title)
+        ax.set_xlabel("query head")
+        ax.set_ylabel("layer")
+        fig.colorbar(im, ax=ax)
+    fig.suptitle("Share of saliency mass per attention head")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _table(rows: list[dict]) -> str:
+    if not rows:
+        return "<p>(none)</p>"
+    cols = list(rows[0])
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(f'{r[c]:.4g}' if isinstance(r[c], float) else str(r[c]))}</td>"
+                                    for c in cols) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def write_report(path: Path, title: str, sections: list[tuple[str, object]], settings: dict) -> None:
+    """Standalone HTML: plotly.js inlined once, each section a figure or a list of row dicts."""
+    parts, first = [], True
+    for heading, item in sections:
+        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        if isinstance(item, list):
+            parts.append(_table(item))
+        elif isinstance(item, str):
+            parts.append(item)
+        else:
+            parts.append(item.to_html(full_html=False, include_plotlyjs=first))
+            first = False
+    style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}")
+    doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
+           f"</head><body><h1>{html.escape(title)}</h1>{''.join(parts)}<h2>Settings</h2><pre>"
+           f"{html.escape(json.dumps(settings, indent=2, default=str))}</pre></body></html>")
+    path.write_text(doc, encoding="utf-8")
