@@ -65,28 +65,41 @@ def accumulate(state: GradStats, name: str, x: torch.Tensor, g: torch.Tensor, to
     ``sample_ok`` (``[B]`` bool) excludes samples already known to be bad; samples whose
     gradient is not finite are excluded too (the caller counts them).
     """
+    # finite inputs give a finite G (checked on the small [B, T, ·] tensors, not on [B, out, in])
+    ok = sample_ok & torch.isfinite(g).flatten(1).all(1) & torch.isfinite(x).flatten(1).all(1)
+    if not bool(ok.all()):
+        x, g, token_mask = x[ok], g[ok], token_mask[ok]
     G = per_sample_grads(x, g, token_mask)
-    ok = sample_ok & torch.isfinite(G).flatten(1).all(1)
-    G = G[ok]
     t = state.tensors
     if "sum_abs" in t:
-        t["sum_abs"][name] += G.abs().sum(0)
+        t["sum_abs"][name] += (G.abs() if ("sum" in t or "sum_sq" in t) else G.abs_()).sum(0)
     if "sum" in t:
         t["sum"][name] += G.sum(0)
     if "sum_sq" in t:
         t["sum_sq"][name] += (G * G).sum(0)
     if "act_sq" in t:
-        xm = x.float()[ok] * token_mask[ok][..., None]
+        xm = x.float() * token_mask[..., None]
         t["act_sq"][name] += (xm * xm).sum((0, 1))
     return ok
 
 
-def sample_losses(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+def sample_losses(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
+                  positions: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token NLL over each sample's scored positions: ``[B]``. ``loss_mask[b, t]``
-    marks that position ``t`` predicting token ``t+1`` is scored."""
-    lp = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")
-    m = loss_mask[:, :-1].to(lp.dtype)
+    marks that position ``t`` predicting token ``t+1`` is scored. With ``positions`` (``[K]``),
+    ``logits`` holds only those positions (``[B, K, V]``), as computed with ``logits_to_keep``."""
+    if positions is None:
+        positions = torch.arange(input_ids.shape[1] - 1, device=input_ids.device)
+        logits = logits[:, :-1]
+    targets = input_ids[:, positions + 1]
+    lp = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    m = loss_mask[:, positions].to(lp.dtype)
     return (lp * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def scored_positions(loss_mask: torch.Tensor) -> torch.Tensor:
+    """Positions scored in any sample of the batch: ``[K]`` (logits are computed only there)."""
+    return loss_mask[:, :-1].any(0).nonzero().flatten()
 
 
 def boot_bridge(model, tokenizer, name_or_path: str):
@@ -139,8 +152,12 @@ class CollectResult(dict):
 def collect_stats(model, tokenizer, examples, model_path: str, batch_size: int = 8, seq_len: int = 512,
                   stats=STATS, state: GradStats | None = None, start: int = 0, progress: bool = True,
                   on_batch=None) -> CollectResult:
-    """Run ``examples[start:]`` through a TransformerLens bridge around ``model`` and accumulate
+    """Run ``examples`` through a TransformerLens bridge around ``model`` and accumulate
     per-sample gradient statistics (driver: hooks, batches and progress live here).
+
+    Examples are processed in order of token length (stable), so batches hold similar lengths
+    and little padding; ``start`` counts examples in that order. Logits are computed only at
+    the positions scored in the batch (``logits_to_keep``).
 
     ``state`` continues an earlier accumulation (resume); ``on_batch(state, n_done)`` is called
     after every batch (checkpointing). Parameters are frozen during the run and restored after.
@@ -156,6 +173,7 @@ def collect_stats(model, tokenizer, examples, model_path: str, batch_size: int =
     shapes = target_shapes(model)
     state = state if state is not None else GradStats.zeros(shapes, device, stats)
     tok = tokenize_examples(examples, tokenizer, seq_len)
+    order = sorted(range(len(tok.ids)), key=lambda i: len(tok.ids[i]))  # length buckets: little padding
     bridge = boot_bridge(model, tokenizer, model_path)
     cap = HookCapture(bridge, model.config.num_hidden_layers, state)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -168,12 +186,14 @@ def collect_stats(model, tokenizer, examples, model_path: str, batch_size: int =
     bar = tqdm(total=len(examples) - start, desc="scoring", unit="sample", disable=not progress)
     try:
         for b in range(start, len(examples), batch_size):
-            ids, st = tok.ids[b:b + batch_size], tok.scored_from[b:b + batch_size]
+            idx = order[b:b + batch_size]
+            ids, st = [tok.ids[i] for i in idx], [tok.scored_from[i] for i in idx]
             batch = collate(ids, st, pad)
             input_ids, attn, lmask = (t.to(device) for t in batch)
             with cap.batch(attn, torch.ones(len(ids), dtype=torch.bool, device=device)):
-                logits = bridge(input_ids, attention_mask=attn.long(), return_type="logits")
-                losses = sample_losses(logits, input_ids, lmask)
+                pos = scored_positions(lmask)
+                logits = bridge(input_ids, attention_mask=attn.long(), return_type="logits", logits_to_keep=pos)
+                losses = sample_losses(logits, input_ids, lmask, pos)
                 ok = torch.isfinite(losses)
                 cap.sample_ok = ok
                 if ok.any():
