@@ -60,3 +60,39 @@ def test_packed_export_of_real_model_roundtrips(real, tmp_path):
     ids = data.heldout[:1, :64]
     with torch.no_grad():
         assert torch.equal(hf(ids).logits, packed(ids).logits)
+
+
+def test_tacq_circuit_hurts_more_than_random_set_of_same_size(real):
+    """Quantizing only the 0.35% circuit (to RTN values) raises the task loss more than
+    quantizing a random 0.35% of the weights: the scores point at weights the task uses."""
+    from circuitq.capture import collect_stats, sample_losses
+    from circuitq.masks import select_topk
+    from circuitq.models import load_model
+    from circuitq.quantize import target_shapes
+    from circuitq.quantizer import QuantSpec, rtn_quantize
+    from circuitq.saliency import SaliencyInputs, compute_scores
+    from circuitq.tasks import collate, load_examples, tokenize_examples
+
+    lm = load_model()
+    ex = load_examples("mmlu", "calib", 16, 0, 0, None, lm.tokenizer)
+    res = collect_stats(lm.model, lm.tokenizer, ex, lm.source, 8, 256, stats=("sum_abs",), progress=False)
+    shapes = target_shapes(lm.model)
+    W = {n: lm.model.get_parameter(n).detach().clone() for n in shapes}
+    Q = {n: rtn_quantize(w, QuantSpec(3)).dequantize() for n, w in W.items()}
+    inp = SaliencyInputs(W, Q, res["stats"].tensors, seed=0)
+    circuit = select_topk(compute_scores("tacq-rtn", inp), 0.0035)
+    rand = select_topk(compute_scores("random", inp), 0.0035)
+    tok = tokenize_examples(ex, lm.tokenizer, 256)
+    batch = collate(tok.ids, tok.scored_from, lm.tokenizer.pad_token_id)
+
+    def loss_with(mask):
+        with torch.no_grad():
+            for n in shapes:
+                p = lm.model.get_parameter(n)
+                p.copy_(torch.where(mask[n], Q[n], W[n]) if mask is not None else W[n])
+            logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            return float(sample_losses(logits, batch.input_ids, batch.loss_mask).mean())
+
+    base = loss_with(None)
+    hurt_circuit, hurt_random = loss_with(circuit) - base, loss_with(rand) - base
+    assert hurt_circuit > 2 * abs(hurt_random), (base, hurt_circuit, hurt_random)
