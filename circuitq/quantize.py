@@ -173,6 +173,8 @@ def _group_hessian(layer, mods, hidden, kwargs) -> HessianState:
 def _quantize_module(name, mod, H, spec, keep, cfg, method) -> tuple[QuantizedWeight, ModuleRecord]:
     t0 = time.perf_counter()
     w = mod.weight.data
+    if not torch.isfinite(w).all():
+        raise FloatingPointError(f"{name}.weight contains NaN/Inf: the model is corrupt; nothing was written")
     r = method.fn(w.float(), H.H if H is not None else None, spec, keep, cfg)
     q = r.qweight.dequantize()
     wf = w.float()

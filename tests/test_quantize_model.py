@@ -104,3 +104,11 @@ def test_cuda_path_matches_cpu(calib_ids):
     diff = sum(int((ra.qweights[n].codes != rb.qweights[n].codes).sum()) for n in ra.qweights)
     assert diff / sum(q.codes.numel() for q in ra.qweights.values()) < 0.01
     assert next(b.parameters()).device.type == "cpu"  # layers go back home
+
+
+def test_nan_weight_is_a_clear_error():
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"layers\.1\.mlp\.up_proj\.weight contains NaN/Inf"):
+        quantize_model(model, None, PrecisionPlan(4), QuantizeConfig(bits=4, method="rtn"), progress=False)
