@@ -105,6 +105,8 @@ def main() -> None:
     ap.add_argument("--mask-fraction", type=float, default=0.0035)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--gptqmodel-python", default=str(HERE.parent / ".venv-gptqmodel" / "bin" / "python"))
+    ap.add_argument("--peer-timeout", type=float, default=None,
+                    help="seconds after which the gptqmodel run is stopped and recorded as not finished")
     ap.add_argument("--out", default=str(HERE / "results" / "bench_quantize.json"))
     a = ap.parse_args()
     if a.child:
@@ -139,10 +141,16 @@ def main() -> None:
             print(f"[bench] {bits}-bit gptqmodel ...", flush=True)
             out = tmp / f"gptqmodel-{bits}"
             t0 = time.perf_counter()
-            p = subprocess.run([a.gptqmodel_python, str(HERE / "gptqmodel_quantize.py"), lm_dir(a.model),
-                                base["calib"], str(bits), "-1", str(out)], capture_output=True, text=True,
-                               env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
-            if p.returncode:
+            try:
+                p = subprocess.run([a.gptqmodel_python, str(HERE / "gptqmodel_quantize.py"), lm_dir(a.model),
+                                    base["calib"], str(bits), "-1", str(out)], capture_output=True, text=True,
+                                   env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"}, timeout=a.peer_timeout)
+            except subprocess.TimeoutExpired:
+                p = None
+            if p is None:
+                runs["gptqmodel"] = {"finished": False, "stopped_after_s": a.peer_timeout,
+                                     "time_ratio_lower_bound": a.peer_timeout / runs["circuitq-gptq"]["seconds"]}
+            elif p.returncode:
                 runs["gptqmodel"] = {"error": p.stderr[-2000:]}
             else:
                 peer = json.loads(p.stdout.strip().splitlines()[-1])

@@ -214,6 +214,66 @@ def cmd_compare(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a model on a task, against a reference model",
+                       description="Accuracy (MMLU), task NLL, and against --reference: KL(ref || model), "
+                                   "top-1 agreement and MMLU flips. Writes OUT (.json) and OUT with .csv (per item).")
+    p.add_argument("--model", required=True, help="quantized model: OUT/hf of `circuitq quantize`, any HF dir, or alias")
+    p.add_argument("--reference", default=None, help="reference model (e.g. the original)")
+    p.add_argument("--task", default="mmlu", help="mmlu, mmlu:CATEGORY, mmlu:SUBJECT, gsm8k, text:PATH, jsonl:PATH")
+    p.add_argument("--split", default="eval", choices=["eval", "calib"])
+    p.add_argument("--limit", type=int, default=None, help="at most this many items of the split")
+    p.add_argument("--shots", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--data-dir")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    import csv
+    import io
+    import json
+
+    from .artifacts import atomic_file, check_writable
+    from .evals import check_same_vocab, evaluate
+    from .models import load_model
+    from .tasks import TaskSpec, load_examples
+
+    out = check_writable(a.out, a.overwrite)
+    device = _device(a.device)
+    lm = load_model(a.model, device=device)
+    ref = load_model(a.reference, device=device) if a.reference else None
+    if ref is not None:
+        check_same_vocab(lm.tokenizer, ref.tokenizer, lm.model, ref.model)
+    spec = TaskSpec.parse(a.task)
+    examples = load_examples(a.task, a.split, None, a.seed, a.shots, a.data_dir, lm.tokenizer)
+    if a.limit is not None and a.limit > len(examples):
+        print(f"[circuitq] --limit {a.limit} is larger than the {a.split} split ({len(examples)} items); using all of it")
+    examples = examples[: a.limit] if a.limit else examples
+    res = evaluate(lm.model, lm.tokenizer, examples, spec.kind, ref.model if ref else None, a.batch_size, a.seq_len)
+    doc = {"format": "circuitq.eval", "version": __version__, "model": a.model, "reference": a.reference,
+           "task": a.task, "split": a.split, "seed": a.seed, "shots": a.shots, "limit": a.limit,
+           "model_note": lm.note or (ref.note if ref else ""), "metrics": res.metrics}
+    with atomic_file(out, overwrite=a.overwrite) as tmp:
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    buf = io.StringIO()
+    cols = sorted({k for r in res.items for k in r})
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    w.writerows(res.items)
+    with atomic_file(out.with_suffix(".csv"), overwrite=True) as tmp:
+        tmp.write_text(buf.getvalue())
+    m = res.metrics
+    shown = {k: m[k] for k in ("kl", "top1_agreement", "nll_per_token", "accuracy", "perplexity") if k in m}
+    print(f"[circuitq] {a.task} ({m['items']} items): " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="circuitq", description="Task-Circuit Quantization (TaCQ) toolkit")
     p.add_argument("--version", action="version", version=f"circuitq {__version__}")
@@ -222,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_score(sub)
     _add_mask(sub)
     _add_compare(sub)
+    _add_eval(sub)
     return p
 
 
@@ -234,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     from .masks import MaskError
     from .models import ModelLoadError
     from .compare import CompareError
+    from .evals import TokenizerMismatch
 
-    known = (CompareError, UnsupportedArchitecture, DataError, ExportError, HessianError, MaskError, ModelLoadError,
+    known = (TokenizerMismatch, CompareError, UnsupportedArchitecture, DataError, ExportError, HessianError, MaskError, ModelLoadError,
              FileExistsError, ValueError, FloatingPointError)
     t0 = time.perf_counter()
     try:

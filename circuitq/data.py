@@ -85,26 +85,45 @@ def read_mmlu(data_dir: str | Path | None = None, split: str = "val") -> list[di
     return rows
 
 
+def read_jsonl(path: str | Path) -> list:
+    """One JSON value per non-empty line; a bad line is an error naming file and line."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"file not found: {p}")
+    rows = []
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}:{i + 1}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+def read_prompt_completion(path: str | Path) -> list[dict]:
+    """Custom task rows ``{"prompt", "completion"}`` from a JSONL file."""
+    rows = read_jsonl(path)
+    for i, obj in enumerate(rows):
+        if not isinstance(obj, dict) or not {"prompt", "completion"} <= set(obj):
+            raise DataError(f"{path}: row {i + 1}: each line needs \"prompt\" and \"completion\"")
+    if not rows:
+        raise DataError(f"custom task file {path} has no rows")
+    return rows
+
+
 def read_text_corpus(path: str | Path) -> list[str]:
     """Documents of a ``.txt`` file (blank-line separated) or a ``.jsonl`` file (its ``text``
     field, else every string field joined)."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"text corpus not found: {p}")
-    raw = p.read_text(encoding="utf-8")
     if p.suffix == ".jsonl":
-        docs = []
-        for i, line in enumerate(raw.splitlines()):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{i + 1}: not valid JSON ({e.msg})") from None
-            docs.append(obj["text"] if isinstance(obj, dict) and "text" in obj else
-                        "\n".join(v for v in (obj.values() if isinstance(obj, dict) else [obj]) if isinstance(v, str)))
+        docs = [obj["text"] if isinstance(obj, dict) and "text" in obj else
+                "\n".join(v for v in (obj.values() if isinstance(obj, dict) else [obj]) if isinstance(v, str))
+                for obj in read_jsonl(p)]
     else:
-        docs = [d.strip() for d in raw.split("\n\n")]
+        docs = [d.strip() for d in p.read_text(encoding="utf-8").split("\n\n")]
     docs = [d for d in docs if d]
     if not docs:
         raise DataError(f"text corpus {p} has no text")

@@ -13,14 +13,13 @@ the MMLU paper's grouping (Hendrycks et al., 2021).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from .data import DataError, read_gsm8k, read_mmlu, read_text_corpus
+from .data import DataError, read_gsm8k, read_mmlu, read_prompt_completion, read_text_corpus
 
 _SUBCATEGORY = {
     "abstract_algebra": "math", "anatomy": "health", "astronomy": "physics", "business_ethics": "business",
@@ -141,7 +140,7 @@ def load_examples(task: str, split: str = "calib", n: int | None = None, seed: i
         rows = read_text_corpus(spec.arg)
         make = lambda r: Example("", r)  # noqa: E731
     else:
-        rows = _read_custom(spec.arg)
+        rows = read_prompt_completion(spec.arg)
         make = lambda r: Example(r["prompt"], r["completion"])  # noqa: E731
     order = _permute(len(rows), seed)
     cut = int(round(len(rows) * calib_fraction))
@@ -151,26 +150,6 @@ def load_examples(task: str, split: str = "calib", n: int | None = None, seed: i
     if n is not None:
         idx = idx[:n]
     return [make(rows[i]) for i in idx]
-
-
-def _read_custom(path: str) -> list[dict]:
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"custom task file not found: {p}")
-    rows = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{i + 1}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or not {"prompt", "completion"} <= set(obj):
-            raise DataError(f"{p}:{i + 1}: each line needs \"prompt\" and \"completion\"")
-        rows.append(obj)
-    if not rows:
-        raise DataError(f"custom task file {p} has no rows")
-    return rows
 
 
 class Batch(NamedTuple):

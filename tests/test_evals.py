@@ -1,0 +1,78 @@
+import json
+import math
+
+import pytest
+import torch
+
+from circuitq.cli import main
+from circuitq.evals import count_flips, kl_divergence, mc_correct, top1_agreement
+
+
+def test_kl_of_identical_is_zero_and_known_value():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 11, generator=g)
+    assert torch.allclose(kl_divergence(logits, logits), torch.zeros(5), atol=1e-6)
+    assert top1_agreement(logits, logits).all()
+    p = torch.tensor([[0.5, 0.5]]).log()
+    q = torch.tensor([[0.9, 0.1]]).log()
+    expect = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
+    assert kl_divergence(p, q).item() == pytest.approx(expect, rel=1e-5)
+    assert kl_divergence(p, q).item() != pytest.approx(kl_divergence(q, p).item())  # direction matters
+
+
+def test_accuracy_and_flips_from_known_loglikelihoods():
+    ll = torch.tensor([[0.0, -1.0, -2.0, -3.0], [-3.0, -0.1, -2.0, -1.0], [-1.0, -1.5, -0.2, -3.0]])
+    correct = mc_correct(ll, torch.tensor([0, 3, 2]))
+    assert correct.tolist() == [True, False, True]
+    f = count_flips(torch.tensor([True, True, False, False]), torch.tensor([True, False, True, False]))
+    assert f == {"lost": 1, "gained": 1, "total": 2}
+
+
+def _mmlu_dir(tmp_path):
+    d = tmp_path / "data" / "mmlu"
+    for split in ("dev", "val"):
+        (d / split).mkdir(parents=True)
+        rows = [f'"the fox {i} jumps over",the,quick,brown,lazy,{"ABCD"[i % 4]}' for i in range(12)]
+        (d / split / f"high_school_physics_{split}.csv").write_text("\n".join(rows) + "\n")
+        (d / split / f"philosophy_{split}.csv").write_text("\n".join(rows[:6]) + "\n")
+    return tmp_path / "data"
+
+
+def test_eval_cli_mmlu_against_reference(tmp_path, tiny_dir):
+    d, _ = tiny_dir
+    data = _mmlu_dir(tmp_path)
+    out = tmp_path / "e.json"
+    assert main(["eval", "--model", str(d), "--reference", str(d), "--task", "mmlu", "--data-dir", str(data),
+                 "--limit", "100", "--out", str(out)]) == 0
+    m = json.loads(out.read_text())["metrics"]
+    assert m["items"] == 9  # half of 18 rows, --limit larger than the split uses the split
+    assert m["kl"] == pytest.approx(0.0, abs=1e-6) and m["top1_agreement"] == 1.0
+    assert m["flips"]["total"] == 0 and m["accuracy"] == m["reference_accuracy"]
+    assert set(m["accuracy_by_category"]) <= {"stem", "humanities"}
+    assert out.with_suffix(".csv").read_text().count("\n") == 10
+
+
+def test_eval_quantized_differs_from_reference(tmp_path, tiny_dir):
+    d, text = tiny_dir
+    q = tmp_path / "q"
+    assert main(["quantize", "--model", str(d), "--bits", "2", "--method", "rtn", "--calib", f"text:{text}",
+                 "--samples", "2", "--seq-len", "16", "--ppl-windows", "0", "--out", str(q)]) == 0
+    out = tmp_path / "e.json"
+    assert main(["eval", "--model", str(q / "hf"), "--reference", str(d), "--task", f"text:{text}",
+                 "--out", str(out)]) == 0
+    m = json.loads(out.read_text())["metrics"]
+    assert m["kl"] > 1e-4 and 0 <= m["top1_agreement"] <= 1 and m["perplexity"] > 1
+
+
+def test_eval_refuses_different_vocabularies(tmp_path, tiny_dir, capsys):
+    from conftest import tiny_model
+
+    d, text = tiny_dir
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other"
+    tiny_model(vocab=400).save_pretrained(other)
+    AutoTokenizer.from_pretrained(d).save_pretrained(other)
+    rc = main(["eval", "--model", str(d), "--reference", str(other), "--task", f"text:{text}",
+               "--out", str(tmp_path / "e.json")])
+    assert rc == 2 and "different tokenizers or vocabularies" in capsys.readouterr().err
