@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from . import __version__
 from .calib import CalibConfig
@@ -274,6 +275,70 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run(sub) -> None:
+    from .run import RunConfig
+
+    d = RunConfig()
+    p = sub.add_parser("run", help="the main job: circuits, quantized models, evaluation and a report",
+                       description="For each bit width and task: score with TaCQ, keep the top --fraction in 16-bit, "
+                                   "quantize with mask-aware GPTQ and evaluate against the original on held-out items; "
+                                   "with GPTQ, magnitude/spqr/grad/random masks and cross-task transfer at the same "
+                                   "budget. Finished steps are reused: rerun the same command to resume.")
+    p.add_argument("--model", default=d.model, help=f"alias {DEFAULT_MODEL}, a local HF directory or a hub id")
+    p.add_argument("--tasks", nargs="+", default=list(d.tasks), help="tasks as in `circuitq score --task`")
+    p.add_argument("--bits", nargs="+", type=int, choices=[2, 3, 4, 8], default=list(d.bits))
+    p.add_argument("--fraction", type=float, default=d.fraction, help="share of weights kept in 16-bit")
+    p.add_argument("--baselines", nargs="*", default=list(d.baselines), help="mask methods compared with tacq")
+    p.add_argument("--no-transfer", action="store_true", help="skip the cross-task and union circuits")
+    p.add_argument("--calib-samples", type=int, default=d.calib_samples)
+    p.add_argument("--calib-seq-len", type=int, default=d.calib_seq_len)
+    p.add_argument("--eval-samples", type=int, default=d.eval_samples, help="held-out items per task")
+    p.add_argument("--eval-seq-len", type=int, default=d.eval_seq_len)
+    p.add_argument("--group-size", type=int, default=d.group_size, help="-1 = per output channel")
+    p.add_argument("--hessian", choices=["shared", "sequential"], default=d.hessian,
+                   help="shared: one Hessian pass per task reused by every mask (fast); sequential: GPTQ's "
+                        "layer-by-layer recipe for every model (best quality; for GPUs)")
+    p.add_argument("--damp", type=float, default=d.damp)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--seed", type=int, default=d.seed, help="calibration sampling seed")
+    p.add_argument("--split-seed", type=int, default=d.split_seed, help="calibration/evaluation split (keep fixed)")
+    p.add_argument("--shots", type=int, default=d.shots)
+    p.add_argument("--data-dir")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default="runs/main", help="run directory (created, or resumed if it holds a run)")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    import shlex
+
+    import torch
+
+    from .models import load_model
+    from .quantizer import QuantSpec
+    from .run import RunConfig, run
+
+    out = Path(a.out)
+    if out.exists() and any(out.iterdir()) and not ((out / "run.json").exists() or (out / "steps").is_dir()):
+        raise ValueError(f"{out} exists and is not a circuitq run directory; choose another --out")
+    cfg = RunConfig(a.model, tuple(a.tasks), tuple(a.bits), a.fraction, tuple(a.baselines), not a.no_transfer,
+                    a.calib_samples, a.calib_seq_len, a.eval_samples, a.eval_seq_len, a.group_size, a.hessian,
+                    a.damp, a.batch_size, a.seed, a.split_seed, a.shots)
+    for b in cfg.bits:
+        QuantSpec(bits=b, group_size=cfg.group_size)
+    torch.manual_seed(a.seed)
+    device = _device(a.device)
+    lm = load_model(a.model, device=device)
+    from .quantize import target_shapes
+
+    for _, (_, in_f) in target_shapes(lm.model).items():
+        QuantSpec(bits=cfg.bits[0], group_size=cfg.group_size).n_groups(in_f)
+    res = run(lm, cfg, out, a.data_dir, device, command="circuitq " + shlex.join(a._argv))
+    print(f"[circuitq] {len(res.rows)} result rows; report: {out / 'report.html'}; tables: {out / 'results.csv'}, "
+          f"{out / 'transfer.csv'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="circuitq", description="Task-Circuit Quantization (TaCQ) toolkit")
     p.add_argument("--version", action="version", version=f"circuitq {__version__}")
@@ -283,11 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mask(sub)
     _add_compare(sub)
     _add_eval(sub)
+    _add_run(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args._argv = list(argv) if argv is not None else sys.argv[1:]
     from .arch import UnsupportedArchitecture
     from .data import DataError
     from .export import ExportError

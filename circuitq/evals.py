@@ -107,10 +107,14 @@ def _scored_logits(model, batch, positions):
 
 
 def evaluate(model, tokenizer, examples, kind: str, reference=None, batch_size: int = 8, seq_len: int = 1024,
-             progress: bool = True) -> EvalResult:
+             progress: bool = True, logits_out: dict | None = None, reference_logits: dict | None = None) -> EvalResult:
     """Evaluate ``model`` (and compare to ``reference``) on ``examples`` of task ``kind``
     (``mmlu``, ``gsm8k``, ``jsonl`` or ``text``). Items run in order of length for little padding;
-    per-item records keep the original order."""
+    per-item records keep the original order.
+
+    ``logits_out``: filled with this model's logits at the scored tokens (``{batch start: [n, V]}``
+    float32 on the CPU); pass it back as ``reference_logits`` to compare other models on the same
+    examples and batch size without running the reference again."""
     from tqdm.auto import tqdm
 
     from .capture import scored_positions
@@ -129,8 +133,13 @@ def evaluate(model, tokenizer, examples, kind: str, reference=None, batch_size: 
         batch = type(batch)(*(t.to(device) for t in batch))
         pos = scored_positions(batch.loss_mask)
         lq = _scored_logits(model, batch, pos)
-        lr = _scored_logits(reference, batch, pos) if reference is not None else None
         m = batch.loss_mask[:, pos]
+        if logits_out is not None:
+            logits_out[b] = lq[m].cpu()
+        lr = _scored_logits(reference, batch, pos) if reference is not None else None
+        if reference_logits is not None:
+            lr = torch.zeros_like(lq)
+            lr[m] = reference_logits[b].to(lq.device)
         tgt = batch.input_ids[:, pos + 1]
         nll = F.cross_entropy(lq.transpose(1, 2), tgt, reduction="none")
         for j, i in enumerate(idx):
@@ -147,7 +156,8 @@ def evaluate(model, tokenizer, examples, kind: str, reference=None, batch_size: 
                 p = int(sel.nonzero()[0])  # the answer-letter position
                 rec.update(_mc_record(lq[j, p], lr[j, p] if lr is not None else None, letters, examples[i]))
             items[i] = rec
-    return EvalResult(_summarize(items, kind, kl_sum, agree_sum, n_tok, reference is not None), items)
+    with_ref = reference is not None or reference_logits is not None
+    return EvalResult(_summarize(items, kind, kl_sum, agree_sum, n_tok, with_ref), items)
 
 
 def _mc_record(lq_row, lr_row, letters, ex) -> dict:

@@ -121,10 +121,6 @@ def inverse_hessian_diag(H: torch.Tensor, damp: float = 0.01, damp_max: float = 
     return (U * U).sum(0)  # H⁻¹ = Uᵀ U
 
 
-def _group_of(col: int, gs: int) -> int:
-    return col // gs
-
-
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, keep: torch.Tensor | None = None,
                   cfg: GPTQConfig = GPTQConfig()) -> GPTQResult:
     """Quantize ``w`` (``[out, in]``) with GPTQ, keeping ``keep`` (``[out, in]`` bool) in 16-bit.
@@ -133,66 +129,100 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, keep: torch
     ``w``'s device. Group parameters are fitted when a group starts, on the error-updated
     weights; under act-order groups follow the permuted order and ``g_idx`` records them.
     """
-    out_f, in_f = w.shape
+    return gptq_quantize_batch(w[None], H[None], spec, None if keep is None else keep[None], cfg)[0]
+
+
+def _gather_cols(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``x[b, :, perm[b]]`` for ``x``: ``[B, rows, in]``, ``perm``: ``[B, in]``."""
+    return torch.gather(x, -1, perm[:, None, :].expand(-1, x.shape[1], -1))
+
+
+def gptq_quantize_batch(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, keep: torch.Tensor | None = None,
+                        cfg: GPTQConfig = GPTQConfig()) -> list[GPTQResult]:
+    """GPTQ on a batch of independent matrices of one shape: ``w``: ``[B, out, in]``, ``H``:
+    ``[B, in, in]`` (each matrix its own Hessian), ``keep``: ``[B, out, in]`` bool or None.
+
+    Element ``b`` of the result equals ``gptq_quantize(w[b], H[b], spec, keep[b])``: the batch only
+    removes Python overhead from the column loop (all layers' q/o projections, say, in one pass).
+    """
+    B, out_f, in_f = w.shape
     n_groups = spec.n_groups(in_f)
     gs = in_f if spec.group_size == -1 else spec.group_size
     if not torch.isfinite(w).all():
         raise HessianError("the weight contains NaN/Inf; the model is corrupt")
     W = w.detach().float().clone()
     H = H.detach().float().clone().to(W.device)
-    keep = None if keep is None or not bool(keep.any()) else keep.to(W.device)
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = torch.where(keep[:, dead], W[:, dead], 0) if keep is not None else 0
+    if keep is not None:
+        keep = keep.to(W.device)
+        if not bool(keep.any()):
+            keep = None
+    diag = H.diagonal(dim1=-2, dim2=-1)
+    dead = diag == 0                                               # [B, in]
+    diag[dead] = 1
+    zero_out = dead[:, None, :] if keep is None else dead[:, None, :] & ~keep
+    W = torch.where(zero_out, torch.zeros_like(W), W)
     perm = None
     if cfg.act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
-        keep = keep[:, perm] if keep is not None else None
-    U, damp = inverse_hessian_factor(H, cfg.damp, cfg.damp_max)
+        perm = torch.argsort(torch.diagonal(H, dim1=-2, dim2=-1), dim=-1, descending=True)  # [B, in]
+        W = _gather_cols(W, perm)
+        H = torch.gather(_gather_cols(H, perm), 1, perm[:, :, None].expand(-1, -1, in_f))
+        keep = _gather_cols(keep, perm) if keep is not None else None
+    factors = [inverse_hessian_factor(H[b], cfg.damp, cfg.damp_max) for b in range(B)]
+    U = torch.stack([f[0] for f in factors])                       # [B, in, in]
+    del H
 
     bs = cfg.block_size if spec.group_size == -1 else max(gs, cfg.block_size // gs * gs)
-    Q = torch.zeros_like(W)
-    codes = torch.zeros_like(W)
-    scales = torch.zeros(n_groups, out_f, device=W.device)
-    zeros = torch.zeros(n_groups, out_f, device=W.device)
-    losses = torch.zeros(out_f, device=W.device)
+    scales = torch.zeros(B, n_groups, out_f, device=W.device)
+    zeros = torch.zeros(B, n_groups, out_f, device=W.device)
+    losses = torch.zeros(B, out_f, device=W.device)
     scale = zero = None
     if spec.group_size == -1:
-        scale, zero = fit_params(W, spec, keep)
-        scales[0], zeros[0] = scale, zero
+        scale, zero = fit_params(W, spec, keep)                    # [B, out]
+        scales[:, 0], zeros[:, 0] = scale, zero
+    # columns are walked one by one: keep them contiguous ([B, in, out] layout)
+    Wt = W.transpose(1, 2).contiguous()
+    Ut = U.transpose(1, 2).contiguous()
+    del W
+    kt = keep.transpose(1, 2).contiguous() if keep is not None else None
+    Qt = torch.empty_like(Wt)
+    Ct = torch.empty_like(Wt)
     for i1 in range(0, in_f, bs):
         i2 = min(i1 + bs, in_f)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        k1 = keep[:, i1:i2] if keep is not None else None
+        W1 = Wt[:, i1:i2].clone()                                  # [B, cols, out]
+        Err1 = torch.empty_like(W1)
+        U1 = U[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
             if spec.group_size != -1 and col % gs == 0:
                 sl = slice(i, i + gs)
-                scale, zero = fit_params(W1[:, sl], spec, None if k1 is None else k1[:, sl])
-                scales[_group_of(col, gs)], zeros[_group_of(col, gs)] = scale, zero
-            wc = W1[:, i]
+                scale, zero = fit_params(W1[:, sl].transpose(1, 2), spec,
+                                         None if kt is None else kt[:, col:col + gs].transpose(1, 2))
+                scales[:, col // gs], zeros[:, col // gs] = scale, zero
+            wc = W1[:, i]                                          # [B, out]
             c = quantize_codes(wc, scale, zero, spec.maxq)
             q = dequantize(c, scale, zero)
-            if k1 is not None:
-                q = torch.where(k1[:, i], wc, q)
-            codes[:, col], Q[:, col] = c, q
-            d = U1[i, i]
-            losses += (wc - q) ** 2 / d ** 2
+            if kt is not None:
+                q = torch.where(kt[:, col], wc, q)
+            Ct[:, col], Qt[:, col] = c, q
+            d = U1[:, i, i][:, None]                               # [B, 1]
             err = (wc - q) / d
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            losses += err ** 2
+            W1[:, i:].baddbmm_(U1[:, i, i:, None], err[:, None, :], alpha=-1)
             Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        Wt[:, i2:].baddbmm_(Ut[:, i2:, i1:i2], Err1, alpha=-1)
+    Q, codes = Qt.transpose(1, 2), Ct.transpose(1, 2)
 
-    g_idx = (torch.arange(in_f, device=W.device) // gs).int()
+    g_idx = (torch.arange(in_f, device=Q.device) // gs).int().expand(B, -1)
     if perm is not None:
-        inv = torch.argsort(perm)
-        Q, codes, g_idx = Q[:, inv], codes[:, inv], g_idx[inv]
-        keep = keep[:, inv] if keep is not None else None
-    qw = QuantizedWeight(codes.to(torch.uint8), scales.half(), zeros.to(torch.uint8), g_idx,
-                         spec.bits, spec.group_size, spec.sym, *sparse_residual(Q, Q, None))
-    if keep is not None:
-        qw.rows, qw.cols, qw.vals = sparse_residual(Q, qw.dequantize_grid(), keep)
-    return GPTQResult(qw, qw.dequantize(), float(losses.sum()), damp)
+        inv = torch.argsort(perm, dim=-1)
+        Q, codes = _gather_cols(Q, inv), _gather_cols(codes, inv)
+        g_idx = torch.gather(g_idx, -1, inv)
+        keep = _gather_cols(keep, inv) if keep is not None else None
+    results = []
+    for b in range(B):
+        qw = QuantizedWeight(codes[b].to(torch.uint8), scales[b].half(), zeros[b].to(torch.uint8),
+                             g_idx[b].contiguous(), spec.bits, spec.group_size, spec.sym, *sparse_residual(Q[b], Q[b], None))
+        if keep is not None:
+            qw.rows, qw.cols, qw.vals = sparse_residual(Q[b], qw.dequantize_grid(), keep[b])
+        results.append(GPTQResult(qw, qw.dequantize(), float(losses[b].sum()), factors[b][1]))
+    return results

@@ -1,6 +1,8 @@
 """Masks of weights kept in 16-bit: ``{HF parameter name: bool tensor of the weight's shape}``.
 
-Files: safetensors (the circuitq format; metadata in ``__metadata__``), or the official TaCQ
+Files: safetensors (the circuitq format; metadata in ``__metadata__``; a sparse mask is stored as
+the sorted flat ``int32`` indices of its true entries with ``encoding: indices`` and the shapes in
+the metadata, a dense one as ``bool`` tensors), or the official TaCQ
 repository's torch-saved dict of bool tensors, read with ``torch.load(weights_only=True)`` (never
 unpickled). TaCQ keys may name modules (``...q_proj``) instead of parameters; ``.weight`` is added.
 """
@@ -36,10 +38,21 @@ def _normalize(name: str) -> str:
     return name if name.endswith(".weight") else name + ".weight"
 
 
-def save_masks(path: str | Path, masks: dict[str, torch.Tensor], metadata: dict, overwrite: bool = False) -> None:
-    """Write masks as safetensors (bool tensors) with ``metadata`` (values stringified)."""
+def save_masks(path: str | Path, masks: dict[str, torch.Tensor], metadata: dict, overwrite: bool = False,
+               encoding: str = "auto") -> None:
+    """Write masks as safetensors with ``metadata`` (values stringified). ``encoding``: ``dense``
+    (bool tensors), ``indices`` (flat int32 indices of the true entries), or ``auto`` (indices
+    when under 20% of the entries are true: 4 bytes per kept weight instead of 1 per weight)."""
+    if encoding not in ("auto", "dense", "indices"):
+        raise MaskError(f"mask encoding must be auto, dense or indices, got {encoding!r}")
+    if encoding == "auto":
+        encoding = "indices" if mask_fraction(masks) < 0.2 else "dense"
     meta = {"format": MASK_FORMAT, **{k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}}
-    tensors = {k: v.to(torch.bool).contiguous().cpu() for k, v in masks.items()}
+    if encoding == "indices":
+        meta.update(encoding="indices", shapes=json.dumps({k: list(v.shape) for k, v in masks.items()}))
+        tensors = {k: v.flatten().nonzero().flatten().to(torch.int32).contiguous().cpu() for k, v in masks.items()}
+    else:
+        tensors = {k: v.to(torch.bool).contiguous().cpu() for k, v in masks.items()}
     with atomic_file(path, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
 
@@ -50,9 +63,10 @@ def load_masks(path: str | Path) -> MaskFile:
     if not p.exists():
         raise MaskError(f"mask file not found: {p}")
     with p.open("rb") as fh:
-        head = fh.read(8)
+        head = fh.read(9)
     meta: dict[str, str] = {}
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+    safetensors_like = len(head) == 9 and head[8:9] == b"{"   # u64 header length, then the JSON header
+    if not safetensors_like and (head[:2] == b"PK" or head[:1] == b"\x80"):
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any load failure becomes one clear error
@@ -69,6 +83,8 @@ def load_masks(path: str | Path) -> MaskFile:
                 meta = dict(f.metadata() or {})
         except Exception as e:  # noqa: BLE001
             raise MaskError(f"{p} is neither safetensors nor a torch-saved mask ({e})") from None
+        if meta.get("encoding") == "indices":
+            raw = _decode_indices(p, raw, meta)
     masks = {}
     for k, v in raw.items():
         if v.dtype != torch.bool:
@@ -77,6 +93,27 @@ def load_masks(path: str | Path) -> MaskFile:
             v = v.bool()
         masks[_normalize(k)] = v
     return MaskFile(masks, meta)
+
+
+def _decode_indices(p: Path, raw: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
+    try:
+        shapes = json.loads(meta["shapes"])
+    except (KeyError, ValueError):
+        raise MaskError(f"{p} says encoding=indices but has no readable 'shapes' metadata") from None
+    out = {}
+    for k, idx in raw.items():
+        if k not in shapes:
+            raise MaskError(f"{p}: no shape recorded for {k}")
+        n = 1
+        for d in shapes[k]:
+            n *= int(d)
+        idx = idx.long()
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            raise MaskError(f"{p}: indices of {k} fall outside its shape {shapes[k]}")
+        m = torch.zeros(n, dtype=torch.bool)
+        m[idx] = True
+        out[k] = m.view(*shapes[k])
+    return out
 
 
 def validate_masks(masks: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], show: int = 5) -> list[str]:

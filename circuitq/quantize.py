@@ -1,12 +1,19 @@
 """Whole-model sequential quantization driver (hooks, devices and progress live here; the
 algorithms are the pure cores in ``gptq.py`` and ``quantizer.py``).
 
-GPTQ's recipe: run the calibration windows up to the first decoder layer and keep its inputs;
+Two ways to get each module's Hessian (``QuantizeConfig.hessian``):
+
+* ``sequential`` (GPTQ's recipe, the default): run the calibration windows up to the first decoder layer and keep its inputs;
 then for each layer, in true-sequential order (q/k/v, then o, then gate/up, then down), run the
 layer on the kept inputs only as far as the group's input (a pre-hook stops the forward there),
 accumulate the group's Hessian, quantize the group's modules, and move on; finally run the
 quantized layer in full and feed its outputs to the next layer. Only the current layer is moved
 to ``device``, so a model larger than GPU memory but within CPU RAM works.
+* ``shared``: one forward pass of the *unquantized* model collects every module's Hessian at
+  once (``collect_hessians``); all modules are then quantized together, batched by shape. The
+  Hessians do not see the error of earlier quantized layers, so quality is a little below
+  ``sequential``, but the Hessians can be reused for any number of masks and bit widths: this is
+  what ``circuitq run`` uses to compare many masks at one budget on a CPU.
 """
 from __future__ import annotations
 
@@ -17,7 +24,8 @@ from typing import Callable, NamedTuple
 import torch
 
 from .arch import arch_for
-from .gptq import GPTQConfig, HessianState, gptq_quantize, hessian_error, hessian_update, inverse_hessian_diag
+from .gptq import (GPTQConfig, HessianState, gptq_quantize, gptq_quantize_batch, hessian_error, hessian_update,
+                   inverse_hessian_diag)
 from .plan import FULL_PRECISION, BitReport, PrecisionPlan, bit_report
 from .quantizer import QuantizedWeight, QuantSpec, rtn_quantize
 
@@ -35,6 +43,11 @@ class QuantizeConfig:
     damp: float = 0.01
     act_order: bool = False
     batch_size: int = 8
+    hessian: str = "sequential"      # or "shared": Hessians of the unquantized model, all modules batched
+
+    def __post_init__(self) -> None:
+        if self.hessian not in ("sequential", "shared"):
+            raise ValueError(f"hessian must be 'sequential' or 'shared', got {self.hessian!r}")
 
     def spec(self, bits: int) -> QuantSpec:
         return QuantSpec(bits=bits, group_size=self.group_size, sym=self.sym, mse=self.mse)
@@ -131,7 +144,7 @@ def _capture_first_inputs(model, spec, calib: torch.Tensor, batch_size: int, dev
         with torch.no_grad():
             for b in range(0, calib.shape[0], batch_size):
                 try:
-                    model(input_ids=calib[b:b + batch_size].to(device), use_cache=False)
+                    model(input_ids=calib[b:b + batch_size].to(device), use_cache=False, logits_to_keep=1)
                 except _Stop:
                     pass
     finally:
@@ -192,20 +205,22 @@ def _quantize_module(name, mod, H, spec, keep, cfg, method) -> tuple[QuantizedWe
 def quantize_model(model: torch.nn.Module, calib: torch.Tensor | None, plan: PrecisionPlan,
                    cfg: QuantizeConfig = QuantizeConfig(), masks: dict[str, torch.Tensor] | None = None,
                    device: str | torch.device | None = None, progress: bool = True,
-                   keep_hinv: bool = False) -> QuantizeResult:
+                   keep_hinv: bool = False, hessians: dict[str, HessianState] | None = None) -> QuantizeResult:
     """Quantize every targeted linear weight of ``model`` in place (weights become their
     dequantized values) and return the quantized representation for export.
 
     ``calib``: ``[N, L]`` token ids (needed by GPTQ); ``masks``: ``{weight name: [out, in] bool}``
     of entries kept in 16-bit; ``device``: where each layer runs (default: the model's device);
-    ``keep_hinv``: also return each module's inverse-Hessian diagonal (for SpQR saliency).
+    ``keep_hinv``: also return each module's inverse-Hessian diagonal (for SpQR saliency);
+    ``hessians``: ``{module name: HessianState}`` from ``collect_hessians`` (implies the shared mode;
+    reused across calls without another forward pass).
     """
     from tqdm.auto import tqdm
 
     if cfg.method not in METHODS:
         raise ValueError(f"unknown method '{cfg.method}'; choose one of {sorted(METHODS)}")
     method = METHODS[cfg.method]
-    if method.needs_hessian and calib is None:
+    if method.needs_hessian and calib is None and hessians is None:
         raise ValueError(f"method '{cfg.method}' needs calibration data")
     spec_arch = arch_for(model.config.model_type)
     shapes = target_shapes(model)
@@ -213,6 +228,11 @@ def quantize_model(model: torch.nn.Module, calib: torch.Tensor | None, plan: Pre
     device = torch.device(device) if device is not None else next(model.parameters()).device
     t_start = time.perf_counter()
     result = QuantizeResult({}, unmasked_modules=[k for k in shapes if k not in masks] if masks else [])
+    if method.needs_hessian and (hessians is not None or cfg.hessian == "shared"):
+        if hessians is None:
+            hessians = collect_hessians(model, calib, cfg.batch_size, device, progress)
+        _quantize_shared(model, hessians, plan, cfg, masks, device, result, keep_hinv, progress)
+        return _finish(result, shapes, plan, cfg, t_start)
     layers = model.get_submodule(spec_arch.layers)
     hidden = kwargs = None
     if method.needs_hessian:
@@ -243,7 +263,102 @@ def quantize_model(model: torch.nn.Module, calib: torch.Tensor | None, plan: Pre
             if not all(torch.isfinite(h).all() for h in hidden):
                 raise FloatingPointError(f"layer {i} produced NaN/Inf outputs after quantization")
         layer.to(home)
+    return _finish(result, shapes, plan, cfg, t_start)
+
+
+def _finish(result: QuantizeResult, shapes, plan, cfg, t_start) -> QuantizeResult:
     nnz = {r.name + ".weight": r.nnz for r in result.records}
     result.bits = bit_report(shapes, plan, cfg.group_size, nnz)
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def collect_hessians(model: torch.nn.Module, calib: torch.Tensor, batch_size: int = 8, device=None,
+                     progress: bool = True) -> dict[str, HessianState]:
+    """Hessians of every targeted module's input in one pass of the unquantized model.
+
+    ``calib``: ``[N, L]`` token ids. Returns ``{module name: HessianState}``; modules that share an
+    input (q/k/v, gate/up) share one state object."""
+    from tqdm.auto import tqdm
+
+    spec = arch_for(model.config.model_type)
+    layers = model.get_submodule(spec.layers)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    states: dict[str, HessianState] = {}
+    handles = []
+    for i, layer in enumerate(layers):
+        for group in spec.groups:
+            key = f"{spec.layers}.{i}.{group[0]}"
+            states[key] = HessianState.zeros(layer.get_submodule(group[0]).weight.shape[1], device)
+
+            def pre(_mod, args, key=key):
+                states[key] = hessian_update(states[key], args[0])
+            handles.append(layer.get_submodule(group[0]).register_forward_pre_hook(pre))
+    home = next(model.parameters()).device
+    model.to(device)
+    try:
+        with torch.no_grad():
+            for b in tqdm(range(0, calib.shape[0], batch_size), desc="hessians", unit="batch", disable=not progress):
+                model(input_ids=calib[b:b + batch_size].to(device), use_cache=False, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+        model.to(home)
+    out = {}
+    for i in range(len(layers)):
+        for group in spec.groups:
+            for n in group:
+                out[f"{spec.layers}.{i}.{n}"] = states[f"{spec.layers}.{i}.{group[0]}"]
+    return out
+
+
+def _quantize_shared(model, hessians, plan, cfg, masks, device, result: QuantizeResult, keep_hinv, progress,
+                     max_elems: int = 2 ** 26) -> None:
+    """Quantize every targeted module against its given Hessian, batching modules of one shape
+    and bit width through ``gptq_quantize_batch`` (chunks of at most ``max_elems`` weights)."""
+    from tqdm.auto import tqdm
+
+    names = [n[: -len(".weight")] for n in target_shapes(model)]
+    missing = [n for n in names if n not in hessians]
+    if missing:
+        raise ValueError(f"no Hessian for {len(missing)} modules, e.g. {missing[0]}; collect them from this model")
+    buckets: dict[tuple, list[str]] = {}
+    for n in names:
+        bits = plan.bits_for(n + ".weight")
+        if bits < FULL_PRECISION:
+            buckets.setdefault((tuple(model.get_submodule(n).weight.shape), bits), []).append(n)
+    bar = tqdm(total=sum(len(v) for v in buckets.values()), desc=f"gptq {cfg.bits}-bit (shared H)", unit="module",
+               disable=not progress)
+    for (shape, bits), group in buckets.items():
+        step = max(1, max_elems // (shape[0] * shape[1]))
+        spec = cfg.spec(bits)
+        for c in range(0, len(group), step):
+            chunk = group[c:c + step]
+            t0 = time.perf_counter()
+            mods = [model.get_submodule(n) for n in chunk]
+            for n, m in zip(chunk, mods):
+                if not torch.isfinite(m.weight).all():
+                    raise FloatingPointError(f"{n}.weight contains NaN/Inf: the model is corrupt; nothing was written")
+            W = torch.stack([m.weight.detach().float() for m in mods]).to(device)
+            H = torch.stack([hessians[n].H for n in chunk]).to(device)
+            keep = None
+            if any(n + ".weight" in masks for n in chunk):
+                keep = torch.stack([masks[n + ".weight"].to(device) if n + ".weight" in masks else
+                                    torch.zeros(shape, dtype=torch.bool, device=device) for n in chunk])
+            res = gptq_quantize_batch(W, H, spec, keep, cfg.gptq())
+            dt = (time.perf_counter() - t0) / len(chunk)
+            for b, (n, m, r) in enumerate(zip(chunk, mods, res)):
+                wf, q = W[b], r.weight
+                out_err = hessian_error(wf, q, H[b]) / max(hessian_error(wf, torch.zeros_like(wf), H[b]), 1e-30)
+                result.records.append(ModuleRecord(n, bits, tuple(shape), r.qweight.nnz,
+                                                   float(((wf - q) ** 2).sum() / (wf ** 2).sum().clamp(min=1e-30)),
+                                                   out_err, r.loss, r.damp, dt))
+                if keep_hinv:
+                    result.hinv_diag[n + ".weight"] = inverse_hessian_diag(H[b], cfg.damp).cpu()
+                m.weight.data = q.to(m.weight.device, m.weight.dtype)
+                result.qweights[n] = r.qweight.to("cpu")
+            bar.update(len(chunk))
+    bar.close()
+    order = {n: i for i, n in enumerate(names)}
+    result.records.sort(key=lambda r: order[r.name])
+    result.qweights = dict(sorted(result.qweights.items(), key=lambda kv: order[kv[0]]))

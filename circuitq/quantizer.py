@@ -78,15 +78,15 @@ class QParams(NamedTuple):
 def fill_masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """Replace the ``keep`` entries of each row by the mean of that row's other entries.
 
-    ``x``, ``keep``: ``[rows, n]``. Weights that stay in 16-bit must not stretch the grid of the
+    ``x``, ``keep``: ``[..., rows, n]``. Weights that stay in 16-bit must not stretch the grid of the
     weights that are quantized (TaCQ). A row with every entry kept is left unchanged.
     """
     if keep is None or not bool(keep.any()):
         return x
     free = (~keep).to(x.dtype)
-    count = free.sum(dim=1, keepdim=True)
-    mean = (x * free).sum(dim=1, keepdim=True) / count.clamp(min=1)
-    mean = torch.where(count > 0, mean, x.mean(dim=1, keepdim=True))
+    count = free.sum(dim=-1, keepdim=True)
+    mean = (x * free).sum(dim=-1, keepdim=True) / count.clamp(min=1)
+    mean = torch.where(count > 0, mean, x.mean(dim=-1, keepdim=True))
     return torch.where(keep, mean, x)
 
 
@@ -106,15 +106,15 @@ def _range_params(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) -> QP
 
 
 def fit_params(x: torch.Tensor, spec: QuantSpec, keep: torch.Tensor | None = None) -> QParams:
-    """Fit one scale and zero per row of ``x`` (``[rows, n]``), ignoring ``keep`` entries.
+    """Fit one scale and zero per row of ``x`` (``[..., rows, n]``), ignoring ``keep`` entries.
 
-    Returns ``QParams`` with ``[rows]`` tensors. With ``spec.mse`` the range is shrunk over a
+    Returns ``QParams`` with ``[..., rows]`` tensors. With ``spec.mse`` the range is shrunk over a
     grid and the per-row scale with least ``sum |x - Q(x)|^norm`` is kept.
     """
     x = fill_masked(x.float(), keep)
-    zeros = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
-    xmin = torch.minimum(x.min(dim=1).values, zeros)
-    xmax = torch.maximum(x.max(dim=1).values, zeros)
+    zeros = torch.zeros(x.shape[:-1], device=x.device, dtype=x.dtype)
+    xmin = torch.minimum(x.min(dim=-1).values, zeros)
+    xmax = torch.maximum(x.max(dim=-1).values, zeros)
     best = _range_params(xmin, xmax, spec)
     if not spec.mse:
         return best
@@ -122,8 +122,8 @@ def fit_params(x: torch.Tensor, spec: QuantSpec, keep: torch.Tensor | None = Non
     for i in range(int(spec.mse_maxshrink * spec.mse_grid)):
         p = 1 - i / spec.mse_grid
         cand = _range_params(p * xmin, p * xmax, spec)
-        err = (fake_quantize(x, cand.scale[:, None], cand.zero[:, None], spec.maxq) - x)
-        err = err.abs().pow(spec.mse_norm).sum(dim=1)
+        err = (fake_quantize(x, cand.scale[..., None], cand.zero[..., None], spec.maxq) - x)
+        err = err.abs().pow(spec.mse_norm).sum(dim=-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = QParams(torch.where(better, cand.scale, best.scale),

@@ -150,11 +150,7 @@ def run_score(lm, cfg: ScoreConfig, out: str | Path, data_dir=None, resume: bool
                     seconds=time.perf_counter() - t0, tokens_per_s=res["tokens_per_s"] * world)
         if truncated:
             print(f"[circuitq] warning: {truncated} examples were longer than --seq-len {cfg.seq_len} and were truncated")
-        with atomic_dir(out, overwrite=overwrite or resume) as tmp:
-            smeta = {"format": SCORES_FORMAT, **{k: json.dumps(v) for k, v in meta.items()}}
-            save_file({n: s.cpu().contiguous() for n, s in scores.items()}, str(tmp / "scores.safetensors"), metadata=smeta)
-            _save_stats(tmp / "stats.safetensors", st, meta)
-            (tmp / "score.json").write_text(json.dumps({"format": SCORES_FORMAT, **meta}, indent=2, default=str) + "\n")
+        write_scores_dir(out, scores, st, meta, overwrite=overwrite or resume)
         if ckpt.exists():
             ckpt.unlink()
     if dist:
@@ -164,6 +160,20 @@ def run_score(lm, cfg: ScoreConfig, out: str | Path, data_dir=None, resume: bool
             if rank == 0 and p.exists():
                 p.unlink()
     return out
+
+
+def write_scores_dir(out: str | Path, scores: dict[str, torch.Tensor], stats: GradStats | None, meta: dict,
+                     overwrite: bool = False) -> Path:
+    """Write a scores directory atomically: ``scores.safetensors`` (+ ``stats.safetensors``) and
+    ``score.json``, the metadata repeated inside the safetensors files."""
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        smeta = {"format": SCORES_FORMAT, **{k: json.dumps(v) for k, v in meta.items()}}
+        save_file({n: s.float().cpu().contiguous() for n, s in scores.items()}, str(tmp / "scores.safetensors"),
+                  metadata=smeta)
+        if stats is not None:
+            _save_stats(tmp / "stats.safetensors", stats, meta)
+        (tmp / "score.json").write_text(json.dumps({"format": SCORES_FORMAT, **meta}, indent=2, default=str) + "\n")
+    return Path(out)
 
 
 def load_scores(path: str | Path) -> ScoreFile:

@@ -1,0 +1,140 @@
+"""`circuitq run` end to end on a tiny random model and tiny data; the plan, the step store and
+the report tables."""
+import csv
+import json
+
+import pytest
+import torch
+
+from circuitq.cli import main
+from circuitq.run import Job, MaskRecipe, RunConfig, StepStore, plan_jobs
+
+
+def task_data(tmp_path):
+    """Tiny MMLU (dev/val CSVs, two subjects) and GSM8k (train.jsonl) in their public layouts."""
+    d = tmp_path / "data"
+    for split in ("dev", "val"):
+        (d / "mmlu" / split).mkdir(parents=True)
+        rows = [f'"the fox {i} jumps over the dog",the,quick,brown,lazy,{"ABCD"[i % 4]}' for i in range(16)]
+        (d / "mmlu" / split / f"high_school_physics_{split}.csv").write_text("\n".join(rows) + "\n")
+        (d / "mmlu" / split / f"philosophy_{split}.csv").write_text("\n".join(rows[:8]) + "\n")
+    (d / "gsm8k").mkdir()
+    lines = [json.dumps({"question": f"the fox has {i} dogs and {i + 3} foxes. how many?",
+                         "answer": f"the fox has {i} + {i + 3} = {2 * i + 3}\n#### {2 * i + 3}"}) for i in range(24)]
+    (d / "gsm8k" / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return d
+
+
+def test_plan_has_every_method_transfer_and_union():
+    jobs = plan_jobs(RunConfig(tasks=("mmlu", "gsm8k"), bits=(2, 3)))
+    assert len(jobs) == 2 * 2 * 8
+    labels = {(j.bits, j.task, j.label) for j in jobs}
+    assert (2, "mmlu", "tacq[gsm8k]") in labels and (3, "gsm8k", "tacq[mmlu]") in labels
+    assert (3, "mmlu", "tacq[union]") in labels and (2, "gsm8k", "gptq") in labels
+    assert {j.label for j in jobs} == {"gptq", "tacq", "magnitude", "spqr", "grad", "random", "tacq[mmlu]",
+                                       "tacq[gsm8k]", "tacq[union]"}
+    assert Job(3, "mmlu", MaskRecipe("grad", "mmlu")) in jobs  # task-dependent baselines use the task's data
+    one = plan_jobs(RunConfig(tasks=("mmlu",), bits=(3,), baselines=("random",)))
+    assert [j.label for j in one] == ["gptq", "tacq", "random"]
+
+
+def test_step_store_finds_by_settings_not_name(tmp_path):
+    st = StepStore(tmp_path)
+    key = {"task": "mmlu", "bits": 3, "nested": {"a": [1, 2]}}
+    with st.create("mask", key, "whatever") as tmp:
+        (tmp / "x").write_text("1")
+    assert StepStore(tmp_path).find("mask", dict(reversed(key.items()))) is not None
+    assert StepStore(tmp_path).find("mask", {**key, "bits": 2}) is None
+    assert StepStore(tmp_path).find("scores", key) is None
+    found = StepStore(tmp_path).find("mask", key)
+    found.rename(found.parent / "renamed")  # names do not matter
+    assert StepStore(tmp_path).find("mask", key).name == "renamed"
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="unknown baseline"):
+        RunConfig(baselines=("nope",))
+    with pytest.raises(ValueError, match="fraction"):
+        RunConfig(fraction=0)
+
+
+def _args(d, data, out, *extra):
+    return ["run", "--model", str(d), "--tasks", "mmlu", "gsm8k", "--bits", "2", "3", "--data-dir", str(data),
+            "--calib-samples", "6", "--calib-seq-len", "64", "--eval-samples", "5", "--eval-seq-len", "96",
+            "--fraction", "0.02", "--group-size", "32", "--batch-size", "4", "--out", str(out), *extra]
+
+
+def test_run_end_to_end_writes_every_table_and_resumes(tmp_path, tiny_dir, capsys):
+    d, _ = tiny_dir
+    data = task_data(tmp_path)
+    out = tmp_path / "run"
+    assert main(_args(d, data, out)) == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    # 2 bits x 2 tasks x 8 methods + the reference row per (task, bits)
+    assert len(rows) == 2 * 2 * 8 + 4
+    methods = {r["method"] for r in rows}
+    assert {"gptq", "tacq", "magnitude", "spqr", "grad", "random", "tacq[mmlu]", "tacq[gsm8k]", "tacq[union]",
+            "reference (16-bit)"} == methods
+    q = [r for r in rows if r["method"] != "reference (16-bit)"]
+    assert all(float(r["kl"]) > 0 for r in q)  # every quantized model differs from the original
+    assert all(0 <= float(r["top1_agreement"]) <= 1 for r in q)
+    for r in q:  # 16-bit weights cost bits: masked runs sit above plain GPTQ at the same width
+        base = next(x for x in q if x["method"] == "gptq" and x["bits"] == r["bits"] and x["task"] == r["task"])
+        if r["method"] != "gptq":
+            assert float(r["average_bits"]) > float(base["average_bits"])
+            assert int(r["n_16bit"]) > 0
+    mm = [r for r in rows if r["task"] == "mmlu"]
+    assert all(r["accuracy"] != "" for r in mm) and all(r["flips_lost"] != "" for r in mm if r in q)
+    transfer = list(csv.DictReader((out / "transfer.csv").open()))
+    assert {t["circuit"] for t in transfer} == {"mmlu", "gsm8k", "union", "none (gptq)"}
+    html = (out / "report.html").read_text()
+    for needle in ("Results: mmlu, 2-bit", "Results: gsm8k, 3-bit", "Transfer matrix at 2 bits", "KL by method",
+                   "Saliency per attention head", "Circuit overlap by layer", "Commands", "circuitq run --model"):
+        assert needle in html, needle
+    assert (out / "report.kl.png").stat().st_size > 1000 and (out / "report.heads.png").stat().st_size > 1000
+    doc = json.loads((out / "run.json").read_text())
+    assert doc["steps"]["computed"] > 0
+    # a rerun reuses every step and gives the same table
+    capsys.readouterr()
+    assert main(_args(d, data, out)) == 0
+    doc2 = json.loads((out / "run.json").read_text())
+    assert doc2["steps"]["computed"] == 0 and doc2["steps"]["reused"] > 0
+    assert list(csv.DictReader((out / "results.csv").open())) == rows
+    # changing only the fraction recomputes masks and evaluations, not statistics or scores
+    assert main(_args(d, data, out, "--fraction", "0.03", "--bits", "3", "--no-transfer", "--baselines", "magnitude")) == 0
+    doc3 = json.loads((out / "run.json").read_text())
+    kinds = [l for l in doc3["log"] if "per-sample gradients" in l]
+    assert kinds == [] and doc3["steps"]["computed"] > 0
+
+
+def test_run_refuses_foreign_out_dir(tmp_path, tiny_dir, capsys):
+    d, _ = tiny_dir
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert main(_args(d, task_data(tmp_path), out)) == 2
+    assert "not a circuitq run directory" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_reference_logits_cache_gives_the_same_metrics(tiny_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from circuitq.evals import evaluate
+    from circuitq.tasks import Example
+
+    d, _ = tiny_dir
+    tok = AutoTokenizer.from_pretrained(d)
+    ref = AutoModelForCausalLM.from_pretrained(d).eval()
+    q = AutoModelForCausalLM.from_pretrained(d).eval()
+    with torch.no_grad():
+        for p in q.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ex = [Example(f"the fox {i}", f" jumps over the lazy dog {i}") for i in range(7)]
+    direct = evaluate(q, tok, ex, "jsonl", ref, 3, 64, progress=False).metrics
+    cache: dict = {}
+    evaluate(ref, tok, ex, "jsonl", None, 3, 64, progress=False, logits_out=cache)
+    cached = evaluate(q, tok, ex, "jsonl", None, 3, 64, progress=False, reference_logits=cache).metrics
+    assert direct["kl"] > 0
+    assert cached["kl"] == pytest.approx(direct["kl"], rel=1e-6)
+    assert cached["top1_agreement"] == direct["top1_agreement"]
