@@ -29,6 +29,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--mse", action="store_true", help="MSE clipping search for scales")
     p.add_argument("--act-order", action="store_true", help="quantize columns by decreasing Hessian diagonal")
     p.add_argument("--method", choices=["gptq", "rtn"], default=_QD.method)
+    p.add_argument("--hessian", choices=["sequential", "shared"], default=_QD.hessian,
+                   help="sequential: GPTQ's layer-by-layer recipe; shared: one pass of the original model, all "
+                        "modules batched (several times faster, slightly lower quality)")
     p.add_argument("--plan", nargs="*", metavar="PATTERN=BITS",
                    help="per-weight bits by HF name regex (exact name first, then first match; 16 keeps)")
     p.add_argument("--calib", default=_CD.source, help="gsm8k, mmlu or text:PATH (.txt/.jsonl)")
@@ -88,13 +91,13 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     ccfg = CalibConfig(a.calib, a.samples, a.seq_len, a.seed)
     data = build_calibration(ccfg, lm.tokenizer, a.data_dir, heldout_windows=max(a.ppl_windows, 1))
     qcfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, sym=a.sym, mse=a.mse, method=a.method,
-                          damp=a.damp, act_order=a.act_order, batch_size=a.batch_size)
+                          damp=a.damp, act_order=a.act_order, batch_size=a.batch_size, hessian=a.hessian)
     ppl_before = perplexity(lm.model, data.heldout, a.batch_size) if a.ppl_windows else None
     res = quantize_model(lm.model, data.calib if a.method == "gptq" else None, plan, qcfg, masks, device)
     ppl_after = perplexity(lm.model, data.heldout, a.batch_size) if a.ppl_windows else None
     meta = {"model": a.model, "model_source": lm.source, "model_note": lm.note, "method": a.method,
             "bits": a.bits, "group_size": a.group_size, "sym": a.sym, "mse": a.mse, "act_order": a.act_order,
-            "damp": a.damp, "plan": plan.to_dict(), "calib": ccfg.source, "samples": a.samples,
+            "hessian": a.hessian, "damp": a.damp, "plan": plan.to_dict(), "calib": ccfg.source, "samples": a.samples,
             "seq_len": a.seq_len, "seed": a.seed, "mask": a.mask, "mask_metadata": mask_meta,
             "device": device, "circuitq_version": __version__, "average_bits": res.bits.average_bits}
     summary = {**res.summary(), "heldout_perplexity": {"original": ppl_before, "quantized": ppl_after,
@@ -339,6 +342,32 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_app(sub) -> None:
+    p = sub.add_parser("app", help="open the explorer (Streamlit) on a runs directory")
+    p.add_argument("--runs", default="runs", help="directory holding runs (from `circuitq run` or `circuitq score`)")
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--host", default="localhost")
+    p.set_defaults(func=cmd_app)
+
+
+def cmd_app(a: argparse.Namespace) -> int:
+    import importlib.util
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "apps" / "explorer.py"
+    if not script.exists():
+        raise ValueError(f"the explorer script is not at {script}; run circuitq from its source checkout (pip install -e .)")
+    if importlib.util.find_spec("streamlit") is None:
+        raise ValueError("the explorer needs streamlit: pip install 'circuitq[app]' (or: pip install streamlit)")
+    runs = Path(a.runs)
+    if not runs.is_dir():
+        print(f"[circuitq] {runs} does not exist yet; the explorer will say how to create a run")
+    cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.headless", "true", "--server.port",
+           str(a.port), "--server.address", a.host, "--browser.gatherUsageStats", "false", "--", "--runs", str(runs)]
+    print(f"[circuitq] explorer on http://{a.host}:{a.port} (runs: {runs.resolve()}); Ctrl-C stops it")
+    return subprocess.call(cmd)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="circuitq", description="Task-Circuit Quantization (TaCQ) toolkit")
     p.add_argument("--version", action="version", version=f"circuitq {__version__}")
@@ -349,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare(sub)
     _add_eval(sub)
     _add_run(sub)
+    _add_app(sub)
     return p
 
 

@@ -23,15 +23,24 @@ def _label(meta: dict, fallback: str) -> str:
 def compare_dirs(dir_a: str, dir_b: str, fraction: float = 0.0035, top_n: int = 20) -> dict:
     """Metrics and maps of two scored circuits (raises ``CompareError`` across models)."""
     fa, fb = load_scores(dir_a), load_scores(dir_b)
-    ga, gb = fa["meta"].get("geometry"), fb["meta"].get("geometry")
-    if fa["meta"].get("model_source") != fb["meta"].get("model_source") or ga != gb:
+    return compare_scores(fa, fb, fraction, top_n, (dir_a, dir_b))
+
+
+def same_model(meta_a: dict, meta_b: dict) -> bool:
+    return meta_a.get("model_source") == meta_b.get("model_source") and meta_a.get("geometry") == meta_b.get("geometry")
+
+
+def compare_scores(fa, fb, fraction: float = 0.0035, top_n: int = 20, names=("a", "b"), masks=None) -> dict:
+    """``compare_dirs`` on loaded score files (``{"scores", "meta"}``); ``masks`` may give the two
+    circuits already selected."""
+    if not same_model(fa["meta"], fb["meta"]):
         raise CompareError(f"the circuits come from different models ({fa['meta'].get('model')} vs "
                            f"{fb['meta'].get('model')}); a comparison would be meaningless")
-    geo = Geometry(**ga)
-    ma, mb = select_topk(fa["scores"], fraction), select_topk(fb["scores"], fraction)
+    geo = Geometry(**fa["meta"]["geometry"])
+    ma, mb = masks if masks is not None else (select_topk(fa["scores"], fraction), select_topk(fb["scores"], fraction))
     sa, sb = aggregate(fa["scores"], geo), aggregate(fb["scores"], geo)
     ca, cb = aggregate({k: v.float() for k, v in ma.items()}, geo), aggregate({k: v.float() for k, v in mb.items()}, geo)
-    return {"labels": (_label(fa["meta"], dir_a), _label(fb["meta"], dir_b)), "fraction": fraction,
+    return {"labels": (_label(fa["meta"], names[0]), _label(fb["meta"], names[1])), "fraction": fraction,
             "masks": compare_masks(ma, mb), "circuits": compare_circuits(sa, sb, top_n),
             "score_maps": (sa, sb), "mask_maps": (ca, cb), "meta": (fa["meta"], fb["meta"]), "geometry": geo}
 

@@ -221,7 +221,7 @@ def gptq_quantize_batch(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, keep:
     results = []
     for b in range(B):
         qw = QuantizedWeight(codes[b].to(torch.uint8), scales[b].half(), zeros[b].to(torch.uint8),
-                             g_idx[b].contiguous(), spec.bits, spec.group_size, spec.sym, *sparse_residual(Q[b], Q[b], None))
+                             g_idx[b].clone(), spec.bits, spec.group_size, spec.sym, *sparse_residual(Q[b], Q[b], None))
         if keep is not None:
             qw.rows, qw.cols, qw.vals = sparse_residual(Q[b], qw.dequantize_grid(), keep[b])
         results.append(GPTQResult(qw, qw.dequantize(), float(losses[b].sum()), factors[b][1]))

@@ -2,6 +2,8 @@
 calibration set."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -33,8 +35,7 @@ def calib_ids():
     return torch.randint(0, 128, (8, 32), generator=g)
 
 
-@pytest.fixture
-def tiny_dir(tmp_path):
+def make_tiny_dir(root, seed: int = 0):
     """A tiny Llama saved with a real (byte-level) tokenizer trained on the fly: no downloads."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
     from transformers import PreTrainedTokenizerFast
@@ -46,10 +47,30 @@ def tiny_dir(tmp_path):
                             trainers.BpeTrainer(vocab_size=120, special_tokens=["<eos>"],
                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
-    model = tiny_model(vocab=len(fast))
-    d = tmp_path / "tiny"
+    model = tiny_model(seed=seed, vocab=len(fast))
+    d = root / "tiny"
     model.save_pretrained(d)
     fast.save_pretrained(d)
-    text = tmp_path / "corpus.txt"
+    text = root / "corpus.txt"
     text.write_text("\n\n".join(f"Doc {i}: the quick brown fox {i} jumps over the lazy dog {i * 7}." * 3 for i in range(60)))
     return d, text
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    return make_tiny_dir(tmp_path)
+
+
+def task_data(tmp_path):
+    """Tiny MMLU (dev/val CSVs, two subjects) and GSM8k (train.jsonl) in their public layouts."""
+    d = tmp_path / "data"
+    for split in ("dev", "val"):
+        (d / "mmlu" / split).mkdir(parents=True)
+        rows = [f'"the fox {i} jumps over the dog",the,quick,brown,lazy,{"ABCD"[i % 4]}' for i in range(16)]
+        (d / "mmlu" / split / f"high_school_physics_{split}.csv").write_text("\n".join(rows) + "\n")
+        (d / "mmlu" / split / f"philosophy_{split}.csv").write_text("\n".join(rows[:8]) + "\n")
+    (d / "gsm8k").mkdir()
+    lines = [json.dumps({"question": f"the fox has {i} dogs and {i + 3} foxes. how many?",
+                         "answer": f"the fox has {i} + {i + 3} = {2 * i + 3}\n#### {2 * i + 3}"}) for i in range(24)]
+    (d / "gsm8k" / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return d

@@ -9,20 +9,7 @@ import torch
 from circuitq.cli import main
 from circuitq.run import Job, MaskRecipe, RunConfig, StepStore, plan_jobs
 
-
-def task_data(tmp_path):
-    """Tiny MMLU (dev/val CSVs, two subjects) and GSM8k (train.jsonl) in their public layouts."""
-    d = tmp_path / "data"
-    for split in ("dev", "val"):
-        (d / "mmlu" / split).mkdir(parents=True)
-        rows = [f'"the fox {i} jumps over the dog",the,quick,brown,lazy,{"ABCD"[i % 4]}' for i in range(16)]
-        (d / "mmlu" / split / f"high_school_physics_{split}.csv").write_text("\n".join(rows) + "\n")
-        (d / "mmlu" / split / f"philosophy_{split}.csv").write_text("\n".join(rows[:8]) + "\n")
-    (d / "gsm8k").mkdir()
-    lines = [json.dumps({"question": f"the fox has {i} dogs and {i + 3} foxes. how many?",
-                         "answer": f"the fox has {i} + {i + 3} = {2 * i + 3}\n#### {2 * i + 3}"}) for i in range(24)]
-    (d / "gsm8k" / "train.jsonl").write_text("\n".join(lines) + "\n")
-    return d
+from conftest import task_data
 
 
 def test_plan_has_every_method_transfer_and_union():

@@ -1,0 +1,162 @@
+"""Pure helpers behind the explorer: circuits at any budget from one ranking, mask density by
+tile, the top weights of one matrix with the head or neuron each belongs to.
+
+``TopIndex`` ranks the top ``max_fraction`` of all weights once (``[k]`` flat indices, best
+first); the circuit at any smaller budget is then a prefix of it, so a budget slider costs a
+slice, not a new top-k over every weight. Worked example: scores ``{a: [[3, 1]], b: [[2]]}``
+rank as flat indices ``[0, 2, 1]``; the top 2/3 keep ``a[0, 0]`` and ``b[0, 0]``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .circuits import MODULE_TYPES, Geometry, parse_name
+from .plan import PrecisionPlan, bit_report
+
+
+@dataclass
+class TopIndex:
+    names: list[str]
+    shapes: list[tuple[int, int]]
+    offsets: torch.Tensor      # [len(names) + 1] int64: start of each weight in the flat order
+    order: torch.Tensor        # [k] int64 flat indices, best first
+    scores: torch.Tensor       # [k] float32 their scores
+    total: int                 # number of weights ranked over
+
+    def count(self, fraction: float) -> int:
+        k = int(fraction * self.total)
+        if k > self.order.numel():
+            raise ValueError(f"budget {fraction:.4%} exceeds the ranked {self.order.numel() / self.total:.4%}")
+        return k
+
+
+def top_index(scores: dict[str, torch.Tensor], max_fraction: float = 0.02) -> TopIndex:
+    """Rank the top ``max_fraction`` of all weights of ``scores`` (``{name: [out, in]}``)."""
+    names = list(scores)
+    sizes = torch.tensor([0] + [scores[n].numel() for n in names], dtype=torch.int64)
+    flat = torch.cat([scores[n].detach().float().flatten() for n in names])
+    k = max(1, int(max_fraction * flat.numel()))
+    vals, idx = torch.topk(flat, k, sorted=True)
+    return TopIndex(names, [tuple(scores[n].shape) for n in names], torch.cumsum(sizes, 0), idx, vals, flat.numel())
+
+
+def _split(ti: TopIndex, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(owner weight index, offset inside it) of the first ``k`` ranked entries."""
+    idx = ti.order[:k]
+    owner = torch.searchsorted(ti.offsets, idx, right=True) - 1
+    return owner, idx - ti.offsets[owner]
+
+
+def mask_at(ti: TopIndex, fraction: float) -> dict[str, torch.Tensor]:
+    """Bool masks ``{name: [out, in]}`` of the top ``fraction`` (exactly ``floor(fraction · N)``)."""
+    owner, local = _split(ti, ti.count(fraction))
+    out = {}
+    for i, (n, shape) in enumerate(zip(ti.names, ti.shapes)):
+        m = torch.zeros(shape[0] * shape[1], dtype=torch.bool)
+        m[local[owner == i]] = True
+        out[n] = m.view(shape)
+    return out
+
+
+def layer_module_counts(ti: TopIndex, fraction: float, n_layers: int) -> torch.Tensor:
+    """``[L, 7]`` number of kept weights per layer and module type at ``fraction``."""
+    owner, _ = _split(ti, ti.count(fraction))
+    per_weight = torch.bincount(owner, minlength=len(ti.names))
+    out = torch.zeros(n_layers, len(MODULE_TYPES), dtype=torch.int64)
+    for i, n in enumerate(ti.names):
+        p = parse_name(n)
+        if p and p[1] in MODULE_TYPES:
+            out[p[0], MODULE_TYPES.index(p[1])] += per_weight[i]
+    return out
+
+
+def budget_table(ti: TopIndex, fractions: list[float], bits: int, group_size: int, reference: float = 0.0035) -> list[dict]:
+    """Per budget: weights kept, exact average bits, share in attention, overlap with the
+    circuit at ``reference`` (the paper's 0.35%): a nested prefix, so IoU = min/max of sizes."""
+    shapes = dict(zip(ti.names, ti.shapes))
+    attn = torch.tensor([".self_attn." in n for n in ti.names])
+    k_ref = min(ti.count(min(reference, ti.order.numel() / ti.total)), ti.order.numel())
+    rows = []
+    for f in fractions:
+        k = ti.count(f)
+        owner, _ = _split(ti, k)
+        rep = bit_report(shapes, PrecisionPlan(bits), group_size, _nnz(ti, owner))
+        rows.append({"fraction": f, "n_16bit": k, "average_bits": rep.average_bits,
+                     "attention_share": float(attn[owner].float().mean()) if k else 0.0,
+                     "iou_with_0.35%": (min(k, k_ref) / max(k, k_ref)) if max(k, k_ref) else float("nan")})
+    return rows
+
+
+def _nnz(ti: TopIndex, owner: torch.Tensor) -> dict[str, int]:
+    counts = torch.bincount(owner, minlength=len(ti.names)).tolist()
+    return {n: c for n, c in zip(ti.names, counts)}
+
+
+def predicted_bits(shapes: dict[str, tuple[int, int]], bits: int, group_size: int, nnz: dict[str, int]) -> float:
+    """Average bits per weight of a mask (exact accounting of ``plan.bit_report``)."""
+    return bit_report(shapes, PrecisionPlan(bits), group_size, nnz).average_bits
+
+
+def tile_density(mask: torch.Tensor, tile: int = 32) -> torch.Tensor:
+    """Share of kept weights per ``tile × tile`` block: ``[ceil(out/t), ceil(in/t)]`` float32."""
+    out_f, in_f = mask.shape
+    ro, ri = -out_f % tile, -in_f % tile
+    m = torch.nn.functional.pad(mask.float(), (0, ri, 0, ro))
+    s = m.view(m.shape[0] // tile, tile, m.shape[1] // tile, tile).sum((1, 3))
+    ones = torch.nn.functional.pad(torch.ones(out_f, in_f), (0, ri, 0, ro))
+    n = ones.view(s.shape[0], tile, s.shape[1], tile).sum((1, 3))
+    return s / n
+
+
+def unit_of(name: str, row: int, col: int, geo: Geometry) -> str:
+    """The attention head(s) or MLP neuron that weight ``[row, col]`` of ``name`` belongs to."""
+    p = parse_name(name)
+    if p is None:
+        return "-"
+    layer, mod = p
+    d, per_kv = geo.head_dim, geo.n_heads // geo.n_kv_heads
+    if mod == "q_proj":
+        return f"L{layer}.H{row // d}"
+    if mod == "o_proj":
+        return f"L{layer}.H{col // d}"
+    if mod in ("k_proj", "v_proj"):
+        g = row // d
+        return f"L{layer}.KV{g} (H{g * per_kv}-H{(g + 1) * per_kv - 1})"
+    if mod in ("gate_proj", "up_proj"):
+        return f"L{layer}.N{row}"
+    return f"L{layer}.N{col}"
+
+
+def top_weights(name: str, scores: torch.Tensor, weight: torch.Tensor, quantized: torch.Tensor | None,
+                geo: Geometry, n: int = 50) -> list[dict]:
+    """The ``n`` highest-scoring entries of one ``[out, in]`` matrix with their value,
+    quantization error ``w − Q(w)`` (when ``quantized`` is given) and head or neuron."""
+    k = min(n, scores.numel())
+    vals, idx = torch.topk(scores.flatten().float(), k)
+    cols = scores.shape[1]
+    rows = []
+    for rank, (v, i) in enumerate(zip(vals.tolist(), idx.tolist()), 1):
+        r, c = divmod(i, cols)
+        w = float(weight[r, c])
+        rows.append({"rank": rank, "row": r, "col": c, "score": v, "value": w,
+                     "quant_error": (w - float(quantized[r, c])) if quantized is not None else None,
+                     "unit": unit_of(name, r, c, geo)})
+    return rows
+
+
+def load_weight(model_dir: str | Path, name: str) -> torch.Tensor:
+    """One tensor from a Hugging Face model directory's safetensors files (no model load)."""
+    from safetensors import safe_open
+
+    d = Path(model_dir)
+    index = d / "model.safetensors.index.json"
+    files = [d / json.loads(index.read_text())["weight_map"][name]] if index.exists() else sorted(d.glob("*.safetensors"))
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            if name in fh.keys():
+                return fh.get_tensor(name)
+    raise KeyError(f"{name} is not in the safetensors files of {d}")

@@ -1,0 +1,186 @@
+"""A runs directory as a catalog: which runs it holds, their score directories, masks, results and
+exported models. Used by the explorer app; reads only through circuitq's own safe loaders
+(safetensors and JSON; nothing is unpickled) and never follows a path out of the runs directory.
+
+A run is a sub-directory holding either ``run.json`` (``circuitq run``: its scores and masks are in
+``steps/``) or score directories (``score.json`` from ``circuitq score``), itself or one level down.
+A run that cannot be read is listed with the reason; the others still work.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class PathOutsideRuns(ValueError):
+    pass
+
+
+def confine(root: str | Path, path: str | Path) -> Path:
+    """``path`` resolved, refused unless it lies inside ``root`` (symlinks resolved too)."""
+    root = Path(root).resolve()
+    p = (root / path).resolve() if not Path(path).is_absolute() else Path(path).resolve()
+    if p != root and root not in p.parents:
+        raise PathOutsideRuns(f"{path} is outside the runs directory {root}")
+    return p
+
+
+@dataclass
+class ScoreEntry:
+    path: Path
+    task: str
+    method: str
+    bits: int | None
+    model: str
+    model_source: str
+    samples: int | None
+
+    @property
+    def label(self) -> str:
+        return f"{self.task} · {self.method} · {self.bits}-bit"
+
+
+@dataclass
+class MaskEntry:
+    path: Path
+    meta: dict
+
+    @property
+    def label(self) -> str:
+        m = self.meta
+        return f"{m.get('method', '?')} · {m.get('task', '?')} · {m.get('bits', '?')}-bit · {_pct(m.get('fraction'))}"
+
+
+@dataclass
+class ModelEntry:
+    path: Path
+    meta: dict
+    evals: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class RunEntry:
+    name: str
+    path: Path
+    kind: str                       # "run" (circuitq run), "scores" (circuitq score dirs), "unreadable"
+    error: str = ""
+    scores: list[ScoreEntry] = field(default_factory=list)
+    masks: list[MaskEntry] = field(default_factory=list)
+    models: list[ModelEntry] = field(default_factory=list)
+    results: list[dict] = field(default_factory=list)
+    transfer: list[dict] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.kind != "unreadable"
+
+
+def _pct(f) -> str:
+    try:
+        return f"{float(f):.3%}"
+    except (TypeError, ValueError):
+        return "?"
+
+
+def _json(p: Path) -> dict:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{p.name} is not readable JSON ({e.__class__.__name__})") from None
+
+
+def _score_entry(d: Path) -> ScoreEntry:
+    from safetensors import safe_open
+
+    meta = _json(d / "score.json")
+    if meta.get("format") != "circuitq.scores":
+        raise ValueError(f"{d.name}/score.json is not a circuitq scores file")
+    f = d / "scores.safetensors"
+    try:
+        with safe_open(str(f), framework="pt") as fh:
+            if (fh.metadata() or {}).get("format") != "circuitq.scores":
+                raise ValueError(f"{f.name} is not a circuitq scores file")
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any unreadable file becomes a reason
+        raise ValueError(f"{d.name}/scores.safetensors cannot be read ({e.__class__.__name__})") from None
+    return ScoreEntry(d, str(meta.get("task")), str(meta.get("method")), meta.get("bits"), str(meta.get("model")),
+                      str(meta.get("model_source")), meta.get("n_samples") or meta.get("samples"))
+
+
+def _mask_entry(f: Path) -> MaskEntry:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(f), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{f.name} is not a safetensors mask ({e.__class__.__name__})") from None
+    if meta.get("format") != "circuitq.mask":
+        raise ValueError(f"{f.name} is not a circuitq mask")
+    out = {}
+    for k, v in meta.items():
+        try:
+            out[k] = json.loads(v)
+        except ValueError:
+            out[k] = v
+    return MaskEntry(f, out)
+
+
+def _models(d: Path) -> list[ModelEntry]:
+    out = []
+    for m in sorted((d / "models").glob("*/circuitq.json")) if (d / "models").is_dir() else []:
+        try:
+            meta = _json(m)
+        except ValueError:
+            continue
+        evals = []
+        for e in sorted(m.parent.glob("eval-*.json")):
+            try:
+                evals.append(_json(e))
+            except ValueError:
+                pass
+        out.append(ModelEntry(m.parent, meta, evals))
+    return out
+
+
+def read_run(d: Path) -> RunEntry:
+    """Catalog one run directory; raises ``ValueError`` with the reason when it is unreadable."""
+    if (d / "run.json").exists():
+        info = _json(d / "run.json")
+        if info.get("format") != "circuitq.run":
+            raise ValueError("run.json is not a circuitq run file")
+        e = RunEntry(d.name, d, "run", info=info)
+        res = _json(d / "results.json") if (d / "results.json").exists() else {}
+        e.results, e.transfer = res.get("rows", []), res.get("transfer", [])
+        steps = d / "steps"
+        e.scores = [_score_entry(s) for s in sorted(steps.glob("*")) if (s / "score.json").exists()]
+        e.masks = [_mask_entry(f) for f in sorted(steps.glob("*/mask.safetensors"))]
+    else:
+        dirs = [d] if (d / "score.json").exists() else [s for s in sorted(d.iterdir()) if (s / "score.json").exists()]
+        if not dirs and not list(d.glob("*.safetensors")) and not (d / "masks").is_dir():
+            raise ValueError("no run.json, score directories or masks found")
+        e = RunEntry(d.name, d, "scores")
+        e.scores = [_score_entry(s) for s in dirs]
+        e.masks = [_mask_entry(f) for f in sorted(d.glob("*.safetensors"))]
+    if (d / "masks").is_dir():
+        e.masks += [_mask_entry(f) for f in sorted((d / "masks").glob("*.safetensors"))]
+    e.models = _models(d)
+    return e
+
+
+def scan_runs(runs_dir: str | Path) -> list[RunEntry]:
+    """Every run under ``runs_dir`` (readable or not), by name. Symlinks out of it are refused."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return []
+    out = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            confine(root, d)
+            out.append(read_run(d))
+        except (ValueError, OSError) as err:
+            out.append(RunEntry(d.name, d, "unreadable", error=str(err)))
+    return out
