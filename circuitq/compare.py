@@ -45,8 +45,22 @@ def compare_scores(fa, fb, fraction: float = 0.0035, top_n: int = 20, names=("a"
             "score_maps": (sa, sb), "mask_maps": (ca, cb), "meta": (fa["meta"], fb["meta"]), "geometry": geo}
 
 
+def write_pngs(res: dict, out: Path) -> None:
+    """``OUT.heads.png`` (head heatmaps) and ``OUT.circuits.png`` (composition and overlap)."""
+    from .plots import circuits_png, heatmap_png
+
+    la, lb = res["labels"]
+    sa, sb = res["score_maps"]
+    ca, cb = res["mask_maps"]
+    for suffix, draw in ((".heads.png", lambda p: heatmap_png(sa, sb, la, lb, p)),
+                         (".circuits.png", lambda p: circuits_png(ca, cb, res["masks"], la, lb, p))):
+        with atomic_file(out.with_suffix(suffix), overwrite=True) as tmp:
+            draw(tmp.with_suffix(".png"))
+            tmp.with_suffix(".png").replace(tmp)
+
+
 def write_compare_report(res: dict, out: str | Path, overwrite: bool = False) -> Path:
-    from .plots import head_heatmaps, heatmap_png, module_layer_bars, overlap_by_layer, write_report
+    from .plots import head_heatmaps, module_layer_bars, overlap_by_layer, write_report
 
     out = check_writable(Path(out), overwrite)
     la, lb = res["labels"]
@@ -77,10 +91,7 @@ def write_compare_report(res: dict, out: str | Path, overwrite: bool = False) ->
     settings = {"circuitq_version": __version__, "a": res["meta"][0], "b": res["meta"][1], "fraction": res["fraction"]}
     with atomic_file(out, overwrite=overwrite) as tmp:
         write_report(tmp, f"Circuits: {la} vs {lb}", sections, settings)
-    png = out.with_suffix(".heads.png")
-    with atomic_file(png, overwrite=True) as tmp:
-        heatmap_png(sa, sb, la, lb, tmp.with_suffix(".png"))
-        tmp.with_suffix(".png").replace(tmp)
+    write_pngs(res, out)
     metrics = {k: res[k] for k in ("labels", "fraction", "masks", "circuits")}
     with atomic_file(out.with_suffix(".json"), overwrite=True) as tmp:
         tmp.write_text(json.dumps(metrics, indent=2, default=str) + "\n")

@@ -87,6 +87,36 @@ def heatmap_png(a: CircuitMap, b: CircuitMap, label_a: str, label_b: str, path: 
     plt.close(fig)
 
 
+def circuits_png(a: CircuitMap, b: CircuitMap, cmp: dict, label_a: str, label_b: str, path: Path) -> None:
+    """The other circuit figures as one PNG: composition by layer and module type for both
+    circuits (stacked bars) and their overlap by layer (IoU, intersection/min)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), constrained_layout=True)
+    for ax, m, label in ((axes[0], a, label_a), (axes[1], b, label_b)):
+        share = _share(m.layer_module).numpy()
+        bottom = share[:, 0] * 0
+        for j, t in enumerate(MODULE_TYPES):
+            ax.bar(range(share.shape[0]), share[:, j], bottom=bottom, label=t)
+            bottom = bottom + share[:, j]
+        ax.set_title(f"{label}: circuit by layer and module")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("share of circuit")
+    axes[1].legend(fontsize=7, ncol=2)
+    layers = list(cmp["per_layer"])
+    for k in ("iou", "iom"):
+        axes[2].plot(layers, [cmp["per_layer"][i][k] for i in layers], marker="o", label=k.upper())
+    axes[2].set_ylim(0, 1)
+    axes[2].set_title("Overlap by layer")
+    axes[2].set_xlabel("layer")
+    axes[2].legend()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _table(rows: list[dict]) -> str:
     if not rows:
         return "<p>(none)</p>"

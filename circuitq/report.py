@@ -148,13 +148,13 @@ def _circuit_sections(run_dir: Path, res, fraction: float) -> list:
     out += [(f"Circuits at {bits} bits: {la} vs {lb}", summary), ("Saliency per attention head", head_heatmaps(sa, sb, la, lb)),
             (f"Circuit composition: {la}", module_layer_bars(ca, la)), (f"Circuit composition: {lb}", module_layer_bars(cb, lb)),
             ("Circuit overlap by layer", overlap_by_layer(c["masks"], f"{la} vs {lb}"))]
-    out.append(("_png", (sa, sb, la, lb)))
+    out.append(("_png", c))
     return out
 
 
 def write_run_outputs(run_dir: Path, doc: dict, res) -> None:
     """``results.csv``, ``transfer.csv``, ``results.json``, ``run.json``, ``report.html`` and PNGs."""
-    from .plots import heatmap_png, write_report
+    from .plots import write_report
 
     run_dir = Path(run_dir)
     for name, rows in (("results.csv", res.rows), ("transfer.csv", res.transfer)):
@@ -187,7 +187,7 @@ def write_run_outputs(run_dir: Path, doc: dict, res) -> None:
         kl_png(res.rows, tmp.with_suffix(".png"))
         tmp.with_suffix(".png").replace(tmp)
     if png:
-        with atomic_file(run_dir / "report.heads.png", overwrite=True) as tmp:
-            heatmap_png(*png[0], tmp.with_suffix(".png"))
-            tmp.with_suffix(".png").replace(tmp)
+        from .compare import write_pngs
+
+        write_pngs(png[0], run_dir / "report.html")
     write_json(run_dir / "run.json", doc)

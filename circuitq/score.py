@@ -128,7 +128,8 @@ def run_score(lm, cfg: ScoreConfig, out: str | Path, data_dir=None, resume: bool
             _save_stats(ckpt, st, {**meta, "done": done})
 
     t0 = time.perf_counter()
-    res = collect_stats(lm.model, lm.tokenizer, mine, lm.source, cfg.batch_size, cfg.seq_len, STATS,
+    needed = tuple(s for s in STATS if s in m.stats) or ("sum_abs",)  # only what the method reads
+    res = collect_stats(lm.model, lm.tokenizer, mine, lm.source, cfg.batch_size, cfg.seq_len, needed,
                         state, start, progress=progress and rank == 0, on_batch=on_batch)
     st = res["stats"]
     if dist:

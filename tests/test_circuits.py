@@ -75,7 +75,7 @@ def test_compare_cli_writes_report(tmp_path, tiny_dir):
     assert "Share of saliency mass per attention head" in text and "IoU" in text and "plotly" in text.lower()
     metrics = json.loads(out.with_suffix(".json").read_text())
     assert 0 <= metrics["masks"]["global"]["iou"] <= 1
-    assert out.with_suffix(".heads.png").stat().st_size > 1000
+    assert out.with_suffix(".heads.png").stat().st_size > 1000 and out.with_suffix(".circuits.png").stat().st_size > 1000
 
 
 def test_compare_refuses_different_models(tmp_path, tiny_dir, capsys):

@@ -79,6 +79,7 @@ def test_run_end_to_end_writes_every_table_and_resumes(tmp_path, tiny_dir, capsy
                    "Saliency per attention head", "Circuit overlap by layer", "Commands", "circuitq run --model"):
         assert needle in html, needle
     assert (out / "report.kl.png").stat().st_size > 1000 and (out / "report.heads.png").stat().st_size > 1000
+    assert (out / "report.circuits.png").stat().st_size > 1000
     doc = json.loads((out / "run.json").read_text())
     assert doc["steps"]["computed"] > 0
     # a rerun reuses every step and gives the same table
