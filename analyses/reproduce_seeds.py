@@ -110,12 +110,20 @@ def main() -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--out-csv", default=str(HERE / "results" / "seeds.csv"))
     p.add_argument("--out-md", default=str(HERE / "SEEDS.md"))
+    p.add_argument("--aggregate-only", action="store_true",
+                   help="do not run; aggregate the results-seed*.csv already in --run-dir for --seeds")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more `circuitq run` arguments")
     a = p.parse_args()
     extra = a.extra[1:] if a.extra[:1] == ["--"] else a.extra
     run_dir = Path(a.run_dir)
     t0 = time.perf_counter()
-    files = {s: run_seed(run_dir, s, extra) for s in a.seeds}
+    if a.aggregate_only:
+        files = {s: run_dir / f"results-seed{s}.csv" for s in a.seeds if (run_dir / f"results-seed{s}.csv").exists()}
+        if not files:
+            p.error(f"no results-seed*.csv for seeds {a.seeds} in {run_dir}")
+        a.seeds = sorted(files)
+    else:
+        files = {s: run_seed(run_dir, s, extra) for s in a.seeds}
     rows = aggregate(files)
     Path(a.out_csv).parent.mkdir(parents=True, exist_ok=True)
     with open(a.out_csv, "w", newline="") as fh:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import html
 import io
+import json
 from pathlib import Path
 
 from .artifacts import atomic_file, write_json
@@ -110,6 +111,8 @@ def _intro(doc: dict, res) -> str:
              "and the task NLL per token. Accuracy is MMLU letter log-likelihood accuracy; for a model near "
              "chance (as the default SmolLM2-135M is) accuracy and flips are noise and the first three columns "
              "carry the comparison.</p>",
+             ("<p><b>Rows left out (answer not parseable):</b> " + html.escape(json.dumps(doc.get("unparseable_eval_rows")))
+              + "</p>" if any((doc.get("unparseable_eval_rows") or {}).values()) else ""),
              f"<p>{res.steps.get('computed', 0)} steps computed, {res.steps.get('reused', 0)} reused; "
              f"{res.seconds:.0f} s in all on {html.escape(str(doc.get('device')))}.</p>"]
     return "".join(lines)
@@ -179,8 +182,9 @@ def write_run_outputs(run_dir: Path, doc: dict, res) -> None:
                                  "<p>Rerunning the same command reuses every finished step; change a setting and "
                                  "only the steps that depend on it run again.</p>"))
     sections.append(("Log", f"<pre>{html.escape(chr(10).join(doc.get('log', [])))}</pre>"))
-    settings = {k: doc[k] for k in ("config", "model", "model_source", "model_note", "model_fingerprint", "device",
-                                    "machine", "steps", "seconds", "score_dirs", "circuitq_version")}
+    settings = {k: doc.get(k) for k in ("config", "model", "model_source", "model_note", "model_fingerprint", "device",
+                                        "machine", "steps", "seconds", "score_dirs", "unparseable_eval_rows",
+                                        "circuitq_version")}
     with atomic_file(run_dir / "report.html", overwrite=True) as tmp:
         write_report(tmp, f"circuitq run: {doc['model']}", sections, settings)
     with atomic_file(run_dir / "report.kl.png", overwrite=True) as tmp:

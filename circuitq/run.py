@@ -166,6 +166,14 @@ class StepStore:
         self._scan()[digest] = out
 
 
+def examples_digest(examples) -> str:
+    """Content hash of task examples: a step is reused only on the very same items."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(e.prompt.encode() + b"\x00" + e.completion.encode() + b"\x01")
+    return h.hexdigest()[:16]
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     """A cheap content hash: config, parameter names and shapes, and a strided sample of values."""
     h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
@@ -201,6 +209,7 @@ class Runner:
         self._ref_logits: dict = {}
         self._base: dict = {}
         self.counts = {"reused": 0, "computed": 0}
+        self.skipped: dict[str, int] = {}   # evaluation rows left out: answer not parseable
         self.log: list[str] = []
 
     def say(self, msg: str) -> None:
@@ -212,7 +221,8 @@ class Runner:
     def calib_key(self, task: str) -> dict:
         c = self.cfg
         return {"model": self.fp, "task": task, "samples": c.calib_samples, "seq_len": c.calib_seq_len,
-                "seed": c.seed, "split_seed": c.split_seed, "shots": c.shots}
+                "seed": c.seed, "split_seed": c.split_seed, "shots": c.shots,
+                "data": examples_digest(self.examples(task, "calib"))}
 
     def examples(self, task: str, split: str):
         from .tasks import _permute, load_examples
@@ -224,6 +234,7 @@ class Runner:
                 if len(ex) < c.eval_samples:
                     self.say(f"{task}: the evaluation split has {len(ex)} items, fewer than --eval-samples "
                              f"{c.eval_samples}; using all of it")
+                self.skipped[task] = getattr(ex, "skipped", 0)
                 ex = ex[: c.eval_samples]
             else:
                 pool = load_examples(task, "calib", None, c.split_seed, c.shots, self.data_dir, self.lm.tokenizer)
@@ -374,7 +385,7 @@ class Runner:
     def eval_key(self, task: str) -> dict:
         c = self.cfg
         return {"task": task, "samples": c.eval_samples, "seq_len": c.eval_seq_len, "split_seed": c.split_seed,
-                "shots": c.shots, "reference": self.fp}
+                "shots": c.shots, "reference": self.fp, "data": examples_digest(self.examples(task, "eval"))}
 
     def reference_eval(self, task: str, need_logits: bool = False) -> dict:
         """Metrics of the unquantized model; with ``need_logits`` its scored logits are kept in
@@ -509,6 +520,7 @@ def run(lm, cfg: RunConfig, run_dir: str | Path, data_dir=None, device="cpu", pr
     doc = {"format": RUN_FORMAT, "circuitq_version": __version__, "command": command, "config": asdict(cfg),
            "model": lm.name, "model_source": lm.source, "model_note": lm.note, "model_fingerprint": r.fp,
            "device": str(device), "machine": machine_info(device), "seconds": res.seconds, "steps": res.steps,
+           "unparseable_eval_rows": r.skipped,
            "score_dirs": {f"{t}@{b}": str(p.relative_to(run_dir)) for (t, b), p in res.score_dirs.items()},
            "log": r.log}
     write_run_outputs(run_dir, doc, res)

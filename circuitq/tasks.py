@@ -90,8 +90,19 @@ def _fmt_question(q: dict, with_answer: bool) -> str:
     return "\n".join(lines) + "\nAnswer:" + (f" {q['answer']}\n\n" if with_answer else "")
 
 
+class Examples(list):
+    """A list of ``Example`` that also counts the rows left out because their answer could not be
+    parsed (``skipped``), so a run reports them instead of crashing."""
+
+    skipped: int = 0
+
+
+def _parseable(r: dict) -> bool:
+    return str(r.get("answer", "")).strip() in tuple(LETTERS)
+
+
 def _mmlu_rows(spec: TaskSpec, data_dir) -> tuple[list[dict], list[dict]]:
-    rows, dev = read_mmlu(data_dir, "val"), read_mmlu(data_dir, "dev")
+    rows, dev = read_mmlu(data_dir, "val"), [d for d in read_mmlu(data_dir, "dev") if _parseable(d)]
     if spec.arg in MMLU_CATEGORIES:
         keep = lambda r: MMLU_CATEGORY.get(r["subject"]) == spec.arg  # noqa: E731
     elif spec.arg:
@@ -147,9 +158,20 @@ def load_examples(task: str, split: str = "calib", n: int | None = None, seed: i
     idx = order[:cut] if split == "calib" else order[cut:]
     if not idx:
         raise DataError(f"the {split} split of '{task}' is empty ({len(rows)} rows in all)")
+    ok = _parseable if spec.kind == "mmlu" else (lambda r: "####" in r["answer"]) if spec.kind == "gsm8k" else None
+    out = Examples()
+    if ok is not None:
+        bad = [i for i in idx if not ok(rows[i])]
+        idx = [i for i in idx if ok(rows[i])]
+        out.skipped = len(bad)
+        if bad:
+            print(f"[circuitq] {task}: {len(bad)} rows of the {split} split have no parseable answer and are left out")
+        if not idx:
+            raise DataError(f"no row of the {split} split of '{task}' has a parseable answer")
     if n is not None:
         idx = idx[:n]
-    return [make(rows[i]) for i in idx]
+    out.extend(make(rows[i]) for i in idx)
+    return out
 
 
 class Batch(NamedTuple):
