@@ -325,7 +325,8 @@ class Runner:
         if method == "tacq":
             from .circuits import Geometry
 
-            meta = {"model": self.lm.name, "model_source": self.lm.source, "model_note": self.lm.note, **key,
+            meta = {**key, "model": self.lm.name, "model_fingerprint": self.fp, "model_source": self.lm.source,
+                    "model_note": self.lm.note,
                     "n_samples": len(self.examples(task, "calib")),
                     "geometry": Geometry.from_config(self.lm.model.config).to_dict(), "circuitq_version": __version__}
             with self.store.create("scores", key, f"scores-{_slug(task)}-tacq-{bits}bit") as tmp:

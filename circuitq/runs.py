@@ -35,10 +35,11 @@ class ScoreEntry:
     model: str
     model_source: str
     samples: int | None
+    seed: int | None = None
 
     @property
     def label(self) -> str:
-        return f"{self.task} · {self.method} · {self.bits}-bit"
+        return f"{self.task} · {self.method} · {self.bits}-bit" + (f" · seed {self.seed}" if self.seed is not None else "")
 
 
 @dataclass
@@ -107,7 +108,7 @@ def _score_entry(d: Path) -> ScoreEntry:
     except Exception as e:  # noqa: BLE001 - any unreadable file becomes a reason
         raise ValueError(f"{d.name}/scores.safetensors cannot be read ({e.__class__.__name__})") from None
     return ScoreEntry(d, str(meta.get("task")), str(meta.get("method")), meta.get("bits"), str(meta.get("model")),
-                      str(meta.get("model_source")), meta.get("n_samples") or meta.get("samples"))
+                      str(meta.get("model_source")), meta.get("n_samples") or meta.get("samples"), meta.get("seed"))
 
 
 def _mask_entry(f: Path) -> MaskEntry:

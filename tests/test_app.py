@@ -95,6 +95,7 @@ def test_export_page_runs_a_background_job(runs, monkeypatch):
     at.radio(key="exp_how").set_value("union").run()
     a_label = at.selectbox(key="exp_a").options[at.selectbox(key="exp_a").index]
     other = next(i for i, l in enumerate(at.selectbox(key="exp_b").options) if l.split(" ")[0] != a_label.split(" ")[0])
+    assert "seed 0" in a_label
     at.selectbox(key="exp_b").select_index(other).run()
     assert float(_metric(at, "Predicted average bits")) >= avg  # the union keeps at least as many weights
     at.text_input(key="exp_name").set_value("u1").run()

@@ -82,6 +82,9 @@ def test_run_end_to_end_writes_every_table_and_resumes(tmp_path, tiny_dir, capsy
     assert (out / "report.circuits.png").stat().st_size > 1000
     doc = json.loads((out / "run.json").read_text())
     assert doc["steps"]["computed"] > 0
+    sdir = out / next(iter(doc["score_dirs"].values()))
+    smeta = json.loads((sdir / "score.json").read_text())
+    assert smeta["model"] == str(d) and smeta["method"] == "tacq" and smeta["geometry"]["n_layers"] == 2
     # a rerun reuses every step and gives the same table
     capsys.readouterr()
     assert main(_args(d, data, out)) == 0
