@@ -57,6 +57,11 @@ def score_map(path: str, mtime: float):
     return aggregate(f["scores"], Geometry(**f["meta"]["geometry"]))
 
 
+@st.cache_data(max_entries=16)
+def budget_rows(path: str, mtime: float, bits: int, group_size: int) -> list[dict]:
+    return X.budget_table(ranking(path, mtime), BUDGETS, bits, group_size)
+
+
 @st.cache_resource(max_entries=16)
 def circuit(path: str, mtime: float, fraction: float):
     return X.mask_at(ranking(path, mtime), fraction)
@@ -102,7 +107,7 @@ def page_explore(run: R.RunEntry) -> None:
                               key="budget")
     ti = ranking(path, mt)
     bits, gs = int(meta.get("bits") or 3), int(meta.get("group_size") or -1)
-    table = X.budget_table(ti, BUDGETS, bits, gs)
+    table = budget_rows(path, mt, bits, gs)
     row = next(r for r in table if r["fraction"] == budget)
     c1, c2, c3 = st.columns(3)
     c1.metric("16-bit weights", f"{row['n_16bit']:,}")
@@ -138,7 +143,7 @@ def page_explore(run: R.RunEntry) -> None:
     if name is None:
         st.warning(f"No scores for layer {layer} {mod}.")
         return
-    mask = circuit(path, mt, budget)[name]
+    mask = X.mask_for(ti, budget, name)
     dens = X.tile_density(mask, 32)
     hm = go.Figure(go.Heatmap(z=dens.tolist(), colorscale="Magma", hovertemplate="rows %{y}·32, cols %{x}·32: %{z:.3%}<extra></extra>"))
     hm.update_layout(title=f"{name}: share kept in 16-bit per 32×32 tile ({int(mask.sum())} of {mask.numel()})",

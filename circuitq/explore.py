@@ -62,6 +62,16 @@ def mask_at(ti: TopIndex, fraction: float) -> dict[str, torch.Tensor]:
     return out
 
 
+def mask_for(ti: TopIndex, fraction: float, name: str) -> torch.Tensor:
+    """The ``[out, in]`` bool mask of one weight at ``fraction`` (same entries as ``mask_at``)."""
+    i = ti.names.index(name)
+    owner, local = _split(ti, ti.count(fraction))
+    shape = ti.shapes[i]
+    m = torch.zeros(shape[0] * shape[1], dtype=torch.bool)
+    m[local[owner == i]] = True
+    return m.view(shape)
+
+
 def layer_module_counts(ti: TopIndex, fraction: float, n_layers: int) -> torch.Tensor:
     """``[L, 7]`` number of kept weights per layer and module type at ``fraction``."""
     owner, _ = _split(ti, ti.count(fraction))

@@ -94,3 +94,44 @@ def test_compare_refuses_different_models(tmp_path, tiny_dir, capsys):
     save_file(f["scores"], str(tmp_path / "s2" / "scores.safetensors"), metadata=meta)
     rc = main(["compare", str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "c.html")])
     assert rc == 2 and "different models" in capsys.readouterr().err
+
+
+def test_budget_ranking_prefixes_equal_topk_selection():
+    from circuitq.explore import budget_table, layer_module_counts, mask_at, mask_for, tile_density, top_index
+    from circuitq.masks import select_topk
+
+    g = torch.Generator().manual_seed(0)
+    scores = {f"model.layers.{i}.mlp.down_proj.weight": torch.rand(8, 16, generator=g) for i in range(3)}
+    ti = top_index(scores, 0.5)
+    for f in (0.05, 0.2, 0.5):
+        a, b = mask_at(ti, f), select_topk(scores, f)
+        assert all(torch.equal(a[n], b[n]) for n in scores)
+        assert torch.equal(mask_for(ti, f, "model.layers.1.mlp.down_proj.weight"), b["model.layers.1.mlp.down_proj.weight"])
+        counts = layer_module_counts(ti, f, 3)
+        assert int(counts.sum()) == int(f * 384) and int(counts[1, 6]) == int(b["model.layers.1.mlp.down_proj.weight"].sum())
+    rows = budget_table(ti, [0.05, 0.2], 3, -1, reference=0.2)
+    assert rows[0]["average_bits"] < rows[1]["average_bits"] and rows[1]["iou_with_0.35%"] == 1.0
+    assert rows[0]["iou_with_0.35%"] == pytest.approx(int(0.05 * 384) / int(0.2 * 384))
+    with pytest.raises(ValueError, match="exceeds"):
+        mask_at(ti, 0.9)
+    m = torch.zeros(40, 40, dtype=torch.bool)
+    m[:32, :32] = True
+    d = tile_density(m, 32)
+    assert d.shape == (2, 2) and d[0, 0] == 1 and d[1, 1] == 0 and d[0, 1] == 0
+
+
+def test_top_weights_name_their_head_or_neuron_under_gqa():
+    from circuitq.circuits import Geometry
+    from circuitq.explore import top_weights, unit_of
+
+    geo = Geometry(n_layers=2, n_heads=4, n_kv_heads=2, head_dim=2, d_mlp=12)
+    assert unit_of("model.layers.1.self_attn.q_proj.weight", 5, 0, geo) == "L1.H2"
+    assert unit_of("model.layers.1.self_attn.k_proj.weight", 3, 0, geo) == "L1.KV1 (H2-H3)"
+    assert unit_of("model.layers.0.self_attn.o_proj.weight", 0, 7, geo) == "L0.H3"
+    assert unit_of("model.layers.0.mlp.down_proj.weight", 1, 10, geo) == "L0.N10"
+    s = torch.zeros(8, 8)
+    s[6, 1], s[2, 3] = 5.0, 3.0
+    w = torch.arange(64.0).view(8, 8)
+    rows = top_weights("model.layers.0.self_attn.q_proj.weight", s, w, w - 0.5, geo, 2)
+    assert [(r["row"], r["col"], r["unit"]) for r in rows] == [(6, 1, "L0.H3"), (2, 3, "L0.H1")]
+    assert rows[0]["value"] == 49.0 and rows[0]["quant_error"] == 0.5

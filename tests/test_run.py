@@ -129,3 +129,30 @@ def test_reference_logits_cache_gives_the_same_metrics(tiny_dir):
     assert direct["kl"] > 0
     assert cached["kl"] == pytest.approx(direct["kl"], rel=1e-6)
     assert cached["top1_agreement"] == direct["top1_agreement"]
+
+
+def test_interrupted_run_resumes_from_finished_steps(tmp_path, tiny_dir, monkeypatch, capsys):
+    from circuitq import run as run_mod
+
+    d, _ = tiny_dir
+    data = task_data(tmp_path)
+    out = tmp_path / "run"
+    args = _args(d, data, out, "--bits", "3", "--baselines", "random")
+    real, calls = run_mod.Runner.run_job, []
+
+    def dying(self, job):
+        calls.append(job)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(self, job)
+
+    monkeypatch.setattr(run_mod.Runner, "run_job", dying)
+    assert main(args) == 130
+    assert not (out / "results.csv").exists()
+    finished = len(list((out / "steps").glob("eval-*")))
+    assert finished >= 3 + 2  # three jobs and the two reference evaluations survived
+    monkeypatch.setattr(run_mod.Runner, "run_job", real)
+    assert main(args) == 0
+    doc = json.loads((out / "run.json").read_text())
+    assert doc["steps"]["reused"] >= 3 and (out / "results.csv").exists()
+    assert not list(out.rglob(".*.tmp-*"))  # nothing half-written left behind
