@@ -150,10 +150,9 @@ def page_explore(run: R.RunEntry) -> None:
                      xaxis_title="input tile", yaxis_title="output tile", height=420)
     st.plotly_chart(hm, key="tile_heatmap")
     weight = q = None
-    src = meta.get("model_source")
+    src = R.model_dir(runs_dir(), meta.get("model_source"))
     try:
-        confine_ok = src and Path(src).is_dir()
-        weight = X.load_weight(src, name).float() if confine_ok else None
+        weight = X.load_weight(src, name).float() if src is not None else None
     except (KeyError, OSError):
         weight = None
     if weight is not None:
@@ -163,7 +162,8 @@ def page_explore(run: R.RunEntry) -> None:
     rows = X.top_weights(name, f["scores"][name], weight if weight is not None else torch.full_like(f["scores"][name], float("nan")),
                          q, geo, 100)
     st.caption("Top weights of this matrix (click a column to sort). quant_error = w − RTN(w) at the run's bits"
-               + ("" if weight is not None else " (the model's weights are not readable here, so value is empty)"))
+               + ("" if weight is not None else " (value is empty: the model directory is not inside the runs "
+                  "directory or circuitq's model cache, so it is not read)"))
     st.dataframe(rows, hide_index=True, key="top_weights")
 
 
@@ -268,13 +268,18 @@ def page_export(root: Path, run: R.RunEntry) -> None:
     default_name = f"{a.task}-{how if b is not None else 'only'}-{bits}bit-{budget:.4%}".replace("%", "pct").replace(":", "-")
     name = "".join(ch if ch.isalnum() or ch in "-._" else "-" for ch in st.text_input("Name", default_name, key="exp_name"))
     out = confine(root, run.path / "models" / name)
+    model = R.model_dir(root, a.model_source)
+    if model is None:
+        st.error(f"The model of these scores ({a.model_source}) is not inside the runs directory or circuitq's model "
+                 "cache; the explorer only reads models from there. Quantize it with `circuitq quantize` instead.")
+        return
     if st.button("Quantize in the background", key="exp_go", disabled=out.exists()):
         mpath = confine(root, run.path / "masks" / f"{name}.safetensors")
         meta = {"model": a.model, "model_source": a.model_source, "task": a.task + (f"{how}{b.task}" if b else ""),
                 "method": a.method, "bits": bits, "fraction": mask_fraction(mask), "requested_fraction": budget,
                 "combine": how if b is not None else None, "sources": [str(a.path)] + ([str(b.path)] if b else [])}
         save_masks(mpath, mask, meta, overwrite=True)
-        cmds = J.quantize_commands(a.model_source, mpath, bits, gs, out, calib, int(samples), 256,
+        cmds = J.quantize_commands(str(model), mpath, bits, gs, out, calib, int(samples), 256,
                                    sorted({a.task, b.task} if b else {a.task}), int(limit),
                                    os.environ.get("CIRCUITQ_DATA_DIR"))
         J.start_job(name, out, cmds)

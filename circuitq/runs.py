@@ -26,6 +26,22 @@ def confine(root: str | Path, path: str | Path) -> Path:
     return p
 
 
+def model_dir(root: str | Path, source: str | None) -> Path | None:
+    """The model directory an artifact names, only when it lies inside the runs directory or
+    circuitq's own model cache (a foreign file cannot point the app at other paths)."""
+    from .models import cache_dir
+
+    if not source:
+        return None
+    for base in (Path(root), cache_dir()):
+        try:
+            p = confine(base, source)
+        except PathOutsideRuns:
+            continue
+        return p if (p / "config.json").exists() else None
+    return None
+
+
 @dataclass
 class ScoreEntry:
     path: Path

@@ -25,10 +25,10 @@ def runs(tmp_path_factory):
     """runs/small (a `circuitq run` on a tiny model), runs/other (scores of a different model) and
     runs/broken (a corrupt run.json)."""
     root = tmp_path_factory.mktemp("app")
-    d, _ = make_tiny_dir(root / "m1")
-    d2, _ = make_tiny_dir(root / "m2", seed=1)
-    data = task_data(root)
     runs = root / "runs"
+    d, _ = make_tiny_dir(runs / ".models" / "m1")   # inside the runs dir: the app may read it
+    d2, _ = make_tiny_dir(root / "m2", seed=1)      # outside: the app must not
+    data = task_data(root)
     assert main(["run", "--model", str(d), "--tasks", "mmlu", "gsm8k", "--bits", "3", "--data-dir", str(data),
                  "--calib-samples", "6", "--calib-seq-len", "64", "--eval-samples", "4", "--eval-seq-len", "96",
                  "--fraction", "0.02", "--group-size", "32", "--batch-size", "4", "--baselines", "magnitude",
@@ -65,6 +65,7 @@ def test_explore_page(runs, monkeypatch):
     assert int(_metric(at, "16-bit weights").replace(",", "")) > n_small
     top = at.dataframe[-1].value
     assert len(top) == 100 and list(top["score"]) == sorted(top["score"], reverse=True)
+    assert top["value"].notna().all() and top["quant_error"].notna().all()
     assert top["unit"].str.match(r"L0\.H\d").all()  # layer 0 q_proj rows belong to query heads
     # unreadable run is listed with its reason, the others still work
     assert any("broken" in m.value and "JSON" in m.value for m in at.sidebar.markdown)
@@ -119,6 +120,14 @@ def test_export_page_runs_a_background_job(runs, monkeypatch):
     from circuitq.masks import load_masks
 
     assert load_masks(mask).metadata["combine"] == "union"
+
+
+def test_export_refuses_a_model_outside_the_runs_dir(runs, monkeypatch):
+    at = _app(runs[0], monkeypatch)
+    at.sidebar.selectbox(key="run").set_value("other").run()
+    at.sidebar.radio(key="page").set_value("Export").run()
+    assert any("only reads models from there" in e.value for e in at.error)
+    assert not at.button  # nothing to start
 
 
 def test_no_runs_says_how_to_make_one(tmp_path, monkeypatch):
