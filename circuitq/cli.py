@@ -352,6 +352,7 @@ def _add_app(sub) -> None:
 
 def cmd_app(a: argparse.Namespace) -> int:
     import importlib.util
+    import os
     import subprocess
 
     script = Path(__file__).resolve().parent.parent / "apps" / "explorer.py"
@@ -364,7 +365,9 @@ def cmd_app(a: argparse.Namespace) -> int:
         print(f"[circuitq] {runs} does not exist yet; the explorer will say how to create a run")
     cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.headless", "true", "--server.port",
            str(a.port), "--server.address", a.host, "--browser.gatherUsageStats", "false", "--", "--runs", str(runs)]
-    print(f"[circuitq] explorer on http://{a.host}:{a.port} (runs: {runs.resolve()}); Ctrl-C stops it")
+    print(f"[circuitq] explorer on http://{a.host}:{a.port} (runs: {runs.resolve()}); Ctrl-C stops it", flush=True)
+    if os.name == "posix":  # become the server, so stopping this process stops it
+        os.execv(sys.executable, cmd)
     return subprocess.call(cmd)
 
 
