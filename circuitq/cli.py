@@ -231,6 +231,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--generate", action="store_true",
+                   help="gsm8k: also generate greedily and score the final number by exact match (slow on CPU)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--data-dir")
     p.add_argument("--device", default=None)
     p.add_argument("--out", required=True)
@@ -259,7 +262,16 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if a.limit is not None and a.limit > len(examples):
         print(f"[circuitq] --limit {a.limit} is larger than the {a.split} split ({len(examples)} items); using all of it")
     examples = examples[: a.limit] if a.limit else examples
+    if a.generate and spec.kind != "gsm8k":
+        raise ValueError("--generate scores GSM8k final answers; use it with --task gsm8k")
     res = evaluate(lm.model, lm.tokenizer, examples, spec.kind, ref.model if ref else None, a.batch_size, a.seq_len)
+    if a.generate:
+        from .evals import generate_exact_match
+
+        gen = generate_exact_match(lm.model, lm.tokenizer, examples, a.max_new_tokens, a.batch_size)
+        res.metrics["generation"] = {k: gen[k] for k in ("exact_match", "items", "unparseable")}
+        if gen["unparseable"]:
+            print(f"[circuitq] {gen['unparseable']} of {gen['items']} generations contain no number (counted as wrong)")
     doc = {"format": "circuitq.eval", "version": __version__, "model": a.model, "reference": a.reference,
            "task": a.task, "split": a.split, "seed": a.seed, "shots": a.shots, "limit": a.limit,
            "model_note": lm.note or (ref.note if ref else ""), "metrics": res.metrics}

@@ -17,6 +17,7 @@ MMLU flips are added. Worked example: identical logits give KL 0 and agreement 1
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -194,3 +195,53 @@ def _summarize(items, kind, kl_sum, agree_sum, n_tok, with_ref) -> dict:
             out["reference_accuracy"] = float(ref.float().mean())
             out["flips"] = count_flips(ref, correct)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# GSM8k generation (optional: slow on a CPU)
+# ---------------------------------------------------------------------------------------------
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def parse_final_number(text: str) -> str | None:
+    """The final answer of a GSM8k-style solution: the number after ``####`` if present, else the
+    last number in the text; commas and a trailing ``.0`` dropped. None when there is no number.
+    Worked example: ``"3 + 4 = 7\\n#### 7"`` -> ``"7"``; ``"so 1,200 apples."`` -> ``"1200"``."""
+    part = text.rsplit("####", 1)[-1] if "####" in text else text
+    found = _NUMBER.findall(part)
+    if not found:
+        return None
+    n = found[0] if "####" in text else found[-1]
+    n = n.replace(",", "")
+    return n[:-2] if n.endswith(".0") else n
+
+
+@torch.no_grad()
+def generate_exact_match(model, tokenizer, examples, max_new_tokens: int = 256, batch_size: int = 8,
+                         progress: bool = True) -> dict:
+    """Greedy generation after each prompt, the final number parsed and compared with the
+    reference answer (``meta["final"]``). Returns accuracy over the parseable outputs, the count of
+    outputs with no number (reported, never an error) and per-item records."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    items, unparsed = [], 0
+    try:
+        for b in tqdm(range(0, len(examples), batch_size), desc="generate", disable=not progress):
+            chunk = examples[b:b + batch_size]
+            enc = tokenizer([e.prompt for e in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            for e, seq in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
+                text = tokenizer.decode(seq, skip_special_tokens=True)
+                pred = parse_final_number(text)
+                unparsed += pred is None
+                ref = parse_final_number(str(e.meta.get("final", "")))
+                items.append({"pred": pred, "answer": ref, "correct": pred is not None and pred == ref})
+    finally:
+        tokenizer.padding_side = side
+    n = len(items)
+    return {"exact_match": sum(r["correct"] for r in items) / max(n, 1), "items": n, "unparseable": unparsed,
+            "records": items}

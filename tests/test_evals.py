@@ -76,3 +76,26 @@ def test_eval_refuses_different_vocabularies(tmp_path, tiny_dir, capsys):
     rc = main(["eval", "--model", str(d), "--reference", str(other), "--task", f"text:{text}",
                "--out", str(tmp_path / "e.json")])
     assert rc == 2 and "different tokenizers or vocabularies" in capsys.readouterr().err
+
+
+def test_parse_final_number():
+    from circuitq.evals import parse_final_number
+
+    assert parse_final_number("3 + 4 = 7\n#### 7") == "7"
+    assert parse_final_number("so she has 1,200 apples.") == "1200"
+    assert parse_final_number("#### -3.0") == "-3"
+    assert parse_final_number("no idea") is None
+
+
+def test_eval_cli_gsm8k_generation_counts_unparseable(tmp_path, tiny_dir):
+    from conftest import task_data
+
+    d, _ = tiny_dir
+    data = task_data(tmp_path)
+    out = tmp_path / "g.json"
+    assert main(["eval", "--model", str(d), "--task", "gsm8k", "--data-dir", str(data), "--limit", "3",
+                 "--generate", "--max-new-tokens", "8", "--out", str(out)]) == 0
+    g = json.loads(out.read_text())["metrics"]["generation"]
+    assert g["items"] == 3 and 0 <= g["unparseable"] <= 3 and 0 <= g["exact_match"] <= 1
+    assert main(["eval", "--model", str(d), "--task", "mmlu", "--data-dir", str(data), "--generate",
+                 "--out", str(tmp_path / "m.json")]) == 2
