@@ -14,6 +14,9 @@ no weight processing, so the HF weights are untouched and names map one to one.
 """
 from __future__ import annotations
 
+import contextlib
+import types
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +27,9 @@ TL_TO_HF = {
     "attn.o": "self_attn.o_proj", "mlp.gate": "mlp.gate_proj", "mlp.in": "mlp.up_proj", "mlp.out": "mlp.down_proj",
 }
 STATS = ("sum_abs", "sum", "sum_sq", "act_sq")
+# padded tokens per forward/backward: memory grows with tokens in flight, throughput hardly does
+# (analyses/RESULTS.md: SmolLM2-135M on 2 CPU cores, 512 tokens ~2.6 GB peak at the same tokens/s as 2048)
+DEFAULT_BATCH_TOKENS = 512
 
 
 @dataclass
@@ -55,30 +61,84 @@ def per_sample_grads(x: torch.Tensor, g: torch.Tensor, token_mask: torch.Tensor)
     """``G_s = Σ_t m_t g_tᵀ x_t``: ``x`` ``[B, T, in]``, ``g`` ``[B, T, out]``, ``token_mask``
     ``[B, T]`` -> ``[B, out, in]`` float32."""
     g = g.float() * token_mask[..., None].to(torch.float32)
-    return torch.einsum("bto,bti->boi", g, x.float())
+    return torch.bmm(g.transpose(1, 2), x.float())
+
+
+def right_padded_lengths(token_mask: torch.Tensor) -> list[int] | None:
+    """Each row's token count when ``token_mask`` ``[B, T]`` is right padding (every row a run of
+    ``True`` from position 0), else ``None``."""
+    n = token_mask.sum(1)
+    prefix = torch.arange(token_mask.shape[1], device=token_mask.device)[None, :] < n[:, None]
+    return n.tolist() if torch.equal(prefix, token_mask.bool()) else None
+
+
+def finite_samples(t: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """``[B]``: whether ``t`` ``[B, T, d]`` is finite at every unmasked token (one pass: a
+    non-finite entry makes its row sum non-finite)."""
+    return (torch.isfinite(t.sum(-1, dtype=torch.float32)) | ~token_mask.bool()).all(1)
 
 
 def accumulate(state: GradStats, name: str, x: torch.Tensor, g: torch.Tensor, token_mask: torch.Tensor,
-               sample_ok: torch.Tensor) -> torch.Tensor:
-    """Add one module's batch to ``state`` in place; returns the per-sample finite flags ``[B]``.
+               sample_ok: torch.Tensor, *, x_ok: torch.Tensor | None = None, lengths: list[int] | None = None,
+               per_sample: bool | None = None, scratch: dict | None = None) -> torch.Tensor:
+    """Add one module's batch to ``state`` in place; returns the per-sample flags ``[B]`` of the
+    samples summed.
 
-    ``sample_ok`` (``[B]`` bool) excludes samples already known to be bad; samples whose
-    gradient is not finite are excluded too (the caller counts them).
+    ``x`` ``[B, T, in]``, ``g`` ``[B, T, out]``, ``token_mask`` ``[B, T]``. ``sample_ok`` (``[B]``
+    bool) excludes samples already known to be bad; samples whose ``g`` or ``x`` is not finite at
+    an unmasked token are excluded too (the caller counts them). ``x_ok`` passes ``x``'s flags
+    when the caller has them (inputs shared by several modules); ``lengths`` the right-padding
+    lengths (``right_padded_lengths``), so padded tokens are sliced away rather than multiplied
+    by zero.
+
+    Two equal ways to form ``G_s``: ``per_sample=True`` loops over samples with one ``[out, in]``
+    scratch matrix that stays in cache and is added into the sums straight away (the CPU
+    default); ``False`` forms the ``[B, out, in]`` batch with one batched matmul (the GPU
+    default).
     """
-    # finite inputs give a finite G (checked on the small [B, T, ·] tensors, not on [B, out, in])
-    ok = sample_ok & torch.isfinite(g).flatten(1).all(1) & torch.isfinite(x).flatten(1).all(1)
-    if not bool(ok.all()):
-        x, g, token_mask = x[ok], g[ok], token_mask[ok]
-    G = per_sample_grads(x, g, token_mask)
+    ok = sample_ok & finite_samples(g, token_mask) & (finite_samples(x, token_mask) if x_ok is None else x_ok)
     t = state.tensors
-    if "sum_abs" in t:
-        t["sum_abs"][name] += (G.abs() if ("sum" in t or "sum_sq" in t) else G.abs_()).sum(0)
-    if "sum" in t:
-        t["sum"][name] += G.sum(0)
-    if "sum_sq" in t:
-        t["sum_sq"][name] += (G * G).sum(0)
+    want_sum, want_sq, want_abs = "sum" in t, "sum_sq" in t, "sum_abs" in t
+    if want_sum or want_sq or want_abs:
+        if per_sample is None:
+            per_sample = x.device.type == "cpu"
+        xf, gf = x.float(), g.float()
+        if per_sample:
+            flags = ok.tolist()
+            shape = (g.shape[-1], x.shape[-1])
+            key = (shape, x.device)
+            buf = scratch.get(key) if scratch is not None else None
+            if buf is None:
+                buf = torch.empty(shape, dtype=torch.float32, device=x.device)
+                if scratch is not None:
+                    scratch[key] = buf
+            for s, keep in enumerate(flags):
+                if not keep:
+                    continue
+                if lengths is not None:
+                    gs, xs = gf[s, :lengths[s]], xf[s, :lengths[s]]
+                else:
+                    idx = token_mask[s].nonzero().flatten()
+                    gs, xs = gf[s, idx], xf[s, idx]
+                torch.mm(gs.T, xs, out=buf)
+                if want_sum:
+                    t["sum"][name] += buf
+                if want_sq:
+                    t["sum_sq"][name].addcmul_(buf, buf)
+                if want_abs:
+                    t["sum_abs"][name] += buf.abs_()
+        else:
+            keep = (ok[:, None] & token_mask.bool())[..., None]
+            G = torch.bmm(torch.where(keep, gf, 0.0).transpose(1, 2), torch.where(keep, xf, 0.0))
+            if want_sum:
+                t["sum"][name] += G.sum(0)
+            if want_sq:
+                t["sum_sq"][name] += (G * G).sum(0)
+            if want_abs:
+                t["sum_abs"][name] += G.abs_().sum(0)
     if "act_sq" in t:
-        xm = x.float() * token_mask[..., None]
+        keep = (ok[:, None] & token_mask.bool())[..., None]
+        xm = torch.where(keep, x.float(), 0.0)
         t["act_sq"][name] += (xm * xm).sum((0, 1))
     return ok
 
@@ -103,10 +163,67 @@ def scored_positions(loss_mask: torch.Tensor) -> torch.Tensor:
 
 
 def boot_bridge(model, tokenizer, name_or_path: str):
-    """Wrap a loaded HF model in a TransformerLens ``TransformerBridge`` (no weight processing)."""
+    """Wrap a loaded HF model in a TransformerLens ``TransformerBridge`` (no weight processing).
+
+    Booting rewires ``model`` in place (its submodules become bridge components, and the
+    attention implementation is forced to eager); ``bridged`` undoes that afterwards."""
     from transformer_lens.model_bridge import TransformerBridge
 
     return TransformerBridge.boot_transformers(name_or_path, hf_model=model, tokenizer=tokenizer)
+
+
+def _attn_configs(model) -> dict:
+    return {id(c): c for c in [model.config] + [getattr(m, "config", None) for m in model.modules()]
+            if c is not None and hasattr(c, "_attn_implementation")}
+
+
+@contextmanager
+def bridged(model, tokenizer, name_or_path: str):
+    """A ``TransformerBridge`` around ``model`` for the duration of the block; afterwards the HF
+    module tree and attention implementation are as before, so the caller's model keeps its HF
+    parameter names and a later bridge does not nest inside this one."""
+    tree = [(m, dict(m._modules)) for m in model.modules()]
+    configs = _attn_configs(model)
+    impl = {k: c._attn_implementation for k, c in configs.items()}
+    try:
+        yield boot_bridge(model, tokenizer, name_or_path)
+    finally:
+        for m, children in tree:
+            m._modules.clear()
+            m._modules.update(children)
+        for k, c in configs.items():
+            c._attn_implementation = impl[k]
+
+
+@contextmanager
+def fused_attention(bridge, model, impl: str = "sdpa"):
+    """Within the block, the bridge's attention components delegate to the HF attention module
+    (TransformerLens's own ``AttentionBridge.forward``: ``hook_in`` -> HF -> ``hook_out``) and HF
+    runs ``impl`` (fused scaled-dot-product attention) instead of the bridge's step-by-step
+    reimplementation. The q/k/v/o LinearBridges sit inside the HF module, so their hooks fire as
+    before; only the attention-internal hooks (``hook_attn_scores``, ``hook_pattern``, ...) are
+    silent, which scoring never uses. The same math, without the ``[B, heads, T, T]`` pattern
+    kept for the backward pass. Restores the forwards and the attention implementation after."""
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    swapped = []
+    for m in bridge.modules():
+        if isinstance(m, AttentionBridge) and type(m).forward is not AttentionBridge.forward \
+                and getattr(m, "original_component", None) is not None:
+            # object.__setattr__: the bridge's own __setattr__ would pass the name on to the HF module
+            object.__setattr__(m, "forward", types.MethodType(AttentionBridge.forward, m))
+            swapped.append(m)
+    configs = _attn_configs(model)
+    before = {k: c._attn_implementation for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._attn_implementation = impl
+        yield len(swapped)
+    finally:
+        for m in swapped:
+            object.__delattr__(m, "forward")
+        for k, c in configs.items():
+            c._attn_implementation = before[k]
 
 
 def hf_param_name(bridge_name: str) -> str:
@@ -116,30 +233,43 @@ def hf_param_name(bridge_name: str) -> str:
 
 class HookCapture:
     """Registers the forward/backward hooks on a bridge for the targeted modules of every layer
-    and feeds ``accumulate``. Use as a context manager around forward + backward of a batch."""
+    and feeds ``accumulate``. Use as a context manager around forward + backward of a batch.
 
-    def __init__(self, bridge, n_layers: int, state: GradStats, layers_prefix: str = "model.layers"):
-        self.bridge, self.state = bridge, state
+    Modules that read the same input (q/k/v; gate/up) share it: its finiteness flags are
+    computed once per batch. ``per_sample`` picks ``accumulate``'s way of forming ``G_s``."""
+
+    def __init__(self, bridge, n_layers: int, state: GradStats, layers_prefix: str = "model.layers",
+                 per_sample: bool | None = None):
+        self.bridge, self.state, self.per_sample = bridge, state, per_sample
         self.targets = [(f"blocks.{i}.{tl}", f"{layers_prefix}.{i}.{hf}.weight")
                         for i in range(n_layers) for tl, hf in TL_TO_HF.items()]
-        self.acts: dict[str, torch.Tensor] = {}
-        self.token_mask = self.sample_ok = None
+        self.acts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.token_mask = self.sample_ok = self.lengths = None
         self.bad = None
+        self.scratch: dict = {}
+        self._x_ok: dict = {}
 
     def _fwd(self, hf):
         def hook(x, hook):
-            self.acts[hf] = x.detach().flatten(2)  # [B, T, heads, d_head] views -> [B, T, in]
+            key = (x.data_ptr(), tuple(x.shape))
+            if key not in self._x_ok:
+                self._x_ok[key] = finite_samples(x.detach().flatten(2), self.token_mask)
+            self.acts[hf] = (x.detach().flatten(2), self._x_ok[key])  # [B, T, heads, d_head] -> [B, T, in]
         return hook
 
     def _bwd(self, hf):
         def hook(g, hook):
-            ok = accumulate(self.state, hf, self.acts.pop(hf), g.detach().flatten(2), self.token_mask, self.sample_ok)
-            self.bad |= ~ok
+            x, x_ok = self.acts.pop(hf)
+            ok = accumulate(self.state, hf, x, g.detach().flatten(2), self.token_mask, self.sample_ok, x_ok=x_ok,
+                            lengths=self.lengths, per_sample=self.per_sample, scratch=self.scratch)
+            self.bad |= self.sample_ok & ~ok
         return hook
 
     def batch(self, token_mask: torch.Tensor, sample_ok: torch.Tensor):
         self.token_mask, self.sample_ok = token_mask, sample_ok
+        self.lengths = right_padded_lengths(token_mask)
         self.bad = torch.zeros_like(sample_ok)
+        self._x_ok = {}
         fwd = [(f"{tl}.hook_in", self._fwd(hf)) for tl, hf in self.targets]
         bwd = [(f"{tl}.hook_out", self._bwd(hf)) for tl, hf in self.targets]
         return self.bridge.hooks(fwd_hooks=fwd, bwd_hooks=bwd)
@@ -149,15 +279,38 @@ class CollectResult(dict):
     """``{"stats": GradStats, "truncated": int, "seconds": float, "tokens_per_s": float}``."""
 
 
+def plan_batches(lengths: list[int], batch_size: int, batch_tokens: int = 0, start: int = 0) -> list[list[int]]:
+    """Greedy batches over positions ``start..`` of ``lengths`` (token counts, in processing
+    order): at most ``batch_size`` samples, and at most ``batch_tokens`` padded tokens
+    (``samples × longest``; 0 = no limit). A sample longer than the budget runs alone.
+    Returns lists of positions; the same ``start`` always gives the same batches."""
+    out, cur, longest = [], [], 0
+    for i in range(start, len(lengths)):
+        n = max(longest, lengths[i])
+        if cur and (len(cur) >= batch_size or (batch_tokens and (len(cur) + 1) * n > batch_tokens)):
+            out.append(cur)
+            cur, n = [], lengths[i]
+        cur.append(i)
+        longest = n
+    if cur:
+        out.append(cur)
+    return out
+
+
 def collect_stats(model, tokenizer, examples, model_path: str, batch_size: int = 8, seq_len: int = 512,
                   stats=STATS, state: GradStats | None = None, start: int = 0, progress: bool = True,
-                  on_batch=None) -> CollectResult:
+                  on_batch=None, batch_tokens: int = DEFAULT_BATCH_TOKENS, attention: str = "sdpa",
+                  per_sample: bool | None = None) -> CollectResult:
     """Run ``examples`` through a TransformerLens bridge around ``model`` and accumulate
     per-sample gradient statistics (driver: hooks, batches and progress live here).
 
-    Examples are processed in order of token length (stable), so batches hold similar lengths
-    and little padding; ``start`` counts examples in that order. Logits are computed only at
-    the positions scored in the batch (``logits_to_keep``).
+    Examples are processed longest first (stable), so batches hold similar lengths and little
+    padding and the largest batch comes first; ``start`` counts examples in that order. A batch
+    holds at most ``batch_size`` samples and, with ``batch_tokens``, at most that many padded
+    tokens (memory grows with tokens in flight, throughput hardly does). Logits are computed
+    only at the positions scored in the batch (``logits_to_keep``). ``attention``: ``"sdpa"``
+    (default) runs HF's fused attention inside the bridge (``fused_attention``), ``"bridge"``
+    TransformerLens's step-by-step attention; both give the same statistics.
 
     ``state`` continues an earlier accumulation (resume); ``on_batch(state, n_done)`` is called
     after every batch (checkpointing). Parameters are frozen during the run and restored after.
@@ -169,31 +322,38 @@ def collect_stats(model, tokenizer, examples, model_path: str, batch_size: int =
     from .quantize import target_shapes
     from .tasks import collate, tokenize_examples
 
+    if attention not in ("sdpa", "bridge", "eager"):
+        raise ValueError(f"attention must be 'sdpa', 'eager' or 'bridge', got '{attention}'")
     device = next(model.parameters()).device
     shapes = target_shapes(model)
     state = state if state is not None else GradStats.zeros(shapes, device, stats)
     tok = tokenize_examples(examples, tokenizer, seq_len)
-    order = sorted(range(len(tok.ids)), key=lambda i: len(tok.ids[i]))  # length buckets: little padding
-    bridge = boot_bridge(model, tokenizer, model_path)
-    cap = HookCapture(bridge, model.config.num_hidden_layers, state)
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    embed = model.get_input_embeddings()
-    h_embed = embed.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+    order = sorted(range(len(tok.ids)), key=lambda i: -len(tok.ids[i]))  # longest first
+    batches = plan_batches([len(tok.ids[i]) for i in order], batch_size, batch_tokens, start)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     t0, tokens = time.perf_counter(), 0
     bar = tqdm(total=len(examples) - start, desc="scoring", unit="sample", disable=not progress)
-    try:
-        for b in range(start, len(examples), batch_size):
-            idx = order[b:b + batch_size]
+    with contextlib.ExitStack() as stack:
+        stack.callback(bar.close)
+        stack.callback(lambda: [p.requires_grad_(f) for p, f in flags])
+        bridge = stack.enter_context(bridged(model, tokenizer, model_path))
+        if attention != "bridge":
+            stack.enter_context(fused_attention(bridge, model, attention))
+        cap = HookCapture(bridge, model.config.num_hidden_layers, state, per_sample=per_sample)
+        for p, _ in flags:
+            p.requires_grad_(False)
+        h_embed = model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+        stack.callback(h_embed.remove)
+        for positions in batches:
+            idx = [order[p] for p in positions]
             ids, st = [tok.ids[i] for i in idx], [tok.scored_from[i] for i in idx]
-            batch = collate(ids, st, pad)
-            input_ids, attn, lmask = (t.to(device) for t in batch)
+            input_ids, attn, lmask = (t.to(device) for t in collate(ids, st, pad))
             with cap.batch(attn, torch.ones(len(ids), dtype=torch.bool, device=device)):
                 pos = scored_positions(lmask)
                 logits = bridge(input_ids, attention_mask=attn.long(), return_type="logits", logits_to_keep=pos)
                 losses = sample_losses(logits, input_ids, lmask, pos)
+                del logits
                 ok = torch.isfinite(losses)
                 cap.sample_ok = ok
                 if ok.any():
@@ -207,11 +367,6 @@ def collect_stats(model, tokenizer, examples, model_path: str, batch_size: int =
             bar.update(len(ids))
             bar.set_postfix_str(f"{tokens / (time.perf_counter() - t0):.0f} tok/s")
             if on_batch is not None:
-                on_batch(state, b + len(ids))
-    finally:
-        bar.close()
-        h_embed.remove()
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
+                on_batch(state, positions[-1] + 1)
     secs = time.perf_counter() - t0
     return CollectResult(stats=state, truncated=tok.truncated, seconds=secs, tokens_per_s=tokens / max(secs, 1e-9))

@@ -122,7 +122,12 @@ def _add_score(sub) -> None:
     p.add_argument("--group-size", type=int, default=_SD.group_size)
     p.add_argument("--samples", type=int, default=_SD.samples)
     p.add_argument("--seq-len", type=int, default=_SD.seq_len)
-    p.add_argument("--batch-size", type=int, default=_SD.batch_size)
+    p.add_argument("--batch-size", type=int, default=_SD.batch_size, help="samples per forward/backward (at most)")
+    p.add_argument("--batch-tokens", type=int, default=_SD.batch_tokens,
+                   help="padded tokens per forward/backward (at most; 0 = no limit): bounds memory")
+    p.add_argument("--attention", choices=["sdpa", "eager", "bridge"], default=_SD.attention,
+                   help="sdpa: HF's fused attention inside the TransformerLens bridge (less memory); "
+                        "bridge: TransformerLens's step-by-step attention. Same scores")
     p.add_argument("--shots", type=int, default=_SD.shots, help="MMLU few-shot examples from the dev split")
     p.add_argument("--seed", type=int, default=_SD.seed)
     p.add_argument("--data-dir")
@@ -142,8 +147,10 @@ def cmd_score(a: argparse.Namespace) -> int:
 
     torch.manual_seed(a.seed)
     lm = load_model(a.model, device=_device(a.device))
+    if a.batch_size < 1 or a.batch_tokens < 0:
+        raise ValueError("--batch-size must be at least 1 and --batch-tokens at least 0 (0 = no limit)")
     cfg = ScoreConfig(a.task, a.method, a.bits, a.group_size, a.samples, a.seq_len, a.batch_size, a.seed,
-                      a.shots, a.checkpoint_every)
+                      a.shots, a.checkpoint_every, a.batch_tokens, a.attention)
     out = run_score(lm, cfg, a.out, a.data_dir, a.resume, a.overwrite)
     print(f"[circuitq] wrote scores to {out}")
     return 0

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .artifacts import atomic_dir, check_writable
-from .capture import STATS, GradStats, collect_stats
+from .capture import DEFAULT_BATCH_TOKENS, STATS, GradStats, collect_stats
 from .saliency import SaliencyInputs, compute_scores, method as saliency_method
 
 SCORES_FORMAT = "circuitq.scores"
@@ -38,6 +38,8 @@ class ScoreConfig:
     seed: int = 0
     shots: int = 0
     checkpoint_every: int = 0   # samples between checkpoints (0 = none)
+    batch_tokens: int = DEFAULT_BATCH_TOKENS   # padded tokens per forward/backward (0 = only --batch-size)
+    attention: str = "sdpa"     # "sdpa": HF fused attention inside the bridge; "bridge": TransformerLens's own
 
 
 class ScoreFile(dict):
@@ -111,26 +113,31 @@ def run_score(lm, cfg: ScoreConfig, out: str | Path, data_dir=None, resume: bool
 
     meta = {"model": lm.name, "model_source": lm.source, "model_note": lm.note, **asdict(cfg),
             "geometry": Geometry.from_config(lm.model.config).to_dict(),
-            "n_examples": len(examples), "world_size": world, "circuitq_version": __version__}
+            "n_examples": len(examples), "world_size": world, "circuitq_version": __version__,
+            "sample_order": "longest-first"}
     ckpt = out.parent / f".{out.name}.ckpt-rank{rank}.safetensors"
     state, start = None, 0
     if resume and ckpt.exists():
         state, cmeta = load_stats(ckpt, next(lm.model.parameters()).device)
-        if {k: cmeta.get(k) for k in ("task", "seed", "samples", "seq_len", "batch_size")} != \
-                {k: meta[k] for k in ("task", "seed", "samples", "seq_len", "batch_size")}:
+        same = ("task", "seed", "samples", "seq_len", "shots", "world_size", "sample_order")
+        if {k: cmeta.get(k) for k in same} != {k: meta[k] for k in same}:
             raise ValueError(f"checkpoint {ckpt} was made with other settings; drop --resume or delete it")
         start = cmeta["done"]
         print(f"[circuitq] resuming from {ckpt} after {start} samples")
     every = cfg.checkpoint_every
 
+    last = [start]
+
     def on_batch(st, done):
-        if every and (done // every) > ((done - cfg.batch_size) // every):
+        if every and done // every > last[0] // every:
             _save_stats(ckpt, st, {**meta, "done": done})
+            last[0] = done
 
     t0 = time.perf_counter()
     needed = tuple(s for s in STATS if s in m.stats) or ("sum_abs",)  # only what the method reads
     res = collect_stats(lm.model, lm.tokenizer, mine, lm.source, cfg.batch_size, cfg.seq_len, needed,
-                        state, start, progress=progress and rank == 0, on_batch=on_batch)
+                        state, start, progress=progress and rank == 0, on_batch=on_batch,
+                        batch_tokens=cfg.batch_tokens, attention=cfg.attention)
     st = res["stats"]
     if dist:
         for d in st.tensors.values():

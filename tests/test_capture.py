@@ -71,3 +71,91 @@ def test_accumulate_in_pieces_equals_at_once_and_skips_nonfinite():
     assert ok.tolist() == [True, True, False, True]
     assert torch.isfinite(st.tensors["sum_abs"]["w"]).all()
     assert torch.allclose(st.tensors["sum_abs"]["w"], G[[0, 1, 3]].abs().sum(0), atol=1e-6)
+
+
+def _rand_batch(seed=1, B=5, T=7, n_in=6, n_out=4):
+    g = torch.Generator().manual_seed(seed)
+    x, gr = torch.randn(B, T, n_in, generator=g), torch.randn(B, T, n_out, generator=g)
+    lengths = [7, 5, 3, 7, 1]
+    mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
+    return x, gr, mask, lengths
+
+
+def test_per_sample_loop_and_batched_matmul_agree_on_every_statistic():
+    x, gr, mask, lengths = _rand_batch()
+    gr[2, 1, 0] = float("inf")          # a bad sample, inside its tokens
+    x[1, 6, 2] = float("nan")           # NaN at a padded position: ignored, sample 1 kept
+    shapes = {"w": (4, 6)}
+    ok_all = torch.ones(5, dtype=torch.bool)
+    runs = {}
+    for name, kw in {"loop+lengths": dict(per_sample=True, lengths=lengths), "loop+mask": dict(per_sample=True),
+                     "batched": dict(per_sample=False)}.items():
+        st = GradStats.zeros(shapes, "cpu")
+        ok = accumulate(st, "w", x, gr, mask, ok_all, **kw)
+        assert ok.tolist() == [True, True, False, True, True], name
+        runs[name] = st
+    keep = [0, 1, 3, 4]
+    G = torch.stack([gr[s, :lengths[s]].T @ x[s, :lengths[s]] for s in keep])
+    xm = torch.stack([torch.where(mask[s, :, None], x[s], 0.0) for s in keep])
+    direct = {"sum_abs": G.abs().sum(0), "sum": G.sum(0), "sum_sq": (G * G).sum(0), "act_sq": (xm * xm).sum((0, 1))}
+    for name, st in runs.items():
+        for s, want in direct.items():
+            assert torch.allclose(st.tensors[s]["w"], want, atol=1e-5), (name, s)
+
+
+def test_right_padded_lengths_and_finite_samples():
+    from circuitq.capture import finite_samples, right_padded_lengths
+
+    _, _, mask, lengths = _rand_batch()
+    assert right_padded_lengths(mask) == lengths
+    holes = mask.clone()
+    holes[0, 2] = False
+    assert right_padded_lengths(holes) is None
+    t = torch.zeros(5, 7, 3)
+    t[1, 6, 0] = float("nan")   # padded: fine
+    t[3, 0, 2] = float("-inf")  # real token: bad
+    assert finite_samples(t, mask).tolist() == [True, True, True, False, True]
+
+
+def test_plan_batches_respects_count_and_token_budget_and_resumes_the_same():
+    from circuitq.capture import plan_batches
+
+    lengths = [300, 200, 120, 120, 100, 60, 60, 50, 40, 10]   # longest first
+    b = plan_batches(lengths, batch_size=3, batch_tokens=256)
+    assert b == [[0], [1], [2, 3], [4, 5], [6, 7, 8], [9]]
+    assert all(len(x) <= 3 and (len(x) == 1 or len(x) * lengths[x[0]] <= 256) for x in b)
+    assert [i for x in b for i in x] == list(range(len(lengths)))
+    assert plan_batches(lengths, 3, 256, start=4) == b[3:]
+    assert plan_batches(lengths, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_fused_attention_equals_bridge_attention_and_restores_the_bridge(tiny_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from circuitq.capture import bridged, fused_attention
+
+    d, _ = tiny_dir
+    tok = AutoTokenizer.from_pretrained(d)
+    model = AutoModelForCausalLM.from_pretrained(d).eval()
+    ex = _examples()
+    out = {a: collect_stats(model, tok, ex, str(d), batch_size=3, seq_len=64, progress=False, attention=a,
+                            batch_tokens=40)["stats"] for a in ("sdpa", "bridge")}
+    for s in ("sum_abs", "sum"):
+        for n, t in out["bridge"].tensors[s].items():
+            assert (out["sdpa"].tensors[s][n] - t).norm() <= 1e-5 * t.norm(), (s, n)
+    names = [n for n, _ in model.named_parameters()]
+    layer_type = type(model.model.layers[0])
+    impl = model.config._attn_implementation
+    with bridged(model, tok, str(d)) as bridge:
+        assert type(model.model.layers[0]) is not layer_type    # booting rewires the model in place ...
+        attn = bridge.blocks[0].attn
+        with fused_attention(bridge, model) as n_swapped:
+            assert n_swapped == model.config.num_hidden_layers
+            assert "forward" in vars(attn) and model.config._attn_implementation == "sdpa"
+        assert "forward" not in vars(attn)
+    # ... and bridged() puts it back: HF names, HF modules, attention implementation
+    assert [n for n, _ in model.named_parameters()] == names and type(model.model.layers[0]) is layer_type
+    assert model.config._attn_implementation == impl
+    again = collect_stats(model, tok, ex, str(d), batch_size=3, seq_len=64, progress=False, batch_tokens=40)["stats"]
+    for n, t in out["sdpa"].tensors["sum_abs"].items():
+        assert torch.equal(again.tensors["sum_abs"][n], t), n   # a second scoring sees the same model
