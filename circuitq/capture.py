@@ -236,30 +236,69 @@ class HookCapture:
     and feeds ``accumulate``. Use as a context manager around forward + backward of a batch.
 
     Modules that read the same input (q/k/v; gate/up) share it: its finiteness flags are
-    computed once per batch. ``per_sample`` picks ``accumulate``'s way of forming ``G_s``."""
+    computed once per batch. ``per_sample`` picks ``accumulate``'s way of forming ``G_s``.
+
+    The down projection's input ``act(gate) * up`` is the largest tensor the hooks would keep,
+    and autograd keeps ``gate`` and ``up`` anyway (for the activation's and the product's
+    backward): with ``recompute_mlp`` the hooks keep references to those two and recompute the
+    input in the backward hook. The first forward checks that the recomputation equals the real
+    input bit for bit; where it does not (another MLP form), the input is kept as usual."""
 
     def __init__(self, bridge, n_layers: int, state: GradStats, layers_prefix: str = "model.layers",
-                 per_sample: bool | None = None):
+                 per_sample: bool | None = None, recompute_mlp: bool = True):
         self.bridge, self.state, self.per_sample = bridge, state, per_sample
-        self.targets = [(f"blocks.{i}.{tl}", f"{layers_prefix}.{i}.{hf}.weight")
+        self.targets = [(f"blocks.{i}.{tl}", f"{layers_prefix}.{i}.{hf}.weight", i, tl)
                         for i in range(n_layers) for tl, hf in TL_TO_HF.items()]
-        self.acts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.acts: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
         self.token_mask = self.sample_ok = self.lengths = None
         self.bad = None
         self.scratch: dict = {}
         self._x_ok: dict = {}
+        self.act_fns: dict[int, object] = {}
+        if recompute_mlp:
+            for i in range(n_layers):
+                try:
+                    act = getattr(bridge.blocks[i].mlp, "act_fn", None)
+                except (AttributeError, IndexError):
+                    act = None
+                if callable(act):
+                    self.act_fns[i] = act
+        self.recompute_ok: bool | None = None if self.act_fns else False   # None: not checked yet
+        self._gate_up: dict[tuple[int, str], torch.Tensor] = {}
 
-    def _fwd(self, hf):
-        def hook(x, hook):
-            key = (x.data_ptr(), tuple(x.shape))
-            if key not in self._x_ok:
-                self._x_ok[key] = finite_samples(x.detach().flatten(2), self.token_mask)
-            self.acts[hf] = (x.detach().flatten(2), self._x_ok[key])  # [B, T, heads, d_head] -> [B, T, in]
+    def _down_input(self, i: int) -> torch.Tensor:
+        with torch.no_grad():
+            return self.act_fns[i](self._gate_up[(i, "gate")]) * self._gate_up[(i, "up")]
+
+    def _keep_out(self, i: int, which: str):
+        def hook(y, hook):
+            self._gate_up[(i, which)] = y.detach()
         return hook
 
-    def _bwd(self, hf):
+    def _fwd(self, hf, i, tl):
+        def hook(x, hook):
+            key = (x.data_ptr(), tuple(x.shape))
+            x = x.detach()
+            if key not in self._x_ok:
+                self._x_ok[key] = finite_samples(x.flatten(2), self.token_mask)
+            if tl == "mlp.out" and i in self.act_fns and self.recompute_ok is not False:
+                if self.recompute_ok is None:
+                    self.recompute_ok = torch.equal(self._down_input(i), x)
+                if self.recompute_ok:
+                    self.acts[hf] = (None, self._x_ok[key])
+                    return
+            if tl == "mlp.out":   # input kept: the references are not needed
+                self._gate_up.pop((i, "gate"), None)
+                self._gate_up.pop((i, "up"), None)
+            self.acts[hf] = (x.flatten(2), self._x_ok[key])  # [B, T, heads, d_head] -> [B, T, in]
+        return hook
+
+    def _bwd(self, hf, i, tl):
         def hook(g, hook):
             x, x_ok = self.acts.pop(hf)
+            if x is None:
+                x = self._down_input(i).flatten(2)
+                del self._gate_up[(i, "gate")], self._gate_up[(i, "up")]
             ok = accumulate(self.state, hf, x, g.detach().flatten(2), self.token_mask, self.sample_ok, x_ok=x_ok,
                             lengths=self.lengths, per_sample=self.per_sample, scratch=self.scratch)
             self.bad |= self.sample_ok & ~ok
@@ -270,8 +309,12 @@ class HookCapture:
         self.lengths = right_padded_lengths(token_mask)
         self.bad = torch.zeros_like(sample_ok)
         self._x_ok = {}
-        fwd = [(f"{tl}.hook_in", self._fwd(hf)) for tl, hf in self.targets]
-        bwd = [(f"{tl}.hook_out", self._bwd(hf)) for tl, hf in self.targets]
+        self._gate_up = {}
+        fwd = [(f"{name}.hook_in", self._fwd(hf, i, tl)) for name, hf, i, tl in self.targets]
+        if self.recompute_ok is not False:
+            fwd += [(f"blocks.{i}.mlp.{tl}.hook_out", self._keep_out(i, which))
+                    for i in self.act_fns for tl, which in (("gate", "gate"), ("in", "up"))]
+        bwd = [(f"{name}.hook_out", self._bwd(hf, i, tl)) for name, hf, i, tl in self.targets]
         return self.bridge.hooks(fwd_hooks=fwd, bwd_hooks=bwd)
 
 

@@ -159,3 +159,39 @@ def test_fused_attention_equals_bridge_attention_and_restores_the_bridge(tiny_di
     again = collect_stats(model, tok, ex, str(d), batch_size=3, seq_len=64, progress=False, batch_tokens=40)["stats"]
     for n, t in out["sdpa"].tensors["sum_abs"].items():
         assert torch.equal(again.tensors["sum_abs"][n], t), n   # a second scoring sees the same model
+
+
+def test_recomputed_down_projection_input_gives_the_same_statistics(tiny_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import circuitq.capture as C
+
+    d, _ = tiny_dir
+    tok = AutoTokenizer.from_pretrained(d)
+    model = AutoModelForCausalLM.from_pretrained(d).eval()
+    ex = _examples()
+    seen = {}
+    orig = C.HookCapture.__init__
+
+    def spy(self, *a, recompute_mlp=True, **k):
+        orig(self, *a, recompute_mlp=recompute_mlp and seen["on"] != "off", **k)
+        if seen["on"] == "wrong":   # an MLP that is not act(gate) * up: the check must catch it
+            self.act_fns = {i: torch.tanh for i in self.act_fns}
+        seen["cap"] = self
+
+    runs = {}
+    for on in ("on", "off", "wrong"):
+        seen.clear()
+        seen["on"] = on
+        C.HookCapture.__init__ = spy
+        try:
+            runs[on] = collect_stats(model, tok, ex, str(d), batch_size=3, seq_len=64, progress=False)["stats"]
+        finally:
+            C.HookCapture.__init__ = orig
+        cap = seen["cap"]
+        assert cap.recompute_ok is (on == "on")   # checked bit for bit on the real input
+        assert not cap._gate_up and not cap.acts            # nothing left behind
+    for s in ("sum_abs", "sum", "sum_sq", "act_sq"):
+        for n, t in runs["off"].tensors[s].items():
+            assert torch.equal(runs["on"].tensors[s][n], t), (s, n)
+            assert torch.equal(runs["wrong"].tensors[s][n], t), (s, n)
