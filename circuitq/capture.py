@@ -28,7 +28,7 @@ TL_TO_HF = {
 }
 STATS = ("sum_abs", "sum", "sum_sq", "act_sq")
 # padded tokens per forward/backward: memory grows with tokens in flight, throughput hardly does
-# (analyses/RESULTS.md: SmolLM2-135M on 2 CPU cores, 512 tokens peak at 3.0 GB, no limit 5.3 GB, same tokens/s)
+# (analyses/RESULTS.md: SmolLM2-135M on 2 CPU cores, 512 tokens peak at 2.8 GB, no limit 4.9 GB, no slower)
 DEFAULT_BATCH_TOKENS = 512
 
 
