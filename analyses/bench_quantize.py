@@ -28,18 +28,18 @@ from pathlib import Path
 
 import torch
 
-from circuitq.calib import CalibConfig, build_calibration
+from circuitq.data.calib import CalibConfig, build_calibration
 from circuitq.evals import perplexity
-from circuitq.models import DEFAULT_MODEL, load_model
+from circuitq.model.loading import DEFAULT_MODEL, load_model
 
 HERE = Path(__file__).resolve().parent
 
 
 def _child(cfg: dict) -> dict:
     """One configuration, run inside a child process."""
-    from circuitq.export import load_packed
-    from circuitq.plan import PrecisionPlan
-    from circuitq.quantize import QuantizeConfig, quantize_model, target_shapes
+    from circuitq.quant.export import load_packed
+    from circuitq.quant.plan import PrecisionPlan
+    from circuitq.quant.driver import QuantizeConfig, quantize_model, target_shapes
 
     torch.set_num_threads(cfg["threads"])
     calib = torch.load(cfg["calib"], weights_only=True)
@@ -170,7 +170,7 @@ def main() -> None:
 
 
 def lm_dir(name: str) -> str:
-    from circuitq.models import resolve_model
+    from circuitq.model.loading import resolve_model
 
     return resolve_model(name)[0]
 

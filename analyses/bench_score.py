@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def _examples(n: int, tokenizer):
-    from circuitq.tasks import load_examples
+    from circuitq.data.tasks import load_examples
 
     return load_examples("mmlu", "calib", n, 0, 0, None, tokenizer)
 
@@ -42,10 +42,10 @@ def _examples(n: int, tokenizer):
 def _child(cfg: dict) -> dict:
     from safetensors.torch import save_file
 
-    from circuitq.capture import collect_stats, sample_losses
-    from circuitq.models import load_model
-    from circuitq.quantize import target_shapes
-    from circuitq.tasks import collate, tokenize_examples
+    from circuitq.saliency.capture import collect_stats, sample_losses
+    from circuitq.model.loading import load_model
+    from circuitq.quant.driver import target_shapes
+    from circuitq.data.tasks import collate, tokenize_examples
 
     torch.set_num_threads(cfg["threads"])
     lm = load_model(cfg["model"])

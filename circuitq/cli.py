@@ -7,11 +7,11 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__
-from .calib import CalibConfig
-from .models import DEFAULT_MODEL
-from .quantize import QuantizeConfig
-from .score import ScoreConfig
+from circuitq import __version__
+from circuitq.data.calib import CalibConfig
+from circuitq.model.loading import DEFAULT_MODEL
+from circuitq.quant.driver import QuantizeConfig
+from circuitq.saliency.score import ScoreConfig
 
 _QD, _CD, _SD = QuantizeConfig(), CalibConfig(), ScoreConfig()
 
@@ -61,15 +61,15 @@ def _device(arg: str | None) -> str:
 def cmd_quantize(a: argparse.Namespace) -> int:
     import torch
 
-    from .artifacts import check_writable
-    from .calib import build_calibration
-    from .evals import perplexity
-    from .export import export_all
-    from .masks import load_masks, mask_fraction, validate_masks
-    from .models import load_model
-    from .plan import PrecisionPlan
-    from .quantize import quantize_model, target_shapes
-    from .quantizer import QuantSpec
+    from circuitq.artifacts import check_writable
+    from circuitq.data.calib import build_calibration
+    from circuitq.evals import perplexity
+    from circuitq.quant.export import export_all
+    from circuitq.saliency.masks import load_masks, mask_fraction, validate_masks
+    from circuitq.model.loading import load_model
+    from circuitq.quant.plan import PrecisionPlan
+    from circuitq.quant.driver import quantize_model, target_shapes
+    from circuitq.quant.quantizer import QuantSpec
 
     check_writable(a.out, a.overwrite)
     QuantSpec(bits=a.bits, group_size=a.group_size)  # validate early
@@ -110,7 +110,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
 
 
 def _add_score(sub) -> None:
-    from .saliency import METHODS
+    from circuitq.saliency.methods import METHODS
 
     p = sub.add_parser("score", help="score every linear weight by how much quantizing it hurts a task",
                        description="Per-sample gradients through TransformerLens hooks -> saliency scores. "
@@ -142,8 +142,8 @@ def _add_score(sub) -> None:
 def cmd_score(a: argparse.Namespace) -> int:
     import torch
 
-    from .models import load_model
-    from .score import run_score
+    from circuitq.model.loading import load_model
+    from circuitq.saliency.score import run_score
 
     torch.manual_seed(a.seed)
     lm = load_model(a.model, device=_device(a.device))
@@ -172,9 +172,9 @@ def _add_mask(sub) -> None:
 
 
 def cmd_mask(a: argparse.Namespace) -> int:
-    from .masks import combine, fraction_for_bits, mask_fraction, save_masks, select_per_layer, select_topk
-    from .artifacts import check_writable
-    from .score import load_scores
+    from circuitq.saliency.masks import combine, fraction_for_bits, mask_fraction, save_masks, select_per_layer, select_topk
+    from circuitq.artifacts import check_writable
+    from circuitq.saliency.score import load_scores
 
     check_writable(a.out, a.overwrite)
     files = [load_scores(s) for s in a.scores]
@@ -215,7 +215,7 @@ def _add_compare(sub) -> None:
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
-    from .compare import compare_dirs, write_compare_report
+    from circuitq.circuits.compare import compare_dirs, write_compare_report
 
     res = compare_dirs(a.dir_a, a.dir_b, a.fraction, a.top_n)
     out = write_compare_report(res, a.out, a.overwrite)
@@ -253,10 +253,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
     import io
     import json
 
-    from .artifacts import atomic_file, check_writable
-    from .evals import check_same_vocab, evaluate
-    from .models import load_model
-    from .tasks import TaskSpec, load_examples
+    from circuitq.artifacts import atomic_file, check_writable
+    from circuitq.evals import check_same_vocab, evaluate
+    from circuitq.model.loading import load_model
+    from circuitq.data.tasks import TaskSpec, load_examples
 
     out = check_writable(a.out, a.overwrite)
     device = _device(a.device)
@@ -273,7 +273,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         raise ValueError("--generate scores GSM8k final answers; use it with --task gsm8k")
     res = evaluate(lm.model, lm.tokenizer, examples, spec.kind, ref.model if ref else None, a.batch_size, a.seq_len)
     if a.generate:
-        from .evals import generate_exact_match
+        from circuitq.evals import generate_exact_match
 
         gen = generate_exact_match(lm.model, lm.tokenizer, examples, a.max_new_tokens, a.batch_size)
         res.metrics["generation"] = {k: gen[k] for k in ("exact_match", "items", "unparseable")}
@@ -298,7 +298,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def _add_run(sub) -> None:
-    from .run import RunConfig
+    from circuitq.pipeline.run import RunConfig
 
     d = RunConfig()
     p = sub.add_parser("run", help="the main job: circuits, quantized models, evaluation and a report",
@@ -336,9 +336,9 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     import torch
 
-    from .models import load_model
-    from .quantizer import QuantSpec
-    from .run import RunConfig, run
+    from circuitq.model.loading import load_model
+    from circuitq.quant.quantizer import QuantSpec
+    from circuitq.pipeline.run import RunConfig, run
 
     out = Path(a.out)
     if out.exists() and any(out.iterdir()) and not ((out / "run.json").exists() or (out / "steps").is_dir()):
@@ -351,7 +351,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     torch.manual_seed(a.seed)
     device = _device(a.device)
     lm = load_model(a.model, device=device)
-    from .quantize import target_shapes
+    from circuitq.quant.driver import target_shapes
 
     for _, (_, in_f) in target_shapes(lm.model).items():
         QuantSpec(bits=cfg.bits[0], group_size=cfg.group_size).n_groups(in_f)
@@ -374,9 +374,9 @@ def cmd_app(a: argparse.Namespace) -> int:
     import os
     import subprocess
 
-    script = Path(__file__).resolve().parent.parent / "apps" / "explorer.py"
-    if not script.exists():
-        raise ValueError(f"the explorer script is not at {script}; run circuitq from its source checkout (pip install -e .)")
+    from circuitq import app as app_pkg
+
+    script = Path(app_pkg.__file__).resolve().parent / "explorer.py"
     if importlib.util.find_spec("streamlit") is None:
         raise ValueError("the explorer needs streamlit: pip install 'circuitq[app]' (or: pip install streamlit)")
     runs = Path(a.runs)
@@ -407,14 +407,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args._argv = list(argv) if argv is not None else sys.argv[1:]
-    from .arch import UnsupportedArchitecture
-    from .data import DataError
-    from .export import ExportError
-    from .gptq import HessianError
-    from .masks import MaskError
-    from .models import ModelLoadError
-    from .compare import CompareError
-    from .evals import TokenizerMismatch
+    from circuitq.model.arch import UnsupportedArchitecture
+    from circuitq.data.readers import DataError
+    from circuitq.quant.export import ExportError
+    from circuitq.quant.gptq import HessianError
+    from circuitq.saliency.masks import MaskError
+    from circuitq.model.loading import ModelLoadError
+    from circuitq.circuits.compare import CompareError
+    from circuitq.evals import TokenizerMismatch
 
     known = (TokenizerMismatch, CompareError, UnsupportedArchitecture, DataError, ExportError, HessianError, MaskError, ModelLoadError,
              FileExistsError, ValueError, FloatingPointError)

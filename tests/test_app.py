@@ -17,7 +17,7 @@ from conftest import make_tiny_dir, task_data
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-APP = str(Path(__file__).resolve().parent.parent / "apps" / "explorer.py")
+APP = str(Path(__file__).resolve().parent.parent / "circuitq" / "app" / "explorer.py")
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_export_page_runs_a_background_job(runs, monkeypatch):
     at.button(key="exp_go").click().run()
     assert any("Started" in s.value for s in at.success)
     model = runs_dir / "small" / "models" / "u1"
-    from circuitq import jobs as J
+    from circuitq.app import jobs as J
 
     job = next(j for j in J.list_jobs(runs_dir / "small" / "models") if j.name == "u1")
     deadline = time.time() + 240
@@ -117,7 +117,7 @@ def test_export_page_runs_a_background_job(runs, monkeypatch):
     table = next(d.value for d in at.dataframe if "model" in d.value.columns)
     assert "u1" in set(table["model"]) and (table["kl"] > 0).all()
     mask = runs_dir / "small" / "masks" / "u1.safetensors"
-    from circuitq.masks import load_masks
+    from circuitq.saliency.masks import load_masks
 
     assert load_masks(mask).metadata["combine"] == "union"
 
@@ -136,7 +136,7 @@ def test_no_runs_says_how_to_make_one(tmp_path, monkeypatch):
 
 
 def test_paths_are_confined(tmp_path):
-    from circuitq.runs import PathOutsideRuns, confine, scan_runs
+    from circuitq.app.catalog import PathOutsideRuns, confine, scan_runs
 
     (tmp_path / "runs").mkdir()
     with pytest.raises(PathOutsideRuns):

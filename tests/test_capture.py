@@ -1,8 +1,8 @@
 import torch
 
-from circuitq.capture import GradStats, accumulate, collect_stats, per_sample_grads, sample_losses
-from circuitq.quantize import target_shapes
-from circuitq.tasks import Example, collate, tokenize_examples
+from circuitq.saliency.capture import GradStats, accumulate, collect_stats, per_sample_grads, sample_losses
+from circuitq.quant.driver import target_shapes
+from circuitq.data.tasks import Example, collate, tokenize_examples
 
 
 def _autograd_per_sample(model, tok, examples, seq_len):
@@ -104,7 +104,7 @@ def test_per_sample_loop_and_batched_matmul_agree_on_every_statistic():
 
 
 def test_right_padded_lengths_and_finite_samples():
-    from circuitq.capture import finite_samples, right_padded_lengths
+    from circuitq.saliency.capture import finite_samples, right_padded_lengths
 
     _, _, mask, lengths = _rand_batch()
     assert right_padded_lengths(mask) == lengths
@@ -118,7 +118,7 @@ def test_right_padded_lengths_and_finite_samples():
 
 
 def test_plan_batches_respects_count_and_token_budget_and_resumes_the_same():
-    from circuitq.capture import plan_batches
+    from circuitq.saliency.capture import plan_batches
 
     lengths = [300, 200, 120, 120, 100, 60, 60, 50, 40, 10]   # longest first
     b = plan_batches(lengths, batch_size=3, batch_tokens=256)
@@ -132,7 +132,7 @@ def test_plan_batches_respects_count_and_token_budget_and_resumes_the_same():
 def test_fused_attention_equals_bridge_attention_and_restores_the_bridge(tiny_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from circuitq.capture import bridged, fused_attention
+    from circuitq.saliency.capture import bridged, fused_attention
 
     d, _ = tiny_dir
     tok = AutoTokenizer.from_pretrained(d)
@@ -164,7 +164,7 @@ def test_fused_attention_equals_bridge_attention_and_restores_the_bridge(tiny_di
 def test_recomputed_down_projection_input_gives_the_same_statistics(tiny_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import circuitq.capture as C
+    import circuitq.saliency.capture as C
 
     d, _ = tiny_dir
     tok = AutoTokenizer.from_pretrained(d)

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from circuitq.circuits import Geometry, aggregate, compare_masks, overlap, spearman
+from circuitq.circuits.maps import Geometry, aggregate, compare_masks, overlap, spearman
 from circuitq.cli import main
 
 
@@ -87,7 +87,7 @@ def test_compare_refuses_different_models(tmp_path, tiny_dir, capsys):
                  "--samples", "4", "--seq-len", "16", "--out", str(tmp_path / "s1")]) == 0
     import shutil
     shutil.copytree(tmp_path / "s1", tmp_path / "s2")
-    from circuitq.score import load_scores
+    from circuitq.saliency.score import load_scores
     f = load_scores(tmp_path / "s2")
     meta = {"format": "circuitq.scores", **{k: json.dumps(v) for k, v in f["meta"].items()}}
     meta["model_source"] = json.dumps("/some/other/model")
@@ -97,8 +97,8 @@ def test_compare_refuses_different_models(tmp_path, tiny_dir, capsys):
 
 
 def test_budget_ranking_prefixes_equal_topk_selection():
-    from circuitq.explore import budget_table, layer_module_counts, mask_at, mask_for, tile_density, top_index
-    from circuitq.masks import select_topk
+    from circuitq.circuits.explore import budget_table, layer_module_counts, mask_at, mask_for, tile_density, top_index
+    from circuitq.saliency.masks import select_topk
 
     g = torch.Generator().manual_seed(0)
     scores = {f"model.layers.{i}.mlp.down_proj.weight": torch.rand(8, 16, generator=g) for i in range(3)}
@@ -121,8 +121,8 @@ def test_budget_ranking_prefixes_equal_topk_selection():
 
 
 def test_top_weights_name_their_head_or_neuron_under_gqa():
-    from circuitq.circuits import Geometry
-    from circuitq.explore import top_weights, unit_of
+    from circuitq.circuits.maps import Geometry
+    from circuitq.circuits.explore import top_weights, unit_of
 
     geo = Geometry(n_layers=2, n_heads=4, n_kv_heads=2, head_dim=2, d_mlp=12)
     assert unit_of("model.layers.1.self_attn.q_proj.weight", 5, 0, geo) == "L1.H2"

@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-from circuitq.export import export_all, load_packed, pack_rows, unpack_rows, pack_gptq_v1, unpack_gptq_v1
-from circuitq.plan import PrecisionPlan
-from circuitq.quantize import QuantizeConfig, quantize_model, target_shapes
-from circuitq.quantizer import QuantSpec, rtn_quantize
+from circuitq.quant.export import export_all, load_packed, pack_rows, unpack_rows, pack_gptq_v1, unpack_gptq_v1
+from circuitq.quant.plan import PrecisionPlan
+from circuitq.quant.driver import QuantizeConfig, quantize_model, target_shapes
+from circuitq.quant.quantizer import QuantSpec, rtn_quantize
 from conftest import tiny_model
 
 

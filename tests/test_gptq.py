@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from circuitq.gptq import GPTQConfig, HessianError, HessianState, gptq_quantize, hessian_error, hessian_update
-from circuitq.quantizer import QuantSpec, rtn_quantize
+from circuitq.quant.gptq import GPTQConfig, HessianError, HessianState, gptq_quantize, hessian_error, hessian_update
+from circuitq.quant.quantizer import QuantSpec, rtn_quantize
 
 
 def _problem(seed=0, out_f=32, in_f=128, n=1024):

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from circuitq.cli import main
-from circuitq.masks import MaskError, load_masks, save_masks, validate_masks
-from circuitq.plan import PrecisionPlan
-from circuitq.quantize import target_shapes
+from circuitq.saliency.masks import MaskError, load_masks, save_masks, validate_masks
+from circuitq.quant.plan import PrecisionPlan
+from circuitq.quant.driver import target_shapes
 from conftest import tiny_model
 
 

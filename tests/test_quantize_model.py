@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from circuitq.arch import UnsupportedArchitecture, arch_for
-from circuitq.gptq import HessianState, gptq_quantize, hessian_update
-from circuitq.plan import PrecisionPlan, bit_report, module_bits
-from circuitq.quantize import QuantizeConfig, quantize_model, target_shapes
-from circuitq.quantizer import QuantSpec
+from circuitq.model.arch import UnsupportedArchitecture, arch_for
+from circuitq.quant.gptq import HessianState, gptq_quantize, hessian_update
+from circuitq.quant.plan import PrecisionPlan, bit_report, module_bits
+from circuitq.quant.driver import QuantizeConfig, quantize_model, target_shapes
+from circuitq.quant.quantizer import QuantSpec
 from conftest import tiny_model
 
 
@@ -118,7 +118,7 @@ def test_shared_hessians_equal_per_module_gptq_on_original_inputs(model_type, ca
     """Shared mode: every module is quantized against the Hessian of its inputs in the
     *unquantized* model, all modules of one shape batched; equals module-by-module GPTQ, with and
     without a mask, and the packed export round-trips."""
-    from circuitq.quantize import collect_hessians
+    from circuitq.quant.driver import collect_hessians
 
     model = tiny_model(model_type)
     original = {k: v.clone() for k, v in model.state_dict().items()}

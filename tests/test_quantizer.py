@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from circuitq.quantizer import QuantSpec, fill_masked, fit_params, fake_quantize, rtn_quantize
+from circuitq.quant.quantizer import QuantSpec, fill_masked, fit_params, fake_quantize, rtn_quantize
 
 
 def test_worked_example_from_docstring():

@@ -10,8 +10,8 @@ pytestmark = pytest.mark.real_model
 
 @pytest.fixture(scope="module")
 def real():
-    from circuitq.calib import CalibConfig, build_calibration
-    from circuitq.models import load_model
+    from circuitq.data.calib import CalibConfig, build_calibration
+    from circuitq.model.loading import load_model
 
     lm = load_model()
     data = build_calibration(CalibConfig("gsm8k", 8, 256, 0), lm.tokenizer, None, heldout_windows=8)
@@ -28,9 +28,9 @@ def test_default_model_shape(real):
 
 def test_gptq_3bit_beats_rtn_3bit_on_heldout_perplexity(real):
     from circuitq.evals import perplexity
-    from circuitq.models import load_model
-    from circuitq.plan import PrecisionPlan
-    from circuitq.quantize import QuantizeConfig, quantize_model
+    from circuitq.model.loading import load_model
+    from circuitq.quant.plan import PrecisionPlan
+    from circuitq.quant.driver import QuantizeConfig, quantize_model
 
     _, data = real
     ppl = {}
@@ -46,10 +46,10 @@ def test_gptq_3bit_beats_rtn_3bit_on_heldout_perplexity(real):
 def test_packed_export_of_real_model_roundtrips(real, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from circuitq.export import export_all, load_packed
-    from circuitq.models import load_model
-    from circuitq.plan import PrecisionPlan
-    from circuitq.quantize import QuantizeConfig, quantize_model
+    from circuitq.quant.export import export_all, load_packed
+    from circuitq.model.loading import load_model
+    from circuitq.quant.plan import PrecisionPlan
+    from circuitq.quant.driver import QuantizeConfig, quantize_model
 
     lm, data = real
     m = load_model().model
@@ -65,13 +65,13 @@ def test_packed_export_of_real_model_roundtrips(real, tmp_path):
 def test_tacq_circuit_hurts_more_than_random_set_of_same_size(real):
     """Quantizing only the 0.35% circuit (to RTN values) raises the task loss more than
     quantizing a random 0.35% of the weights: the scores point at weights the task uses."""
-    from circuitq.capture import collect_stats, sample_losses
-    from circuitq.masks import select_topk
-    from circuitq.models import load_model
-    from circuitq.quantize import target_shapes
-    from circuitq.quantizer import QuantSpec, rtn_quantize
-    from circuitq.saliency import SaliencyInputs, compute_scores
-    from circuitq.tasks import collate, load_examples, tokenize_examples
+    from circuitq.saliency.capture import collect_stats, sample_losses
+    from circuitq.saliency.masks import select_topk
+    from circuitq.model.loading import load_model
+    from circuitq.quant.driver import target_shapes
+    from circuitq.quant.quantizer import QuantSpec, rtn_quantize
+    from circuitq.saliency.methods import SaliencyInputs, compute_scores
+    from circuitq.data.tasks import collate, load_examples, tokenize_examples
 
     lm = load_model()
     ex = load_examples("mmlu", "calib", 16, 0, 0, None, lm.tokenizer)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from circuitq.cli import main
-from circuitq.run import Job, MaskRecipe, RunConfig, StepStore, plan_jobs
+from circuitq.pipeline.run import Job, MaskRecipe, RunConfig, StepStore, plan_jobs
 
 from conftest import task_data
 
@@ -112,7 +112,7 @@ def test_reference_logits_cache_gives_the_same_metrics(tiny_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from circuitq.evals import evaluate
-    from circuitq.tasks import Example
+    from circuitq.data.tasks import Example
 
     d, _ = tiny_dir
     tok = AutoTokenizer.from_pretrained(d)
@@ -132,7 +132,7 @@ def test_reference_logits_cache_gives_the_same_metrics(tiny_dir):
 
 
 def test_interrupted_run_resumes_from_finished_steps(tmp_path, tiny_dir, monkeypatch, capsys):
-    from circuitq import run as run_mod
+    from circuitq.pipeline import run as run_mod
 
     d, _ = tiny_dir
     data = task_data(tmp_path)

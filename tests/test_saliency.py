@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from circuitq.masks import MaskError, combine, fraction_for_bits, select_per_layer, select_topk
-from circuitq.saliency import METHODS, SaliencyInputs, compute_scores
+from circuitq.saliency.masks import MaskError, combine, fraction_for_bits, select_per_layer, select_topk
+from circuitq.saliency.methods import METHODS, SaliencyInputs, compute_scores
 
 
 def _inputs():
@@ -68,7 +68,7 @@ def test_topk_global_per_layer_union_intersection():
 
 
 def test_fraction_for_bits_inverts_the_accounting():
-    from circuitq.plan import PrecisionPlan, bit_report
+    from circuitq.quant.plan import PrecisionPlan, bit_report
 
     shapes = {"a.weight": (64, 128), "b.weight": (32, 128)}
     f = fraction_for_bits(3.2, 3, -1, shapes)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from circuitq.cli import main
-from circuitq.masks import load_masks
-from circuitq.score import load_scores
+from circuitq.saliency.masks import load_masks
+from circuitq.saliency.score import load_scores
 
 
 def _task(tmp_path, n=12):
@@ -42,7 +42,7 @@ def test_score_then_mask_cli(tmp_path, tiny_dir, method):
 
 
 def test_resume_after_interruption_equals_uninterrupted(tmp_path, tiny_dir, monkeypatch):
-    import circuitq.score as score
+    import circuitq.saliency.score as score
 
     d, _ = tiny_dir
     task = _task(tmp_path)

@@ -18,10 +18,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import __version__
-from .artifacts import atomic_dir, check_writable
-from .capture import DEFAULT_BATCH_TOKENS, STATS, GradStats, collect_stats
-from .saliency import SaliencyInputs, compute_scores, method as saliency_method
+from circuitq import __version__
+from circuitq.artifacts import atomic_dir, check_writable
+from circuitq.saliency.capture import DEFAULT_BATCH_TOKENS, STATS, GradStats, collect_stats
+from circuitq.saliency.methods import SaliencyInputs, compute_scores, method as saliency_method
 
 SCORES_FORMAT = "circuitq.scores"
 
@@ -79,9 +79,9 @@ def load_stats(path: Path, device="cpu") -> tuple[GradStats, dict]:
 def _quantized_weights(model, tokenizer, examples, cfg: ScoreConfig, quantizer: str, hessian: bool):
     """``Q(W)`` of every targeted weight (mask-free GPTQ on windows of the calibration examples,
     or RTN), plus the inverse-Hessian diagonals when asked."""
-    from .calib import consecutive_windows, token_stream
-    from .plan import PrecisionPlan
-    from .quantize import QuantizeConfig, quantize_model
+    from circuitq.data.calib import consecutive_windows, token_stream
+    from circuitq.quant.plan import PrecisionPlan
+    from circuitq.quant.driver import QuantizeConfig, quantize_model
 
     twin = copy.deepcopy(model)
     calib = None
@@ -98,8 +98,8 @@ def _quantized_weights(model, tokenizer, examples, cfg: ScoreConfig, quantizer: 
 def run_score(lm, cfg: ScoreConfig, out: str | Path, data_dir=None, resume: bool = False,
               overwrite: bool = False, progress: bool = True) -> Path:
     """Score ``lm`` (a ``LoadedModel``) on ``cfg.task`` and write the scores directory ``out``."""
-    from .quantize import target_shapes
-    from .tasks import load_examples
+    from circuitq.quant.driver import target_shapes
+    from circuitq.data.tasks import load_examples
 
     out = Path(out)
     m = saliency_method(cfg.method)
@@ -109,7 +109,7 @@ def run_score(lm, cfg: ScoreConfig, out: str | Path, data_dir=None, resume: bool
         check_writable(out, overwrite)
     examples = load_examples(cfg.task, "calib", cfg.samples, cfg.seed, cfg.shots, data_dir, lm.tokenizer)
     mine = examples[rank::world]
-    from .circuits import Geometry
+    from circuitq.circuits.maps import Geometry
 
     meta = {"model": lm.name, "model_source": lm.source, "model_note": lm.note, **asdict(cfg),
             "geometry": Geometry.from_config(lm.model.config).to_dict(),
@@ -186,7 +186,7 @@ def write_scores_dir(out: str | Path, scores: dict[str, torch.Tensor], stats: Gr
 
 def load_scores(path: str | Path) -> ScoreFile:
     """Read a scores directory (or its ``scores.safetensors``)."""
-    from .masks import MaskError
+    from circuitq.saliency.masks import MaskError
 
     p = Path(path)
     f = p / "scores.safetensors" if p.is_dir() else p

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .quantizer import SUPPORTED_BITS
+from circuitq.quant.quantizer import SUPPORTED_BITS
 
 FULL_PRECISION = 16
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .arch import arch_for
+from circuitq.model.arch import arch_for
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

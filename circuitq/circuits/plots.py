@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .circuits import MODULE_TYPES, CircuitMap
+from circuitq.circuits.maps import MODULE_TYPES, CircuitMap
 
 
 def _share(m: torch.Tensor) -> torch.Tensor:

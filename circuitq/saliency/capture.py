@@ -362,8 +362,8 @@ def collect_stats(model, tokenizer, examples, model_path: str, batch_size: int =
 
     from tqdm.auto import tqdm
 
-    from .quantize import target_shapes
-    from .tasks import collate, tokenize_examples
+    from circuitq.quant.driver import target_shapes
+    from circuitq.data.tasks import collate, tokenize_examples
 
     if attention not in ("sdpa", "bridge", "eager"):
         raise ValueError(f"attention must be 'sdpa', 'eager' or 'bridge', got '{attention}'")

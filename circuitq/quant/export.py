@@ -33,9 +33,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import __version__
-from .artifacts import atomic_dir
-from .quantizer import QuantizedWeight
+from circuitq import __version__
+from circuitq.artifacts import atomic_dir
+from circuitq.quant.quantizer import QuantizedWeight
 
 SPARSE_FORMAT = "circuitq.sparse16"
 SPARSE_VERSION = "1"

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .circuits import MODULE_TYPES, Geometry, parse_name
-from .plan import PrecisionPlan, bit_report
+from circuitq.circuits.maps import MODULE_TYPES, Geometry, parse_name
+from circuitq.quant.plan import PrecisionPlan, bit_report
 
 
 @dataclass

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .artifacts import atomic_dir, write_json
-from .models import DEFAULT_MODEL
+from circuitq import __version__
+from circuitq.artifacts import atomic_dir, write_json
+from circuitq.model.loading import DEFAULT_MODEL
 
 RUN_FORMAT = "circuitq.run"
 BASELINES = ("magnitude", "spqr", "grad", "random")
@@ -60,7 +60,7 @@ class RunConfig:
     shots: int = 0
 
     def __post_init__(self) -> None:
-        from .saliency import METHODS
+        from circuitq.saliency.methods import METHODS
 
         bad = [b for b in self.baselines if b not in METHODS]
         if bad:
@@ -225,7 +225,7 @@ class Runner:
                 "data": examples_digest(self.examples(task, "calib"))}
 
     def examples(self, task: str, split: str):
-        from .tasks import _permute, load_examples
+        from circuitq.data.tasks import _permute, load_examples
 
         if (task, split) not in self._examples:
             c = self.cfg
@@ -244,9 +244,9 @@ class Runner:
 
     # ---- statistics, Hessians, scores, masks ---------------------------------------------------
     def grad_stats(self, task: str):
-        from .capture import collect_stats
-        from .quantize import target_shapes  # noqa: F401 (model check)
-        from .score import _save_stats, load_stats
+        from circuitq.saliency.capture import collect_stats
+        from circuitq.quant.driver import target_shapes  # noqa: F401 (model check)
+        from circuitq.saliency.score import _save_stats, load_stats
 
         key = self.calib_key(task)
         found = self.store.find("stats", key)
@@ -265,14 +265,14 @@ class Runner:
 
     def calib_windows(self, task: str) -> torch.Tensor:
         """The calibration examples as consecutive token windows ``[k, L]`` (no padding)."""
-        from .calib import consecutive_windows, token_stream
+        from circuitq.data.calib import consecutive_windows, token_stream
 
         ex = self.examples(task, "calib")
         stream = token_stream([e.prompt + e.completion for e in ex], self.lm.tokenizer)
         return consecutive_windows(stream, min(self.cfg.calib_seq_len, max(stream.numel() // 2, 8)))
 
     def hessians(self, task: str):
-        from .quantize import collect_hessians
+        from circuitq.quant.driver import collect_hessians
 
         if task not in self._hessians:
             calib = self.calib_windows(task)
@@ -281,7 +281,7 @@ class Runner:
         return self._hessians[task]
 
     def quantize_cfg(self, bits: int):
-        from .quantize import QuantizeConfig
+        from circuitq.quant.driver import QuantizeConfig
 
         c = self.cfg
         return QuantizeConfig(bits=bits, group_size=c.group_size, damp=c.damp, batch_size=c.batch_size, hessian=c.hessian)
@@ -289,8 +289,8 @@ class Runner:
     def quantized(self, task: str, bits: int, masks=None, keep_hinv=False):
         """A quantized copy of the model (calibrated on ``task``) and its ``QuantizeResult``:
         shared Hessians are collected once per task and reused; sequential GPTQ runs in full."""
-        from .plan import PrecisionPlan
-        from .quantize import quantize_model
+        from circuitq.quant.plan import PrecisionPlan
+        from circuitq.quant.driver import quantize_model
 
         twin = copy.deepcopy(self.lm.model)
         shared = self.cfg.hessian == "shared"
@@ -305,9 +305,9 @@ class Runner:
 
     def scores(self, task: str, bits: int, method: str) -> dict:
         """Saliency scores ``{name: [out, in]}``; TaCQ's are kept as a scores directory."""
-        from .quantize import target_shapes
-        from .saliency import SaliencyInputs, compute_scores, method as saliency_method
-        from .score import load_scores, write_scores_dir
+        from circuitq.quant.driver import target_shapes
+        from circuitq.saliency.methods import SaliencyInputs, compute_scores, method as saliency_method
+        from circuitq.saliency.score import load_scores, write_scores_dir
 
         m = saliency_method(method)
         key = self.score_key(task, bits, method)
@@ -323,7 +323,7 @@ class Runner:
         stats = self.grad_stats(task).tensors if m.stats else {}
         scores = compute_scores(method, SaliencyInputs(weights, q, stats, hinv, self.cfg.seed))
         if method == "tacq":
-            from .circuits import Geometry
+            from circuitq.circuits.maps import Geometry
 
             meta = {**key, "model": self.lm.name, "model_fingerprint": self.fp, "model_source": self.lm.source,
                     "model_note": self.lm.note,
@@ -358,7 +358,7 @@ class Runner:
         return {"method": recipe.method, "source": recipe.source, "bits": bits, "fraction": c.fraction, "scores": src}
 
     def mask(self, recipe: MaskRecipe, bits: int) -> dict | None:
-        from .masks import combine, load_masks, mask_fraction, save_masks, select_topk
+        from circuitq.saliency.masks import combine, load_masks, mask_fraction, save_masks, select_topk
 
         if recipe.method == "none":
             return None
@@ -391,7 +391,7 @@ class Runner:
     def reference_eval(self, task: str, need_logits: bool = False) -> dict:
         """Metrics of the unquantized model; with ``need_logits`` its scored logits are kept in
         memory so that quantized models are compared without running it again."""
-        from .evals import evaluate
+        from circuitq.evals import evaluate
 
         key = {**self.eval_key(task), "model": "reference"}
         found = self.store.find("eval", key)
@@ -417,7 +417,7 @@ class Runner:
                 "mask": None if job.recipe.method == "none" else self.mask_key(job.recipe, job.bits)}
 
     def run_job(self, job: Job) -> dict:
-        from .evals import evaluate
+        from circuitq.evals import evaluate
 
         key = self.job_key(job)
         found = self.store.find("eval", key)
@@ -448,7 +448,7 @@ def _slug(s: str) -> str:
 
 
 def _kind(task: str) -> str:
-    from .tasks import TaskSpec
+    from circuitq.data.tasks import TaskSpec
 
     return TaskSpec.parse(task).kind
 
@@ -491,7 +491,7 @@ def transfer_rows(rows: list[dict]) -> list[dict]:
 def run(lm, cfg: RunConfig, run_dir: str | Path, data_dir=None, device="cpu", progress: bool = True,
         command: str = "") -> RunResult:
     """Execute (or resume) a run in ``run_dir`` and write its report. Returns the tables."""
-    from .report import write_run_outputs
+    from circuitq.pipeline.report import write_run_outputs
 
     run_dir = Path(run_dir)
     t0 = time.perf_counter()

@@ -29,7 +29,7 @@ def confine(root: str | Path, path: str | Path) -> Path:
 def model_dir(root: str | Path, source: str | None) -> Path | None:
     """The model directory an artifact names, only when it lies inside the runs directory or
     circuitq's own model cache (a foreign file cannot point the app at other paths)."""
-    from .models import cache_dir
+    from circuitq.model.loading import cache_dir
 
     if not source:
         return None

@@ -12,7 +12,7 @@ import io
 import json
 from pathlib import Path
 
-from .artifacts import atomic_file, write_json
+from circuitq.artifacts import atomic_file, write_json
 
 LEAD = ("kl", "top1_agreement", "nll_per_token")
 COLUMNS = ("method", "average_bits", "kl", "top1_agreement", "nll_per_token", "accuracy", "flips_lost",
@@ -119,8 +119,8 @@ def _intro(doc: dict, res) -> str:
 
 
 def _circuit_sections(run_dir: Path, res, fraction: float) -> list:
-    from .compare import compare_dirs
-    from .plots import head_heatmaps, module_layer_bars, overlap_by_layer
+    from circuitq.circuits.compare import compare_dirs
+    from circuitq.circuits.plots import head_heatmaps, module_layer_bars, overlap_by_layer
 
     out = []
     by_bits: dict[int, dict] = {}
@@ -131,9 +131,9 @@ def _circuit_sections(run_dir: Path, res, fraction: float) -> list:
     bits = max(by_bits)
     tasks = sorted(by_bits[bits])
     if len(tasks) < 2:
-        from .circuits import Geometry, aggregate
-        from .masks import select_topk
-        from .score import load_scores
+        from circuitq.circuits.maps import Geometry, aggregate
+        from circuitq.saliency.masks import select_topk
+        from circuitq.saliency.score import load_scores
 
         f = load_scores(by_bits[bits][tasks[0]])
         m = select_topk(f["scores"], fraction)
@@ -157,7 +157,7 @@ def _circuit_sections(run_dir: Path, res, fraction: float) -> list:
 
 def write_run_outputs(run_dir: Path, doc: dict, res) -> None:
     """``results.csv``, ``transfer.csv``, ``results.json``, ``run.json``, ``report.html`` and PNGs."""
-    from .plots import write_report
+    from circuitq.circuits.plots import write_report
 
     run_dir = Path(run_dir)
     for name, rows in (("results.csv", res.rows), ("transfer.csv", res.transfer)):
@@ -191,7 +191,7 @@ def write_run_outputs(run_dir: Path, doc: dict, res) -> None:
         kl_png(res.rows, tmp.with_suffix(".png"))
         tmp.with_suffix(".png").replace(tmp)
     if png:
-        from .compare import write_pngs
+        from circuitq.circuits.compare import write_pngs
 
         write_pngs(png[0], run_dir / "report.html")
     write_json(run_dir / "run.json", doc)

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .artifacts import atomic_file
+from circuitq.artifacts import atomic_file
 
 MASK_FORMAT = "circuitq.mask"
 
@@ -182,7 +182,7 @@ def fraction_for_bits(target_bits: float, bits: int, group_size: int, shapes: di
     Each 16-bit weight replaces ``bits`` with 32 bits (value + index), so
     ``avg = base + f · (32 − bits)``.
     """
-    from .plan import PrecisionPlan, bit_report
+    from circuitq.quant.plan import PrecisionPlan, bit_report
 
     base = bit_report(shapes, PrecisionPlan(bits), group_size).average_bits
     f = (target_bits - base) / (32 - bits)

@@ -23,11 +23,11 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .arch import arch_for
-from .gptq import (GPTQConfig, HessianState, gptq_quantize, gptq_quantize_batch, hessian_error, hessian_update,
+from circuitq.model.arch import arch_for
+from circuitq.quant.gptq import (GPTQConfig, HessianState, gptq_quantize, gptq_quantize_batch, hessian_error, hessian_update,
                    inverse_hessian_diag)
-from .plan import FULL_PRECISION, BitReport, PrecisionPlan, bit_report
-from .quantizer import QuantizedWeight, QuantSpec, rtn_quantize
+from circuitq.quant.plan import FULL_PRECISION, BitReport, PrecisionPlan, bit_report
+from circuitq.quant.quantizer import QuantizedWeight, QuantSpec, rtn_quantize
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import __version__
-from .artifacts import atomic_file, check_writable
-from .circuits import MODULE_TYPES, Geometry, aggregate, compare_circuits, compare_masks
-from .masks import select_topk
-from .score import load_scores
+from circuitq import __version__
+from circuitq.artifacts import atomic_file, check_writable
+from circuitq.circuits.maps import MODULE_TYPES, Geometry, aggregate, compare_circuits, compare_masks
+from circuitq.saliency.masks import select_topk
+from circuitq.saliency.score import load_scores
 
 
 class CompareError(ValueError):
@@ -47,7 +47,7 @@ def compare_scores(fa, fb, fraction: float = 0.0035, top_n: int = 20, names=("a"
 
 def write_pngs(res: dict, out: Path) -> None:
     """``OUT.heads.png`` (head heatmaps) and ``OUT.circuits.png`` (composition and overlap)."""
-    from .plots import circuits_png, heatmap_png
+    from circuitq.circuits.plots import circuits_png, heatmap_png
 
     la, lb = res["labels"]
     sa, sb = res["score_maps"]
@@ -60,7 +60,7 @@ def write_pngs(res: dict, out: Path) -> None:
 
 
 def write_compare_report(res: dict, out: str | Path, overwrite: bool = False) -> Path:
-    from .plots import head_heatmaps, module_layer_bars, overlap_by_layer, write_report
+    from circuitq.circuits.plots import head_heatmaps, module_layer_bars, overlap_by_layer, write_report
 
     out = check_writable(Path(out), overwrite)
     la, lb = res["labels"]
@@ -76,7 +76,7 @@ def write_compare_report(res: dict, out: str | Path, overwrite: bool = False) ->
         (f"shared top-{c['top_n']} heads", c["n_shared_heads"]), (f"shared top-{c['top_n']} neurons", c["n_shared_neurons"]))]
     by_type = [{"module": t, **{k: v for k, v in m["per_module_type"][t].items()}} for t in MODULE_TYPES
                if t in m["per_module_type"]]
-    from .circuits import top_units
+    from circuitq.circuits.maps import top_units
 
     heads = [{"rank": r + 1, f"{la} head": f"L{l}.H{u}", f"{la} share": v / max(sa.total, 1e-30),
               f"{lb} head": f"L{l2}.H{u2}", f"{lb} share": v2 / max(sb.total, 1e-30)}

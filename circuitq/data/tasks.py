@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from .data import DataError, read_gsm8k, read_mmlu, read_prompt_completion, read_text_corpus
+from circuitq.data.readers import DataError, read_gsm8k, read_mmlu, read_prompt_completion, read_text_corpus
 
 _SUBCATEGORY = {
     "abstract_algebra": "math", "anatomy": "health", "astronomy": "physics", "business_ethics": "business",

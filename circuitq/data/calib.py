@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from .data import DataError, read_gsm8k, read_mmlu, read_text_corpus
+from circuitq.data.readers import DataError, read_gsm8k, read_mmlu, read_text_corpus
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from .quantizer import QuantSpec, QuantizedWeight, fit_params, quantize_codes, dequantize, sparse_residual
+from circuitq.quant.quantizer import QuantSpec, QuantizedWeight, fit_params, quantize_codes, dequantize, sparse_residual
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,341 @@
+"""circuitq explorer (Streamlit), shipped inside the package. Launch with ``circuitq app --runs runs``
+(or ``streamlit run apps/explorer.py -- --runs runs`` from a checkout).
+
+Pages: Explore (where a task's salient weights sit, at any budget), Compare (two circuits),
+Export (a mask -> a quantized model, as a background job). Every artifact is read through the
+circuitq library (safetensors and JSON only; nothing is unpickled) and every path is confined to
+the runs directory.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import streamlit as st
+import torch
+
+from circuitq.circuits import explore as X
+from circuitq.app import catalog as R
+from circuitq.circuits.maps import MODULE_TYPES, Geometry, aggregate, top_units
+
+BUDGETS = [0.0005, 0.001, 0.002, 0.0035, 0.005, 0.01, 0.02]
+
+
+def runs_dir() -> Path:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--runs", default=os.environ.get("CIRCUITQ_RUNS", "runs"))
+    a, _ = p.parse_known_args(sys.argv[1:])
+    return Path(a.runs).resolve()
+
+
+# ---------------------------------------------------------------------------------------------
+# cached loading (keyed by path and modification time)
+# ---------------------------------------------------------------------------------------------
+def _mtime(p: Path) -> float:
+    f = p / "scores.safetensors"
+    return f.stat().st_mtime if f.exists() else 0.0
+
+
+@st.cache_resource(max_entries=4, show_spinner="Loading scores…")
+def load_scores(path: str, mtime: float):
+    from circuitq.saliency.score import load_scores as _load
+
+    return _load(path)
+
+
+@st.cache_resource(max_entries=4, show_spinner="Ranking weights…")
+def ranking(path: str, mtime: float) -> X.TopIndex:
+    return X.top_index(load_scores(path, mtime)["scores"], max(BUDGETS))
+
+
+@st.cache_resource(max_entries=8)
+def score_map(path: str, mtime: float):
+    f = load_scores(path, mtime)
+    return aggregate(f["scores"], Geometry(**f["meta"]["geometry"]))
+
+
+@st.cache_data(max_entries=16)
+def budget_rows(path: str, mtime: float, bits: int, group_size: int) -> list[dict]:
+    return X.budget_table(ranking(path, mtime), BUDGETS, bits, group_size)
+
+
+@st.cache_resource(max_entries=16)
+def circuit(path: str, mtime: float, fraction: float):
+    return X.mask_at(ranking(path, mtime), fraction)
+
+
+def catalog(root: Path) -> list[R.RunEntry]:
+    return R.scan_runs(root)
+
+
+def pct(f: float) -> str:
+    return f"{f:.2%}"
+
+
+# ---------------------------------------------------------------------------------------------
+# pages
+# ---------------------------------------------------------------------------------------------
+def pick_run(runs: list[R.RunEntry], key: str) -> R.RunEntry | None:
+    ok = [r for r in runs if r.ok]
+    bad = [r for r in runs if not r.ok]
+    if bad:
+        with st.sidebar.expander(f"{len(bad)} unreadable run(s)"):
+            for r in bad:
+                st.write(f"**{r.name}**: {r.error}")
+    if not ok:
+        st.info("No runs yet. Create one with `circuitq run --out runs/main` (the whole pipeline) or "
+                "`circuitq score --task mmlu --out runs/mmlu` (scores only), then reload.")
+        return None
+    name = st.sidebar.selectbox("Run", [r.name for r in ok], key=key)
+    return next(r for r in ok if r.name == name)
+
+
+def page_explore(run: R.RunEntry) -> None:
+    st.header("Explore a circuit")
+    if not run.scores:
+        st.warning("This run has no score directories.")
+        return
+    entry = st.selectbox("Scores", run.scores, format_func=lambda s: s.label, key="explore_scores")
+    path, mt = str(entry.path), _mtime(entry.path)
+    f = load_scores(path, mt)
+    meta = f["meta"]
+    geo = Geometry(**meta["geometry"])
+    budget = st.select_slider("Budget (share of weights kept in 16-bit)", BUDGETS, value=0.0035, format_func=pct,
+                              key="budget")
+    ti = ranking(path, mt)
+    bits, gs = int(meta.get("bits") or 3), int(meta.get("group_size") or -1)
+    table = budget_rows(path, mt, bits, gs)
+    row = next(r for r in table if r["fraction"] == budget)
+    c1, c2, c3 = st.columns(3)
+    c1.metric("16-bit weights", f"{row['n_16bit']:,}")
+    c2.metric("Average bits", f"{row['average_bits']:.3f}", help=f"{bits}-bit base, group size {gs}, exact accounting")
+    c3.metric("In attention", pct(row["attention_share"]))
+    if meta.get("model_note"):
+        st.caption(f"Model: {meta.get('model')} — {meta['model_note']}")
+
+    import plotly.graph_objects as go
+
+    smap = score_map(path, mt)
+    heads = (smap.head / max(smap.total, 1e-30)).tolist()
+    fig = go.Figure(go.Heatmap(z=heads, colorscale="Viridis", hovertemplate="layer %{y}, head %{x}: %{z:.4f}<extra></extra>"))
+    fig.update_layout(title="Share of saliency mass per attention head", xaxis_title="query head",
+                      yaxis_title="layer", height=480)
+    st.plotly_chart(fig, key="heads_heatmap")
+
+    counts = X.layer_module_counts(ti, budget, geo.n_layers)
+    bars = go.Figure([go.Bar(name=t, x=list(range(geo.n_layers)), y=counts[:, j].tolist())
+                      for j, t in enumerate(MODULE_TYPES)])
+    bars.update_layout(barmode="stack", title=f"Circuit at {pct(budget)}: 16-bit weights by layer and module",
+                       xaxis_title="layer", height=360)
+    st.plotly_chart(bars, key="module_bars")
+    st.subheader("How the circuit changes with the budget")
+    st.dataframe([{**r, "fraction": pct(r["fraction"])} for r in table], hide_index=True)
+
+    st.subheader("Drill down into one weight matrix")
+    c1, c2 = st.columns(2)
+    layer = c1.number_input("Layer", 0, geo.n_layers - 1, 0, key="layer")
+    mod = c2.selectbox("Module", MODULE_TYPES, key="module")
+    name = next((n for n in f["scores"] if n.endswith(f".{layer}.self_attn.{mod}.weight") or
+                 n.endswith(f".{layer}.mlp.{mod}.weight")), None)
+    if name is None:
+        st.warning(f"No scores for layer {layer} {mod}.")
+        return
+    mask = X.mask_for(ti, budget, name)
+    dens = X.tile_density(mask, 32)
+    hm = go.Figure(go.Heatmap(z=dens.tolist(), colorscale="Magma", hovertemplate="rows %{y}·32, cols %{x}·32: %{z:.3%}<extra></extra>"))
+    hm.update_layout(title=f"{name}: share kept in 16-bit per 32×32 tile ({int(mask.sum())} of {mask.numel()})",
+                     xaxis_title="input tile", yaxis_title="output tile", height=420)
+    st.plotly_chart(hm, key="tile_heatmap")
+    weight = q = None
+    src = R.model_dir(runs_dir(), meta.get("model_source"))
+    try:
+        weight = X.load_weight(src, name).float() if src is not None else None
+    except (KeyError, OSError):
+        weight = None
+    if weight is not None:
+        from circuitq.quant.quantizer import QuantSpec, rtn_quantize
+
+        q = rtn_quantize(weight, QuantSpec(bits=bits, group_size=gs)).dequantize()
+    rows = X.top_weights(name, f["scores"][name], weight if weight is not None else torch.full_like(f["scores"][name], float("nan")),
+                         q, geo, 100)
+    st.caption("Top weights of this matrix (click a column to sort). quant_error = w − RTN(w) at the run's bits"
+               + ("" if weight is not None else " (value is empty: the model directory is not inside the runs "
+                  "directory or circuitq's model cache, so it is not read)"))
+    st.dataframe(rows, hide_index=True, key="top_weights")
+
+
+def _pair_defaults(scores: list[R.ScoreEntry]) -> tuple[int, int]:
+    mm = next((i for i, s in enumerate(scores) if s.task.startswith("mmlu")), 0)
+    gs = next((i for i, s in enumerate(scores) if s.task.startswith("gsm8k") and s.bits == scores[mm].bits),
+              1 if len(scores) > 1 else 0)
+    return mm, gs
+
+
+def page_compare(runs: list[R.RunEntry], run: R.RunEntry) -> None:
+    from circuitq.circuits.maps import compare_circuits, compare_masks
+    from circuitq.circuits.compare import same_model
+    from circuitq.circuits.plots import head_heatmaps, overlap_by_layer
+
+    st.header("Compare two circuits")
+    pool = [(r, s) for r in runs if r.ok for s in r.scores]
+    if len(pool) < 2:
+        st.info("Comparing needs two score directories (e.g. `circuitq run` makes MMLU and GSM8k ones).")
+        return
+    own = [i for i, (r, _) in enumerate(pool) if r.name == run.name]
+    scores_here = [s for r, s in pool if r.name == run.name]
+    da, db = _pair_defaults(scores_here) if len(scores_here) > 1 else (0, 1)
+    da, db = (own[da], own[db]) if len(own) > 1 else (0, 1)
+    fmt = lambda i: f"{pool[i][0].name}: {pool[i][1].label}"  # noqa: E731
+    c1, c2 = st.columns(2)
+    ia = c1.selectbox("Circuit A", range(len(pool)), index=da, format_func=fmt, key="cmp_a")
+    ib = c2.selectbox("Circuit B", range(len(pool)), index=db, format_func=fmt, key="cmp_b")
+    budget = st.select_slider("Budget", BUDGETS, value=0.0035, format_func=pct, key="cmp_budget")
+    ea, eb = pool[ia][1], pool[ib][1]
+    fa, fb = load_scores(str(ea.path), _mtime(ea.path)), load_scores(str(eb.path), _mtime(eb.path))
+    if not same_model(fa["meta"], fb["meta"]):
+        st.error(f"These circuits come from different models ({fa['meta'].get('model')} vs {fb['meta'].get('model')}); "
+                 "comparing them would be meaningless. Pick two circuits of one model.")
+        return
+    ma, mb = circuit(str(ea.path), _mtime(ea.path), budget), circuit(str(eb.path), _mtime(eb.path), budget)
+    cm = compare_masks(ma, mb)
+    sa, sb = score_map(str(ea.path), _mtime(ea.path)), score_map(str(eb.path), _mtime(eb.path))
+    cc = compare_circuits(sa, sb, 20)
+    g = cm["global"]
+    la, lb = ea.label, eb.label
+    cols = st.columns(5)
+    cols[0].metric("IoU", f"{g['iou']:.3f}")
+    cols[1].metric("Intersection / min", f"{g['iom']:.3f}")
+    cols[2].metric("Shared weights", f"{g['intersection']:,}")
+    cols[3].metric("Only A", f"{g['a'] - g['intersection']:,}")
+    cols[4].metric("Only B", f"{g['b'] - g['intersection']:,}")
+    st.caption(f"Head-score Spearman {cc['head_spearman']:.3f}; shared top-20 heads {cc['n_shared_heads']}, "
+               f"neurons {cc['n_shared_neurons']}")
+    st.plotly_chart(head_heatmaps(sa, sb, "A: " + la, "B: " + lb), key="cmp_heads")
+    st.plotly_chart(overlap_by_layer(cm, "A vs B"), key="cmp_layers")
+    st.subheader("Overlap by module type")
+    st.dataframe([{"module": t, **v} for t, v in cm["per_module_type"].items()], hide_index=True)
+    st.subheader("Top heads and neurons")
+    c1, c2 = st.columns(2)
+    for col, m, lab in ((c1, sa, "A"), (c2, sb, "B")):
+        col.write(f"**{lab}: {la if lab == 'A' else lb}**")
+        col.dataframe([{"rank": i + 1, "head": f"L{l}.H{u}", "share": v / max(m.total, 1e-30)}
+                       for i, (l, u, v) in enumerate(top_units(m.head, 15))], hide_index=True, key=f"heads_{lab}")
+        col.dataframe([{"rank": i + 1, "neuron": f"L{l}.N{u}", "share": v / max(m.total, 1e-30)}
+                       for i, (l, u, v) in enumerate(top_units(m.neuron, 15))], hide_index=True, key=f"neurons_{lab}")
+    tr = pool[ia][0].transfer
+    if tr:
+        st.subheader("Cross-task evaluation (from the run)")
+        st.dataframe(tr, hide_index=True)
+
+
+def page_export(root: Path, run: R.RunEntry) -> None:
+    from circuitq.app import jobs as J
+    from circuitq.saliency.masks import combine, mask_fraction, save_masks
+    from circuitq.app.catalog import confine
+
+    st.header("Export a quantized model")
+    if not run.scores:
+        st.warning("This run has no score directories to build a mask from.")
+        return
+    fmt = lambda s: s.label  # noqa: E731
+    a = st.selectbox("Mask from", run.scores, format_func=fmt, key="exp_a")
+    how = st.radio("Combine with a second circuit", ["no", "union", "intersection"], horizontal=True, key="exp_how")
+    b = st.selectbox("Second circuit", run.scores, format_func=fmt, key="exp_b") if how != "no" else None
+    c1, c2, c3 = st.columns(3)
+    budget = c1.select_slider("Budget", BUDGETS, value=0.0035, format_func=pct, key="exp_budget")
+    bits = c2.selectbox("Base bits", [2, 3, 4, 8], index=1, key="exp_bits")
+    gs = c3.selectbox("Group size", [-1, 32, 64, 128], index=2, key="exp_gs")
+    mask = circuit(str(a.path), _mtime(a.path), budget)
+    if b is not None:
+        mb = circuit(str(b.path), _mtime(b.path), budget)
+        mask = combine([mask, mb], how)
+    shapes = {n: tuple(t.shape) for n, t in mask.items()}
+    nnz = {n: int(t.sum()) for n, t in mask.items()}
+    try:
+        avg = X.predicted_bits(shapes, bits, gs, nnz)
+        st.metric("Predicted average bits", f"{avg:.4f}", help=f"{sum(nnz.values()):,} weights in 16-bit "
+                  f"({pct(mask_fraction(mask))})")
+    except ValueError as e:
+        st.error(str(e))
+        return
+    c1, c2, c3 = st.columns(3)
+    calib = c1.selectbox("Calibration", ["gsm8k", "mmlu"], key="exp_calib")
+    samples = c2.number_input("Calibration windows", 4, 512, 16, key="exp_samples")
+    limit = c3.number_input("Evaluation items per task", 8, 1000, 32, key="exp_limit")
+    default_name = f"{a.task}-{how if b is not None else 'only'}-{bits}bit-{budget:.4%}".replace("%", "pct").replace(":", "-")
+    name = "".join(ch if ch.isalnum() or ch in "-._" else "-" for ch in st.text_input("Name", default_name, key="exp_name"))
+    out = confine(root, run.path / "models" / name)
+    model = R.model_dir(root, a.model_source)
+    if model is None:
+        st.error(f"The model of these scores ({a.model_source}) is not inside the runs directory or circuitq's model "
+                 "cache; the explorer only reads models from there. Quantize it with `circuitq quantize` instead.")
+        return
+    if st.button("Quantize in the background", key="exp_go", disabled=out.exists()):
+        mpath = confine(root, run.path / "masks" / f"{name}.safetensors")
+        meta = {"model": a.model, "model_source": a.model_source, "task": a.task + (f"{how}{b.task}" if b else ""),
+                "method": a.method, "bits": bits, "fraction": mask_fraction(mask), "requested_fraction": budget,
+                "combine": how if b is not None else None, "sources": [str(a.path)] + ([str(b.path)] if b else [])}
+        save_masks(mpath, mask, meta, overwrite=True)
+        cmds = J.quantize_commands(str(model), mpath, bits, gs, out, calib, int(samples), 256,
+                                   sorted({a.task, b.task} if b else {a.task}), int(limit),
+                                   os.environ.get("CIRCUITQ_DATA_DIR"))
+        J.start_job(name, out, cmds)
+        st.success(f"Started: {name}")
+    if out.exists():
+        st.caption(f"{out.name} exists; choose another name to export again.")
+    jobs_panel(run)
+
+
+@st.fragment(run_every=2)
+def jobs_panel(run: R.RunEntry) -> None:
+    from circuitq.app import jobs as J
+
+    jobs = J.list_jobs(run.path / "models")
+    st.subheader("Jobs and models")
+    for j in jobs:
+        s = J.job_status(j)
+        st.write(f"**{j.name}** — {s['state']}" + (f" · {s['step']}" if s["step"] else ""))
+        if s["state"] == "running":
+            st.progress((s["percent"] or 0) / 100, text=s["last"][-120:])
+        elif s["state"] == "failed":
+            st.error(s["last"])
+    models = R.read_run(run.path).models if run.path.exists() else []
+    rows = []
+    for m in models:
+        for e in m.evals or [{}]:
+            met = e.get("metrics", {})
+            rows.append({"model": m.path.name, "average_bits": m.meta.get("average_bits"), "task": e.get("task"),
+                         "kl": met.get("kl"), "top1_agreement": met.get("top1_agreement"),
+                         "nll_per_token": met.get("nll_per_token"), "accuracy": met.get("accuracy"),
+                         "path": str(m.path)})
+    if rows:
+        st.dataframe(rows, hide_index=True, key="models_table")
+    elif not jobs:
+        st.caption("No exported models yet.")
+
+
+def main() -> None:
+    st.set_page_config(page_title="circuitq explorer", layout="wide")
+    root = runs_dir()
+    st.sidebar.title("circuitq")
+    st.sidebar.caption(f"runs: {root}")
+    page = st.sidebar.radio("Page", ["Explore", "Compare", "Export"], key="page")
+    runs = catalog(root)
+    run = pick_run(runs, "run")
+    if run is None:
+        return
+    t0 = time.perf_counter()
+    if page == "Explore":
+        page_explore(run)
+    elif page == "Compare":
+        page_compare(runs, run)
+    else:
+        page_export(root, run)
+    st.sidebar.caption(f"page drawn in {time.perf_counter() - t0:.1f}s")
+
+
+if __name__ == "__main__":   # streamlit runs this file as __main__
+    main()

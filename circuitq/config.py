@@ -1,0 +1,237 @@
+"""The one settings tree: every setting of every stage is declared once, here, in a frozen
+dataclass; bigger configs *contain* smaller ones instead of copying their fields.
+
+```
+RunConfig                       circuitq run
+├── data: DataConfig            where task rows come from and how they are split and prompted
+├── calib: CalibConfig          which calibration items, token lengths, batching of the scoring pass
+├── mask: MaskConfig            the 16-bit budget (DEFAULT_FRACTION) and how it is selected
+├── quantize: QuantizeConfig    the quantizer: bits, group size, GPTQ settings, Hessian mode
+└── eval: EvalConfig            held-out items, lengths, batching
+ScoreConfig                     circuitq score: task, method, data, calib, quantize (for Q(W))
+QuantizeJob                     circuitq quantize: calibration task, data, calib, quantize, eval (perplexity)
+```
+
+The CLI flags are generated from these fields (``circuitq.cli``): a flag's default is the
+field's default, and a test checks that parsing no flags gives back exactly these configs.
+A config whose default differs inside a bigger one says so where it is nested (for example
+``RunConfig.quantize`` defaults to shared Hessians, which is what makes a run of 16 masks fit
+on a CPU). Construction is by keyword only. This module imports no other circuitq module.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_FRACTION = 0.0035          # TaCQ's budget: 0.35% of the weights stay 16-bit (about +0.1 bit)
+SUPPORTED_BITS = (2, 3, 4, 8)
+HESSIAN_MODES = ("sequential", "shared")
+QUANT_METHODS = ("gptq", "rtn")
+ATTENTION_MODES = ("sdpa", "eager", "bridge")
+BASELINES = ("magnitude", "spqr", "grad", "random")
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+class ConfigError(ValueError):
+    """A setting is out of range; the message names the flag and the fix."""
+
+
+def _at_least(obj, names: tuple[str, ...], low: int) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if v is not None and v < low:
+            raise ConfigError(f"--{n.replace('_', '-')} must be at least {low}, got {v}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where task rows come from and how each task splits them into calibration and evaluation
+    items (disjoint by construction: one seeded permutation, ``calib_fraction`` of it first)."""
+
+    data_dir: str | None = field(default=None, metadata=_help(
+        "folder with mmlu/ and gsm8k/ in their public layouts (else $CIRCUITQ_DATA_DIR, else shared/data)"))
+    split_seed: int = field(default=0, metadata=_help("which rows are calibration vs evaluation (keep fixed)"))
+    shots: int = field(default=0, metadata=_help("MMLU few-shot examples from the dev split"))
+    calib_fraction: float = field(default=0.5, metadata=_help("share of a task's rows used for calibration"))
+
+    def __post_init__(self) -> None:
+        _at_least(self, ("shots",), 0)
+        if not 0 < self.calib_fraction < 1:
+            raise ConfigError(f"calib_fraction must be in (0, 1), got {self.calib_fraction}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibConfig:
+    """The calibration items (gradients and Hessians) and how the scoring pass batches them."""
+
+    samples: int = field(default=128, metadata=_help("calibration items drawn from the task's calibration split"))
+    seq_len: int = field(default=512, metadata=_help("tokens per item (longer ones keep their end) and per Hessian window"))
+    seed: int = field(default=0, metadata=_help("calibration sampling seed"))
+    batch_size: int = field(default=8, metadata=_help("samples per forward/backward (at most)"))
+    batch_tokens: int = field(default=512, metadata=_help(
+        "padded tokens per forward/backward (at most; 0 = no limit): bounds memory"))
+    attention: str = field(default="sdpa", metadata=_help(
+        "sdpa: HF's fused attention inside the TransformerLens bridge (less memory); bridge: TransformerLens's "
+        "step-by-step attention. Same scores", choices=ATTENTION_MODES))
+
+    def __post_init__(self) -> None:
+        _at_least(self, ("samples", "seq_len", "batch_size"), 1)
+        _at_least(self, ("batch_tokens",), 0)
+        if self.seq_len < 2:
+            raise ConfigError(f"--seq-len must be at least 2 tokens (one prediction), got {self.seq_len}")
+        if self.attention not in ATTENTION_MODES:
+            raise ConfigError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizeConfig:
+    """The quantizer, for the final model and for the ``Q(W)`` a saliency method contrasts with."""
+
+    bits: int = field(default=3, metadata=_help("bits of the quantized weights", choices=SUPPORTED_BITS))
+    group_size: int = field(default=64, metadata=_help(
+        "-1 = one scale per output channel; else input columns per group (must divide every input dimension)"))
+    sym: bool = field(default=False, metadata=_help("symmetric grid (default asymmetric)"))
+    mse: bool = field(default=False, metadata=_help("MSE clipping search for the scales"))
+    method: str = field(default="gptq", metadata=_help("gptq or round-to-nearest", choices=QUANT_METHODS))
+    block_size: int = field(default=128, metadata=_help("GPTQ's lazy-batch block of columns"))
+    damp: float = field(default=0.01, metadata=_help("GPTQ damping, a fraction of mean(diag H)"))
+    act_order: bool = field(default=False, metadata=_help("quantize columns by decreasing Hessian diagonal"))
+    hessian: str = field(default="sequential", metadata=_help(
+        "sequential: GPTQ's layer-by-layer recipe on the partly quantized model; shared: one pass of the original "
+        "model, reused for every mask, all modules batched (several times faster, slightly lower quality)",
+        choices=HESSIAN_MODES))
+    batch_size: int = field(default=8, metadata=_help("windows per forward pass when collecting Hessians"))
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ConfigError(f"unsupported bits={self.bits}: circuitq quantizes to one of {SUPPORTED_BITS} bits")
+        if self.group_size != -1 and self.group_size < 1:
+            raise ConfigError(f"--group-size must be -1 (per output channel) or a positive number of input "
+                              f"columns, got {self.group_size}")
+        if self.hessian not in HESSIAN_MODES:
+            raise ConfigError(f"hessian must be one of {HESSIAN_MODES}, got {self.hessian!r}")
+        if self.method not in QUANT_METHODS:
+            raise ConfigError(f"quantization method must be one of {QUANT_METHODS}, got {self.method!r}")
+        if not self.damp > 0:
+            raise ConfigError(f"--damp must be positive, got {self.damp}")
+        _at_least(self, ("block_size", "batch_size"), 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MaskConfig:
+    """The circuit's budget: the global top ``fraction`` of weights (or the fraction that reaches
+    ``target_bits``), optionally the same fraction in every layer; several score sets combine."""
+
+    fraction: float = field(default=DEFAULT_FRACTION, metadata=_help("share of the weights kept in 16-bit"))
+    target_bits: float | None = field(default=None, metadata=_help("average bits to reach instead (exact accounting)"))
+    per_layer: bool = field(default=False, metadata=_help("the same fraction in every decoder layer"))
+    combine: str = field(default="union", metadata=_help("how several score sets combine",
+                                                         choices=("union", "intersection")))
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction < 1:
+            raise ConfigError(f"--fraction must be in (0, 1), got {self.fraction}")
+        if self.combine not in ("union", "intersection"):
+            raise ConfigError(f"combine must be union or intersection, got {self.combine!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Evaluation on the task's held-out split."""
+
+    samples: int | None = field(default=None, metadata=_help("at most this many held-out items (default: all)"))
+    seq_len: int = field(default=1024, metadata=_help("tokens per item (longer ones keep their end)"))
+    batch_size: int = field(default=8, metadata=_help("items per forward pass"))
+    ppl_windows: int = field(default=16, metadata=_help("held-out windows for perplexity after quantizing (0 = skip)"))
+
+    def __post_init__(self) -> None:
+        _at_least(self, ("samples", "seq_len", "batch_size"), 1)
+        _at_least(self, ("ppl_windows",), 0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreConfig:
+    """``circuitq score``: one task's scores. ``quantize`` gives the ``Q(W)`` of the methods that
+    contrast with it (the same function and settings the run uses)."""
+
+    model: str = field(default=DEFAULT_MODEL, metadata=_help("alias, a local HF directory or a hub id"))
+    task: str = field(default="mmlu", metadata=_help("mmlu, mmlu:CATEGORY, mmlu:SUBJECT, gsm8k, text:PATH, jsonl:PATH"))
+    method: str = field(default="tacq", metadata=_help("saliency method"))
+    data: DataConfig = field(default_factory=DataConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    checkpoint_every: int = field(default=0, metadata=_help("samples between checkpoints (0 = none)"))
+
+    def __post_init__(self) -> None:
+        _at_least(self, ("checkpoint_every",), 0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizeJob:
+    """``circuitq quantize``: calibrate on ``task``'s calibration split, quantize, measure held-out
+    perplexity on its evaluation split, export."""
+
+    model: str = field(default=DEFAULT_MODEL, metadata=_help("alias, a local HF directory or a hub id"))
+    task: str = field(default="gsm8k", metadata=_help("calibration task: gsm8k, mmlu, text:PATH, jsonl:PATH"))
+    data: DataConfig = field(default_factory=DataConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """``circuitq run``. Defaults finish in about 30 minutes on a 2-core CPU with the default model
+    (32 calibration and 48 held-out items per task, shared Hessians, group size 64); scale
+    ``calib.samples`` and ``eval.samples`` up on a GPU. ``quantize.bits`` is replaced by each of
+    ``bits`` in turn."""
+
+    model: str = field(default=DEFAULT_MODEL, metadata=_help("alias, a local HF directory or a hub id"))
+    tasks: tuple[str, ...] = field(default=("mmlu", "gsm8k"), metadata=_help("tasks as in `circuitq score --task`"))
+    bits: tuple[int, ...] = field(default=(2, 3), metadata=_help("bit widths", choices=SUPPORTED_BITS))
+    baselines: tuple[str, ...] = field(default=BASELINES, metadata=_help("mask methods compared with tacq"))
+    transfer: bool = field(default=True, metadata=_help("also cross-task and union circuits"))
+    data: DataConfig = field(default_factory=DataConfig)
+    calib: CalibConfig = field(default_factory=lambda: CalibConfig(samples=32))
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    quantize: QuantizeConfig = field(default_factory=lambda: QuantizeConfig(hessian="shared"))
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(samples=48))
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ConfigError("a run needs at least one task")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"tasks repeat: {self.tasks}")
+        if not self.bits:
+            raise ConfigError("a run needs at least one bit width")
+        for b in self.bits:
+            if b not in SUPPORTED_BITS:
+                raise ConfigError(f"unsupported bits={b}: use one of {SUPPORTED_BITS}")
+
+    def quantize_at(self, bits: int) -> QuantizeConfig:
+        return replace(self.quantize, bits=bits)
+
+
+def to_dict(cfg) -> dict:
+    """A config as nested plain data (JSON-ready)."""
+    return asdict(cfg)
+
+
+def from_dict(cls, d: dict):
+    """Rebuild a (nested) config from ``to_dict``'s output; unknown keys are an error."""
+    kw = {}
+    names = {f.name: f for f in fields(cls)}
+    for k, v in d.items():
+        if k not in names:
+            raise ConfigError(f"{cls.__name__} has no setting {k!r}")
+        sub = _nested_type(cls, k)
+        kw[k] = from_dict(sub, v) if sub is not None and isinstance(v, dict) else (tuple(v) if isinstance(v, list) else v)
+    return cls(**kw)
+
+
+def _nested_type(cls, name: str):
+    default = getattr(cls(), name)
+    return type(default) if is_dataclass(default) else None
