@@ -1,8 +1,39 @@
 """circuitq: Task-Circuit Quantization (TaCQ, arXiv 2504.07389) and tools around it.
 
-Stages, one module each: ``data`` → ``calib`` (calibration windows) → ``quantizer`` / ``gptq``
-(pure cores) → ``plan`` (bits per module, bit accounting) → ``masks`` → ``quantize`` (whole-model
-driver) → ``export`` (HF directory, packed GPTQ v1 + 16-bit sidecar, loader). ``cli`` is the thin
-entry point. Importing circuitq changes no global state.
+The package is laid out by pipeline stage (each folder a stage, pure cores beside thin drivers):
+
+* ``config``: the one settings tree (frozen dataclasses, one home per setting);
+* ``model/``: per-architecture facts (``arch``) and loading (``loading``);
+* ``data/``: task data readers, ``Task`` (disjoint calibration/evaluation items), calibration windows;
+* ``saliency/``: per-sample gradient capture through TransformerLens hooks, saliency methods,
+  score files, masks (selection and files);
+* ``quant/``: uniform quantizer, mask-aware GPTQ core, precision plans and bit accounting, the
+  whole-model driver (and ``Q(W)``), exports;
+* ``circuits/``: circuit maps per layer/head/neuron, comparison, explorer helpers, plots;
+* ``evals``: KL, top-1 agreement, task NLL, accuracy, flips;
+* ``pipeline/``: the stage functions every entry point calls (``stages``), the run's plan, step
+  store, driver and report, the score driver;
+* ``app/``: the explorer (Streamlit), its runs catalog and background jobs; ``cli/``: the CLI.
+
+The public API (``circuitq.collect_gradients``, ``saliency``, ``select``, ``quantize``,
+``evaluate``, ``compare``, ...) is ``circuitq.api``, loaded on first use. Importing circuitq
+changes no global state.
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+_API = ("CalibConfig", "DataConfig", "EvalConfig", "MaskConfig", "QuantizeConfig", "QuantizeJob", "RunConfig",
+        "ScoreConfig", "DEFAULT_FRACTION", "Task", "Geometry", "target_shapes", "load_model", "calibration_tokens",
+        "collect_gradients", "collect_hessians", "compare", "evaluate", "export", "quantize", "quantized_reference",
+        "reference_config", "score_weights", "select", "run", "circuit_map")
+
+
+def __getattr__(name):
+    if name in _API:
+        from circuitq import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'circuitq' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_API))

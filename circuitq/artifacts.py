@@ -60,3 +60,24 @@ def atomic_file(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
 def write_json(path: str | Path, obj, overwrite: bool = True) -> None:
     with atomic_file(path, overwrite=overwrite) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def csv_text(rows: list[dict]) -> str:
+    """Rows as CSV text; the columns are the union of the rows' keys, in first-seen order."""
+    import csv
+    import io
+
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def write_csv(path: str | Path, rows: list[dict], overwrite: bool = True) -> None:
+    """The one CSV writer (atomic)."""
+    with atomic_file(path, overwrite=overwrite) as tmp:
+        tmp.write_text(csv_text(rows))

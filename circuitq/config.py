@@ -235,3 +235,17 @@ def from_dict(cls, d: dict):
 def _nested_type(cls, name: str):
     default = getattr(cls(), name)
     return type(default) if is_dataclass(default) else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalJob:
+    """``circuitq eval``: one model (and a reference) on one task's split."""
+
+    task: str = field(default="mmlu", metadata=_help("mmlu, mmlu:CATEGORY, mmlu:SUBJECT, gsm8k, text:PATH, jsonl:PATH"))
+    split: str = field(default="eval", metadata=_help("the task's evaluation or calibration items",
+                                                      choices=("eval", "calib")))
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: bool = field(default=False, metadata=_help(
+        "gsm8k: also generate greedily and score the final number by exact match (slow on CPU)"))
+    max_new_tokens: int = field(default=256, metadata=_help("generation length with --generate"))

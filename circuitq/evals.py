@@ -118,8 +118,7 @@ def evaluate(model, tokenizer, examples, kind: str, reference=None, batch_size: 
     examples and batch size without running the reference again."""
     from tqdm.auto import tqdm
 
-    from circuitq.saliency.capture import scored_positions
-    from circuitq.data.tasks import collate, tokenize_examples
+    from circuitq.data.tasks import collate, scored_positions, tokenize_examples
 
     device = next(model.parameters()).device
     tok = tokenize_examples(examples, tokenizer, seq_len)

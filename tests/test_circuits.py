@@ -87,7 +87,7 @@ def test_compare_refuses_different_models(tmp_path, tiny_dir, capsys):
                  "--samples", "4", "--seq-len", "16", "--out", str(tmp_path / "s1")]) == 0
     import shutil
     shutil.copytree(tmp_path / "s1", tmp_path / "s2")
-    from circuitq.saliency.score import load_scores
+    from circuitq.saliency.files import load_scores
     f = load_scores(tmp_path / "s2")
     meta = {"format": "circuitq.scores", **{k: json.dumps(v) for k, v in f["meta"].items()}}
     meta["model_source"] = json.dumps("/some/other/model")

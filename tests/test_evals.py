@@ -97,5 +97,38 @@ def test_eval_cli_gsm8k_generation_counts_unparseable(tmp_path, tiny_dir):
                  "--generate", "--max-new-tokens", "8", "--out", str(out)]) == 0
     g = json.loads(out.read_text())["metrics"]["generation"]
     assert g["items"] == 3 and 0 <= g["unparseable"] <= 3 and 0 <= g["exact_match"] <= 1
+
+
+def test_generation_exact_match_and_unparseable_counts_are_exact(tiny_dir):
+    """A model whose generations are fixed: one right, one without a number, one wrong."""
+    from transformers import AutoTokenizer
+
+    from circuitq.data.tasks import Example
+    from circuitq.evals import generate_exact_match
+
+    d, _ = tiny_dir
+    tok = AutoTokenizer.from_pretrained(d)
+    outs = ["so #### 7", "the fox", "#### 5"]
+
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+            self.i = 0
+
+        def generate(self, input_ids, **kw):
+            rows = []
+            for _ in range(input_ids.shape[0]):
+                rows.append(tok(outs[self.i], add_special_tokens=False)["input_ids"])
+                self.i += 1
+            width = max(map(len, rows))
+            gen = torch.tensor([r + [tok.eos_token_id] * (width - len(r)) for r in rows])
+            return torch.cat([input_ids, gen], 1)
+
+    ex = [Example("the fox", " #### 7", {"final": "7"}), Example("the dog", " #### 8", {"final": "8"}),
+          Example("the cat", " #### 9", {"final": "9"})]
+    g = generate_exact_match(Fixed(), tok, ex, 8, batch_size=2, progress=False)
+    assert g["items"] == 3 and g["unparseable"] == 1 and g["exact_match"] == pytest.approx(1 / 3)
+    assert [r["correct"] for r in g["records"]] == [True, False, False]
     assert main(["eval", "--model", str(d), "--task", "mmlu", "--data-dir", str(data), "--generate",
                  "--out", str(tmp_path / "m.json")]) == 2

@@ -77,6 +77,15 @@ def test_dead_columns_and_damping():
     X[:, 5] = 0
     H = hessian_update(HessianState.zeros(64), X).H
     r = gptq_quantize(w, H, QuantSpec(bits=4))
-    assert torch.isfinite(r.weight).all() and r.damp >= 0.01
+    assert torch.isfinite(r.weight).all() and r.damp == 0.01
+    assert torch.equal(r.weight[:, 5], torch.zeros_like(r.weight[:, 5]))  # a dead input column is zeroed
+    # an indefinite Hessian (eigenvalues -1 and 3) needs the damping raised x10 until Cholesky works
+    from circuitq.quant.gptq import inverse_hessian_factor
+
+    bad = torch.tensor([[1.0, 2.0], [2.0, 1.0]])
+    _, used = inverse_hessian_factor(bad, 0.01, 10.0)
+    assert used == pytest.approx(10.0)
+    with pytest.raises(HessianError, match="Cholesky failed"):
+        inverse_hessian_factor(bad, 0.01, 0.5)
     with pytest.raises(HessianError, match="NaN/Inf"):
         gptq_quantize(w, H * float("nan"), QuantSpec(bits=4))

@@ -114,7 +114,7 @@ def test_nan_weight_is_a_clear_error():
         quantize_model(model, None, PrecisionPlan(4), QuantizeConfig(bits=4, method="rtn"), progress=False)
 
 
-def test_shared_hessians_equal_per_module_gptq_on_original_inputs(model_type, calib_ids):
+def test_shared_hessians_equal_per_module_gptq_on_original_inputs(model_type, calib_ids, tmp_path):
     """Shared mode: every module is quantized against the Hessian of its inputs in the
     *unquantized* model, all modules of one shape batched; equals module-by-module GPTQ, with and
     without a mask, and the packed export round-trips."""
@@ -142,3 +142,10 @@ def test_shared_hessians_equal_per_module_gptq_on_original_inputs(model_type, ca
     for n in names:
         differ = (twin.get_submodule(n).weight - model.get_submodule(n).weight).abs() > 1e-5
         assert differ.float().mean() < 0.01, n  # summation order of the Hessian may flip a rare rounding
+    # the packed export of the shared-Hessian result round-trips to the same weights
+    from circuitq.quant.export import export_all, load_packed
+
+    export_all(tmp_path / "q", model, None, res.qweights, {"bits": 3, "group_size": 32}, res.summary())
+    packed = load_packed(tmp_path / "q")
+    for n in names:
+        assert torch.equal(packed.get_submodule(n).weight, model.get_submodule(n).weight.float()), n

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from circuitq.cli import main
-from circuitq.pipeline.run import Job, MaskRecipe, RunConfig, StepStore, plan_jobs
+from circuitq.config import ConfigError, MaskConfig, RunConfig
+from circuitq.pipeline.plan import Job, MaskRecipe, plan_jobs
+from circuitq.pipeline.run import check_run_config
+from circuitq.pipeline.store import StepStore
 
 from conftest import task_data
 
@@ -39,10 +42,12 @@ def test_step_store_finds_by_settings_not_name(tmp_path):
 
 
 def test_bad_config_is_refused():
-    with pytest.raises(ValueError, match="unknown baseline"):
-        RunConfig(baselines=("nope",))
-    with pytest.raises(ValueError, match="fraction"):
-        RunConfig(fraction=0)
+    with pytest.raises(ConfigError, match="unknown baseline"):
+        check_run_config(RunConfig(baselines=("nope",)))
+    with pytest.raises(ConfigError, match="fraction"):
+        RunConfig(mask=MaskConfig(fraction=0))
+    with pytest.raises(TypeError):
+        RunConfig(("mmlu",))   # keyword construction only
 
 
 def _args(d, data, out, *extra):

@@ -9,7 +9,7 @@ import torch
 
 from circuitq.cli import main
 from circuitq.saliency.masks import load_masks
-from circuitq.saliency.score import load_scores
+from circuitq.saliency.files import load_scores
 
 
 def _task(tmp_path, n=12):
@@ -42,12 +42,12 @@ def test_score_then_mask_cli(tmp_path, tiny_dir, method):
 
 
 def test_resume_after_interruption_equals_uninterrupted(tmp_path, tiny_dir, monkeypatch):
-    import circuitq.saliency.score as score
+    import circuitq.saliency.files as score
 
     d, _ = tiny_dir
     task = _task(tmp_path)
     assert _score(d, task, tmp_path / "full", "--method", "grad") == 0
-    real_save = score._save_stats
+    real_save = score.save_stats
     calls = {"n": 0}
 
     def save_then_die(path, st, meta):
@@ -56,10 +56,10 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, tiny_dir, monk
             calls["n"] += 1
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(score, "_save_stats", save_then_die)
+    monkeypatch.setattr(score, "save_stats", save_then_die)
     assert _score(d, task, tmp_path / "cut", "--method", "grad", "--checkpoint-every", "4") == 130
     assert calls["n"] == 1 and not (tmp_path / "cut").exists()
-    monkeypatch.setattr(score, "_save_stats", real_save)
+    monkeypatch.setattr(score, "save_stats", real_save)
     assert _score(d, task, tmp_path / "cut", "--method", "grad", "--checkpoint-every", "4", "--resume") == 0
     a, b = load_scores(tmp_path / "full"), load_scores(tmp_path / "cut")
     assert b["meta"]["n_samples"] == 12

@@ -19,9 +19,11 @@ import torch
 
 from circuitq.circuits import explore as X
 from circuitq.app import catalog as R
-from circuitq.circuits.maps import MODULE_TYPES, Geometry, aggregate, top_units
+from circuitq.circuits.maps import aggregate, top_units
+from circuitq.config import DEFAULT_FRACTION
+from circuitq.model.arch import MODULE_TYPES, Geometry
 
-BUDGETS = [0.0005, 0.001, 0.002, 0.0035, 0.005, 0.01, 0.02]
+BUDGETS = sorted({0.0005, 0.001, 0.002, DEFAULT_FRACTION, 0.005, 0.01, 0.02})
 
 
 def runs_dir() -> Path:
@@ -41,7 +43,7 @@ def _mtime(p: Path) -> float:
 
 @st.cache_resource(max_entries=4, show_spinner="Loading scores…")
 def load_scores(path: str, mtime: float):
-    from circuitq.saliency.score import load_scores as _load
+    from circuitq.saliency.files import load_scores as _load
 
     return _load(path)
 
@@ -103,7 +105,7 @@ def page_explore(run: R.RunEntry) -> None:
     f = load_scores(path, mt)
     meta = f["meta"]
     geo = Geometry(**meta["geometry"])
-    budget = st.select_slider("Budget (share of weights kept in 16-bit)", BUDGETS, value=0.0035, format_func=pct,
+    budget = st.select_slider("Budget (share of weights kept in 16-bit)", BUDGETS, value=DEFAULT_FRACTION, format_func=pct,
                               key="budget")
     ti = ranking(path, mt)
     bits, gs = int(meta.get("bits") or 3), int(meta.get("group_size") or -1)
@@ -192,7 +194,7 @@ def page_compare(runs: list[R.RunEntry], run: R.RunEntry) -> None:
     c1, c2 = st.columns(2)
     ia = c1.selectbox("Circuit A", range(len(pool)), index=da, format_func=fmt, key="cmp_a")
     ib = c2.selectbox("Circuit B", range(len(pool)), index=db, format_func=fmt, key="cmp_b")
-    budget = st.select_slider("Budget", BUDGETS, value=0.0035, format_func=pct, key="cmp_budget")
+    budget = st.select_slider("Budget", BUDGETS, value=DEFAULT_FRACTION, format_func=pct, key="cmp_budget")
     ea, eb = pool[ia][1], pool[ib][1]
     fa, fb = load_scores(str(ea.path), _mtime(ea.path)), load_scores(str(eb.path), _mtime(eb.path))
     if not same_model(fa["meta"], fb["meta"]):
@@ -233,7 +235,7 @@ def page_compare(runs: list[R.RunEntry], run: R.RunEntry) -> None:
 
 def page_export(root: Path, run: R.RunEntry) -> None:
     from circuitq.app import jobs as J
-    from circuitq.saliency.masks import combine, mask_fraction, save_masks
+    from circuitq.saliency.masks import combine, mask_fraction, mask_metadata, save_masks
     from circuitq.app.catalog import confine
 
     st.header("Export a quantized model")
@@ -245,7 +247,7 @@ def page_export(root: Path, run: R.RunEntry) -> None:
     how = st.radio("Combine with a second circuit", ["no", "union", "intersection"], horizontal=True, key="exp_how")
     b = st.selectbox("Second circuit", run.scores, format_func=fmt, key="exp_b") if how != "no" else None
     c1, c2, c3 = st.columns(3)
-    budget = c1.select_slider("Budget", BUDGETS, value=0.0035, format_func=pct, key="exp_budget")
+    budget = c1.select_slider("Budget", BUDGETS, value=DEFAULT_FRACTION, format_func=pct, key="exp_budget")
     bits = c2.selectbox("Base bits", [2, 3, 4, 8], index=1, key="exp_bits")
     gs = c3.selectbox("Group size", [-1, 32, 64, 128], index=2, key="exp_gs")
     mask = circuit(str(a.path), _mtime(a.path), budget)
@@ -263,7 +265,8 @@ def page_export(root: Path, run: R.RunEntry) -> None:
         return
     c1, c2, c3 = st.columns(3)
     calib = c1.selectbox("Calibration", ["gsm8k", "mmlu"], key="exp_calib")
-    samples = c2.number_input("Calibration windows", 4, 512, 16, key="exp_samples")
+    samples = c2.number_input("Calibration items", 4, 512, 16, key="exp_samples",
+                              help="drawn from the task's calibration split, never from its evaluation items")
     limit = c3.number_input("Evaluation items per task", 8, 1000, 32, key="exp_limit")
     default_name = f"{a.task}-{how if b is not None else 'only'}-{bits}bit-{budget:.4%}".replace("%", "pct").replace(":", "-")
     name = "".join(ch if ch.isalnum() or ch in "-._" else "-" for ch in st.text_input("Name", default_name, key="exp_name"))
@@ -275,14 +278,21 @@ def page_export(root: Path, run: R.RunEntry) -> None:
         return
     if st.button("Quantize in the background", key="exp_go", disabled=out.exists()):
         mpath = confine(root, run.path / "masks" / f"{name}.safetensors")
-        meta = {"model": a.model, "model_source": a.model_source, "task": a.task + (f"{how}{b.task}" if b else ""),
-                "method": a.method, "bits": bits, "fraction": mask_fraction(mask), "requested_fraction": budget,
-                "combine": how if b is not None else None, "sources": [str(a.path)] + ([str(b.path)] if b else [])}
+        meta = mask_metadata(mask, model=a.model, model_source=a.model_source,
+                             task=a.task + (f"{how}{b.task}" if b else ""), method=a.method, bits=bits, group_size=gs,
+                             requested_fraction=budget, samples=a.samples, seed=a.seed,
+                             combine=how if b is not None else None,
+                             sources=[str(a.path)] + ([str(b.path)] if b else []))
         save_masks(mpath, mask, meta, overwrite=True)
-        cmds = J.quantize_commands(str(model), mpath, bits, gs, out, calib, int(samples), 256,
-                                   sorted({a.task, b.task} if b else {a.task}), int(limit),
-                                   os.environ.get("CIRCUITQ_DATA_DIR"))
-        J.start_job(name, out, cmds)
+        from circuitq.config import CalibConfig, DataConfig, EvalConfig, QuantizeConfig, QuantizeJob
+
+        job = QuantizeJob(model=str(model), task=calib,
+                          data=DataConfig(data_dir=os.environ.get("CIRCUITQ_DATA_DIR")),
+                          calib=CalibConfig(samples=int(samples), seq_len=256),
+                          quantize=QuantizeConfig(bits=bits, group_size=gs, hessian="shared"),
+                          eval=EvalConfig(ppl_windows=4))
+        spec = J.export_spec(str(model), mpath, out, job, sorted({a.task, b.task} if b else {a.task}), int(limit))
+        J.start_job(name, out, spec)
         st.success(f"Started: {name}")
     if out.exists():
         st.caption(f"{out.name} exists; choose another name to export again.")
@@ -299,7 +309,7 @@ def jobs_panel(run: R.RunEntry) -> None:
         s = J.job_status(j)
         st.write(f"**{j.name}** — {s['state']}" + (f" · {s['step']}" if s["step"] else ""))
         if s["state"] == "running":
-            st.progress((s["percent"] or 0) / 100, text=s["last"][-120:])
+            st.progress((s["percent"] or 0) / 100, text=s["step"][-120:])
         elif s["state"] == "failed":
             st.error(s["last"])
     models = R.read_run(run.path).models if run.path.exists() else []

@@ -1,20 +1,21 @@
-"""Background jobs for the explorer: a quantization (and its evaluation) started as a separate
-process, so the page never blocks; state lives in a JSON file next to the output, progress is
-read from the job's log (the last tqdm percentage and the last circuitq line).
+"""Background jobs for the explorer: an export (quantize + evaluate) runs in a separate process so
+the page never blocks. The process calls the library (``pipeline.stages.quantize_and_export`` and
+``evaluate_task``, the same functions as ``circuitq quantize`` and ``circuitq eval``), not the CLI,
+and reports progress as structured JSON events in ``.job-NAME.status.json`` beside the output;
+its printed output goes to ``.job-NAME.log`` for people.
+
+Run a job's spec by hand with ``python -m circuitq.app.jobs SPEC.json``.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
-import shlex
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-_PCT = re.compile(r"(\d{1,3})%\|")
 
 
 @dataclass
@@ -23,25 +24,38 @@ class JobInfo:
     out: str
     log: str
     pid: int
-    commands: list[list[str]]
+    spec: dict
     started: float
 
     @property
     def state_file(self) -> Path:
         return Path(self.out).parent / f".job-{self.name}.json"
 
+    @property
+    def status_file(self) -> Path:
+        return Path(self.out).parent / f".job-{self.name}.status.json"
 
-def start_job(name: str, out: Path, commands: list[list[str]], env: dict | None = None) -> JobInfo:
-    """Run ``commands`` one after another (stopping at the first failure) in a new session, writing
-    their output to ``out``'s sibling log file; returns at once."""
+
+def export_spec(model: str, mask: Path, out: Path, job, eval_tasks: list[str], eval_limit: int) -> dict:
+    """A job's spec: the model, the mask file, the output folder, the ``QuantizeJob`` settings (as
+    data) and the tasks to evaluate on (their evaluation items, at most ``eval_limit``)."""
+    from circuitq.config import to_dict
+
+    return {"model": model, "mask": str(mask), "out": str(out), "job": to_dict(job), "eval_tasks": list(eval_tasks),
+            "eval_limit": int(eval_limit)}
+
+
+def start_job(name: str, out: Path, spec: dict, env: dict | None = None) -> JobInfo:
+    """Start ``python -m circuitq.app.jobs SPEC`` in a new session; returns at once."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.parent / f".job-{name}.log"
-    script = " && ".join(shlex.join(c) for c in commands) + "; echo \"[job] exit $?\""
+    spec_file = out.parent / f".job-{name}.spec.json"
+    spec_file.write_text(json.dumps({**spec, "name": name}, indent=2))
     with log.open("w") as fh:
-        proc = subprocess.Popen(["bash", "-c", script], stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **(env or {})}, cwd=os.getcwd())
-    info = JobInfo(name, str(out), str(log), proc.pid, commands, time.time())
+        proc = subprocess.Popen([sys.executable, "-m", "circuitq.app.jobs", str(spec_file)], stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})})
+    info = JobInfo(name, str(out), str(log), proc.pid, spec, time.time())
     info.state_file.write_text(json.dumps(asdict(info)))
     return info
 
@@ -49,6 +63,8 @@ def start_job(name: str, out: Path, commands: list[list[str]], env: dict | None 
 def list_jobs(models_dir: Path) -> list[JobInfo]:
     out = []
     for f in sorted(Path(models_dir).glob(".job-*.json")):
+        if f.name.endswith((".status.json", ".spec.json")):
+            continue
         try:
             out.append(JobInfo(**json.loads(f.read_text())))
         except (OSError, ValueError, TypeError):
@@ -57,26 +73,19 @@ def list_jobs(models_dir: Path) -> list[JobInfo]:
 
 
 def job_status(info: JobInfo) -> dict:
-    """``{"state": running|done|failed, "percent": int|None, "last": str, "step": str}``."""
+    """``{"state": running|done|failed, "percent": int|None, "last": str, "step": str}`` from the
+    job's status events (a job that died without a final event is ``failed``)."""
     try:
-        text = Path(info.log).read_text(errors="replace")
-    except OSError:
-        text = ""
-    chunks = re.split(r"[\r\n]+", text)
-    last = next((c for c in reversed(chunks) if c.strip()), "")
-    pct = None
-    for c in reversed(chunks):
-        m = _PCT.search(c)
-        if m:
-            pct = int(m.group(1))
-            break
-    step = next((c for c in reversed(chunks) if c.startswith("[circuitq")), "")
-    m = re.search(r"\[job\] exit (\d+)", text)
-    if m:
-        state = "done" if m.group(1) == "0" else "failed"
-    else:
-        state = "running" if _alive(info.pid) else "failed"
-    return {"state": state, "percent": pct, "last": last[-200:], "step": step[-200:]}
+        st = json.loads(info.status_file.read_text())
+    except (OSError, ValueError):
+        st = {}
+    state = st.get("state", "running")
+    if state == "running" and not _alive(info.pid):
+        state = "failed"
+    done, total = st.get("done", 0), st.get("total") or 0
+    pct = int(100 * done / total) if total else None
+    last = st.get("error") or st.get("step", "starting")
+    return {"state": state, "percent": pct, "last": str(last)[-300:], "step": str(st.get("step", ""))}
 
 
 def _alive(pid: int) -> bool:
@@ -91,15 +100,53 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def quantize_commands(model: str, mask: Path, bits: int, group_size: int, out: Path, calib: str, samples: int,
-                      seq_len: int, eval_tasks: list[str], eval_limit: int, data_dir: str | None = None) -> list[list[str]]:
-    """``circuitq quantize`` (shared Hessians) then ``circuitq eval`` per task on its output."""
-    py = [sys.executable, "-m", "circuitq"]
-    dd = ["--data-dir", data_dir] if data_dir else []
-    cmds = [py + ["quantize", "--model", model, "--mask", str(mask), "--bits", str(bits), "--group-size",
-                  str(group_size), "--calib", calib, "--samples", str(samples), "--seq-len", str(seq_len),
-                  "--hessian", "shared", "--ppl-windows", "4", "--out", str(out)] + dd]
-    for t in eval_tasks:
-        cmds.append(py + ["eval", "--model", str(out / "hf"), "--reference", model, "--task", t, "--limit",
-                          str(eval_limit), "--out", str(out / f"eval-{t.replace(':', '-')}.json")] + dd)
-    return cmds
+def _event(path: Path, **kw) -> None:
+    from circuitq.artifacts import write_json
+
+    write_json(path, {**kw, "time": time.time()})
+
+
+def run_spec(spec: dict, status: Path) -> None:
+    """Execute a job spec through the library, writing status events to ``status``."""
+    from circuitq.config import EvalJob, QuantizeJob, from_dict
+    from circuitq.model.loading import load_model
+    from circuitq.pipeline.stages import evaluate_task, quantize_and_export, write_eval
+    from circuitq.saliency.masks import load_masks
+
+    tasks = spec["eval_tasks"]
+    total = 2 + len(tasks)
+    _event(status, state="running", step="loading the model", done=0, total=total)
+    job = from_dict(QuantizeJob, spec["job"])
+    lm = load_model(spec["model"], device="cpu")
+    mf = load_masks(spec["mask"])
+    _event(status, state="running", step=f"quantizing to {job.quantize.bits} bits", done=1, total=total)
+    out = Path(spec["out"])
+    quantize_and_export(lm, job, out, mf.masks, {**mf.metadata, "path": spec["mask"]})
+    ref = load_model(spec["model"], device="cpu")
+    qm = load_model(str(out / "hf"), device="cpu")
+    for i, t in enumerate(tasks):
+        _event(status, state="running", step=f"evaluating on {t}", done=2 + i, total=total)
+        from circuitq.config import EvalConfig
+
+        ej = EvalJob(task=t, data=job.data, eval=EvalConfig(samples=spec["eval_limit"]))
+        doc, items = evaluate_task(qm, ej, ref)
+        write_eval(out / f"eval-{t.replace(':', '-')}.json", doc, items, overwrite=True)
+    _event(status, state="done", step="done", done=total, total=total)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    spec_file = Path(argv[0])
+    spec = json.loads(spec_file.read_text())
+    status = spec_file.with_name(spec_file.name.replace(".spec.json", ".status.json"))
+    try:
+        run_spec(spec, status)
+    except Exception as e:  # noqa: BLE001 - every failure becomes the job's final event
+        traceback.print_exc()
+        _event(status, state="failed", step="failed", error=f"{e.__class__.__name__}: {e}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,9 +7,11 @@ from pathlib import Path
 
 from circuitq import __version__
 from circuitq.artifacts import atomic_file, check_writable
-from circuitq.circuits.maps import MODULE_TYPES, Geometry, aggregate, compare_circuits, compare_masks
+from circuitq.circuits.maps import aggregate, compare_circuits, compare_masks
+from circuitq.config import DEFAULT_FRACTION
+from circuitq.model.arch import MODULE_TYPES, Geometry
 from circuitq.saliency.masks import select_topk
-from circuitq.saliency.score import load_scores
+from circuitq.saliency.files import load_scores
 
 
 class CompareError(ValueError):
@@ -20,7 +22,7 @@ def _label(meta: dict, fallback: str) -> str:
     return f"{meta.get('task', fallback)} ({meta.get('method', '?')})"
 
 
-def compare_dirs(dir_a: str, dir_b: str, fraction: float = 0.0035, top_n: int = 20) -> dict:
+def compare_dirs(dir_a: str, dir_b: str, fraction: float = DEFAULT_FRACTION, top_n: int = 20) -> dict:
     """Metrics and maps of two scored circuits (raises ``CompareError`` across models)."""
     fa, fb = load_scores(dir_a), load_scores(dir_b)
     return compare_scores(fa, fb, fraction, top_n, (dir_a, dir_b))
@@ -30,7 +32,7 @@ def same_model(meta_a: dict, meta_b: dict) -> bool:
     return meta_a.get("model_source") == meta_b.get("model_source") and meta_a.get("geometry") == meta_b.get("geometry")
 
 
-def compare_scores(fa, fb, fraction: float = 0.0035, top_n: int = 20, names=("a", "b"), masks=None) -> dict:
+def compare_scores(fa, fb, fraction: float = DEFAULT_FRACTION, top_n: int = 20, names=("a", "b"), masks=None) -> dict:
     """``compare_dirs`` on loaded score files (``{"scores", "meta"}``); ``masks`` may give the two
     circuits already selected."""
     if not same_model(fa["meta"], fb["meta"]):

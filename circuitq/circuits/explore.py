@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from circuitq.circuits.maps import MODULE_TYPES, Geometry, parse_name
+from circuitq.config import DEFAULT_FRACTION
+from circuitq.model.arch import MODULE_TYPES, Geometry, parse_name
 from circuitq.quant.plan import PrecisionPlan, bit_report
 
 
@@ -84,7 +85,7 @@ def layer_module_counts(ti: TopIndex, fraction: float, n_layers: int) -> torch.T
     return out
 
 
-def budget_table(ti: TopIndex, fractions: list[float], bits: int, group_size: int, reference: float = 0.0035) -> list[dict]:
+def budget_table(ti: TopIndex, fractions: list[float], bits: int, group_size: int, reference: float = DEFAULT_FRACTION) -> list[dict]:
     """Per budget: weights kept, exact average bits, share in attention, overlap with the
     circuit at ``reference`` (the paper's 0.35%): a nested prefix, so IoU = min/max of sizes."""
     shapes = dict(zip(ti.names, ti.shapes))

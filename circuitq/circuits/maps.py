@@ -18,41 +18,11 @@ correlation of the head maps.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 
-MODULE_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_NAME = re.compile(r"^(?P<prefix>.*\.layers)\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<mod>\w+)\.weight$")
-
-
-@dataclass(frozen=True)
-class Geometry:
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    d_mlp: int
-
-    @classmethod
-    def from_config(cls, cfg) -> "Geometry":
-        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return cls(cfg.num_hidden_layers, cfg.num_attention_heads,
-                   getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, hd, cfg.intermediate_size)
-
-    @classmethod
-    def infer(cls, shapes: dict[str, tuple[int, int]], n_heads: int) -> "Geometry":
-        """From weight shapes and the number of query heads."""
-        layers = {int(_NAME.match(n)["layer"]) for n in shapes if _NAME.match(n)}
-        q = next(s for n, s in shapes.items() if n.endswith("q_proj.weight"))
-        k = next(s for n, s in shapes.items() if n.endswith("k_proj.weight"))
-        up = next(s for n, s in shapes.items() if n.endswith("up_proj.weight"))
-        hd = q[0] // n_heads
-        return cls(len(layers), n_heads, k[0] // hd, hd, up[0])
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
+from circuitq.model.arch import MODULE_TYPES, Geometry, arch_for, parse_name  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -66,11 +36,6 @@ class CircuitMap:
     total: float
 
 
-def parse_name(name: str) -> tuple[int, str] | None:
-    m = _NAME.match(name)
-    return (int(m["layer"]), m["mod"]) if m else None
-
-
 def aggregate(values: dict[str, torch.Tensor], geo: Geometry) -> CircuitMap:
     """Sum per-weight ``values`` (``{HF weight name: [out, in]}``) into the circuit maps."""
     L, H, KV, d = geo.n_layers, geo.n_heads, geo.n_kv_heads, geo.head_dim
@@ -78,23 +43,24 @@ def aggregate(values: dict[str, torch.Tensor], geo: Geometry) -> CircuitMap:
     head = torch.zeros(L, H, dtype=torch.float64)
     neuron = torch.zeros(L, geo.d_mlp, dtype=torch.float64)
     per_kv = H // KV
+    spec = arch_for("llama")   # the Llama-like row: rows/cols say which axis is a head or a neuron
     for name, v in values.items():
-        parsed = parse_name(name)
-        if parsed is None or parsed[1] not in MODULE_TYPES:
+        parsed = parse_name(name, spec)
+        if parsed is None:
             raise ValueError(f"cannot place '{name}' in a circuit map (expected model.layers.N.(self_attn|mlp).X.weight)")
-        i, mod = parsed
+        i, kind = parsed
+        lin = spec.linear(kind)
         v = v.detach().double().cpu()
-        lm[i, MODULE_TYPES.index(mod)] += v.sum()
-        if mod == "q_proj":
+        lm[i, MODULE_TYPES.index(kind)] += v.sum()
+        if lin.rows == "q_heads":
             head[i] += v.view(H, d, -1).sum((1, 2))
-        elif mod == "o_proj":
+        elif lin.cols == "q_heads":
             head[i] += v.view(-1, H, d).sum((0, 2))
-        elif mod in ("k_proj", "v_proj"):
-            kv = v.view(KV, d, -1).sum((1, 2))
-            head[i] += kv.repeat_interleave(per_kv) / per_kv
-        elif mod in ("gate_proj", "up_proj"):
+        elif lin.rows == "kv_heads":
+            head[i] += v.view(KV, d, -1).sum((1, 2)).repeat_interleave(per_kv) / per_kv
+        elif lin.rows == "neurons":
             neuron[i] += v.sum(1)
-        else:
+        elif lin.cols == "neurons":
             neuron[i] += v.sum(0)
     return CircuitMap(lm, head, neuron, float(lm.sum()))
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from circuitq.circuits.maps import MODULE_TYPES, CircuitMap
+from circuitq.circuits.maps import CircuitMap
+from circuitq.model.arch import MODULE_TYPES
 
 
 def _share(m: torch.Tensor) -> torch.Tensor:

@@ -1,60 +1,19 @@
-"""Calibration token windows for quantization (pure given the documents and tokenizer).
+"""Calibration token windows (pure given the examples and the tokenizer).
 
-GPTQ calibrates on random fixed-length windows of a corpus (the C4 recipe). Documents are first
-split by a seeded permutation into a calibration part and a held-out part that never overlap; the
-windows are drawn from the concatenated token stream of each part.
+Every calibration path takes its text from a task's *calibration* items (``data.tasks.Task``),
+so evaluation items never enter calibration. GPTQ's Hessians see the items as one token stream
+(items joined with EOS) cut into windows:
 
-Sources (``--calib``): ``text:PATH`` (``.txt`` or ``.jsonl``), ``gsm8k`` (question + worked
-solution), ``mmlu`` (question, choices and answer), read from the data directory.
+* ``calibration_windows``: consecutive windows of the calibration items' stream (what ``circuitq
+  run``, ``score`` and ``quantize`` use);
+* ``random_windows``: seeded random windows (GPTQ's C4 recipe; the speed benchmark uses it);
+* ``heldout_windows``: consecutive windows of the evaluation items, for perplexity.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple
-
 import torch
 
-from circuitq.data.readers import DataError, read_gsm8k, read_mmlu, read_text_corpus
-
-
-@dataclass(frozen=True)
-class CalibConfig:
-    source: str = "gsm8k"
-    samples: int = 128
-    seq_len: int = 512
-    seed: int = 0
-    heldout_fraction: float = 0.2
-
-
-def source_documents(source: str, data_dir: str | None = None) -> list[str]:
-    """Plain-text documents for a calibration source name."""
-    if source.startswith("text:"):
-        return read_text_corpus(source[5:])
-    if source == "gsm8k":
-        return [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in read_gsm8k(data_dir)]
-    if source == "mmlu":
-        out = []
-        for split in ("dev", "val"):
-            for r in read_mmlu(data_dir, split):
-                ch = "\n".join(f"{l}. {c}" for l, c in zip("ABCD", r["choices"]))
-                out.append(f"{r['question']}\n{ch}\nAnswer: {r['answer']}")
-        return out
-    raise DataError(f"unknown calibration source '{source}': use text:PATH, gsm8k or mmlu")
-
-
-class DocSplit(NamedTuple):
-    calib: list[str]
-    heldout: list[str]
-
-
-def split_documents(docs: list[str], heldout_fraction: float, seed: int) -> DocSplit:
-    """Seeded, disjoint split of documents into calibration and held-out parts, each in seeded
-    random order (so a prefix of either is a random sample)."""
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(docs), generator=g).tolist()
-    n_held = max(1, int(round(len(docs) * heldout_fraction))) if len(docs) > 1 else 0
-    return DocSplit([docs[i] for i in order[n_held:]], [docs[i] for i in order[:n_held]])
-
+from circuitq.data.readers import DataError
 
 def token_stream(docs: list[str], tokenizer, max_tokens: int | None = None) -> torch.Tensor:
     """Token ids of the documents joined with EOS: ``[T]`` int64 (stops after ``max_tokens``)."""
@@ -89,17 +48,22 @@ def consecutive_windows(stream: torch.Tensor, seq_len: int, limit: int | None = 
     return stream[: k * seq_len].view(k, seq_len)
 
 
-class CalibData(NamedTuple):
-    calib: torch.Tensor     # [samples, seq_len]
-    heldout: torch.Tensor   # [k, seq_len], disjoint documents
+def example_texts(examples) -> list[str]:
+    """The text of each example: prompt followed by completion."""
+    return [e.prompt + e.completion for e in examples]
 
 
-def build_calibration(cfg: CalibConfig, tokenizer, data_dir: str | None = None,
-                      heldout_windows: int = 32) -> CalibData:
-    docs = source_documents(cfg.source, data_dir)
-    split = split_documents(docs, cfg.heldout_fraction, cfg.seed)
-    need = cfg.samples * cfg.seq_len * 4
-    calib = random_windows(token_stream(split.calib, tokenizer, need), cfg.samples, cfg.seq_len, cfg.seed)
-    held = consecutive_windows(token_stream(split.heldout, tokenizer, heldout_windows * cfg.seq_len + 1),
-                               cfg.seq_len, heldout_windows)
-    return CalibData(calib, held)
+def calibration_windows(examples, tokenizer, seq_len: int) -> torch.Tensor:
+    """The calibration items as consecutive windows of their EOS-joined token stream:
+    ``[k, L]`` with ``L = min(seq_len, tokens // 2)`` (at least 8), so even a few short items give
+    two windows. Worked example: 3 items of 100 tokens (+3 EOS) and ``seq_len`` 512 give
+    ``L = 151`` and 2 windows."""
+    stream = token_stream(example_texts(examples), tokenizer)
+    return consecutive_windows(stream, min(seq_len, max(stream.numel() // 2, 8)))
+
+
+def heldout_windows(examples, tokenizer, seq_len: int, limit: int) -> torch.Tensor:
+    """Up to ``limit`` consecutive ``seq_len`` windows of the evaluation items: ``[k, seq_len]``
+    (shorter windows when the items hold fewer tokens)."""
+    stream = token_stream(example_texts(examples), tokenizer, limit * seq_len + 1)
+    return consecutive_windows(stream, min(seq_len, max(stream.numel() // 2, 8)), limit)

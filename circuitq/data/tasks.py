@@ -216,3 +216,54 @@ def collate(ids: list[list[int]], scored_from: list[int], pad_id: int) -> Batch:
         attn[b, :len(s)] = True
         loss[b, st - 1:len(s) - 1] = True
     return Batch(input_ids, attn, loss)
+
+
+class Task:
+    """One task as one object: its rows are split once (``DataConfig.split_seed``) into
+    calibration and evaluation items that never overlap, and every consumer (gradients, Hessians,
+    Q(W), evaluation, perplexity, the explorer's export) takes its items from here, so
+    disjointness holds by construction.
+
+    ``calib_items(n, seed)`` draws ``n`` items from the calibration split by a seeded permutation
+    (``seed`` varies the calibration sample, ``split_seed`` fixes which rows may be drawn);
+    ``eval_items(n)`` is the first ``n`` of the evaluation split."""
+
+    def __init__(self, name: str, data=None, tokenizer=None):
+        from circuitq.config import DataConfig
+
+        self.spec = TaskSpec.parse(name)
+        self.name = name
+        self.data = data if data is not None else DataConfig()
+        self.tokenizer = tokenizer
+        self._splits: dict[str, Examples] = {}
+
+    @property
+    def kind(self) -> str:
+        """``mmlu``, ``gsm8k``, ``text`` or ``jsonl``: decides the metric (``evals.evaluate``)."""
+        return self.spec.kind
+
+    def split(self, which: str) -> "Examples":
+        if which not in self._splits:
+            d = self.data
+            self._splits[which] = load_examples(self.name, which, None, d.split_seed, d.shots, d.data_dir,
+                                                self.tokenizer, d.calib_fraction)
+        return self._splits[which]
+
+    def calib_items(self, n: int | None = None, seed: int = 0) -> list[Example]:
+        pool = self.split("calib")
+        order = _permute(len(pool), seed)
+        return [pool[i] for i in (order if n is None else order[:n])]
+
+    def eval_items(self, n: int | None = None) -> list[Example]:
+        ex = self.split("eval")
+        return list(ex if n is None else ex[:n])
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Rows left out per split because their answer could not be parsed."""
+        return {k: getattr(v, "skipped", 0) for k, v in self._splits.items()}
+
+
+def scored_positions(loss_mask: torch.Tensor) -> torch.Tensor:
+    """Positions scored in any sample of the batch: ``[K]`` (logits are computed only there)."""
+    return loss_mask[:, :-1].any(0).nonzero().flatten()

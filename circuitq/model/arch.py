@@ -1,28 +1,93 @@
 """Per-architecture facts, one row per model family (never a copied driver).
 
-Each row names where the decoder layers live, the modules to run before them, and the linear
-modules of a layer in true-sequential order, grouped by shared input: the modules of a group read
-the same activations, so one Hessian serves all of them.
+A row (``ArchSpec``) says, for one family:
+
+* where the decoder layers live (``layers``) and which modules run before them;
+* each targeted linear module: its HF path inside a layer, its short type name (``q_proj``), the
+  TransformerLens 4.x bridge component whose ``hook_in``/``hook_out`` see its input and output
+  gradient (``attn.q``), and what its rows and columns are (query heads, KV heads, MLP neurons);
+* the true-sequential groups of modules that read the same input (one Hessian serves a group).
+
+Everything else in circuitq is keyed by HF *weight* name
+(``model.layers.3.self_attn.q_proj.weight``); the helpers here build and parse those names, so no
+other module hard-codes ``model.layers`` or ``q_proj``.
+
+``Geometry`` holds the numbers a circuit map needs (layers, query heads, KV heads, head size,
+MLP width); it is read from the model config.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import NamedTuple
+
+
+class Linear(NamedTuple):
+    """One targeted linear module of a layer. ``rows``/``cols``: what the weight's output rows and
+    input columns index: ``"q_heads"``, ``"kv_heads"``, ``"neurons"`` or ``None`` (the residual)."""
+
+    path: str          # inside a layer, e.g. "self_attn.q_proj"
+    tl: str            # TransformerLens bridge component inside a block, e.g. "attn.q"
+    rows: str | None
+    cols: str | None
+
+    @property
+    def kind(self) -> str:
+        """Short module type, e.g. ``q_proj``."""
+        return self.path.rsplit(".", 1)[-1]
+
+
+_LLAMA_LINEARS = (
+    Linear("self_attn.q_proj", "attn.q", "q_heads", None),
+    Linear("self_attn.k_proj", "attn.k", "kv_heads", None),
+    Linear("self_attn.v_proj", "attn.v", "kv_heads", None),
+    Linear("self_attn.o_proj", "attn.o", None, "q_heads"),
+    Linear("mlp.gate_proj", "mlp.gate", "neurons", None),
+    Linear("mlp.up_proj", "mlp.in", "neurons", None),
+    Linear("mlp.down_proj", "mlp.out", None, "neurons"),
+)
 
 
 @dataclass(frozen=True)
 class ArchSpec:
     layers: str = "model.layers"
     pre_layers: tuple[str, ...] = ("model.embed_tokens", "model.rotary_emb")
+    linears: tuple[Linear, ...] = _LLAMA_LINEARS
     groups: tuple[tuple[str, ...], ...] = (
         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         ("self_attn.o_proj",),
         ("mlp.gate_proj", "mlp.up_proj"),
         ("mlp.down_proj",),
     )
+    mlp_act: str = "mlp.act_fn"   # the activation inside a layer (down_proj input = act(gate) * up)
 
     @property
     def linear_names(self) -> tuple[str, ...]:
         return tuple(n for g in self.groups for n in g)
+
+    @property
+    def module_types(self) -> tuple[str, ...]:
+        return tuple(lin.kind for lin in self.linears)
+
+    def linear(self, kind_or_path: str) -> Linear:
+        for lin in self.linears:
+            if kind_or_path in (lin.kind, lin.path, lin.tl):
+                return lin
+        raise KeyError(f"no linear module '{kind_or_path}' in this architecture")
+
+    def weight_name(self, layer: int, path: str) -> str:
+        """HF weight name of module ``path`` in decoder layer ``layer``."""
+        return f"{self.layers}.{layer}.{path}.weight"
+
+    def parse(self, weight_name: str) -> tuple[int, Linear] | None:
+        """``(layer, Linear)`` of an HF weight name, or None when it is not a targeted weight."""
+        m = re.fullmatch(re.escape(self.layers) + r"\.(\d+)\.(.+)\.weight", weight_name)
+        if not m:
+            return None
+        for lin in self.linears:
+            if lin.path == m.group(2):
+                return int(m.group(1)), lin
+        return None
 
 
 _LLAMA_LIKE = ArchSpec()
@@ -31,6 +96,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen2": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
 }
+MODULE_TYPES = _LLAMA_LIKE.module_types   # the order of the layer × module maps
 
 
 class UnsupportedArchitecture(ValueError):
@@ -44,11 +110,80 @@ def arch_for(model_type: str) -> ArchSpec:
     except KeyError:
         raise UnsupportedArchitecture(
             f"architecture '{model_type}' is not supported; circuitq supports "
-            f"{', '.join(sorted(ARCHITECTURES))} (add a row to circuitq/arch.py ARCHITECTURES)"
+            f"{', '.join(sorted(ARCHITECTURES))} (add a row to circuitq/model/arch.py ARCHITECTURES)"
         ) from None
 
 
 def linear_weight_names(model_type: str, num_layers: int) -> list[str]:
     """HF parameter names of every targeted linear weight, in quantization order."""
     spec = arch_for(model_type)
-    return [f"{spec.layers}.{i}.{n}.weight" for i in range(num_layers) for n in spec.linear_names]
+    return [spec.weight_name(i, n) for i in range(num_layers) for n in spec.linear_names]
+
+
+def target_shapes(model) -> dict[str, tuple[int, int]]:
+    """``{HF weight name: (out, in)}`` of every targeted linear weight of ``model``, in
+    quantization order."""
+    spec = arch_for(model.config.model_type)
+    layers = model.get_submodule(spec.layers)
+    return {spec.weight_name(i, n): tuple(layer.get_submodule(n).weight.shape)
+            for i, layer in enumerate(layers) for n in spec.linear_names}
+
+
+def module_name(weight_name: str) -> str:
+    """``...q_proj.weight`` -> ``...q_proj`` (the module that owns the weight)."""
+    if not weight_name.endswith(".weight"):
+        raise ValueError(f"'{weight_name}' is not a weight name (it should end in .weight)")
+    return weight_name[: -len(".weight")]
+
+
+def weight_of(module: str) -> str:
+    """``...q_proj`` -> ``...q_proj.weight``."""
+    return module + ".weight"
+
+
+_ANY = re.compile(r"^(?P<prefix>.*\.layers)\.(?P<layer>\d+)\.(?P<path>.+)\.weight$")
+
+
+def parse_name(name: str, spec: ArchSpec = _LLAMA_LIKE) -> tuple[int, str] | None:
+    """``(layer, module type)`` of an HF weight name (any layers prefix), else None."""
+    m = _ANY.match(name)
+    if not m:
+        return None
+    for lin in spec.linears:
+        if lin.path == m["path"]:
+            return int(m["layer"]), lin.kind
+    return None
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The numbers a circuit map needs: ``n_layers``, query heads ``n_heads``, ``n_kv_heads``,
+    ``head_dim`` and the MLP width ``d_mlp``."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_mlp: int
+
+    @classmethod
+    def from_config(cls, cfg) -> "Geometry":
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(cfg.num_hidden_layers, cfg.num_attention_heads,
+                   getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, hd, cfg.intermediate_size)
+
+    @classmethod
+    def infer(cls, shapes: dict[str, tuple[int, int]], n_heads: int) -> "Geometry":
+        """From weight shapes and the number of query heads."""
+        parsed = {n: parse_name(n) for n in shapes}
+        layers = {p[0] for p in parsed.values() if p}
+        by = {p[1]: shapes[n] for n, p in parsed.items() if p}
+        hd = by["q_proj"][0] // n_heads
+        return cls(len(layers), n_heads, by["k_proj"][0] // hd, hd, by["up_proj"][0])
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def units(self, kind: str) -> int:
+        """How many units an axis kind indexes (``q_heads``, ``kv_heads``, ``neurons``)."""
+        return {"q_heads": self.n_heads, "kv_heads": self.n_kv_heads, "neurons": self.d_mlp}[kind]

@@ -19,7 +19,7 @@ import torch
 
 from circuitq.model.arch import arch_for
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+from circuitq.config import DEFAULT_MODEL  # noqa: E402 (one home for every default)
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -6,26 +6,15 @@ is the thin writer (every file written to a temporary path and renamed).
 """
 from __future__ import annotations
 
-import csv
 import html
-import io
 import json
 from pathlib import Path
 
-from circuitq.artifacts import atomic_file, write_json
+from circuitq.artifacts import atomic_file, write_csv, write_json
 
 LEAD = ("kl", "top1_agreement", "nll_per_token")
 COLUMNS = ("method", "average_bits", "kl", "top1_agreement", "nll_per_token", "accuracy", "flips_lost",
            "flips_gained", "n_16bit")
-
-
-def csv_text(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    cols = list(rows[0]) if rows else []
-    w = csv.DictWriter(buf, fieldnames=cols)
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue()
 
 
 def pivot(rows: list[dict], bits: int, task: str) -> list[dict]:
@@ -104,8 +93,8 @@ def _intro(doc: dict, res) -> str:
     lines = [f"<p><b>Model:</b> {html.escape(str(doc['model']))} ({html.escape(str(doc['model_source']))})"
              + (f" — <b>{html.escape(note)}</b>" if note else "") + "</p>",
              f"<p><b>Tasks:</b> {', '.join(cfg['tasks'])}; <b>bits:</b> {', '.join(map(str, cfg['bits']))}; "
-             f"<b>16-bit budget:</b> {cfg['fraction']:.4%} of the weights; group size {cfg['group_size']}; "
-             f"Hessians: {cfg['hessian']}; {cfg['calib_samples']} calibration and {cfg['eval_samples']} "
+             f"<b>16-bit budget:</b> {cfg['mask']['fraction']:.4%} of the weights; group size {cfg['quantize']['group_size']}; "
+             f"Hessians: {cfg['quantize']['hessian']}; {cfg['calib']['samples']} calibration and {cfg['eval']['samples']} "
              "held-out items per task.</p>",
              "<p>Lead measures: KL(reference ‖ quantized) per scored token, top-1 agreement with the reference, "
              "and the task NLL per token. Accuracy is MMLU letter log-likelihood accuracy; for a model near "
@@ -131,9 +120,10 @@ def _circuit_sections(run_dir: Path, res, fraction: float) -> list:
     bits = max(by_bits)
     tasks = sorted(by_bits[bits])
     if len(tasks) < 2:
-        from circuitq.circuits.maps import Geometry, aggregate
+        from circuitq.circuits.maps import aggregate
+        from circuitq.model.arch import Geometry
         from circuitq.saliency.masks import select_topk
-        from circuitq.saliency.score import load_scores
+        from circuitq.saliency.files import load_scores
 
         f = load_scores(by_bits[bits][tasks[0]])
         m = select_topk(f["scores"], fraction)
@@ -161,8 +151,7 @@ def write_run_outputs(run_dir: Path, doc: dict, res) -> None:
 
     run_dir = Path(run_dir)
     for name, rows in (("results.csv", res.rows), ("transfer.csv", res.transfer)):
-        with atomic_file(run_dir / name, overwrite=True) as tmp:
-            tmp.write_text(csv_text(rows))
+        write_csv(run_dir / name, rows)
     write_json(run_dir / "results.json", {"rows": res.rows, "transfer": res.transfer, "config": doc["config"],
                                           "model_note": doc.get("model_note")})
     cfg = doc["config"]
@@ -175,7 +164,7 @@ def write_run_outputs(run_dir: Path, doc: dict, res) -> None:
         for b in cfg["bits"]:
             sections.append((f"Transfer matrix at {b} bits: KL to the original", transfer_matrix(res.transfer, b, "kl")))
             sections.append((f"Transfer matrix at {b} bits: task NLL", transfer_matrix(res.transfer, b, "nll_per_token")))
-    circ = _circuit_sections(run_dir, res, cfg["fraction"])
+    circ = _circuit_sections(run_dir, res, cfg["mask"]["fraction"])
     png = [item for h, item in circ if h == "_png"]
     sections += [(h, item) for h, item in circ if h != "_png"]
     sections.append(("Commands", f"<pre>{html.escape(doc.get('command') or '')}</pre>"

@@ -18,42 +18,26 @@ to ``device``, so a model larger than GPU memory but within CPU RAM works.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, NamedTuple
 
 import torch
 
-from circuitq.model.arch import arch_for
+from circuitq.config import QuantizeConfig
+from circuitq.model.arch import arch_for, module_name, target_shapes, weight_of
 from circuitq.quant.gptq import (GPTQConfig, HessianState, gptq_quantize, gptq_quantize_batch, hessian_error, hessian_update,
                    inverse_hessian_diag)
 from circuitq.quant.plan import FULL_PRECISION, BitReport, PrecisionPlan, bit_report
 from circuitq.quant.quantizer import QuantizedWeight, QuantSpec, rtn_quantize
 
 
-@dataclass(frozen=True)
-class QuantizeConfig:
-    """Settings shared by the library and the CLI (CLI defaults come from here)."""
+def quant_spec(cfg: QuantizeConfig, bits: int | None = None) -> QuantSpec:
+    """The grid of one weight under ``cfg`` (at ``bits``, default ``cfg.bits``)."""
+    return QuantSpec(bits=cfg.bits if bits is None else bits, group_size=cfg.group_size, sym=cfg.sym, mse=cfg.mse)
 
-    bits: int = 3
-    group_size: int = -1
-    sym: bool = False
-    mse: bool = False
-    method: str = "gptq"
-    block_size: int = 128
-    damp: float = 0.01
-    act_order: bool = False
-    batch_size: int = 8
-    hessian: str = "sequential"      # or "shared": Hessians of the unquantized model, all modules batched
 
-    def __post_init__(self) -> None:
-        if self.hessian not in ("sequential", "shared"):
-            raise ValueError(f"hessian must be 'sequential' or 'shared', got {self.hessian!r}")
-
-    def spec(self, bits: int) -> QuantSpec:
-        return QuantSpec(bits=bits, group_size=self.group_size, sym=self.sym, mse=self.mse)
-
-    def gptq(self) -> GPTQConfig:
-        return GPTQConfig(block_size=self.block_size, damp=self.damp, act_order=self.act_order)
+def gptq_config(cfg: QuantizeConfig) -> GPTQConfig:
+    return GPTQConfig(block_size=cfg.block_size, damp=cfg.damp, act_order=cfg.act_order)
 
 
 class MethodResult(NamedTuple):
@@ -69,7 +53,7 @@ class Method:
 
 
 def _gptq(w, H, spec, keep, cfg):
-    r = gptq_quantize(w, H, spec, keep, cfg.gptq())
+    r = gptq_quantize(w, H, spec, keep, gptq_config(cfg))
     return MethodResult(r.qweight, r.loss, r.damp)
 
 
@@ -109,18 +93,6 @@ class QuantizeResult:
 
 class _Stop(Exception):
     """Raised by a hook to end a forward pass once the wanted inputs are captured."""
-
-
-def target_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
-    """``{HF weight name: (out, in)}`` of every targeted linear weight."""
-    cfg = model.config
-    spec = arch_for(cfg.model_type)
-    layers = model.get_submodule(spec.layers)
-    out = {}
-    for i, layer in enumerate(layers):
-        for n in spec.linear_names:
-            out[f"{spec.layers}.{i}.{n}.weight"] = tuple(layer.get_submodule(n).weight.shape)
-    return out
 
 
 def _capture_first_inputs(model, spec, calib: torch.Tensor, batch_size: int, device) -> tuple[list, list]:
@@ -244,16 +216,16 @@ def quantize_model(model: torch.nn.Module, calib: torch.Tensor | None, plan: Pre
         layer.to(device)
         for group in spec_arch.groups:
             todo = [(f"{spec_arch.layers}.{i}.{n}", layer.get_submodule(n)) for n in group]
-            todo = [(n, m) for n, m in todo if plan.bits_for(n + ".weight") < FULL_PRECISION]
+            todo = [(n, m) for n, m in todo if plan.bits_for(weight_of(n)) < FULL_PRECISION]
             if not todo:
                 continue
             H = _group_hessian(layer, [layer.get_submodule(n) for n in group], hidden, kwargs) if hidden else None
             for name, mod in todo:
                 if keep_hinv and H is not None:
-                    result.hinv_diag[name + ".weight"] = inverse_hessian_diag(H.H, cfg.damp).cpu()
-                keep = masks.get(name + ".weight")
+                    result.hinv_diag[weight_of(name)] = inverse_hessian_diag(H.H, cfg.damp).cpu()
+                keep = masks.get(weight_of(name))
                 keep = keep.to(device) if keep is not None else None
-                qw, rec = _quantize_module(name, mod, H, cfg.spec(plan.bits_for(name + ".weight")), keep, cfg, method)
+                qw, rec = _quantize_module(name, mod, H, quant_spec(cfg, plan.bits_for(weight_of(name))), keep, cfg, method)
                 result.qweights[name] = qw.to("cpu")
                 result.records.append(rec)
                 bar.set_postfix_str(f"{name.split('.')[-1]} err {rec.output_rel_error or rec.weight_rel_error:.2e}")
@@ -267,7 +239,7 @@ def quantize_model(model: torch.nn.Module, calib: torch.Tensor | None, plan: Pre
 
 
 def _finish(result: QuantizeResult, shapes, plan, cfg, t_start) -> QuantizeResult:
-    nnz = {r.name + ".weight": r.nnz for r in result.records}
+    nnz = {weight_of(r.name): r.nnz for r in result.records}
     result.bits = bit_report(shapes, plan, cfg.group_size, nnz)
     result.seconds = time.perf_counter() - t_start
     return result
@@ -318,20 +290,20 @@ def _quantize_shared(model, hessians, plan, cfg, masks, device, result: Quantize
     and bit width through ``gptq_quantize_batch`` (chunks of at most ``max_elems`` weights)."""
     from tqdm.auto import tqdm
 
-    names = [n[: -len(".weight")] for n in target_shapes(model)]
+    names = [module_name(n) for n in target_shapes(model)]
     missing = [n for n in names if n not in hessians]
     if missing:
         raise ValueError(f"no Hessian for {len(missing)} modules, e.g. {missing[0]}; collect them from this model")
     buckets: dict[tuple, list[str]] = {}
     for n in names:
-        bits = plan.bits_for(n + ".weight")
+        bits = plan.bits_for(weight_of(n))
         if bits < FULL_PRECISION:
             buckets.setdefault((tuple(model.get_submodule(n).weight.shape), bits), []).append(n)
     bar = tqdm(total=sum(len(v) for v in buckets.values()), desc=f"gptq {cfg.bits}-bit (shared H)", unit="module",
                disable=not progress)
     for (shape, bits), group in buckets.items():
         step = max(1, max_elems // (shape[0] * shape[1]))
-        spec = cfg.spec(bits)
+        spec = quant_spec(cfg, bits)
         for c in range(0, len(group), step):
             chunk = group[c:c + step]
             t0 = time.perf_counter()
@@ -342,10 +314,10 @@ def _quantize_shared(model, hessians, plan, cfg, masks, device, result: Quantize
             W = torch.stack([m.weight.detach().float() for m in mods]).to(device)
             H = torch.stack([hessians[n].H for n in chunk]).to(device)
             keep = None
-            if any(n + ".weight" in masks for n in chunk):
-                keep = torch.stack([masks[n + ".weight"].to(device) if n + ".weight" in masks else
+            if any(weight_of(n) in masks for n in chunk):
+                keep = torch.stack([masks[weight_of(n)].to(device) if weight_of(n) in masks else
                                     torch.zeros(shape, dtype=torch.bool, device=device) for n in chunk])
-            res = gptq_quantize_batch(W, H, spec, keep, cfg.gptq())
+            res = gptq_quantize_batch(W, H, spec, keep, gptq_config(cfg))
             dt = (time.perf_counter() - t0) / len(chunk)
             for b, (n, m, r) in enumerate(zip(chunk, mods, res)):
                 wf, q = W[b], r.weight
@@ -354,7 +326,7 @@ def _quantize_shared(model, hessians, plan, cfg, masks, device, result: Quantize
                                                    float(((wf - q) ** 2).sum() / (wf ** 2).sum().clamp(min=1e-30)),
                                                    out_err, r.loss, r.damp, dt))
                 if keep_hinv:
-                    result.hinv_diag[n + ".weight"] = inverse_hessian_diag(H[b], cfg.damp).cpu()
+                    result.hinv_diag[weight_of(n)] = inverse_hessian_diag(H[b], cfg.damp).cpu()
                 m.weight.data = q.to(m.weight.device, m.weight.dtype)
                 result.qweights[n] = r.qweight.to("cpu")
             bar.update(len(chunk))
@@ -362,3 +334,49 @@ def _quantize_shared(model, hessians, plan, cfg, masks, device, result: Quantize
     order = {n: i for i, n in enumerate(names)}
     result.records.sort(key=lambda r: order[r.name])
     result.qweights = dict(sorted(result.qweights.items(), key=lambda kv: order[kv[0]]))
+
+
+def quantize_copy(model: torch.nn.Module, cfg: QuantizeConfig, calib: torch.Tensor | None = None,
+                  hessians: dict[str, HessianState] | None = None, masks: dict[str, torch.Tensor] | None = None,
+                  device: str | torch.device | None = None, progress: bool = True,
+                  keep_hinv: bool = False) -> tuple[torch.nn.Module, QuantizeResult]:
+    """A quantized deep copy of ``model`` (the original is untouched) and its ``QuantizeResult``.
+
+    ``cfg.hessian == "shared"`` uses ``hessians`` (from ``collect_hessians``; collected from
+    ``calib`` when not given); ``sequential`` runs GPTQ layer by layer on ``calib`` (``[N, L]``
+    token ids). RTN needs neither."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    needs_h = METHODS[cfg.method].needs_hessian
+    if needs_h and cfg.hessian == "shared" and hessians is None:
+        if calib is None:
+            raise ValueError("shared-Hessian GPTQ needs calibration tokens or collected Hessians")
+        hessians = collect_hessians(model, calib, cfg.batch_size, device, progress)
+    res = quantize_model(twin, calib if needs_h and cfg.hessian == "sequential" else None,
+                         PrecisionPlan(cfg.bits), cfg, masks, device, progress=progress, keep_hinv=keep_hinv,
+                         hessians=hessians if needs_h and cfg.hessian == "shared" else None)
+    return twin, res
+
+
+class Reference(NamedTuple):
+    """``Q(W)``: what quantization without any 16-bit weight makes of every targeted weight.
+
+    ``weights``: ``{HF weight name: [out, in]}`` in the model's dtype; ``hinv_diag``:
+    ``{HF weight name: [in]}`` inverse-Hessian diagonals (GPTQ only, when asked); ``config``:
+    the quantizer that made it."""
+
+    weights: dict[str, torch.Tensor]
+    hinv_diag: dict[str, torch.Tensor]
+    config: QuantizeConfig
+
+
+def reference_quantization(model: torch.nn.Module, cfg: QuantizeConfig, calib: torch.Tensor | None = None,
+                           hessians: dict[str, HessianState] | None = None, need_hinv: bool = False,
+                           device: str | torch.device | None = None, progress: bool = False) -> Reference:
+    """The one definition of ``Q(W)`` for every saliency method and entry point: mask-free
+    quantization of a copy of ``model`` with exactly the final quantizer's settings ``cfg``
+    (bits, group size, grid, GPTQ settings, Hessian mode). ``cfg.method`` picks GPTQ or RTN."""
+    twin, res = quantize_copy(model, cfg, calib, hessians, None, device, progress, keep_hinv=need_hinv)
+    q = {weight_of(n): twin.get_submodule(n).weight.detach() for n in res.qweights}
+    return Reference(q, res.hinv_diag, cfg)

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+from circuitq.config import SUPPORTED_BITS  # noqa: E402 (one home for the supported widths)
 FP16_TINY = 2.0 ** -24  # smallest positive float16 (subnormal): scales never go below it
 
 

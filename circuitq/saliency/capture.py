@@ -21,11 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-# TransformerLens bridge component -> HF module, for the Llama-like families
-TL_TO_HF = {
-    "attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
-    "attn.o": "self_attn.o_proj", "mlp.gate": "mlp.gate_proj", "mlp.in": "mlp.up_proj", "mlp.out": "mlp.down_proj",
-}
+from circuitq.model.arch import ArchSpec, arch_for, target_shapes
+
 STATS = ("sum_abs", "sum", "sum_sq", "act_sq")
 # padded tokens per forward/backward: memory grows with tokens in flight, throughput hardly does
 # (analyses/RESULTS.md: SmolLM2-135M on 2 CPU cores, 512 tokens peak at 2.8 GB, no limit 4.9 GB, no slower)
@@ -157,11 +154,6 @@ def sample_losses(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torc
     return (lp * m).sum(1) / m.sum(1).clamp(min=1)
 
 
-def scored_positions(loss_mask: torch.Tensor) -> torch.Tensor:
-    """Positions scored in any sample of the batch: ``[K]`` (logits are computed only there)."""
-    return loss_mask[:, :-1].any(0).nonzero().flatten()
-
-
 def boot_bridge(model, tokenizer, name_or_path: str):
     """Wrap a loaded HF model in a TransformerLens ``TransformerBridge`` (no weight processing).
 
@@ -244,11 +236,14 @@ class HookCapture:
     input in the backward hook. The first forward checks that the recomputation equals the real
     input bit for bit; where it does not (another MLP form), the input is kept as usual."""
 
-    def __init__(self, bridge, n_layers: int, state: GradStats, layers_prefix: str = "model.layers",
+    def __init__(self, bridge, n_layers: int, state: GradStats, spec: ArchSpec | None = None,
                  per_sample: bool | None = None, recompute_mlp: bool = True):
         self.bridge, self.state, self.per_sample = bridge, state, per_sample
-        self.targets = [(f"blocks.{i}.{tl}", f"{layers_prefix}.{i}.{hf}.weight", i, tl)
-                        for i in range(n_layers) for tl, hf in TL_TO_HF.items()]
+        spec = spec or arch_for("llama")
+        self.targets = [(f"blocks.{i}.{lin.tl}", spec.weight_name(i, lin.path), i, lin.tl)
+                        for i in range(n_layers) for lin in spec.linears]
+        self.down_tl = spec.linear("down_proj").tl
+        self.gate_up_tl = {"gate": spec.linear("gate_proj").tl, "up": spec.linear("up_proj").tl}
         self.acts: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
         self.token_mask = self.sample_ok = self.lengths = None
         self.bad = None
@@ -281,13 +276,13 @@ class HookCapture:
             x = x.detach()
             if key not in self._x_ok:
                 self._x_ok[key] = finite_samples(x.flatten(2), self.token_mask)
-            if tl == "mlp.out" and i in self.act_fns and self.recompute_ok is not False:
+            if tl == self.down_tl and i in self.act_fns and self.recompute_ok is not False:
                 if self.recompute_ok is None:
                     self.recompute_ok = torch.equal(self._down_input(i), x)
                 if self.recompute_ok:
                     self.acts[hf] = (None, self._x_ok[key])
                     return
-            if tl == "mlp.out":   # input kept: the references are not needed
+            if tl == self.down_tl:   # input kept: the references are not needed
                 self._gate_up.pop((i, "gate"), None)
                 self._gate_up.pop((i, "up"), None)
             self.acts[hf] = (x.flatten(2), self._x_ok[key])  # [B, T, heads, d_head] -> [B, T, in]
@@ -312,8 +307,8 @@ class HookCapture:
         self._gate_up = {}
         fwd = [(f"{name}.hook_in", self._fwd(hf, i, tl)) for name, hf, i, tl in self.targets]
         if self.recompute_ok is not False:
-            fwd += [(f"blocks.{i}.mlp.{tl}.hook_out", self._keep_out(i, which))
-                    for i in self.act_fns for tl, which in (("gate", "gate"), ("in", "up"))]
+            fwd += [(f"blocks.{i}.{tl}.hook_out", self._keep_out(i, which))
+                    for i in self.act_fns for which, tl in self.gate_up_tl.items()]
         bwd = [(f"{name}.hook_out", self._bwd(hf, i, tl)) for name, hf, i, tl in self.targets]
         return self.bridge.hooks(fwd_hooks=fwd, bwd_hooks=bwd)
 
@@ -362,8 +357,7 @@ def collect_stats(model, tokenizer, examples, model_path: str, batch_size: int =
 
     from tqdm.auto import tqdm
 
-    from circuitq.quant.driver import target_shapes
-    from circuitq.data.tasks import collate, tokenize_examples
+    from circuitq.data.tasks import collate, scored_positions, tokenize_examples
 
     if attention not in ("sdpa", "bridge", "eager"):
         raise ValueError(f"attention must be 'sdpa', 'eager' or 'bridge', got '{attention}'")
@@ -383,7 +377,8 @@ def collect_stats(model, tokenizer, examples, model_path: str, batch_size: int =
         bridge = stack.enter_context(bridged(model, tokenizer, model_path))
         if attention != "bridge":
             stack.enter_context(fused_attention(bridge, model, attention))
-        cap = HookCapture(bridge, model.config.num_hidden_layers, state, per_sample=per_sample)
+        cap = HookCapture(bridge, model.config.num_hidden_layers, state, arch_for(model.config.model_type),
+                          per_sample=per_sample)
         for p, _ in flags:
             p.requires_grad_(False)
         h_embed = model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))

@@ -38,6 +38,19 @@ def _normalize(name: str) -> str:
     return name if name.endswith(".weight") else name + ".weight"
 
 
+def mask_metadata(masks: dict[str, torch.Tensor], **facts) -> dict:
+    """The one description a mask file carries: ``model``, ``model_source``, ``task``, ``method``,
+    ``bits``, ``group_size``, ``requested_fraction``, ``samples``, ``seq_len``, ``seed`` (and any
+    other facts given), plus the measured ``fraction`` and the circuitq version. Missing facts are
+    recorded as None, so every mask has the same keys."""
+    from circuitq import __version__
+
+    keys = ("model", "model_source", "task", "method", "bits", "group_size", "requested_fraction", "samples",
+            "seq_len", "seed")
+    return {**{k: facts.pop(k, None) for k in keys}, **facts, "fraction": mask_fraction(masks),
+            "circuitq_version": __version__}
+
+
 def save_masks(path: str | Path, masks: dict[str, torch.Tensor], metadata: dict, overwrite: bool = False,
                encoding: str = "auto") -> None:
     """Write masks as safetensors with ``metadata`` (values stringified). ``encoding``: ``dense``

@@ -1,0 +1,308 @@
+"""The ``circuitq`` subcommands: each parses its flags (generated from ``circuitq.config``), builds
+its config and calls the library (``circuitq.pipeline``). No logic of its own beyond printing."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from circuitq import __version__
+from circuitq.cli.flags import add_flags, build
+from circuitq.config import (DEFAULT_MODEL, EvalJob, MaskConfig, QuantizeJob, RunConfig, ScoreConfig)
+
+QUANT = [("--bits", "quantize.bits"), ("--group-size", "quantize.group_size"), ("--sym", "quantize.sym"),
+         ("--mse", "quantize.mse"), ("--act-order", "quantize.act_order"), ("--hessian", "quantize.hessian"),
+         ("--damp", "quantize.damp")]
+DATA = [("--split-seed", "data.split_seed"), ("--shots", "data.shots"), ("--data-dir", "data.data_dir")]
+
+SCORE_FLAGS = [("--model", "model"), ("--task", "task"), ("--method", "method"), *QUANT,
+               ("--samples", "calib.samples"), ("--seq-len", "calib.seq_len"),
+               ("--batch-size", ("calib.batch_size", "quantize.batch_size")), ("--batch-tokens", "calib.batch_tokens"),
+               ("--attention", "calib.attention"), ("--seed", "calib.seed"), *DATA,
+               ("--checkpoint-every", "checkpoint_every")]
+QUANTIZE_FLAGS = [("--model", "model"), ("--calib", "task"), *QUANT, ("--method", "quantize.method"),
+                  ("--samples", "calib.samples"), ("--seq-len", "calib.seq_len"), ("--seed", "calib.seed"), *DATA,
+                  ("--batch-size", ("quantize.batch_size", "eval.batch_size")), ("--ppl-windows", "eval.ppl_windows")]
+MASK_FLAGS = [("--per-layer", "per_layer"), ("--combine", "combine")]
+EVAL_FLAGS = [("--task", "task"), ("--split", "split"), ("--limit", "eval.samples"), ("--seq-len", "eval.seq_len"),
+              ("--batch-size", "eval.batch_size"), *DATA, ("--generate", "generate"),
+              ("--max-new-tokens", "max_new_tokens")]
+RUN_FLAGS = [("--model", "model"), ("--tasks", "tasks"), ("--bits", "bits"), ("--fraction", "mask.fraction"),
+             ("--baselines", "baselines"), ("--no-transfer", "transfer"), ("--calib-samples", "calib.samples"),
+             ("--calib-seq-len", "calib.seq_len"), ("--eval-samples", "eval.samples"),
+             ("--eval-seq-len", "eval.seq_len"), *QUANT[1:],
+             ("--batch-size", ("calib.batch_size", "quantize.batch_size", "eval.batch_size")),
+             ("--batch-tokens", "calib.batch_tokens"), ("--attention", "calib.attention"), ("--seed", "calib.seed"),
+             *DATA]
+# command -> (default config, flag table): what the CLI-defaults test walks
+TABLES = {"score": (ScoreConfig(), SCORE_FLAGS), "quantize": (QuantizeJob(), QUANTIZE_FLAGS),
+          "mask": (MaskConfig(), MASK_FLAGS), "eval": (EvalJob(), EVAL_FLAGS), "run": (RunConfig(), RUN_FLAGS)}
+
+
+def device_for(arg: str | None) -> str:
+    import torch
+
+    if arg:
+        if arg.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {arg} asked for, but no CUDA device is available")
+        return arg
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _common(p, out_required=True) -> None:
+    p.add_argument("--device", default=None, help="cuda when available, else cpu")
+    p.add_argument("--out", required=out_required)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+# ---- quantize ---------------------------------------------------------------------------------
+def add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a model with (mask-aware) GPTQ or RTN and export it",
+                       description="Quantize every decoder linear weight; weights in --mask stay 16-bit. Calibrates "
+                                   "on the --calib task's calibration items (never its evaluation items). Writes "
+                                   "OUT/hf (plain HF model), OUT/gptq (packed GPTQ v1 + 16-bit sidecar), OUT/circuitq.json.")
+    add_flags(p, QuantizeJob(), QUANTIZE_FLAGS)
+    p.add_argument("--mask", help="safetensors mask (HF weight name -> bool) or a TaCQ torch-saved dict")
+    p.add_argument("--plan", nargs="*", metavar="PATTERN=BITS",
+                   help="per-weight bits by HF name regex (exact name first, then first match; 16 keeps)")
+    _common(p)
+    p.set_defaults(func=cmd_quantize)
+
+
+def cmd_quantize(a) -> int:
+    import torch
+
+    from circuitq.artifacts import check_writable
+    from circuitq.model.loading import load_model
+    from circuitq.pipeline.stages import quantize_and_export
+    from circuitq.quant.plan import PrecisionPlan
+    from circuitq.saliency.masks import load_masks
+
+    job = build(QuantizeJob(), a, QUANTIZE_FLAGS)
+    check_writable(a.out, a.overwrite)
+    plan = PrecisionPlan.parse(job.quantize.bits, a.plan)
+    torch.manual_seed(job.calib.seed)
+    device = device_for(a.device)
+    lm = load_model(job.model, device="cpu")
+    masks, meta = (None, {})
+    if a.mask:
+        mf = load_masks(a.mask)
+        masks, meta = mf.masks, {**mf.metadata, "path": a.mask}
+    res = quantize_and_export(lm, job, a.out, masks, meta, plan, a.overwrite, device)
+    ppl = res.perplexity
+    print(f"[circuitq] {job.quantize.method} {job.quantize.bits}-bit in {res.seconds:.1f}s, average "
+          f"{res.average_bits:.4f} bits/weight, {res.n_16bit} weights in 16-bit"
+          + (f"; held-out perplexity {ppl['original']:.3f} -> {ppl['quantized']:.3f}" if ppl["quantized"] else ""))
+    print(f"[circuitq] wrote {res.out}/hf (HF model), {res.out}/gptq (packed GPTQ v1 + sparse 16-bit sidecar), "
+          f"{res.out}/circuitq.json")
+    return 0
+
+
+# ---- score ------------------------------------------------------------------------------------
+def add_score(sub) -> None:
+    from circuitq.saliency.methods import METHODS
+
+    p = sub.add_parser("score", help="score every linear weight by how much quantizing it hurts a task",
+                       description="Per-sample gradients through TransformerLens hooks -> Q(W) -> saliency scores. "
+                                   "Shard with: torchrun --nproc-per-node K -m circuitq score ...")
+    add_flags(p, ScoreConfig(), SCORE_FLAGS)
+    for act in p._actions:
+        if act.dest == "cfg__method":
+            act.choices = list(METHODS)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    _common(p)
+    p.set_defaults(func=cmd_score)
+
+
+def cmd_score(a) -> int:
+    import torch
+
+    from circuitq.model.loading import load_model
+    from circuitq.pipeline.score import run_score
+
+    cfg = build(ScoreConfig(), a, SCORE_FLAGS)
+    torch.manual_seed(cfg.calib.seed)
+    lm = load_model(cfg.model, device=device_for(a.device))
+    out = run_score(lm, cfg, a.out, a.resume, a.overwrite)
+    print(f"[circuitq] wrote scores to {out}")
+    return 0
+
+
+# ---- mask -------------------------------------------------------------------------------------
+def add_mask(sub) -> None:
+    d = MaskConfig()
+    p = sub.add_parser("mask", help="select the circuit: top weights of one or more score directories",
+                       description=f"Global top-k by --fraction (default {d.fraction * 100:.2f}%%) or by --target-bits; "
+                                   "several --scores are combined with --combine union|intersection.")
+    p.add_argument("--scores", nargs="+", required=True, help="score directories from `circuitq score`")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--fraction", type=float, default=None, help=f"share of weights kept 16-bit (default {d.fraction})")
+    g.add_argument("--target-bits", type=float, default=None, help="average bits to reach (exact accounting)")
+    add_flags(p, d, MASK_FLAGS)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_mask)
+
+
+def cmd_mask(a) -> int:
+    from dataclasses import replace
+
+    from circuitq.artifacts import check_writable
+    from circuitq.pipeline.stages import select
+    from circuitq.saliency.files import load_scores
+    from circuitq.saliency.masks import mask_fraction, mask_metadata, save_masks
+
+    check_writable(a.out, a.overwrite)
+    cfg = build(MaskConfig(), a, MASK_FLAGS)
+    cfg = replace(cfg, **({"fraction": a.fraction} if a.fraction is not None else {}), target_bits=a.target_bits)
+    files = [load_scores(s) for s in a.scores]
+    models = {f["meta"].get("model_source") for f in files}
+    if len(models) > 1:
+        raise ValueError(f"the score directories come from different models: {sorted(map(str, models))}")
+    m0 = files[0]["meta"]
+    mask = select([f["scores"] for f in files], cfg, m0.get("bits"), m0.get("group_size"))
+    meta = mask_metadata(mask, model=m0.get("model"), model_source=m0.get("model_source"),
+                         task="+".join(f["meta"]["task"] for f in files), method=m0.get("method"),
+                         bits=m0.get("bits"), group_size=m0.get("group_size"), requested_fraction=a.fraction,
+                         samples=m0.get("n_samples"), seq_len=m0.get("seq_len"), seed=m0.get("seed"),
+                         target_bits=a.target_bits, per_layer=cfg.per_layer,
+                         combine=cfg.combine if len(files) > 1 else None, scores=[str(s) for s in a.scores])
+    save_masks(a.out, mask, meta, overwrite=a.overwrite)
+    print(f"[circuitq] wrote {a.out}: {mask_fraction(mask):.4%} of weights kept in 16-bit")
+    return 0
+
+
+# ---- compare ----------------------------------------------------------------------------------
+def add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="compare two task circuits (e.g. MMLU vs GSM8k) in an HTML report")
+    p.add_argument("dir_a", help="score directory of the first task")
+    p.add_argument("dir_b", help="score directory of the second task")
+    p.add_argument("--fraction", type=float, default=MaskConfig().fraction, help="circuit budget for both")
+    p.add_argument("--top-n", type=int, default=20, help="heads/neurons compared")
+    p.add_argument("--out", required=True, help="REPORT.html (also writes REPORT.json and REPORT.heads.png)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(a) -> int:
+    from circuitq.circuits.compare import write_compare_report
+    from circuitq.pipeline.stages import compare
+    from circuitq.saliency.files import load_scores
+
+    res = compare(load_scores(a.dir_a), load_scores(a.dir_b), a.fraction, a.top_n)
+    out = write_compare_report(res, a.out, a.overwrite)
+    g = res["masks"]["global"]
+    print(f"[circuitq] IoU {g['iou']:.3f}, intersection/min {g['iom']:.3f}, head Spearman "
+          f"{res['circuits']['head_spearman']:.3f}; wrote {out}")
+    return 0
+
+
+# ---- eval -------------------------------------------------------------------------------------
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a model on a task, against a reference model",
+                       description="Accuracy (MMLU), task NLL, and against --reference: KL(ref || model), "
+                                   "top-1 agreement and MMLU flips. Writes OUT (.json) and OUT with .csv (per item).")
+    p.add_argument("--model", required=True, help="quantized model: OUT/hf of `circuitq quantize`, any HF dir, or alias")
+    p.add_argument("--reference", default=None, help="reference model (e.g. the original)")
+    add_flags(p, EvalJob(), EVAL_FLAGS)
+    _common(p)
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(a) -> int:
+    from circuitq.artifacts import check_writable
+    from circuitq.model.loading import load_model
+    from circuitq.pipeline.stages import evaluate_task, write_eval
+
+    job = build(EvalJob(), a, EVAL_FLAGS)
+    out = check_writable(a.out, a.overwrite)
+    device = device_for(a.device)
+    lm = load_model(a.model, device=device)
+    ref = load_model(a.reference, device=device) if a.reference else None
+    doc, items = evaluate_task(lm, job, ref)
+    write_eval(out, doc, items, a.overwrite)
+    m = doc["metrics"]
+    shown = {k: m[k] for k in ("kl", "top1_agreement", "nll_per_token", "accuracy", "perplexity") if k in m}
+    print(f"[circuitq] {job.task} ({m['items']} items): " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+    return 0
+
+
+# ---- run --------------------------------------------------------------------------------------
+def add_run(sub) -> None:
+    p = sub.add_parser("run", help="the main job: circuits, quantized models, evaluation and a report",
+                       description="For each bit width and task: score with TaCQ, keep the top --fraction in 16-bit, "
+                                   "quantize with mask-aware GPTQ and evaluate against the original on held-out items; "
+                                   "with GPTQ, baseline masks and cross-task transfer at the same budget. Finished "
+                                   "steps are reused: rerun the same command to resume.")
+    add_flags(p, RunConfig(), RUN_FLAGS)
+    p.add_argument("--device", default=None, help="cuda when available, else cpu")
+    p.add_argument("--out", default="runs/main", help="run directory (created, or resumed if it holds a run)")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(a) -> int:
+    import shlex
+
+    import torch
+
+    from circuitq.model.arch import target_shapes
+    from circuitq.model.loading import load_model
+    from circuitq.pipeline.run import check_run_config, run
+    from circuitq.quant.driver import quant_spec
+
+    out = Path(a.out)
+    if out.exists() and any(out.iterdir()) and not ((out / "run.json").exists() or (out / "steps").is_dir()):
+        raise ValueError(f"{out} exists and is not a circuitq run directory; choose another --out")
+    cfg = build(RunConfig(), a, RUN_FLAGS)
+    check_run_config(cfg)
+    torch.manual_seed(cfg.calib.seed)
+    device = device_for(a.device)
+    lm = load_model(cfg.model, device=device)
+    for _, (_, in_f) in target_shapes(lm.model).items():
+        quant_spec(cfg.quantize).n_groups(in_f)
+    res = run(lm, cfg, out, device, command="circuitq " + shlex.join(a._argv))
+    print(f"[circuitq] {len(res.rows)} result rows; report: {out / 'report.html'}; tables: {out / 'results.csv'}, "
+          f"{out / 'transfer.csv'}")
+    return 0
+
+
+# ---- app --------------------------------------------------------------------------------------
+def add_app(sub) -> None:
+    p = sub.add_parser("app", help="open the explorer (Streamlit) on a runs directory")
+    p.add_argument("--runs", default="runs", help="directory holding runs (from `circuitq run` or `circuitq score`)")
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--host", default="localhost")
+    p.set_defaults(func=cmd_app)
+
+
+def cmd_app(a) -> int:
+    import importlib.util
+    import os
+    import subprocess
+
+    from circuitq import app as app_pkg
+
+    script = Path(app_pkg.__file__).resolve().parent / "explorer.py"
+    if importlib.util.find_spec("streamlit") is None:
+        raise ValueError("the explorer needs streamlit: pip install 'circuitq[app]' (or: pip install streamlit)")
+    runs = Path(a.runs)
+    if not runs.is_dir():
+        print(f"[circuitq] {runs} does not exist yet; the explorer will say how to create a run")
+    cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.headless", "true", "--server.port",
+           str(a.port), "--server.address", a.host, "--browser.gatherUsageStats", "false", "--", "--runs", str(runs)]
+    print(f"[circuitq] explorer on http://{a.host}:{a.port} (runs: {runs.resolve()}); Ctrl-C stops it", flush=True)
+    if os.name == "posix":  # become the server, so stopping this process stops it
+        os.execv(sys.executable, cmd)
+    return subprocess.call(cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="circuitq", description="Task-Circuit Quantization (TaCQ) toolkit")
+    p.add_argument("--version", action="version", version=f"circuitq {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (add_quantize, add_score, add_mask, add_compare, add_eval, add_run, add_app):
+        add(sub)
+    return p
+
+
+__all__ = ["build_parser", "TABLES", "DEFAULT_MODEL"]

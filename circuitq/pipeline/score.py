@@ -1,0 +1,130 @@
+"""``circuitq score`` as a driver: task items -> gradients -> Q(W) -> scores, written as a
+self-describing scores directory (``saliency.files``). Shards over ``torchrun`` processes
+(all-reducing the sums) and resumes from checkpoints. The stages are ``pipeline.stages``, the
+same functions ``circuitq run`` calls, so equal settings give equal scores.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from circuitq import __version__
+from circuitq.config import ScoreConfig, to_dict
+from circuitq.pipeline import stages
+
+# the settings a checkpoint must share with the run that resumes it
+RESUME_KEYS = ("model_fingerprint", "task", "method", "seed", "split_seed", "samples", "seq_len", "shots",
+               "world_size", "sample_order")
+
+
+def _dist():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist
+    return None
+
+
+def score_metadata(lm, cfg: ScoreConfig, fingerprint: str, n_examples: int, world: int) -> dict:
+    """The metadata a scores directory carries: flat keys readers use, plus the settings tree."""
+    from circuitq.model.arch import Geometry
+
+    q, c, d = cfg.quantize, cfg.calib, cfg.data
+    return {"model": lm.name, "model_source": lm.source, "model_note": lm.note, "model_fingerprint": fingerprint,
+            "task": cfg.task, "method": cfg.method, "bits": q.bits, "group_size": q.group_size, "hessian": q.hessian,
+            "damp": q.damp, "samples": c.samples, "seq_len": c.seq_len, "seed": c.seed, "split_seed": d.split_seed,
+            "shots": d.shots, "settings": to_dict(cfg), "geometry": Geometry.from_config(lm.model.config).to_dict(),
+            "n_examples": n_examples, "world_size": world, "circuitq_version": __version__,
+            "sample_order": "longest-first"}
+
+
+def _reduce(dist, st, truncated: int) -> int:
+    for d in st.tensors.values():
+        for t in d.values():
+            dist.all_reduce(t)
+    counts = torch.tensor([st.n_samples, st.n_tokens, st.n_skipped, truncated], dtype=torch.float64)
+    dist.all_reduce(counts)
+    st.n_samples, st.n_tokens, st.n_skipped, truncated = (int(c) for c in counts.tolist())
+    return truncated
+
+
+def _resume_state(ckpt: Path, meta: dict, device):
+    from circuitq.saliency.files import load_stats
+
+    state, cmeta = load_stats(ckpt, device)
+    diff = [k for k in RESUME_KEYS if cmeta.get(k) != meta.get(k)]
+    if diff:
+        raise ValueError(f"checkpoint {ckpt} was made with other settings ({', '.join(diff)} differ); "
+                         "drop --resume or delete the checkpoint")
+    print(f"[circuitq] resuming from {ckpt} after {cmeta['done']} samples")
+    return state, cmeta["done"]
+
+
+def run_score(lm, cfg: ScoreConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
+              progress: bool = True, device=None) -> Path:
+    """Score ``lm`` (a ``LoadedModel``) on ``cfg.task`` and write the scores directory ``out``."""
+    from circuitq.artifacts import check_writable
+    from circuitq.data.tasks import Task
+    from circuitq.pipeline.store import model_fingerprint
+    from circuitq.saliency.files import save_stats, write_scores_dir
+
+    out = Path(out)
+    stages.needed_stats(cfg.method)  # an unknown method fails before any work
+    dist = _dist()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
+    if rank == 0 and not resume:
+        check_writable(out, overwrite)
+    examples = Task(cfg.task, cfg.data, lm.tokenizer).calib_items(cfg.calib.samples, cfg.calib.seed)
+    meta = score_metadata(lm, cfg, model_fingerprint(lm.model), len(examples), world)
+    ckpt = out.parent / f".{out.name}.ckpt-rank{rank}.safetensors"
+    state, start = (None, 0)
+    if resume and ckpt.exists():
+        state, start = _resume_state(ckpt, meta, next(lm.model.parameters()).device)
+    every, last = cfg.checkpoint_every, [start]
+
+    def on_batch(st, done):
+        if every and done // every > last[0] // every:
+            save_stats(ckpt, st, {**meta, "done": done})
+            last[0] = done
+
+    t0 = time.perf_counter()
+    res = stages.collect_gradients(lm.model, lm.tokenizer, examples[rank::world], cfg.calib,
+                                   stages.needed_stats(cfg.method), state=state, start=start,
+                                   progress=progress and rank == 0, on_batch=on_batch, model_path=lm.source)
+    st = res["stats"]
+    truncated = _reduce(dist, st, res["truncated"]) if dist else res["truncated"]
+    if rank == 0:
+        scores = score_examples(lm.model, lm.tokenizer, examples, cfg, st, device, progress)
+        meta.update(n_samples=st.n_samples, n_tokens=st.n_tokens, n_skipped=st.n_skipped, truncated=truncated,
+                    seconds=time.perf_counter() - t0, tokens_per_s=res["tokens_per_s"] * world)
+        if truncated:
+            print(f"[circuitq] warning: {truncated} examples were longer than --seq-len {cfg.calib.seq_len} "
+                  "and were truncated")
+        write_scores_dir(out, scores, st, meta, overwrite=overwrite or resume)
+        if ckpt.exists():
+            ckpt.unlink()
+    if dist:
+        dist.barrier()
+        for r in range(world):
+            p = out.parent / f".{out.name}.ckpt-rank{r}.safetensors"
+            if rank == 0 and p.exists():
+                p.unlink()
+    return out
+
+
+def score_examples(model, tokenizer, examples, cfg: ScoreConfig, stats, device=None, progress: bool = False):
+    """Q(W) (when the method needs it) and the scores, from already collected ``stats``."""
+    from circuitq.saliency.methods import method as saliency_method
+
+    m = saliency_method(cfg.method)
+    ref = None
+    if m.quantizer:
+        qcfg = stages.reference_config(cfg.method, cfg.quantize)
+        windows = stages.calibration_tokens(examples, tokenizer, cfg.calib) if qcfg.method == "gptq" else None
+        ref = stages.quantized_reference(model, qcfg, windows, None, m.hessian, device, progress)
+    return stages.score_weights(cfg.method, model, stats, ref, cfg.calib.seed)

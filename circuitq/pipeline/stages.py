@@ -1,0 +1,278 @@
+"""The pipeline's stages as library functions, one per stage, called by every entry point (the
+CLI's ``score``, ``quantize``, ``eval`` and ``run``, the explorer's export jobs and the Python
+API):
+
+    gradients -> Q(W) -> scores -> mask -> quantize (+ export) -> evaluate
+
+Each takes a model already in memory and typed settings from ``circuitq.config``, and returns
+tensors or a small result object; none reads or writes files except ``export`` (and
+``quantize_and_export``, which is ``circuitq quantize`` as a function). Caching, step keys
+and file layout belong to the drivers (``pipeline.run``, ``pipeline.score``).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from circuitq import __version__
+from circuitq.config import CalibConfig, EvalConfig, MaskConfig, QuantizeConfig, QuantizeJob
+from circuitq.model.arch import Geometry, target_shapes
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients
+# ---------------------------------------------------------------------------------------------
+def needed_stats(method: str) -> tuple[str, ...]:
+    """The gradient statistics a saliency method reads (``()`` for task-free methods)."""
+    from circuitq.saliency.capture import STATS
+    from circuitq.saliency.methods import method as saliency_method
+
+    return tuple(s for s in STATS if s in saliency_method(method).stats)
+
+
+def collect_gradients(model, tokenizer, examples, calib: CalibConfig = CalibConfig(), stats=("sum_abs",), *,
+                      state=None, start: int = 0, progress: bool = True, on_batch=None, model_path: str | None = None):
+    """Per-sample gradient statistics of ``examples`` (``Σ|G_s|`` etc., ``{stat: {HF weight
+    name: [out, in]}}`` in a ``GradStats``) through TransformerLens hooks on a bridge booted
+    around ``model`` for the call. Returns ``CollectResult`` (``stats``, ``truncated``,
+    ``seconds``, ``tokens_per_s``). ``state``/``start``/``on_batch`` continue and checkpoint."""
+    from circuitq.saliency.capture import collect_stats
+
+    path = model_path or getattr(model.config, "_name_or_path", "") or "model"
+    return collect_stats(model, tokenizer, examples, path, calib.batch_size, calib.seq_len, stats or ("sum_abs",),
+                         state, start, progress=progress, on_batch=on_batch, batch_tokens=calib.batch_tokens,
+                         attention=calib.attention)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hessians and Q(W)
+# ---------------------------------------------------------------------------------------------
+def calibration_tokens(examples, tokenizer, calib: CalibConfig) -> torch.Tensor:
+    """The calibration items as Hessian windows ``[k, L]`` (``data.calib.calibration_windows``)."""
+    from circuitq.data.calib import calibration_windows
+
+    return calibration_windows(examples, tokenizer, calib.seq_len)
+
+
+def collect_hessians(model, windows: torch.Tensor, qcfg: QuantizeConfig, device=None, progress: bool = True):
+    """Every linear input's Hessian from one pass of the unquantized model (shared mode)."""
+    from circuitq.quant.driver import collect_hessians as _collect
+
+    return _collect(model, windows, qcfg.batch_size, device, progress)
+
+
+def reference_config(method: str, qcfg: QuantizeConfig) -> QuantizeConfig:
+    """The quantizer whose ``Q(W)`` ``method`` contrasts with: the final quantizer's settings,
+    with GPTQ or RTN as the method names it (``tacq-rtn`` -> RTN)."""
+    from circuitq.saliency.methods import method as saliency_method
+
+    q = saliency_method(method).quantizer
+    return replace(qcfg, method=q) if q else qcfg
+
+
+def quantized_reference(model, qcfg: QuantizeConfig, windows: torch.Tensor | None = None, hessians=None,
+                        need_hinv: bool = False, device=None, progress: bool = False):
+    """``Q(W)`` of every targeted weight (``quant.driver.reference_quantization``): the one
+    function ``score``, ``run`` and the API use."""
+    from circuitq.quant.driver import reference_quantization
+
+    return reference_quantization(model, qcfg, windows, hessians, need_hinv, device, progress)
+
+
+# ---------------------------------------------------------------------------------------------
+# scores and masks
+# ---------------------------------------------------------------------------------------------
+def score_weights(method: str, model, stats=None, reference=None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Scores ``{HF weight name: [out, in] float32}`` of every targeted weight of ``model``.
+
+    ``stats``: a ``GradStats`` (or its ``tensors`` dict) with what the method reads;
+    ``reference``: the ``Q(W)`` from ``quantized_reference``, made by the quantizer the method
+    names (a GPTQ reference given to ``tacq-rtn`` is an error, not a silent substitution)."""
+    from circuitq.saliency.methods import SaliencyInputs, compute_scores, method as saliency_method
+
+    m = saliency_method(method)
+    if m.quantizer:
+        if reference is None:
+            raise ValueError(f"method '{method}' needs Q(W) from {m.quantizer}: pass reference=quantized_reference(...)")
+        if reference.config.method != m.quantizer:
+            raise ValueError(f"method '{method}' contrasts with {m.quantizer} but the given Q(W) came from "
+                             f"{reference.config.method}; build it with reference_config('{method}', ...)")
+        if m.hessian and not reference.hinv_diag:
+            raise ValueError(f"method '{method}' needs the inverse-Hessian diagonals: quantized_reference(need_hinv=True)")
+    tensors = getattr(stats, "tensors", stats) or {}
+    weights = {n: model.get_parameter(n).detach() for n in target_shapes(model)}
+    ref_w = reference.weights if reference is not None and m.quantizer else None
+    hinv = reference.hinv_diag if reference is not None and m.hessian else None
+    return compute_scores(method, SaliencyInputs(weights, ref_w, tensors if m.stats else {}, hinv, seed))
+
+
+def select(scores, mask: MaskConfig = MaskConfig(), bits: int | None = None,
+           group_size: int | None = None) -> dict[str, torch.Tensor]:
+    """The circuit: bool masks ``{HF weight name: [out, in]}`` of the weights kept in 16-bit.
+
+    ``scores``: one ``{name: [out, in]}`` dict or a list of them (combined by ``mask.combine``).
+    ``mask.target_bits`` needs the base ``bits`` and ``group_size`` for the exact accounting."""
+    from circuitq.saliency.masks import combine, fraction_for_bits, select_per_layer, select_topk
+
+    many = scores if isinstance(scores, (list, tuple)) else [scores]
+    out = []
+    for sc in many:
+        frac = mask.fraction
+        if mask.target_bits is not None:
+            if bits is None or group_size is None:
+                raise ValueError("target_bits needs the base bits and group size of the quantizer")
+            frac = fraction_for_bits(mask.target_bits, bits, group_size, {n: tuple(t.shape) for n, t in sc.items()})
+        out.append((select_per_layer if mask.per_layer else select_topk)(sc, frac))
+    return out[0] if len(out) == 1 else combine(out, mask.combine)
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize, export
+# ---------------------------------------------------------------------------------------------
+def quantize(model, qcfg: QuantizeConfig, windows: torch.Tensor | None = None, hessians=None, masks=None,
+             device=None, progress: bool = True, inplace: bool = False):
+    """Mask-aware quantization: ``(quantized model, QuantizeResult)``. ``masks`` keep weights in
+    16-bit; ``windows`` (``[N, L]`` token ids) or shared ``hessians`` calibrate GPTQ. The
+    original is untouched unless ``inplace``."""
+    from circuitq.quant.driver import quantize_copy, quantize_model
+    from circuitq.quant.plan import PrecisionPlan
+
+    if not inplace:
+        return quantize_copy(model, qcfg, windows, hessians, masks, device, progress)
+    return model, quantize_model(model, windows, PrecisionPlan(qcfg.bits), qcfg, masks, device, progress,
+                                 hessians=hessians)
+
+
+def export(out, model, tokenizer, result, meta: dict, summary: dict | None = None, overwrite: bool = False) -> Path:
+    """Write ``out/hf`` (plain HF model), ``out/gptq`` (packed GPTQ v1 + 16-bit sidecar) and
+    ``out/circuitq.json``, atomically."""
+    from circuitq.quant.export import export_all
+
+    return export_all(out, model, tokenizer, result.qweights, meta, summary or result.summary(), overwrite)
+
+
+class QuantizeOutcome(NamedTuple):
+    out: Path
+    average_bits: float
+    n_16bit: int
+    seconds: float
+    perplexity: dict
+
+
+def quantize_and_export(lm, job: QuantizeJob, out, masks=None, mask_meta: dict | None = None, plan=None,
+                        overwrite: bool = False, device=None, progress: bool = True, say=print) -> QuantizeOutcome:
+    """``circuitq quantize`` as a function: calibrate on ``job.task``'s calibration items,
+    quantize ``lm.model`` in place with ``masks`` kept 16-bit, measure held-out perplexity on the
+    task's evaluation items before and after, and export to ``out``."""
+    from circuitq.artifacts import check_writable
+    from circuitq.data.calib import heldout_windows
+    from circuitq.data.tasks import Task
+    from circuitq.evals import perplexity
+    from circuitq.quant.driver import quantize_model, quant_spec
+    from circuitq.quant.plan import PrecisionPlan
+    from circuitq.saliency.masks import mask_fraction, validate_masks
+
+    check_writable(out, overwrite)
+    q = job.quantize
+    shapes = target_shapes(lm.model)
+    for _, (_, in_f) in shapes.items():
+        quant_spec(q).n_groups(in_f)
+    if masks is not None:
+        missing = validate_masks(masks, shapes)
+        if missing:
+            say(f"[circuitq] the mask does not mention {len(missing)} targeted weights; they get no 16-bit entries")
+        say(f"[circuitq] {mask_fraction(masks):.4%} of the weights the mask covers stay 16-bit")
+    task = Task(job.task, job.data, lm.tokenizer)
+    calib_items = task.calib_items(job.calib.samples, job.calib.seed)
+    windows = calibration_tokens(calib_items, lm.tokenizer, job.calib) if q.method == "gptq" else None
+    held = heldout_windows(task.eval_items(), lm.tokenizer, job.calib.seq_len, job.eval.ppl_windows) \
+        if job.eval.ppl_windows else None
+    ppl_before = perplexity(lm.model, held, job.eval.batch_size) if held is not None else None
+    res = quantize_model(lm.model, windows, plan or PrecisionPlan(q.bits), q, masks, device, progress)
+    ppl_after = perplexity(lm.model, held, job.eval.batch_size) if held is not None else None
+    from circuitq.config import to_dict
+
+    meta = {"model": lm.name, "model_source": lm.source, "model_note": lm.note, "settings": to_dict(job),
+            "method": q.method, "bits": q.bits, "group_size": q.group_size, "sym": q.sym, "mse": q.mse,
+            "act_order": q.act_order, "hessian": q.hessian, "damp": q.damp,
+            "plan": (plan or PrecisionPlan(q.bits)).to_dict(), "calib": job.task, "samples": len(calib_items),
+            "seq_len": job.calib.seq_len, "seed": job.calib.seed, "mask_metadata": mask_meta or {},
+            "device": str(device or next(lm.model.parameters()).device), "circuitq_version": __version__,
+            "average_bits": res.bits.average_bits}
+    ppl = {"original": ppl_before, "quantized": ppl_after, "windows": int(held.shape[0]) if held is not None else 0,
+           "source": f"{job.task} evaluation split"}
+    path = export(out, lm.model, lm.tokenizer, res, meta, {**res.summary(), "heldout_perplexity": ppl}, overwrite)
+    return QuantizeOutcome(Path(path), res.bits.average_bits, res.bits.nnz, res.seconds, ppl)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate, compare
+# ---------------------------------------------------------------------------------------------
+def evaluate(model, tokenizer, examples, kind: str, reference=None, cfg: EvalConfig = EvalConfig(),
+             progress: bool = True, logits_out: dict | None = None, reference_logits: dict | None = None):
+    """KL(reference ‖ model), top-1 agreement, task NLL, MMLU accuracy and flips on ``examples``
+    (``evals.evaluate``); ``cfg.samples`` limits the items."""
+    from circuitq.evals import evaluate as _evaluate
+
+    items = list(examples)[: cfg.samples] if cfg.samples else list(examples)
+    return _evaluate(model, tokenizer, items, kind, reference, cfg.batch_size, cfg.seq_len, progress,
+                     logits_out, reference_logits)
+
+
+def compare(a, b, fraction: float = MaskConfig().fraction, top_n: int = 20, geometry: Geometry | None = None) -> dict:
+    """Two circuits at one budget: overlap (IoU, intersection/min, per layer and module type),
+    head and neuron maps, Spearman of the head maps. ``a``, ``b``: loaded score files
+    (``{"scores", "meta"}``), or plain ``{name: [out, in]}`` score dicts with ``geometry``."""
+    from circuitq.circuits.compare import compare_scores
+
+    def wrap(x, label):
+        if "scores" in x and "meta" in x:
+            return x
+        if geometry is None:
+            raise ValueError("plain score dicts need geometry=Geometry.from_config(model.config)")
+        return {"scores": x, "meta": {"geometry": geometry.to_dict(), "task": label, "method": "?",
+                                      "model_source": "in-memory"}}
+
+    return compare_scores(wrap(a, "a"), wrap(b, "b"), fraction, top_n)
+
+
+def evaluate_task(lm, job, ref=None, say=print) -> tuple[dict, list[dict]]:
+    """``circuitq eval`` as a function: ``lm`` (a ``LoadedModel``) on ``job.task``'s ``job.split``
+    items, against ``ref`` when given. Returns the evaluation document and per-item records."""
+    from circuitq.config import to_dict
+    from circuitq.data.tasks import Task
+    from circuitq.evals import check_same_vocab, generate_exact_match
+
+    if ref is not None:
+        check_same_vocab(lm.tokenizer, ref.tokenizer, lm.model, ref.model)
+    task = Task(job.task, job.data, lm.tokenizer)
+    if job.generate and task.kind != "gsm8k":
+        raise ValueError("--generate scores GSM8k final answers; use it with --task gsm8k")
+    items = task.split(job.split)
+    if job.eval.samples is not None and job.eval.samples > len(items):
+        say(f"[circuitq] --limit {job.eval.samples} is larger than the {job.split} split ({len(items)} items); "
+            "using all of it")
+    res = evaluate(lm.model, lm.tokenizer, items, task.kind, ref.model if ref else None, job.eval)
+    if job.generate:
+        gen = generate_exact_match(lm.model, lm.tokenizer, list(items)[: job.eval.samples], job.max_new_tokens,
+                                   job.eval.batch_size)
+        res.metrics["generation"] = {k: gen[k] for k in ("exact_match", "items", "unparseable")}
+        if gen["unparseable"]:
+            say(f"[circuitq] {gen['unparseable']} of {gen['items']} generations contain no number (counted as wrong)")
+    doc = {"format": "circuitq.eval", "version": __version__, "model": lm.name, "reference": ref.name if ref else None,
+           "task": job.task, "split": job.split, "settings": to_dict(job), "split_seed": job.data.split_seed,
+           "shots": job.data.shots, "limit": job.eval.samples, "model_note": lm.note or (ref.note if ref else ""),
+           "metrics": res.metrics}
+    return doc, res.items
+
+
+def write_eval(out, doc: dict, items: list[dict], overwrite: bool = False) -> None:
+    """``OUT`` (the evaluation document, JSON) and ``OUT`` with ``.csv`` (one row per item)."""
+    from circuitq.artifacts import write_csv, write_json
+
+    out = Path(out)
+    write_json(out, doc, overwrite=overwrite)
+    write_csv(out.with_suffix(".csv"), items)
