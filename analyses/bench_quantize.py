@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from circuitq.data.calib import CalibConfig, build_calibration
+from circuitq.data.calib import consecutive_windows, example_texts, random_windows, token_stream
+from circuitq.data.tasks import Task
 from circuitq.evals import perplexity
 from circuitq.model.loading import DEFAULT_MODEL, load_model
 
@@ -39,7 +40,9 @@ def _child(cfg: dict) -> dict:
     """One configuration, run inside a child process."""
     from circuitq.quant.export import load_packed
     from circuitq.quant.plan import PrecisionPlan
-    from circuitq.quant.driver import QuantizeConfig, quantize_model, target_shapes
+    from circuitq.config import QuantizeConfig
+    from circuitq.model.arch import target_shapes
+    from circuitq.quant.driver import quantize_model
 
     torch.set_num_threads(cfg["threads"])
     calib = torch.load(cfg["calib"], weights_only=True)
@@ -114,7 +117,13 @@ def main() -> None:
         return
 
     lm = load_model(a.model)
-    data = build_calibration(CalibConfig(a.calib, a.samples, a.seq_len, 0), lm.tokenizer, None, a.heldout_windows)
+    # GPTQ's recipe: random windows of the calibration items' token stream; perplexity on the
+    # task's evaluation items (never calibrated on)
+    task = Task(a.calib, tokenizer=lm.tokenizer)
+    stream = token_stream(example_texts(task.calib_items()), lm.tokenizer, a.samples * a.seq_len * 4)
+    held_stream = token_stream(example_texts(task.eval_items()), lm.tokenizer, a.heldout_windows * a.seq_len + 1)
+    data = argparse.Namespace(calib=random_windows(stream, a.samples, a.seq_len, 0),
+                              heldout=consecutive_windows(held_stream, a.seq_len, a.heldout_windows))
     tmp = Path(tempfile.mkdtemp(prefix="cq-bench-"))
     torch.save(data.calib, tmp / "calib.pt")
     torch.save(data.heldout, tmp / "held.pt")

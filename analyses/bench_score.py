@@ -44,7 +44,7 @@ def _child(cfg: dict) -> dict:
 
     from circuitq.saliency.capture import collect_stats, sample_losses
     from circuitq.model.loading import load_model
-    from circuitq.quant.driver import target_shapes
+    from circuitq.model.arch import target_shapes
     from circuitq.data.tasks import collate, tokenize_examples
 
     torch.set_num_threads(cfg["threads"])

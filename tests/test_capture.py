@@ -1,7 +1,7 @@
 import torch
 
 from circuitq.saliency.capture import GradStats, accumulate, collect_stats, per_sample_grads, sample_losses
-from circuitq.quant.driver import target_shapes
+from circuitq.model.arch import target_shapes
 from circuitq.data.tasks import Example, collate, tokenize_examples
 
 

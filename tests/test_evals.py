@@ -97,6 +97,8 @@ def test_eval_cli_gsm8k_generation_counts_unparseable(tmp_path, tiny_dir):
                  "--generate", "--max-new-tokens", "8", "--out", str(out)]) == 0
     g = json.loads(out.read_text())["metrics"]["generation"]
     assert g["items"] == 3 and 0 <= g["unparseable"] <= 3 and 0 <= g["exact_match"] <= 1
+    assert main(["eval", "--model", str(d), "--task", "mmlu", "--data-dir", str(data), "--generate",
+                 "--out", str(tmp_path / "m.json")]) == 2
 
 
 def test_generation_exact_match_and_unparseable_counts_are_exact(tiny_dir):
@@ -130,5 +132,3 @@ def test_generation_exact_match_and_unparseable_counts_are_exact(tiny_dir):
     g = generate_exact_match(Fixed(), tok, ex, 8, batch_size=2, progress=False)
     assert g["items"] == 3 and g["unparseable"] == 1 and g["exact_match"] == pytest.approx(1 / 3)
     assert [r["correct"] for r in g["records"]] == [True, False, False]
-    assert main(["eval", "--model", str(d), "--task", "mmlu", "--data-dir", str(data), "--generate",
-                 "--out", str(tmp_path / "m.json")]) == 2

@@ -5,7 +5,9 @@ import torch
 
 from circuitq.quant.export import export_all, load_packed, pack_rows, unpack_rows, pack_gptq_v1, unpack_gptq_v1
 from circuitq.quant.plan import PrecisionPlan
-from circuitq.quant.driver import QuantizeConfig, quantize_model, target_shapes
+from circuitq.config import QuantizeConfig
+from circuitq.model.arch import target_shapes
+from circuitq.quant.driver import quantize_model
 from circuitq.quant.quantizer import QuantSpec, rtn_quantize
 from conftest import tiny_model
 

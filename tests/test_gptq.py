@@ -79,10 +79,10 @@ def test_dead_columns_and_damping():
     r = gptq_quantize(w, H, QuantSpec(bits=4))
     assert torch.isfinite(r.weight).all() and r.damp == 0.01
     assert torch.equal(r.weight[:, 5], torch.zeros_like(r.weight[:, 5]))  # a dead input column is zeroed
-    # an indefinite Hessian (eigenvalues -1 and 3) needs the damping raised x10 until Cholesky works
+    # an indefinite Hessian needs the damping raised x10 until Cholesky works
     from circuitq.quant.gptq import inverse_hessian_factor
 
-    bad = torch.tensor([[1.0, 2.0], [2.0, 1.0]])
+    bad = torch.tensor([[1.0, 3.0], [3.0, 1.0]])   # eigenvalues -2 and 4: damping 1 is not enough
     _, used = inverse_hessian_factor(bad, 0.01, 10.0)
     assert used == pytest.approx(10.0)
     with pytest.raises(HessianError, match="Cholesky failed"):

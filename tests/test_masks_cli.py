@@ -8,7 +8,7 @@ import torch
 from circuitq.cli import main
 from circuitq.saliency.masks import MaskError, load_masks, save_masks, validate_masks
 from circuitq.quant.plan import PrecisionPlan
-from circuitq.quant.driver import target_shapes
+from circuitq.model.arch import target_shapes
 from conftest import tiny_model
 
 

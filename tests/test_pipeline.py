@@ -144,3 +144,27 @@ def test_python_api_on_a_model_in_memory(tmp_path, tiny_dir):
                            geometry=circuitq.Geometry.from_config(model.config))
     assert 0 <= cmp["masks"]["global"]["iou"] <= 1
     assert circuitq.circuit_map(mask, model).total == kept
+
+
+def test_quantize_calibrates_only_on_the_tasks_calibration_items(tmp_path, tiny_dir, monkeypatch):
+    """`circuitq quantize --calib TASK` (and the explorer's export, which calls the same function)
+    never calibrates on an item that `circuitq eval --task TASK` scores."""
+    import circuitq.data.calib as C
+    from circuitq.data.tasks import Task
+
+    d, _ = tiny_dir
+    data = task_data(tmp_path)
+    seen, real = [], C.calibration_windows
+
+    def spy(examples, tokenizer, seq_len):
+        seen.extend(e.prompt for e in examples)
+        return real(examples, tokenizer, seq_len)
+
+    monkeypatch.setattr(C, "calibration_windows", spy)
+    assert main(["quantize", "--model", str(d), "--calib", "gsm8k", "--data-dir", str(data), "--samples", "100",
+                 "--seq-len", "32", "--group-size", "32", "--ppl-windows", "2", "--out", str(tmp_path / "q")]) == 0
+    from circuitq.config import DataConfig
+
+    task = Task("gsm8k", DataConfig(data_dir=str(data)))
+    assert set(seen) == {e.prompt for e in task.split("calib")}
+    assert not set(seen) & {e.prompt for e in task.eval_items()}

@@ -4,7 +4,9 @@ import torch
 from circuitq.model.arch import UnsupportedArchitecture, arch_for
 from circuitq.quant.gptq import HessianState, gptq_quantize, hessian_update
 from circuitq.quant.plan import PrecisionPlan, bit_report, module_bits
-from circuitq.quant.driver import QuantizeConfig, quantize_model, target_shapes
+from circuitq.config import QuantizeConfig
+from circuitq.model.arch import target_shapes
+from circuitq.quant.driver import quantize_model
 from circuitq.quant.quantizer import QuantSpec
 from conftest import tiny_model
 

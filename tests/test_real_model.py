@@ -10,11 +10,17 @@ pytestmark = pytest.mark.real_model
 
 @pytest.fixture(scope="module")
 def real():
-    from circuitq.data.calib import CalibConfig, build_calibration
+    import argparse
+
+    from circuitq.data.calib import consecutive_windows, example_texts, random_windows, token_stream
+    from circuitq.data.tasks import Task
     from circuitq.model.loading import load_model
 
     lm = load_model()
-    data = build_calibration(CalibConfig("gsm8k", 8, 256, 0), lm.tokenizer, None, heldout_windows=8)
+    task = Task("gsm8k", tokenizer=lm.tokenizer)
+    stream = token_stream(example_texts(task.calib_items(64)), lm.tokenizer)
+    held = token_stream(example_texts(task.eval_items(64)), lm.tokenizer, 8 * 256 + 1)
+    data = argparse.Namespace(calib=random_windows(stream, 8, 256, 0), heldout=consecutive_windows(held, 256, 8))
     return lm, data
 
 
@@ -30,14 +36,15 @@ def test_gptq_3bit_beats_rtn_3bit_on_heldout_perplexity(real):
     from circuitq.evals import perplexity
     from circuitq.model.loading import load_model
     from circuitq.quant.plan import PrecisionPlan
-    from circuitq.quant.driver import QuantizeConfig, quantize_model
+    from circuitq.config import QuantizeConfig
+    from circuitq.quant.driver import quantize_model
 
     _, data = real
     ppl = {}
     for method in ("gptq", "rtn"):
         m = load_model().model
         quantize_model(m, data.calib if method == "gptq" else None, PrecisionPlan(3),
-                       QuantizeConfig(bits=3, method=method), progress=False)
+                       QuantizeConfig(bits=3, group_size=-1, method=method), progress=False)
         ppl[method] = perplexity(m, data.heldout)
     assert all(math.isfinite(v) for v in ppl.values())
     assert ppl["gptq"] < ppl["rtn"], ppl
@@ -49,7 +56,8 @@ def test_packed_export_of_real_model_roundtrips(real, tmp_path):
     from circuitq.quant.export import export_all, load_packed
     from circuitq.model.loading import load_model
     from circuitq.quant.plan import PrecisionPlan
-    from circuitq.quant.driver import QuantizeConfig, quantize_model
+    from circuitq.config import QuantizeConfig
+    from circuitq.quant.driver import quantize_model
 
     lm, data = real
     m = load_model().model
@@ -63,33 +71,36 @@ def test_packed_export_of_real_model_roundtrips(real, tmp_path):
 
 
 def test_tacq_circuit_hurts_more_than_random_set_of_same_size(real):
-    """Quantizing only the 0.35% circuit (to RTN values) raises the task loss more than
-    quantizing a random 0.35% of the weights: the scores point at weights the task uses."""
-    from circuitq.saliency.capture import collect_stats, sample_losses
-    from circuitq.saliency.masks import select_topk
+    """Quantizing only the 0.35% TaCQ circuit (to its GPTQ values Q(W)) raises the task loss on
+    *held-out* items more than quantizing a random 0.35% of the weights: the scores, computed on
+    calibration items, point at weights the task uses."""
+    from circuitq.config import CalibConfig, MaskConfig, QuantizeConfig
+    from circuitq.data.tasks import Task, collate, tokenize_examples
+    from circuitq.model.arch import target_shapes
     from circuitq.model.loading import load_model
-    from circuitq.quant.driver import target_shapes
-    from circuitq.quant.quantizer import QuantSpec, rtn_quantize
-    from circuitq.saliency.methods import SaliencyInputs, compute_scores
-    from circuitq.data.tasks import collate, load_examples, tokenize_examples
+    from circuitq.pipeline import stages
+    from circuitq.saliency.capture import sample_losses
 
     lm = load_model()
-    ex = load_examples("mmlu", "calib", 16, 0, 0, None, lm.tokenizer)
-    res = collect_stats(lm.model, lm.tokenizer, ex, lm.source, 8, 256, stats=("sum_abs",), progress=False)
+    task = Task("mmlu", tokenizer=lm.tokenizer)
+    calib = CalibConfig(samples=16, seq_len=256)
+    items = task.calib_items(calib.samples, calib.seed)
+    stats = stages.collect_gradients(lm.model, lm.tokenizer, items, calib, progress=False)["stats"]
+    q = QuantizeConfig(bits=3, group_size=64, hessian="shared")
+    ref = stages.quantized_reference(lm.model, q, stages.calibration_tokens(items, lm.tokenizer, calib))
+    circuit = stages.select(stages.score_weights("tacq", lm.model, stats, ref), MaskConfig())
+    rand = stages.select(stages.score_weights("random", lm.model), MaskConfig())
+    held = task.eval_items(32)
+    tok = tokenize_examples(held, lm.tokenizer, 256)
+    batch = collate(tok.ids, tok.scored_from, lm.tokenizer.pad_token_id)
     shapes = target_shapes(lm.model)
     W = {n: lm.model.get_parameter(n).detach().clone() for n in shapes}
-    Q = {n: rtn_quantize(w, QuantSpec(3)).dequantize() for n, w in W.items()}
-    inp = SaliencyInputs(W, Q, res["stats"].tensors, seed=0)
-    circuit = select_topk(compute_scores("tacq-rtn", inp), 0.0035)
-    rand = select_topk(compute_scores("random", inp), 0.0035)
-    tok = tokenize_examples(ex, lm.tokenizer, 256)
-    batch = collate(tok.ids, tok.scored_from, lm.tokenizer.pad_token_id)
 
     def loss_with(mask):
         with torch.no_grad():
             for n in shapes:
                 p = lm.model.get_parameter(n)
-                p.copy_(torch.where(mask[n], Q[n], W[n]) if mask is not None else W[n])
+                p.copy_(torch.where(mask[n], ref.weights[n], W[n]) if mask is not None else W[n])
             logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             return float(sample_losses(logits, batch.input_ids, batch.loss_mask).mean())
 
