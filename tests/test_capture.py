@@ -144,6 +144,7 @@ def test_fused_attention_equals_bridge_attention_and_restores_the_bridge(tiny_di
         for n, t in out["bridge"].tensors[s].items():
             assert (out["sdpa"].tensors[s][n] - t).norm() <= 1e-5 * t.norm(), (s, n)
     names = [n for n, _ in model.named_parameters()]
+    state_keys = list(model.state_dict())
     layer_type = type(model.model.layers[0])
     impl = model.config._attn_implementation
     with bridged(model, tok, str(d)) as bridge:
@@ -156,6 +157,7 @@ def test_fused_attention_equals_bridge_attention_and_restores_the_bridge(tiny_di
     # ... and bridged() puts it back: HF names, HF modules, attention implementation
     assert [n for n, _ in model.named_parameters()] == names and type(model.model.layers[0]) is layer_type
     assert model.config._attn_implementation == impl
+    assert list(model.state_dict()) == state_keys   # no tensor the bridge registered (lm_head bias) stays behind
     again = collect_stats(model, tok, ex, str(d), batch_size=3, seq_len=64, progress=False, batch_tokens=40)["stats"]
     for n, t in out["sdpa"].tensors["sum_abs"].items():
         assert torch.equal(again.tensors["sum_abs"][n], t), n   # a second scoring sees the same model

@@ -144,6 +144,12 @@ def test_python_api_on_a_model_in_memory(tmp_path, tiny_dir):
                            geometry=circuitq.Geometry.from_config(model.config))
     assert 0 <= cmp["masks"]["global"]["iou"] <= 1
     assert circuitq.circuit_map(mask, model).total == kept
+    from circuitq.quant.export import load_packed
+
+    out = circuitq.export(tmp_path / "q", qmodel, tok, report, {"bits": 3, "group_size": 32})
+    packed = load_packed(out)
+    for n in mask:
+        assert torch.equal(packed.get_parameter(n), qmodel.get_parameter(n)), n
 
 
 def test_quantize_calibrates_only_on_the_tasks_calibration_items(tmp_path, tiny_dir, monkeypatch):

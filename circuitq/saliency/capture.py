@@ -174,15 +174,20 @@ def bridged(model, tokenizer, name_or_path: str):
     """A ``TransformerBridge`` around ``model`` for the duration of the block; afterwards the HF
     module tree and attention implementation are as before, so the caller's model keeps its HF
     parameter names and a later bridge does not nest inside this one."""
-    tree = [(m, dict(m._modules)) for m in model.modules()]
+    tree = [(m, dict(m._modules), dict(m._parameters), dict(m._buffers), set(m._non_persistent_buffers_set))
+            for m in model.modules()]
     configs = _attn_configs(model)
     impl = {k: c._attn_implementation for k, c in configs.items()}
     try:
         yield boot_bridge(model, tokenizer, name_or_path)
     finally:
-        for m, children in tree:
-            m._modules.clear()
-            m._modules.update(children)
+        # booting also registers tensors on HF modules (e.g. an lm_head bias buffer): restore them too
+        for m, children, params, buffers, non_persistent in tree:
+            for d, saved in ((m._modules, children), (m._parameters, params), (m._buffers, buffers)):
+                d.clear()
+                d.update(saved)
+            m._non_persistent_buffers_set.clear()
+            m._non_persistent_buffers_set.update(non_persistent)
         for k, c in configs.items():
             c._attn_implementation = impl[k]
 
