@@ -28,6 +28,7 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 HESSIAN_MODES = ("sequential", "shared")
 QUANT_METHODS = ("gptq", "rtn")
 ATTENTION_MODES = ("sdpa", "eager", "bridge")
+LOSS_SCOPES = ("answer", "all")
 BASELINES = ("magnitude", "spqr", "grad", "random")
 
 
@@ -73,6 +74,9 @@ class CalibConfig:
     batch_size: int = field(default=8, metadata=_help("samples per forward/backward (at most)"))
     batch_tokens: int = field(default=512, metadata=_help(
         "padded tokens per forward/backward (at most; 0 = no limit): bounds memory"))
+    loss: str = field(default="answer", metadata=_help(
+        "answer: the gradients are of the loss on each item's completion (the answer letter, the solution); "
+        "all: of the loss on every token of the item, as the official TaCQ code computes it", choices=LOSS_SCOPES))
     attention: str = field(default="sdpa", metadata=_help(
         "sdpa: HF's fused attention inside the TransformerLens bridge (less memory); bridge: TransformerLens's "
         "step-by-step attention. Same scores", choices=ATTENTION_MODES))
@@ -82,6 +86,8 @@ class CalibConfig:
         _at_least(self, ("batch_tokens",), 0)
         if self.seq_len < 2:
             raise ConfigError(f"--seq-len must be at least 2 tokens (one prediction), got {self.seq_len}")
+        if self.loss not in LOSS_SCOPES:
+            raise ConfigError(f"loss must be one of {LOSS_SCOPES}, got {self.loss!r}")
         if self.attention not in ATTENTION_MODES:
             raise ConfigError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
 

@@ -197,3 +197,33 @@ def test_recomputed_down_projection_input_gives_the_same_statistics(tiny_dir):
         for n, t in runs["off"].tensors[s].items():
             assert torch.equal(runs["on"].tensors[s][n], t), (s, n)
             assert torch.equal(runs["wrong"].tensors[s][n], t), (s, n)
+
+
+def test_loss_all_gradients_equal_autograd_over_every_token(tiny_dir):
+    """``--loss all`` (the official TaCQ code's choice): the statistics are of the loss on every
+    token of the item, not just the completion, and equal plain autograd per sample."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d, _ = tiny_dir
+    tok = AutoTokenizer.from_pretrained(d)
+    model = AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
+    ex = _examples()
+    shapes = target_shapes(model)
+    params = dict(model.named_parameters())
+    ref = {n: torch.zeros(s) for n, s in shapes.items()}
+    t = tokenize_examples(ex, tok, 64)
+    for ids in t.ids:
+        b = collate([ids], [1], tok.pad_token_id)   # every position predicts its next token
+        assert int(b.loss_mask.sum()) == len(ids) - 1
+        model.zero_grad()
+        sample_losses(model(input_ids=b.input_ids).logits, b.input_ids, b.loss_mask).sum().backward()
+        for n in shapes:
+            ref[n] += params[n].grad.abs()
+    model.zero_grad()
+    st = collect_stats(model, tok, ex, str(d), batch_size=4, seq_len=64, progress=False, loss="all")["stats"]
+    answer = collect_stats(model, tok, ex, str(d), batch_size=4, seq_len=64, progress=False)["stats"]
+    for n in ref:
+        err = (st.tensors["sum_abs"][n] - ref[n]).norm() / ref[n].norm()
+        assert err <= 1e-5, (n, float(err))
+    n0 = next(iter(ref))
+    assert not torch.allclose(st.tensors["sum_abs"][n0], answer.tensors["sum_abs"][n0])  # the scope matters

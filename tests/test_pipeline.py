@@ -174,3 +174,18 @@ def test_quantize_calibrates_only_on_the_tasks_calibration_items(tmp_path, tiny_
     task = Task("gsm8k", DataConfig(data_dir=str(data)))
     assert set(seen) == {e.prompt for e in task.split("calib")}
     assert not set(seen) & {e.prompt for e in task.eval_items()}
+
+
+def test_loss_scope_enters_step_keys_only_when_not_the_default():
+    from dataclasses import replace
+
+    from circuitq.config import CalibConfig
+    from circuitq.pipeline.run import StepKeys
+
+    cfg = RunConfig()
+    keys = StepKeys(cfg, "fp", {"mmlu": "x"}, {"mmlu": "y"})
+    assert "loss" not in keys.calib("mmlu")          # keys of older run directories are unchanged
+    all_tokens = StepKeys(replace(cfg, calib=CalibConfig(samples=32, loss="all")), "fp", {"mmlu": "x"}, {"mmlu": "y"})
+    assert all_tokens.calib("mmlu")["loss"] == "all" and all_tokens.score("mmlu", 3, "tacq") != keys.score("mmlu", 3, "tacq")
+    with pytest.raises(ConfigError, match="loss"):
+        CalibConfig(loss="everything")

@@ -18,7 +18,7 @@ DATA = [("--split-seed", "data.split_seed"), ("--shots", "data.shots"), ("--data
 SCORE_FLAGS = [("--model", "model"), ("--task", "task"), ("--method", "method"), *QUANT,
                ("--samples", "calib.samples"), ("--seq-len", "calib.seq_len"),
                ("--batch-size", ("calib.batch_size", "quantize.batch_size")), ("--batch-tokens", "calib.batch_tokens"),
-               ("--attention", "calib.attention"), ("--seed", "calib.seed"), *DATA,
+               ("--attention", "calib.attention"), ("--loss", "calib.loss"), ("--seed", "calib.seed"), *DATA,
                ("--checkpoint-every", "checkpoint_every")]
 QUANTIZE_FLAGS = [("--model", "model"), ("--calib", "task"), *QUANT, ("--method", "quantize.method"),
                   ("--samples", "calib.samples"), ("--seq-len", "calib.seq_len"), ("--seed", "calib.seed"), *DATA,
@@ -32,8 +32,8 @@ RUN_FLAGS = [("--model", "model"), ("--tasks", "tasks"), ("--bits", "bits"), ("-
              ("--calib-seq-len", "calib.seq_len"), ("--eval-samples", "eval.samples"),
              ("--eval-seq-len", "eval.seq_len"), *QUANT[1:],
              ("--batch-size", ("calib.batch_size", "quantize.batch_size", "eval.batch_size")),
-             ("--batch-tokens", "calib.batch_tokens"), ("--attention", "calib.attention"), ("--seed", "calib.seed"),
-             *DATA]
+             ("--batch-tokens", "calib.batch_tokens"), ("--attention", "calib.attention"), ("--loss", "calib.loss"),
+             ("--seed", "calib.seed"), *DATA]
 # command -> (default config, flag table): what the CLI-defaults test walks
 TABLES = {"score": (ScoreConfig(), SCORE_FLAGS), "quantize": (QuantizeJob(), QUANTIZE_FLAGS),
           "mask": (MaskConfig(), MASK_FLAGS), "eval": (EvalJob(), EVAL_FLAGS), "run": (RunConfig(), RUN_FLAGS)}

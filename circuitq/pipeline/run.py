@@ -55,8 +55,11 @@ class StepKeys:
 
     def calib(self, task: str) -> dict:
         c, d = self.cfg.calib, self.cfg.data
-        return {"model": self.fp, "task": task, "samples": c.samples, "seq_len": c.seq_len, "seed": c.seed,
-                "split_seed": d.split_seed, "shots": d.shots, "data": self.calib_digest[task]}
+        key = {"model": self.fp, "task": task, "samples": c.samples, "seq_len": c.seq_len, "seed": c.seed,
+               "split_seed": d.split_seed, "shots": d.shots, "data": self.calib_digest[task]}
+        if c.loss != "answer":   # only when not the default, so older run directories stay readable
+            key["loss"] = c.loss
+        return key
 
     def quantizer(self) -> dict:
         q, base = self.cfg.quantize, QuantizeConfig()

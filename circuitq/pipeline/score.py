@@ -16,7 +16,7 @@ from circuitq.config import ScoreConfig, to_dict
 from circuitq.pipeline import stages
 
 # the settings a checkpoint must share with the run that resumes it
-RESUME_KEYS = ("model_fingerprint", "task", "method", "seed", "split_seed", "samples", "seq_len", "shots",
+RESUME_KEYS = ("model_fingerprint", "task", "method", "loss", "seed", "split_seed", "samples", "seq_len", "shots",
                "world_size", "sample_order")
 
 
@@ -37,7 +37,7 @@ def score_metadata(lm, cfg: ScoreConfig, fingerprint: str, n_examples: int, worl
     q, c, d = cfg.quantize, cfg.calib, cfg.data
     return {"model": lm.name, "model_source": lm.source, "model_note": lm.note, "model_fingerprint": fingerprint,
             "task": cfg.task, "method": cfg.method, "bits": q.bits, "group_size": q.group_size, "hessian": q.hessian,
-            "damp": q.damp, "samples": c.samples, "seq_len": c.seq_len, "seed": c.seed, "split_seed": d.split_seed,
+            "damp": q.damp, "loss": c.loss, "samples": c.samples, "seq_len": c.seq_len, "seed": c.seed, "split_seed": d.split_seed,
             "shots": d.shots, "settings": to_dict(cfg), "geometry": Geometry.from_config(lm.model.config).to_dict(),
             "n_examples": n_examples, "world_size": world, "circuitq_version": __version__,
             "sample_order": "longest-first"}

@@ -44,7 +44,7 @@ def collect_gradients(model, tokenizer, examples, calib: CalibConfig = CalibConf
     path = model_path or getattr(model.config, "_name_or_path", "") or "model"
     return collect_stats(model, tokenizer, examples, path, calib.batch_size, calib.seq_len, stats or ("sum_abs",),
                          state, start, progress=progress, on_batch=on_batch, batch_tokens=calib.batch_tokens,
-                         attention=calib.attention)
+                         attention=calib.attention, loss=calib.loss)
 
 
 # ---------------------------------------------------------------------------------------------

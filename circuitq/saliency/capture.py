@@ -27,6 +27,8 @@ STATS = ("sum_abs", "sum", "sum_sq", "act_sq")
 # padded tokens per forward/backward: memory grows with tokens in flight, throughput hardly does
 # (analyses/RESULTS.md: SmolLM2-135M on 2 CPU cores, 512 tokens peak at 2.8 GB, no limit 4.9 GB, no slower)
 DEFAULT_BATCH_TOKENS = 512
+# which tokens' loss the gradients are of: the completion ("answer"), or every token ("all")
+LOSS_SCOPES = ("answer", "all")
 
 
 @dataclass
@@ -343,7 +345,7 @@ def plan_batches(lengths: list[int], batch_size: int, batch_tokens: int = 0, sta
 def collect_stats(model, tokenizer, examples, model_path: str, batch_size: int = 8, seq_len: int = 512,
                   stats=STATS, state: GradStats | None = None, start: int = 0, progress: bool = True,
                   on_batch=None, batch_tokens: int = DEFAULT_BATCH_TOKENS, attention: str = "sdpa",
-                  per_sample: bool | None = None) -> CollectResult:
+                  per_sample: bool | None = None, loss: str = "answer") -> CollectResult:
     """Run ``examples`` through a TransformerLens bridge around ``model`` and accumulate
     per-sample gradient statistics (driver: hooks, batches and progress live here).
 
@@ -369,7 +371,11 @@ def collect_stats(model, tokenizer, examples, model_path: str, batch_size: int =
     device = next(model.parameters()).device
     shapes = target_shapes(model)
     state = state if state is not None else GradStats.zeros(shapes, device, stats)
+    if loss not in LOSS_SCOPES:
+        raise ValueError(f"loss must be one of {LOSS_SCOPES}, got {loss!r}")
     tok = tokenize_examples(examples, tokenizer, seq_len)
+    if loss == "all":   # every next-token prediction of the text, as the official TaCQ code
+        tok = tok._replace(scored_from=[1] * len(tok.ids))
     order = sorted(range(len(tok.ids)), key=lambda i: -len(tok.ids[i]))  # longest first
     batches = plan_batches([len(tok.ids[i]) for i in order], batch_size, batch_tokens, start)
     flags = [(p, p.requires_grad) for p in model.parameters()]
