@@ -29,6 +29,7 @@ HESSIAN_MODES = ("sequential", "shared")
 QUANT_METHODS = ("gptq", "rtn")
 ATTENTION_MODES = ("sdpa", "eager", "bridge")
 LOSS_SCOPES = ("answer", "all")
+COMBINE_MODES = ("union", "intersection", "rank-max")
 BASELINES = ("magnitude", "spqr", "grad", "random")
 
 
@@ -134,14 +135,15 @@ class MaskConfig:
     fraction: float = field(default=DEFAULT_FRACTION, metadata=_help("share of the weights kept in 16-bit"))
     target_bits: float | None = field(default=None, metadata=_help("average bits to reach instead (exact accounting)"))
     per_layer: bool = field(default=False, metadata=_help("the same fraction in every decoder layer"))
-    combine: str = field(default="union", metadata=_help("how several score sets combine",
-                                                         choices=("union", "intersection")))
+    combine: str = field(default="union", metadata=_help(
+        "how several score sets combine: union or intersection of their circuits, or rank-max (the top fraction of "
+        "the max of rank-normalised scores: the same budget as one task)", choices=COMBINE_MODES))
 
     def __post_init__(self) -> None:
         if not 0 < self.fraction < 1:
             raise ConfigError(f"--fraction must be in (0, 1), got {self.fraction}")
-        if self.combine not in ("union", "intersection"):
-            raise ConfigError(f"combine must be union or intersection, got {self.combine!r}")
+        if self.combine not in COMBINE_MODES:
+            raise ConfigError(f"combine must be one of {COMBINE_MODES}, got {self.combine!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -29,7 +29,7 @@ def test_every_method_equals_its_direct_formula():
         "taylor": (S["sum"] * (Q - W)).abs(),
         "grad": S["sum_abs"], "fisher": S["sum_sq"], "magnitude": W.abs(),
         "spqr": (W - Q) ** 2 / h[None, :] ** 2,
-        "awq": W.abs() * S["act_sq"].sqrt()[None, :],
+        "wanda": W.abs() * S["act_sq"].sqrt()[None, :],
     }
     for m, expect in direct.items():
         assert torch.allclose(compute_scores(m, i)[n], expect), m
@@ -78,3 +78,26 @@ def test_fraction_for_bits_inverts_the_accounting():
     assert avg == pytest.approx(3.2, abs=32 / numel * 2)
     with pytest.raises(MaskError, match="below"):
         fraction_for_bits(2.0, 3, -1, shapes)
+
+
+def test_rank_max_union_keeps_exactly_the_single_task_budget():
+    """The multi-task circuit is re-selected at the same k: exactly floor(f·N) weights, and it
+    holds each task's very top weights, where a union of two masks holds up to 2k."""
+    from circuitq.saliency.masks import rank_normalize, select_rank_max
+
+    g = torch.Generator().manual_seed(1)
+    a = {"x.weight": torch.rand(20, 30, generator=g), "y.weight": torch.rand(10, 30, generator=g) * 100}
+    b = {"x.weight": torch.rand(20, 30, generator=g) * 1e-6, "y.weight": torch.rand(10, 30, generator=g)}
+    n = 20 * 30 + 10 * 30
+    for f in (0.01, 0.05, 0.2):
+        m = select_rank_max([a, b], f)
+        assert sum(int(v.sum()) for v in m.values()) == int(f * n)
+        union = combine([select_topk(a, f), select_topk(b, f)], "union")
+        assert sum(int(v.sum()) for v in union.values()) > int(f * n)
+    # units do not matter: b's scores are a millionth of a's in x, yet its top weight is kept
+    m = select_rank_max([a, b], 0.01)
+    top_b = torch.cat([v.flatten() for v in b.values()]).argmax()
+    flat = torch.cat([v.flatten() for v in m.values()])
+    assert bool(flat[top_b])
+    r = rank_normalize(a)
+    assert float(max(v.max() for v in r.values())) == pytest.approx((n - 1) / n)

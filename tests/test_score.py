@@ -25,7 +25,7 @@ def _score(d, task, out, *extra):
                  "--batch-size", "4", "--bits", "3", "--out", str(out), *extra])
 
 
-@pytest.mark.parametrize("method", ["tacq", "spqr", "awq"])
+@pytest.mark.parametrize("method", ["tacq", "spqr", "wanda"])
 def test_score_then_mask_cli(tmp_path, tiny_dir, method):
     d, _ = tiny_dir
     task = _task(tmp_path)

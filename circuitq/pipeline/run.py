@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import platform
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -78,8 +78,11 @@ class StepKeys:
             src = {"model": self.fp, "seed": self.cfg.calib.seed}
         else:
             src = self.score(recipe.source, bits, recipe.method)
-        return {"method": recipe.method, "source": recipe.source, "bits": bits, "fraction": self.cfg.mask.fraction,
-                "scores": src}
+        key = {"method": recipe.method, "source": recipe.source, "bits": bits, "fraction": self.cfg.mask.fraction,
+               "scores": src}
+        if recipe.source == "union":   # re-selected at the same k (older runs: a union of the task masks)
+            key["combine"] = "rank-max"
+        return key
 
     def eval(self, task: str) -> dict:
         e, d = self.cfg.eval, self.cfg.data
@@ -229,7 +232,7 @@ class Runner:
         return scores
 
     def mask(self, recipe: MaskRecipe, bits: int) -> dict | None:
-        from circuitq.saliency.masks import combine, load_masks, mask_metadata, save_masks
+        from circuitq.saliency.masks import load_masks, mask_metadata, save_masks
 
         if recipe.method == "none":
             return None
@@ -238,7 +241,8 @@ class Runner:
         if found:
             return load_masks(found / "mask.safetensors").masks
         if recipe.source == "union":
-            m = combine([self.mask(MaskRecipe("tacq", t), bits) for t in self.cfg.tasks], "union")
+            m = stages.select([self.scores(t, bits, "tacq") for t in self.cfg.tasks],
+                              replace(self.cfg.mask, combine="rank-max"))
         else:
             m = stages.select(self.scores(recipe.source or self.cfg.tasks[0], bits, recipe.method), self.cfg.mask)
         c = self.cfg

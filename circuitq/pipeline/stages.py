@@ -115,9 +115,13 @@ def select(scores, mask: MaskConfig = MaskConfig(), bits: int | None = None,
 
     ``scores``: one ``{name: [out, in]}`` dict or a list of them (combined by ``mask.combine``).
     ``mask.target_bits`` needs the base ``bits`` and ``group_size`` for the exact accounting."""
-    from circuitq.saliency.masks import combine, fraction_for_bits, select_per_layer, select_topk
+    from circuitq.saliency.masks import combine, fraction_for_bits, select_per_layer, select_rank_max, select_topk
 
     many = scores if isinstance(scores, (list, tuple)) else [scores]
+    if len(many) > 1 and mask.combine == "rank-max":
+        if mask.target_bits is not None or mask.per_layer:
+            raise ValueError("rank-max combines at a global --fraction (no --target-bits or --per-layer)")
+        return select_rank_max(list(many), mask.fraction)
     out = []
     for sc in many:
         frac = mask.fraction

@@ -205,6 +205,33 @@ def fraction_for_bits(target_bits: float, bits: int, group_size: int, shapes: di
     return min(f, 1.0)
 
 
+def rank_normalize(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each score replaced by its global rank over all weights, scaled to ``[0, 1)`` (the
+    smallest 0, the largest ``(N-1)/N``; ties by position): scores of different tasks become
+    comparable whatever their units. ``{name: [out, in]}`` -> the same shapes, float32."""
+    names = list(scores)
+    flat = torch.cat([scores[n].detach().float().flatten().cpu() for n in names])
+    ranks = torch.empty_like(flat)
+    ranks[torch.argsort(flat, stable=True)] = torch.arange(flat.numel(), dtype=torch.float32) / flat.numel()
+    out, off = {}, 0
+    for n in names:
+        out[n] = ranks[off:off + scores[n].numel()].view(scores[n].shape)
+        off += scores[n].numel()
+    return out
+
+
+def select_rank_max(scores: list[dict[str, torch.Tensor]], fraction: float) -> dict[str, torch.Tensor]:
+    """A multi-task circuit at the *same* budget as a single-task one: the global top ``fraction``
+    of the elementwise max of the tasks' rank-normalised scores (exactly ``floor(fraction · N)``
+    weights, where a union of per-task masks would keep up to twice as many)."""
+    ranked = [rank_normalize(s) for s in scores]
+    names = set(ranked[0])
+    if any(set(r) != names for r in ranked[1:]):
+        raise MaskError("score sets to combine name different weights (different models?)")
+    best = {n: torch.stack([r[n] for r in ranked]).amax(0) for n in ranked[0]}
+    return select_topk(best, fraction)
+
+
 def combine(masks: list[dict[str, torch.Tensor]], how: str) -> dict[str, torch.Tensor]:
     """Union (``"union"``) or intersection (``"intersection"``) of masks over the same names."""
     if how not in ("union", "intersection"):

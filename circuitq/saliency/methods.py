@@ -15,7 +15,7 @@ scores (higher = keep in 16-bit).
 | ``fisher`` | Σ_s G_s² | sum_sq |
 | ``magnitude`` | abs(W) | — |
 | ``spqr`` | (W − Q(W))² / [H⁻¹]_jj² | GPTQ Hessian |
-| ``awq`` | abs(W) · ‖X_j‖ | act_sq |
+| ``wanda`` | abs(W) · ‖X_j‖ (Wanda, Sun et al. 2023; not AWQ) | act_sq |
 | ``random`` | seeded uniform | — |
 
 Worked example (``tacq``, one weight): ``Σ|G| = 2``, ``W = 0.5``, ``Q(W) = 0.25`` gives
@@ -75,12 +75,18 @@ METHODS: dict[str, SaliencyMethod] = {
     "fisher": SaliencyMethod(("sum_sq",), None, False, lambda n, i: i.stats["sum_sq"][n].clone()),
     "magnitude": SaliencyMethod((), None, False, lambda n, i: _w(i, n).abs()),
     "spqr": SaliencyMethod((), "gptq", True, lambda n, i: _dq(i, n) ** 2 / i.hinv_diag[n].float()[None, :] ** 2),
-    "awq": SaliencyMethod(("act_sq",), None, False, lambda n, i: _w(i, n).abs() * i.stats["act_sq"][n].sqrt()[None, :]),
+    "wanda": SaliencyMethod(("act_sq",), None, False, lambda n, i: _w(i, n).abs() * i.stats["act_sq"][n].sqrt()[None, :]),
     "random": SaliencyMethod((), None, False, _random),
 }
 
 
+RENAMED = {"awq": "wanda"}   # |W|·‖X_j‖ is Wanda's criterion, not AWQ's
+
+
 def method(name: str) -> SaliencyMethod:
+    if name in RENAMED:
+        raise ValueError(f"saliency method '{name}' is now called '{RENAMED[name]}' (|W|·‖X_j‖ is Wanda's "
+                         "criterion, not AWQ's)")
     if name not in METHODS:
         raise ValueError(f"unknown saliency method '{name}'; choose one of {', '.join(METHODS)}")
     return METHODS[name]
