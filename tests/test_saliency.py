@@ -28,7 +28,7 @@ def test_every_method_equals_its_direct_formula():
         "tacq-rtn": S["sum_abs"] * (W - Q).abs() * W.abs(),
         "taylor": (S["sum"] * (Q - W)).abs(),
         "grad": S["sum_abs"], "fisher": S["sum_sq"], "magnitude": W.abs(),
-        "spqr": (W - Q) ** 2 / h[None, :] ** 2,
+        "spqr": ((W - Q) ** 2 / h[None, :]) / ((W - Q) ** 2 / h[None, :]).mean(),
         "wanda": W.abs() * S["act_sq"].sqrt()[None, :],
     }
     for m, expect in direct.items():
@@ -101,3 +101,23 @@ def test_rank_max_union_keeps_exactly_the_single_task_budget():
     assert bool(flat[top_b])
     r = rank_normalize(a)
     assert float(max(v.max() for v in r.values())) == pytest.approx((n - 1) / n)
+
+
+def test_spqr_uses_gptqs_own_scaled_errors_relative_to_the_layer():
+    """SpQR's err = (w - q) / U_jj as GPTQ made it: GPTQ's loss is their sum of squares, column 0
+    (no earlier compensation) is (w0 - q0) / U_00, and the score is err² over the layer's mean."""
+    from circuitq.quant.gptq import gptq_quantize, hessian_update, HessianState, inverse_hessian_factor
+    from circuitq.quant.quantizer import QuantSpec
+
+    g = torch.Generator().manual_seed(0)
+    w, X = torch.randn(8, 16, generator=g), torch.randn(64, 16, generator=g)
+    H = hessian_update(HessianState.zeros(16), X).H
+    r = gptq_quantize(w, H, QuantSpec(3), keep_errors=True)
+    assert r.loss == pytest.approx(float((r.errors ** 2).sum()), rel=1e-5)
+    U, _ = inverse_hessian_factor(H, 0.01, 10.0)
+    assert torch.allclose(r.errors[:, 0], (w[:, 0] - r.weight[:, 0]) / U[0, 0], atol=1e-6)
+    inp = SaliencyInputs({"a.weight": w}, {"a.weight": r.weight}, {}, {"a.weight": torch.ones(16)}, 0,
+                         {"a.weight": r.errors})
+    s = compute_scores("spqr", inp)["a.weight"]
+    assert torch.allclose(s, r.errors ** 2 / (r.errors ** 2).mean())
+    assert float(s.mean()) == pytest.approx(1.0)

@@ -29,6 +29,8 @@ from circuitq.pipeline.plan import Job, MaskRecipe, plan_jobs
 from circuitq.pipeline.store import StepStore, examples_digest, model_fingerprint
 
 RUN_FORMAT = "circuitq.run"
+# methods whose scores changed definition since 0.1 (their older steps must not be reused)
+REDEFINED = {"spqr": "gptq-scaled-errors-layer-relative"}
 
 
 def check_run_config(cfg: RunConfig) -> None:
@@ -69,7 +71,10 @@ class StepKeys:
         return {"group_size": q.group_size, "hessian": q.hessian, "damp": q.damp, **extra}
 
     def score(self, task: str, bits: int, method: str) -> dict:
-        return {**self.calib(task), "method": method, "bits": bits, **self.quantizer()}
+        key = {**self.calib(task), "method": method, "bits": bits, **self.quantizer()}
+        if method in REDEFINED:   # a method whose definition changed is never reused from an older run
+            key["definition"] = REDEFINED[method]
+        return key
 
     def mask(self, recipe: MaskRecipe, bits: int) -> dict:
         if recipe.source == "union":

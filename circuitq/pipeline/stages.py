@@ -106,7 +106,8 @@ def score_weights(method: str, model, stats=None, reference=None, seed: int = 0)
     weights = {n: model.get_parameter(n).detach() for n in target_shapes(model)}
     ref_w = reference.weights if reference is not None and m.quantizer else None
     hinv = reference.hinv_diag if reference is not None and m.hessian else None
-    return compute_scores(method, SaliencyInputs(weights, ref_w, tensors if m.stats else {}, hinv, seed))
+    errors = reference.errors if reference is not None and m.hessian else None
+    return compute_scores(method, SaliencyInputs(weights, ref_w, tensors if m.stats else {}, hinv, seed, errors))
 
 
 def select(scores, mask: MaskConfig = MaskConfig(), bits: int | None = None,

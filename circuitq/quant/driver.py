@@ -44,6 +44,7 @@ class MethodResult(NamedTuple):
     qweight: QuantizedWeight
     loss: float
     damp: float
+    errors: torch.Tensor | None = None   # [out, in] GPTQ's scaled errors (w - q) / U_jj
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,8 @@ class Method:
 
 
 def _gptq(w, H, spec, keep, cfg):
-    r = gptq_quantize(w, H, spec, keep, gptq_config(cfg))
-    return MethodResult(r.qweight, r.loss, r.damp)
+    r = gptq_quantize(w, H, spec, keep, gptq_config(cfg), keep_errors=True)
+    return MethodResult(r.qweight, r.loss, r.damp, r.errors)
 
 
 def _rtn(w, H, spec, keep, cfg):
@@ -85,6 +86,7 @@ class QuantizeResult:
     seconds: float = 0.0
     unmasked_modules: list[str] = field(default_factory=list)
     hinv_diag: dict[str, torch.Tensor] = field(default_factory=dict)  # weight name -> [in], if asked
+    gptq_errors: dict[str, torch.Tensor] = field(default_factory=dict)  # weight name -> [out, in], if asked
 
     def summary(self) -> dict:
         return {"seconds": self.seconds, "bits": self.bits.to_dict() if self.bits else None,
@@ -171,7 +173,7 @@ def _quantize_module(name, mod, H, spec, keep, cfg, method) -> tuple[QuantizedWe
                        None if r.loss != r.loss else r.loss, r.damp, 0.0)
     mod.weight.data = q.to(w.dtype)
     rec.seconds = time.perf_counter() - t0
-    return r.qweight, rec
+    return r.qweight, rec, r.errors
 
 
 def quantize_model(model: torch.nn.Module, calib: torch.Tensor | None, plan: PrecisionPlan,
@@ -183,7 +185,8 @@ def quantize_model(model: torch.nn.Module, calib: torch.Tensor | None, plan: Pre
 
     ``calib``: ``[N, L]`` token ids (needed by GPTQ); ``masks``: ``{weight name: [out, in] bool}``
     of entries kept in 16-bit; ``device``: where each layer runs (default: the model's device);
-    ``keep_hinv``: also return each module's inverse-Hessian diagonal (for SpQR saliency);
+    ``keep_hinv``: also return each module's inverse-Hessian diagonal and GPTQ's scaled errors
+    ``(w - q) / U_jj`` (SpQR's sensitivity, ``result.gptq_errors``);
     ``hessians``: ``{module name: HessianState}`` from ``collect_hessians`` (implies the shared mode;
     reused across calls without another forward pass).
     """
@@ -225,8 +228,11 @@ def quantize_model(model: torch.nn.Module, calib: torch.Tensor | None, plan: Pre
                     result.hinv_diag[weight_of(name)] = inverse_hessian_diag(H.H, cfg.damp).cpu()
                 keep = masks.get(weight_of(name))
                 keep = keep.to(device) if keep is not None else None
-                qw, rec = _quantize_module(name, mod, H, quant_spec(cfg, plan.bits_for(weight_of(name))), keep, cfg, method)
+                qw, rec, errors = _quantize_module(name, mod, H, quant_spec(cfg, plan.bits_for(weight_of(name))), keep,
+                                                   cfg, method)
                 result.qweights[name] = qw.to("cpu")
+                if keep_hinv and errors is not None:
+                    result.gptq_errors[weight_of(name)] = errors.cpu()
                 result.records.append(rec)
                 bar.set_postfix_str(f"{name.split('.')[-1]} err {rec.output_rel_error or rec.weight_rel_error:.2e}")
         if hidden is not None:
@@ -317,7 +323,7 @@ def _quantize_shared(model, hessians, plan, cfg, masks, device, result: Quantize
             if any(weight_of(n) in masks for n in chunk):
                 keep = torch.stack([masks[weight_of(n)].to(device) if weight_of(n) in masks else
                                     torch.zeros(shape, dtype=torch.bool, device=device) for n in chunk])
-            res = gptq_quantize_batch(W, H, spec, keep, gptq_config(cfg))
+            res = gptq_quantize_batch(W, H, spec, keep, gptq_config(cfg), keep_errors=keep_hinv)
             dt = (time.perf_counter() - t0) / len(chunk)
             for b, (n, m, r) in enumerate(zip(chunk, mods, res)):
                 wf, q = W[b], r.weight
@@ -327,6 +333,7 @@ def _quantize_shared(model, hessians, plan, cfg, masks, device, result: Quantize
                                                    out_err, r.loss, r.damp, dt))
                 if keep_hinv:
                     result.hinv_diag[weight_of(n)] = inverse_hessian_diag(H[b], cfg.damp).cpu()
+                    result.gptq_errors[weight_of(n)] = r.errors.cpu()
                 m.weight.data = q.to(m.weight.device, m.weight.dtype)
                 result.qweights[n] = r.qweight.to("cpu")
             bar.update(len(chunk))
@@ -369,6 +376,7 @@ class Reference(NamedTuple):
     weights: dict[str, torch.Tensor]
     hinv_diag: dict[str, torch.Tensor]
     config: QuantizeConfig
+    errors: dict[str, torch.Tensor] | None = None   # {HF weight name: [out, in]} GPTQ's scaled errors (need_hinv)
 
 
 def reference_quantization(model: torch.nn.Module, cfg: QuantizeConfig, calib: torch.Tensor | None = None,
@@ -379,4 +387,4 @@ def reference_quantization(model: torch.nn.Module, cfg: QuantizeConfig, calib: t
     (bits, group size, grid, GPTQ settings, Hessian mode). ``cfg.method`` picks GPTQ or RTN."""
     twin, res = quantize_copy(model, cfg, calib, hessians, None, device, progress, keep_hinv=need_hinv)
     q = {weight_of(n): twin.get_submodule(n).weight.detach() for n in res.qweights}
-    return Reference(q, res.hinv_diag, cfg)
+    return Reference(q, res.hinv_diag, cfg, res.gptq_errors)

@@ -84,6 +84,7 @@ class GPTQResult(NamedTuple):
     weight: torch.Tensor       # [out, in] float32: the emitted weight (== qweight.dequantize())
     loss: float                # Σ (w - q)² / [H⁻¹]_jj², GPTQ's own objective
     damp: float                # damping fraction actually used
+    errors: torch.Tensor | None = None   # [out, in] (w - q) / U_jj per weight, as GPTQ spread it (if asked)
 
 
 class HessianError(ValueError):
@@ -122,14 +123,14 @@ def inverse_hessian_diag(H: torch.Tensor, damp: float = 0.01, damp_max: float = 
 
 
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, keep: torch.Tensor | None = None,
-                  cfg: GPTQConfig = GPTQConfig()) -> GPTQResult:
+                  cfg: GPTQConfig = GPTQConfig(), keep_errors: bool = False) -> GPTQResult:
     """Quantize ``w`` (``[out, in]``) with GPTQ, keeping ``keep`` (``[out, in]`` bool) in 16-bit.
 
     ``H``: ``[in, in]`` Hessian of the layer inputs (not modified). Statistics in float32 on
     ``w``'s device. Group parameters are fitted when a group starts, on the error-updated
     weights; under act-order groups follow the permuted order and ``g_idx`` records them.
     """
-    return gptq_quantize_batch(w[None], H[None], spec, None if keep is None else keep[None], cfg)[0]
+    return gptq_quantize_batch(w[None], H[None], spec, None if keep is None else keep[None], cfg, keep_errors)[0]
 
 
 def _gather_cols(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
@@ -138,7 +139,7 @@ def _gather_cols(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 
 
 def gptq_quantize_batch(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, keep: torch.Tensor | None = None,
-                        cfg: GPTQConfig = GPTQConfig()) -> list[GPTQResult]:
+                        cfg: GPTQConfig = GPTQConfig(), keep_errors: bool = False) -> list[GPTQResult]:
     """GPTQ on a batch of independent matrices of one shape: ``w``: ``[B, out, in]``, ``H``:
     ``[B, in, in]`` (each matrix its own Hessian), ``keep``: ``[B, out, in]`` bool or None.
 
@@ -185,6 +186,7 @@ def gptq_quantize_batch(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, keep:
     del W
     kt = keep.transpose(1, 2).contiguous() if keep is not None else None
     Qt = torch.empty_like(Wt)
+    Et = torch.zeros_like(Wt) if keep_errors else None          # SpQR's sensitivity: the scaled errors
     Ct = torch.empty_like(Wt)
     for i1 in range(0, in_f, bs):
         i2 = min(i1 + bs, in_f)
@@ -209,13 +211,17 @@ def gptq_quantize_batch(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, keep:
             losses += err ** 2
             W1[:, i:].baddbmm_(U1[:, i, i:, None], err[:, None, :], alpha=-1)
             Err1[:, i] = err
+            if Et is not None:
+                Et[:, col] = err
         Wt[:, i2:].baddbmm_(Ut[:, i2:, i1:i2], Err1, alpha=-1)
     Q, codes = Qt.transpose(1, 2), Ct.transpose(1, 2)
+    E = Et.transpose(1, 2) if Et is not None else None
 
     g_idx = (torch.arange(in_f, device=Q.device) // gs).int().expand(B, -1)
     if perm is not None:
         inv = torch.argsort(perm, dim=-1)
         Q, codes = _gather_cols(Q, inv), _gather_cols(codes, inv)
+        E = _gather_cols(E, inv) if E is not None else None
         g_idx = torch.gather(g_idx, -1, inv)
         keep = _gather_cols(keep, inv) if keep is not None else None
     results = []
@@ -224,5 +230,6 @@ def gptq_quantize_batch(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, keep:
                              g_idx[b].clone(), spec.bits, spec.group_size, spec.sym, *sparse_residual(Q[b], Q[b], None))
         if keep is not None:
             qw.rows, qw.cols, qw.vals = sparse_residual(Q[b], qw.dequantize_grid(), keep[b])
-        results.append(GPTQResult(qw, qw.dequantize(), float(losses[b].sum()), factors[b][1]))
+        results.append(GPTQResult(qw, qw.dequantize(), float(losses[b].sum()), factors[b][1],
+                                  E[b].contiguous() if E is not None else None))
     return results

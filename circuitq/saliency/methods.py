@@ -14,7 +14,7 @@ scores (higher = keep in 16-bit).
 | ``grad`` | Σ_s abs(G_s) | sum_abs |
 | ``fisher`` | Σ_s G_s² | sum_sq |
 | ``magnitude`` | abs(W) | — |
-| ``spqr`` | (W − Q(W))² / [H⁻¹]_jj² | GPTQ Hessian |
+| ``spqr`` | ((W − Q(W)) / U_jj)² during GPTQ, relative to the layer's mean (SpQR) | GPTQ errors |
 | ``wanda`` | abs(W) · ‖X_j‖ (Wanda, Sun et al. 2023; not AWQ) | act_sq |
 | ``random`` | seeded uniform | — |
 
@@ -40,6 +40,7 @@ class SaliencyInputs:
     stats: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     hinv_diag: dict[str, torch.Tensor] | None = None
     seed: int = 0
+    errors: dict[str, torch.Tensor] | None = None   # {name: [out, in]} GPTQ's scaled errors (w - q) / U_jj
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,19 @@ def _random(n: str, inp: SaliencyInputs) -> torch.Tensor:
     return torch.rand(inp.weights[n].shape, generator=g).to(inp.weights[n].device)
 
 
+def _spqr(n: str, inp: SaliencyInputs) -> torch.Tensor:
+    """SpQR's sensitivity (Dettmers et al., 2023): ``err² = ((w − q) / U_jj)²`` with ``U`` the upper
+    Cholesky factor of ``H⁻¹`` and the error as mask-free GPTQ made it (after the compensation of
+    earlier columns), relative to the layer's mean ``err²``, so a global top-k is SpQR's per-layer
+    relative threshold tuned to the same count. Without GPTQ's errors (a bare ``Q(W)``) it falls
+    back to ``(W − Q)² / [H⁻¹]_jj``, the same units."""
+    if inp.errors is not None and n in inp.errors:
+        e2 = inp.errors[n].float().to(inp.weights[n].device) ** 2
+    else:
+        e2 = _dq(inp, n) ** 2 / inp.hinv_diag[n].float()[None, :]
+    return e2 / e2.mean().clamp(min=1e-30)
+
+
 def _tacq(n, inp):
     return inp.stats["sum_abs"][n] * _dq(inp, n).abs() * _w(inp, n).abs()
 
@@ -74,7 +88,7 @@ METHODS: dict[str, SaliencyMethod] = {
     "grad": SaliencyMethod(("sum_abs",), None, False, lambda n, i: i.stats["sum_abs"][n].clone()),
     "fisher": SaliencyMethod(("sum_sq",), None, False, lambda n, i: i.stats["sum_sq"][n].clone()),
     "magnitude": SaliencyMethod((), None, False, lambda n, i: _w(i, n).abs()),
-    "spqr": SaliencyMethod((), "gptq", True, lambda n, i: _dq(i, n) ** 2 / i.hinv_diag[n].float()[None, :] ** 2),
+    "spqr": SaliencyMethod((), "gptq", True, _spqr),
     "wanda": SaliencyMethod(("act_sq",), None, False, lambda n, i: _w(i, n).abs() * i.stats["act_sq"][n].sqrt()[None, :]),
     "random": SaliencyMethod((), None, False, _random),
 }
