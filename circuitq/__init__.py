@@ -19,12 +19,12 @@ The public API (``circuitq.collect_gradients``, ``saliency``, ``select``, ``quan
 ``evaluate``, ``compare``, ...) is ``circuitq.api``, loaded on first use. Importing circuitq
 changes no global state.
 """
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _API = ("CalibConfig", "DataConfig", "EvalConfig", "MaskConfig", "QuantizeConfig", "QuantizeJob", "RunConfig",
         "ScoreConfig", "DEFAULT_FRACTION", "Task", "Geometry", "target_shapes", "load_model", "calibration_tokens",
         "collect_gradients", "collect_hessians", "compare", "evaluate", "export", "quantize", "quantized_reference",
-        "reference_config", "score_weights", "select", "run", "circuit_map")
+        "reference_config", "score_weights", "select", "run", "circuit_map", "apply_preset", "PRESETS")
 
 
 def __getattr__(name):

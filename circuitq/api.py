@@ -27,6 +27,7 @@ from __future__ import annotations
 from circuitq.config import (CalibConfig, DataConfig, EvalConfig, MaskConfig, QuantizeConfig, QuantizeJob,
                              RunConfig, ScoreConfig, DEFAULT_FRACTION)
 from circuitq.data.tasks import Task
+from circuitq.presets import PRESETS, apply_preset
 from circuitq.model.arch import Geometry, target_shapes
 from circuitq.model.loading import load_model
 from circuitq.pipeline.stages import (calibration_tokens, collect_gradients, collect_hessians, compare, evaluate,
@@ -54,4 +55,4 @@ def circuit_map(values: dict, model_or_geometry):
 __all__ = ["CalibConfig", "DataConfig", "EvalConfig", "MaskConfig", "QuantizeConfig", "QuantizeJob", "RunConfig",
            "ScoreConfig", "DEFAULT_FRACTION", "Task", "Geometry", "target_shapes", "load_model", "calibration_tokens",
            "collect_gradients", "collect_hessians", "compare", "evaluate", "export", "quantize", "quantized_reference",
-           "reference_config", "score_weights", "select", "run", "circuit_map"]
+           "reference_config", "score_weights", "select", "run", "circuit_map", "apply_preset", "PRESETS"]

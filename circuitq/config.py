@@ -29,6 +29,7 @@ HESSIAN_MODES = ("sequential", "shared")
 QUANT_METHODS = ("gptq", "rtn")
 ATTENTION_MODES = ("sdpa", "eager", "bridge")
 LOSS_SCOPES = ("answer", "all")
+TEMPLATES = ("auto", "chat", "raw")
 COMBINE_MODES = ("union", "intersection", "rank-max")
 BASELINES = ("magnitude", "spqr", "grad", "random")
 
@@ -56,11 +57,18 @@ class DataConfig:
     data_dir: str | None = field(default=None, metadata=_help(
         "folder with mmlu/ and gsm8k/ in their public layouts (else $CIRCUITQ_DATA_DIR, else shared/data)"))
     split_seed: int = field(default=0, metadata=_help("which rows are calibration vs evaluation (keep fixed)"))
-    shots: int = field(default=0, metadata=_help("MMLU few-shot examples from the dev split"))
+    shots: int = field(default=0, metadata=_help(
+        "few-shot examples in each prompt: MMLU from the subject's dev split, GSM8k from the 8 chain-of-thought "
+        "exemplars; -1 = each task's standard (MMLU 5, GSM8k 8)"))
+    template: str = field(default="auto", metadata=_help(
+        "MMLU prompts: auto = the model's chat template when it has one; raw = plain text, as the official TaCQ "
+        "code; chat = the template (an error without one)", choices=TEMPLATES))
     calib_fraction: float = field(default=0.5, metadata=_help("share of a task's rows used for calibration"))
 
     def __post_init__(self) -> None:
-        _at_least(self, ("shots",), 0)
+        _at_least(self, ("shots",), -1)
+        if self.template not in TEMPLATES:
+            raise ConfigError(f"template must be one of {TEMPLATES}, got {self.template!r}")
         if not 0 < self.calib_fraction < 1:
             raise ConfigError(f"calib_fraction must be in (0, 1), got {self.calib_fraction}")
 
@@ -70,7 +78,12 @@ class CalibConfig:
     """The calibration items (gradients and Hessians) and how the scoring pass batches them."""
 
     samples: int = field(default=128, metadata=_help("calibration items drawn from the task's calibration split"))
-    seq_len: int = field(default=512, metadata=_help("tokens per item (longer ones keep their end) and per Hessian window"))
+    seq_len: int = field(default=512, metadata=_help(
+        "tokens per item at most (longer ones keep their end); each item is its own sequence, for the gradients "
+        "and for the Hessians"))
+    tokens: int = field(default=0, metadata=_help(
+        "a calibration token budget instead of a count: items are drawn until their tokens would exceed it (the "
+        "official TaCQ recipe: 128 x 2048); 0 = exactly --samples items"))
     seed: int = field(default=0, metadata=_help("calibration sampling seed"))
     batch_size: int = field(default=8, metadata=_help("samples per forward/backward (at most)"))
     batch_tokens: int = field(default=512, metadata=_help(
@@ -84,7 +97,7 @@ class CalibConfig:
 
     def __post_init__(self) -> None:
         _at_least(self, ("samples", "seq_len", "batch_size"), 1)
-        _at_least(self, ("batch_tokens",), 0)
+        _at_least(self, ("batch_tokens", "tokens"), 0)
         if self.seq_len < 2:
             raise ConfigError(f"--seq-len must be at least 2 tokens (one prediction), got {self.seq_len}")
         if self.loss not in LOSS_SCOPES:
@@ -154,6 +167,9 @@ class EvalConfig:
     seq_len: int = field(default=1024, metadata=_help("tokens per item (longer ones keep their end)"))
     batch_size: int = field(default=8, metadata=_help("items per forward pass"))
     ppl_windows: int = field(default=16, metadata=_help("held-out windows for perplexity after quantizing (0 = skip)"))
+    all_tokens: bool = field(default=True, metadata=_help(
+        "MMLU: also compare with the reference at every token of each item (kl_all, top1_all, nll_all), not only at "
+        "the answer letter, so the evaluation does not favour masks taken at that one position"))
 
     def __post_init__(self) -> None:
         _at_least(self, ("samples", "seq_len", "batch_size"), 1)

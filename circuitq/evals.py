@@ -108,14 +108,19 @@ def _scored_logits(model, batch, positions):
 
 
 def evaluate(model, tokenizer, examples, kind: str, reference=None, batch_size: int = 8, seq_len: int = 1024,
-             progress: bool = True, logits_out: dict | None = None, reference_logits: dict | None = None) -> EvalResult:
+             progress: bool = True, logits_out: dict | None = None, reference_logits: dict | None = None,
+             all_tokens: bool = False) -> EvalResult:
     """Evaluate ``model`` (and compare to ``reference``) on ``examples`` of task ``kind``
     (``mmlu``, ``gsm8k``, ``jsonl`` or ``text``). Items run in order of length for little padding;
     per-item records keep the original order.
 
     ``logits_out``: filled with this model's logits at the scored tokens (``{batch start: [n, V]}``
     float32 on the CPU); pass it back as ``reference_logits`` to compare other models on the same
-    examples and batch size without running the reference again."""
+    examples and batch size without running the reference again.
+
+    ``all_tokens`` (MMLU): also compare at every token of each item (``kl_all``, ``top1_all``,
+    ``nll_all``), not only at the answer letter; the cached reference logits for that are kept
+    in float16 under the keys ``("all", batch start)``."""
     from tqdm.auto import tqdm
 
     from circuitq.data.tasks import collate, scored_positions, tokenize_examples
@@ -132,11 +137,24 @@ def evaluate(model, tokenizer, examples, kind: str, reference=None, batch_size: 
         batch = collate([tok.ids[i] for i in idx], [tok.scored_from[i] for i in idx], pad)
         batch = type(batch)(*(t.to(device) for t in batch))
         pos = scored_positions(batch.loss_mask)
-        lq = _scored_logits(model, batch, pos)
+        whole = all_tokens and kind == "mmlu"
+        full_q = _scored_logits(model, batch, 0)[:, :-1] if whole else None
+        lq = full_q[:, pos] if whole else _scored_logits(model, batch, pos)
         m = batch.loss_mask[:, pos]
         if logits_out is not None:
             logits_out[b] = lq[m].cpu()
-        lr = _scored_logits(reference, batch, pos) if reference is not None else None
+        full_r = None
+        if whole:
+            real = batch.attention_mask[:, 1:]
+            if logits_out is not None:
+                logits_out[("all", b)] = full_q[real].half().cpu()
+            if reference is not None:
+                full_r = _scored_logits(reference, batch, 0)[:, :-1]
+            elif reference_logits is not None:
+                full_r = torch.zeros_like(full_q)
+                full_r[real] = reference_logits[("all", b)].to(full_q.device).float()
+        lr = (full_r[:, pos] if full_r is not None else _scored_logits(reference, batch, pos)) \
+            if reference is not None else None
         if reference_logits is not None:
             lr = torch.zeros_like(lq)
             lr[m] = reference_logits[b].to(lq.device)
@@ -152,12 +170,26 @@ def evaluate(model, tokenizer, examples, kind: str, reference=None, batch_size: 
                 kl_sum += float(kl.sum())
                 agree_sum += float(ag.sum())
             n_tok += int(sel.sum())
+            if whole:
+                rec.update(_all_token_record(full_q[j], full_r[j] if full_r is not None else None,
+                                             batch.input_ids[j, 1:], batch.attention_mask[j, 1:]))
             if letters is not None:
                 p = int(sel.nonzero()[0])  # the answer-letter position
                 rec.update(_mc_record(lq[j, p], lr[j, p] if lr is not None else None, letters, examples[i]))
             items[i] = rec
     with_ref = reference is not None or reference_logits is not None
     return EvalResult(_summarize(items, kind, kl_sum, agree_sum, n_tok, with_ref), items)
+
+
+def _all_token_record(lq, lr, targets, real) -> dict:
+    """Every-token comparison of one item: ``lq``/``lr`` ``[T, V]`` logits, ``targets`` ``[T]``,
+    ``real`` ``[T]`` bool."""
+    lq, t = lq[real], targets[real]
+    rec = {"tokens_all": int(real.sum()), "nll_all": float(F.cross_entropy(lq, t))}
+    if lr is not None:
+        lr = lr[real]
+        rec.update(kl_all=float(kl_divergence(lr, lq).mean()), top1_all=float(top1_agreement(lr, lq).float().mean()))
+    return rec
 
 
 def _mc_record(lq_row, lr_row, letters, ex) -> dict:
@@ -181,6 +213,13 @@ def _summarize(items, kind, kl_sum, agree_sum, n_tok, with_ref) -> dict:
     if with_ref:
         out["kl"] = kl_sum / max(n_tok, 1)
         out["top1_agreement"] = agree_sum / max(n_tok, 1)
+    if items and "tokens_all" in items[0]:
+        tall = sum(r["tokens_all"] for r in items)
+        out["scored_tokens_all"] = tall
+        out["nll_all"] = sum(r["nll_all"] * r["tokens_all"] for r in items) / max(tall, 1)
+        if with_ref:
+            out["kl_all"] = sum(r["kl_all"] * r["tokens_all"] for r in items) / max(tall, 1)
+            out["top1_all"] = sum(r["top1_all"] * r["tokens_all"] for r in items) / max(tall, 1)
     if kind == "mmlu":
         correct = torch.tensor([r["correct"] for r in items])
         out["accuracy"] = float(correct.float().mean())
@@ -203,14 +242,18 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 def parse_final_number(text: str) -> str | None:
-    """The final answer of a GSM8k-style solution: the number after ``####`` if present, else the
-    last number in the text; commas and a trailing ``.0`` dropped. None when there is no number.
-    Worked example: ``"3 + 4 = 7\\n#### 7"`` -> ``"7"``; ``"so 1,200 apples."`` -> ``"1200"``."""
-    part = text.rsplit("####", 1)[-1] if "####" in text else text
+    """The final answer of a GSM8k-style solution: the text is cut where a next few-shot question
+    starts (``\\nQ:``); then the number after ``The answer is`` (the chain-of-thought format) or
+    after ``####`` if present, else the last number; commas and a trailing ``.0`` dropped. None
+    when there is no number. Worked example: ``"3 + 4 = 7\\n#### 7"`` -> ``"7"``; ``"so 1,200
+    apples."`` -> ``"1200"``; ``"2 + 2 = 4. The answer is 4.\\n\\nQ: 9 cats"`` -> ``"4"``."""
+    text = text.split("\nQ:", 1)[0]
+    marker = next((m for m in ("The answer is", "####") if m in text), None)
+    part = text.split(marker, 1)[1] if marker == "The answer is" else text.rsplit("####", 1)[-1] if marker else text
     found = _NUMBER.findall(part)
     if not found:
         return None
-    n = found[0] if "####" in text else found[-1]
+    n = found[0] if marker else found[-1]
     n = n.replace(",", "")
     return n[:-2] if n.endswith(".0") else n
 

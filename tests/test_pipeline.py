@@ -160,13 +160,13 @@ def test_quantize_calibrates_only_on_the_tasks_calibration_items(tmp_path, tiny_
 
     d, _ = tiny_dir
     data = task_data(tmp_path)
-    seen, real = [], C.calibration_windows
+    seen, real = [], C.calibration_sequences
 
     def spy(examples, tokenizer, seq_len):
         seen.extend(e.prompt for e in examples)
         return real(examples, tokenizer, seq_len)
 
-    monkeypatch.setattr(C, "calibration_windows", spy)
+    monkeypatch.setattr(C, "calibration_sequences", spy)
     assert main(["quantize", "--model", str(d), "--calib", "gsm8k", "--data-dir", str(data), "--samples", "100",
                  "--seq-len", "32", "--group-size", "32", "--ppl-windows", "2", "--out", str(tmp_path / "q")]) == 0
     from circuitq.config import DataConfig

@@ -13,24 +13,27 @@ from circuitq.config import (DEFAULT_MODEL, EvalJob, MaskConfig, QuantizeJob, Ru
 QUANT = [("--bits", "quantize.bits"), ("--group-size", "quantize.group_size"), ("--sym", "quantize.sym"),
          ("--mse", "quantize.mse"), ("--act-order", "quantize.act_order"), ("--hessian", "quantize.hessian"),
          ("--damp", "quantize.damp")]
-DATA = [("--split-seed", "data.split_seed"), ("--shots", "data.shots"), ("--data-dir", "data.data_dir")]
+DATA = [("--split-seed", "data.split_seed"), ("--shots", "data.shots"), ("--template", "data.template"),
+        ("--data-dir", "data.data_dir")]
 
 SCORE_FLAGS = [("--model", "model"), ("--task", "task"), ("--method", "method"), *QUANT,
                ("--samples", "calib.samples"), ("--seq-len", "calib.seq_len"),
                ("--batch-size", ("calib.batch_size", "quantize.batch_size")), ("--batch-tokens", "calib.batch_tokens"),
-               ("--attention", "calib.attention"), ("--loss", "calib.loss"), ("--seed", "calib.seed"), *DATA,
-               ("--checkpoint-every", "checkpoint_every")]
+               ("--calib-tokens", "calib.tokens"), ("--attention", "calib.attention"), ("--loss", "calib.loss"),
+               ("--seed", "calib.seed"), *DATA, ("--checkpoint-every", "checkpoint_every")]
 QUANTIZE_FLAGS = [("--model", "model"), ("--calib", "task"), *QUANT, ("--method", "quantize.method"),
-                  ("--samples", "calib.samples"), ("--seq-len", "calib.seq_len"), ("--seed", "calib.seed"), *DATA,
+                  ("--samples", "calib.samples"), ("--seq-len", "calib.seq_len"), ("--calib-tokens", "calib.tokens"),
+                  ("--seed", "calib.seed"), *DATA,
                   ("--batch-size", ("quantize.batch_size", "eval.batch_size")), ("--ppl-windows", "eval.ppl_windows")]
 MASK_FLAGS = [("--per-layer", "per_layer"), ("--combine", "combine")]
 EVAL_FLAGS = [("--task", "task"), ("--split", "split"), ("--limit", "eval.samples"), ("--seq-len", "eval.seq_len"),
-              ("--batch-size", "eval.batch_size"), *DATA, ("--generate", "generate"),
+              ("--batch-size", "eval.batch_size"), ("--no-all-tokens", "eval.all_tokens"), *DATA,
+              ("--generate", "generate"),
               ("--max-new-tokens", "max_new_tokens")]
 RUN_FLAGS = [("--model", "model"), ("--tasks", "tasks"), ("--bits", "bits"), ("--fraction", "mask.fraction"),
              ("--baselines", "baselines"), ("--no-transfer", "transfer"), ("--calib-samples", "calib.samples"),
-             ("--calib-seq-len", "calib.seq_len"), ("--eval-samples", "eval.samples"),
-             ("--eval-seq-len", "eval.seq_len"), *QUANT[1:],
+             ("--calib-seq-len", "calib.seq_len"), ("--calib-tokens", "calib.tokens"), ("--eval-samples", "eval.samples"),
+             ("--eval-seq-len", "eval.seq_len"), ("--no-all-tokens", "eval.all_tokens"), *QUANT[1:],
              ("--batch-size", ("calib.batch_size", "quantize.batch_size", "eval.batch_size")),
              ("--batch-tokens", "calib.batch_tokens"), ("--attention", "calib.attention"), ("--loss", "calib.loss"),
              ("--seed", "calib.seed"), *DATA]
@@ -49,6 +52,16 @@ def device_for(arg: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _preset(p) -> None:
+    from circuitq.presets import PRESETS
+
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="a named recipe (circuitq/presets.py); tacq-paper = TaCQ as the official code computes it: "
+                        "all-token loss, 5-shot raw MMLU / 8-shot CoT GSM8k, a 128x2048-token calibration budget, "
+                        "sequential per-channel GPTQ with MSE scales for Q(W) and the final model. A flag that "
+                        "contradicts it is an error")
+
+
 def _common(p, out_required=True) -> None:
     p.add_argument("--device", default=None, help="cuda when available, else cpu")
     p.add_argument("--out", required=out_required)
@@ -62,6 +75,7 @@ def add_quantize(sub) -> None:
                                    "on the --calib task's calibration items (never its evaluation items). Writes "
                                    "OUT/hf (plain HF model), OUT/gptq (packed GPTQ v1 + 16-bit sidecar), OUT/circuitq.json.")
     add_flags(p, QuantizeJob(), QUANTIZE_FLAGS)
+    _preset(p)
     p.add_argument("--mask", help="safetensors mask (HF weight name -> bool) or a TaCQ torch-saved dict")
     p.add_argument("--plan", nargs="*", metavar="PATTERN=BITS",
                    help="per-weight bits by HF name regex (exact name first, then first match; 16 keeps)")
@@ -106,6 +120,7 @@ def add_score(sub) -> None:
                        description="Per-sample gradients through TransformerLens hooks -> Q(W) -> saliency scores. "
                                    "Shard with: torchrun --nproc-per-node K -m circuitq score ...")
     add_flags(p, ScoreConfig(), SCORE_FLAGS)
+    _preset(p)
     for act in p._actions:
         if act.dest == "cfg__method":
             act.choices = list(METHODS)
@@ -235,6 +250,7 @@ def add_run(sub) -> None:
                                    "with GPTQ, baseline masks and cross-task transfer at the same budget. Finished "
                                    "steps are reused: rerun the same command to resume.")
     add_flags(p, RunConfig(), RUN_FLAGS)
+    _preset(p)
     p.add_argument("--device", default=None, help="cuda when available, else cpu")
     p.add_argument("--out", default="runs/main", help="run directory (created, or resumed if it holds a run)")
     p.set_defaults(func=cmd_run)

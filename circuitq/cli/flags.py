@@ -56,8 +56,15 @@ def add_flags(parser: argparse.ArgumentParser, defaults, table) -> None:
                                 help=help_ + (f" (default {default})" if default is not None else ""))
 
 
+def given_flags(argv: list[str]) -> set[str]:
+    """The long flags written on the command line (``--x`` and ``--x=v``), in any order."""
+    return {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+
+
 def build(defaults, args: argparse.Namespace, table):
-    """The config the parsed ``args`` describe (validated by the dataclasses themselves)."""
+    """The config the parsed ``args`` describe (validated by the dataclasses themselves); with
+    ``--preset NAME`` the preset is applied over it, and a written flag that contradicts the
+    preset's recipe is an error naming both (``circuitq.presets``)."""
     cfg = defaults
     for flag, paths in table:
         paths = (paths,) if isinstance(paths, str) else paths
@@ -66,6 +73,19 @@ def build(defaults, args: argparse.Namespace, table):
             value = tuple(value)
         for p in paths:
             cfg = set_path(cfg, p, value)
+    preset = getattr(args, "preset", None)
+    if preset:
+        from circuitq.presets import apply_preset
+
+        written = given_flags(getattr(args, "_argv", []) or [])
+        given = {p: flag for flag, paths in table for p in ((paths,) if isinstance(paths, str) else paths)
+                 if flag in written}
+        cfg = apply_preset(cfg, preset, given)
+        from circuitq.presets import get_preset
+
+        kept = [f"{given[p]} (the preset's {v})" for p, v in get_preset(preset).scale.items() if p in given]
+        print(f"[circuitq] --preset {preset}: {get_preset(preset).doc}"
+              + (f"; your sizes kept: {', '.join(kept)}" if kept else ""), flush=True)
     return cfg
 
 

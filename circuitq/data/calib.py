@@ -1,11 +1,13 @@
 """Calibration token windows (pure given the examples and the tokenizer).
 
 Every calibration path takes its text from a task's *calibration* items (``data.tasks.Task``),
-so evaluation items never enter calibration. GPTQ's Hessians see the items as one token stream
-(items joined with EOS) cut into windows:
+so evaluation items never enter calibration.
 
-* ``calibration_windows``: consecutive windows of the calibration items' stream (what ``circuitq
-  run``, ``score`` and ``quantize`` use);
+* ``calibration_sequences``: one item per sequence, right-padded, with a mask of the real tokens
+  (what ``circuitq run``, ``score`` and ``quantize`` give GPTQ's Hessians, as the official TaCQ
+  code does: no window spans two items and no token is an EOS the items never had);
+* ``calibration_windows``: consecutive windows of the items joined with EOS (the 0.2 recipe,
+  kept for comparison);
 * ``random_windows``: seeded random windows (GPTQ's C4 recipe; the speed benchmark uses it);
 * ``heldout_windows``: consecutive windows of the evaluation items, for perplexity.
 """
@@ -13,7 +15,47 @@ from __future__ import annotations
 
 import torch
 
+from typing import NamedTuple
+
 from circuitq.data.readers import DataError
+
+
+class Sequences(NamedTuple):
+    """Calibration token sequences of different lengths, right-padded: ``ids`` ``[N, L]`` int64,
+    ``mask`` ``[N, L]`` bool (True at real tokens). A plain ``[N, L]`` tensor means every token is
+    real (``as_sequences``)."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def tokens(self) -> int:
+        return int(self.mask.sum())
+
+
+def as_sequences(calib) -> Sequences:
+    """``Sequences`` from ``Sequences`` or an ``[N, L]`` token tensor (all tokens real)."""
+    if isinstance(calib, Sequences):
+        return calib
+    return Sequences(calib, torch.ones_like(calib, dtype=torch.bool))
+
+
+def calibration_sequences(examples, tokenizer, seq_len: int) -> Sequences:
+    """Each calibration item as its own sequence (prompt + completion, at most ``seq_len`` tokens,
+    keeping the end), sorted longest first so that batches carry little padding. Worked example:
+    items of 5, 3 and 4 tokens give ``ids`` ``[3, 5]`` with masks of 5, 4 and 3 True."""
+    from circuitq.data.tasks import tokenize_examples
+
+    if not examples:
+        raise DataError("no calibration items")
+    ids = sorted(tokenize_examples(list(examples), tokenizer, seq_len).ids, key=len, reverse=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    out = torch.full((len(ids), len(ids[0])), pad, dtype=torch.long)
+    mask = torch.zeros(out.shape, dtype=torch.bool)
+    for i, s in enumerate(ids):
+        out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = True
+    return Sequences(out, mask)
 
 def token_stream(docs: list[str], tokenizer, max_tokens: int | None = None) -> torch.Tensor:
     """Token ids of the documents joined with EOS: ``[T]`` int64 (stops after ``max_tokens``)."""

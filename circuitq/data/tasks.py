@@ -1,9 +1,12 @@
 """Tasks as (prompt, completion) examples, tokenized with a loss mask on the completion.
 
 * ``mmlu`` / ``mmlu:stem|humanities|social_sciences|other`` / ``mmlu:SUBJECT``: question and
-  lettered choices (k-shot from the dev split, through the model's chat template when it has
-  one); the completion is the answer letter.
-* ``gsm8k``: question -> worked solution; loss on the solution tokens only.
+  lettered choices (k-shot from the dev split; ``template`` auto/chat puts it through the model's
+  chat template when it has one, raw does not); the completion is the answer letter.
+* ``gsm8k``: question -> worked solution (k-shot: the chain-of-thought exemplars and
+  "The answer is N."); loss on the solution tokens only.
+
+Prompt formats are data in ``data.prompts``; ``shots=-1`` is each task's standard count.
 * ``text:PATH``: a .txt or .jsonl corpus; loss on all tokens.
 * ``jsonl:PATH``: custom ``{"prompt", "completion"}`` lines.
 
@@ -19,6 +22,8 @@ from typing import NamedTuple
 
 import torch
 
+from circuitq.data.prompts import (GSM8K_COT_EXEMPLARS, gsm8k_completion, gsm8k_prompt, mmlu_header, mmlu_question,
+                                   resolve_shots)
 from circuitq.data.readers import DataError, read_gsm8k, read_mmlu, read_prompt_completion, read_text_corpus
 
 _SUBCATEGORY = {
@@ -85,11 +90,6 @@ class TaskSpec:
         return self.kind + (f":{self.arg}" if self.arg else "")
 
 
-def _fmt_question(q: dict, with_answer: bool) -> str:
-    lines = [q["question"].strip()] + [f"{l}. {c}" for l, c in zip(LETTERS, q["choices"])]
-    return "\n".join(lines) + "\nAnswer:" + (f" {q['answer']}\n\n" if with_answer else "")
-
-
 class Examples(list):
     """A list of ``Example`` that also counts the rows left out because their answer could not be
     parsed (``skipped``), so a run reports them instead of crashing."""
@@ -115,16 +115,34 @@ def _mmlu_rows(spec: TaskSpec, data_dir) -> tuple[list[dict], list[dict]]:
     return rows, dev
 
 
-def mmlu_example(q: dict, shots: list[dict], tokenizer=None) -> Example:
-    """One MMLU question as an example; the completion is the answer letter."""
-    head = f"The following are multiple choice questions (with answers) about {q['subject'].replace('_', ' ')}.\n\n"
-    body = head + "".join(_fmt_question(s, True) for s in shots) + _fmt_question(q, False)
+def mmlu_example(q: dict, shots: list[dict], tokenizer=None, template: str = "auto") -> Example:
+    """One MMLU question as an example; the completion is the answer letter. ``template``:
+    ``raw`` (plain text, the official recipe), ``chat`` (the model's chat template; an error when it
+    has none) or ``auto`` (chat when the tokenizer has a template)."""
+    body = mmlu_header(q["subject"]) + "".join(mmlu_question(s, True) for s in shots) + mmlu_question(q, False)
     meta = {"subject": q["subject"], "category": MMLU_CATEGORY.get(q["subject"], "other"), "answer": q["answer"]}
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+    has_chat = tokenizer is not None and getattr(tokenizer, "chat_template", None)
+    if template == "chat" and not has_chat:
+        raise DataError("--template chat: this tokenizer has no chat template; use --template raw")
+    if template != "raw" and has_chat:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": body}], tokenize=False,
                                                add_generation_prompt=True)
         return Example(prompt, q["answer"], meta)
     return Example(body, " " + q["answer"], meta)
+
+
+def gsm8k_example(r: dict, shots: int) -> Example:
+    final = r["answer"].rsplit("####", 1)[-1].strip()
+    return Example(gsm8k_prompt(r["question"], shots), gsm8k_completion(r["answer"], final, shots), {"final": final})
+
+
+def _shots_used(kind: str, shots: int, available: int, what: str, say=print) -> int:
+    """Shots asked for, capped at what the source holds (and said so)."""
+    k = resolve_shots(kind, shots)
+    if k > available:
+        say(f"[circuitq] --shots {shots}: {what} holds only {available}; using {available}")
+        k = available
+    return k
 
 
 def _permute(n: int, seed: int) -> list[int]:
@@ -132,8 +150,10 @@ def _permute(n: int, seed: int) -> list[int]:
 
 
 def load_examples(task: str, split: str = "calib", n: int | None = None, seed: int = 0, shots: int = 0,
-                  data_dir: str | Path | None = None, tokenizer=None, calib_fraction: float = 0.5) -> list[Example]:
-    """Examples of ``task`` for ``split`` (``calib`` or ``eval``, disjoint by construction)."""
+                  data_dir: str | Path | None = None, tokenizer=None, calib_fraction: float = 0.5,
+                  template: str = "auto") -> list[Example]:
+    """Examples of ``task`` for ``split`` (``calib`` or ``eval``, disjoint by construction).
+    ``shots``: few-shot examples (``-1``: the task's standard count), capped at what exists."""
     if split not in ("calib", "eval"):
         raise DataError(f"split must be 'calib' or 'eval', got '{split}'")
     spec = TaskSpec.parse(task)
@@ -142,11 +162,13 @@ def load_examples(task: str, split: str = "calib", n: int | None = None, seed: i
         by_subject: dict[str, list[dict]] = {}
         for d in dev:
             by_subject.setdefault(d["subject"], []).append(d)
-        make = lambda r: mmlu_example(r, by_subject.get(r["subject"], [])[:shots], tokenizer)  # noqa: E731
+        fewest = min((len(by_subject.get(r["subject"], [])) for r in rows), default=0)
+        k = _shots_used("mmlu", shots, fewest, "the MMLU dev split (per subject)") if shots else 0
+        make = lambda r: mmlu_example(r, by_subject.get(r["subject"], [])[:k], tokenizer, template)  # noqa: E731
     elif spec.kind == "gsm8k":
         rows = read_gsm8k(data_dir)
-        make = lambda r: Example(f"Question: {r['question']}\nAnswer:", " " + r["answer"],  # noqa: E731
-                                 {"final": r["answer"].rsplit("####", 1)[-1].strip()})
+        k = _shots_used("gsm8k", shots, len(GSM8K_COT_EXEMPLARS), "the chain-of-thought exemplar set") if shots else 0
+        make = lambda r: gsm8k_example(r, k)  # noqa: E731
     elif spec.kind == "text":
         rows = read_text_corpus(spec.arg)
         make = lambda r: Example("", r)  # noqa: E731
@@ -246,13 +268,39 @@ class Task:
         if which not in self._splits:
             d = self.data
             self._splits[which] = load_examples(self.name, which, None, d.split_seed, d.shots, d.data_dir,
-                                                self.tokenizer, d.calib_fraction)
+                                                self.tokenizer, d.calib_fraction, d.template)
         return self._splits[which]
 
     def calib_items(self, n: int | None = None, seed: int = 0) -> list[Example]:
         pool = self.split("calib")
         order = _permute(len(pool), seed)
         return [pool[i] for i in (order if n is None else order[:n])]
+
+    def calib_budget(self, tokens: int, seed: int = 0, max_len: int | None = None) -> list[Example]:
+        """Calibration items in the seeded order of ``calib_items`` while their token count (each
+        capped at ``max_len``) stays within ``tokens``: the official TaCQ budget of ``samples ×
+        seq_len`` tokens, one item per sequence. Worked example: items of 300, 500, 400 tokens and a
+        budget of 900 give the first two."""
+        if self.tokenizer is None:
+            raise ValueError("a token budget needs the task's tokenizer: Task(name, data, tokenizer)")
+        out, used = [], 0
+        for ex in self.calib_items(None, seed):
+            n = len(self.tokenizer(ex.prompt + ex.completion, add_special_tokens=False)["input_ids"])
+            n = min(n, max_len) if max_len else n
+            if used + n > tokens:
+                break
+            out.append(ex)
+            used += n
+        if not out:
+            raise DataError(f"the calibration token budget of {tokens} holds no item of '{self.name}'; raise --calib-tokens")
+        return out
+
+    def calib_for(self, calib) -> list[Example]:
+        """The calibration items a ``CalibConfig`` asks for: ``calib.samples`` items, or with a
+        token budget (``calib.tokens > 0``) as many as fit in it."""
+        if calib.tokens:
+            return self.calib_budget(calib.tokens, calib.seed, calib.seq_len)
+        return self.calib_items(calib.samples, calib.seed)
 
     def eval_items(self, n: int | None = None) -> list[Example]:
         ex = self.split("eval")

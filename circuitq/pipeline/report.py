@@ -13,8 +13,8 @@ from pathlib import Path
 from circuitq.artifacts import atomic_file, write_csv, write_json
 
 LEAD = ("kl", "top1_agreement", "nll_per_token")
-COLUMNS = ("method", "average_bits", "kl", "top1_agreement", "nll_per_token", "accuracy", "flips_lost",
-           "flips_gained", "n_16bit")
+COLUMNS = ("method", "average_bits", "kl", "top1_agreement", "nll_per_token", "kl_all", "top1_all", "accuracy",
+           "flips_lost", "flips_gained", "n_16bit")
 
 
 def pivot(rows: list[dict], bits: int, task: str) -> list[dict]:
@@ -41,6 +41,64 @@ def transfer_matrix(transfer: list[dict], bits: int, metric: str = "kl") -> list
             row[task] = v[0] if v and v[0] is not None else "—"
         out.append(row)
     return out
+
+
+def weighted_mean_diff_ci(a: list[float], b: list[float], w: list[float], n_boot: int = 2000,
+                          seed: int = 0) -> tuple[float, float, float]:
+    """Token-weighted mean of ``b - a`` over paired items, and its 95% bootstrap interval
+    (items resampled with replacement). Worked example: ``a=[1, 1]``, ``b=[2, 2]``, any weights:
+    ``(1.0, 1.0, 1.0)``."""
+    import torch
+
+    A, B, W = (torch.tensor(x, dtype=torch.float64) for x in (a, b, w))
+    est = float(((B - A) * W).sum() / W.sum())
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(a), (n_boot, len(a)), generator=g)
+    ww = W[idx]
+    boots = ((B[idx] - A[idx]) * ww).sum(1) / ww.sum(1).clamp(min=1e-30)
+    lo, hi = torch.quantile(boots, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return est, lo, hi
+
+
+def diagonal_dominance(item_kl: dict, bits: int, tasks: list[str]) -> dict:
+    """Is the transfer matrix at ``bits`` diagonal-dominant: on every task, does the task's own
+    TaCQ circuit give a lower KL than every other task's circuit, beyond the item-level 95%
+    bootstrap interval? ``item_kl``: ``{(bits, label, task): (per-item KL, per-item tokens)}``
+    with labels ``tacq`` (own) and ``tacq[OTHER]``. Returns ``{"dominant": bool | None,
+    "pairs": [{"task", "other", "own_kl", "other_kl", "margin", "ci"}]}`` where ``margin`` is
+    other − own (positive = own circuit better); ``dominant`` is None when a pair is missing."""
+    pairs, ok = [], True
+    for t in tasks:
+        own = item_kl.get((bits, "tacq", t))
+        for o in tasks:
+            if o == t:
+                continue
+            other = item_kl.get((bits, f"tacq[{o}]", t))
+            if own is None or other is None or None in own[0] or None in other[0]:
+                return {"dominant": None, "pairs": pairs}
+            w = own[1]
+            est, lo, hi = weighted_mean_diff_ci(own[0], other[0], w)
+            own_kl = sum(k * n for k, n in zip(own[0], w)) / sum(w)
+            pairs.append({"task": t, "other": o, "own_kl": own_kl, "other_kl": own_kl + est, "margin": est,
+                          "ci": [lo, hi], "beyond_noise": lo > 0})
+            ok = ok and lo > 0
+    return {"dominant": ok if pairs else None, "pairs": pairs}
+
+
+def dominance_html(dom: dict, bits: int) -> str:
+    """One paragraph and table stating the verdict (computed, never typed)."""
+    if dom["dominant"] is None:
+        return f"<p>{bits}-bit: not enough transfer jobs (or per-item KL) to decide.</p>"
+    verdict = ("<b>yes</b>: every task's own circuit beats every other task's circuit on that task, beyond the "
+               "items' 95% bootstrap interval" if dom["dominant"] else
+               "<b>no</b>: on at least one task another task's circuit is as good or better")
+    rows = "".join(f"<tr><td>{html.escape(p['task'])}</td><td>{html.escape(p['other'])}</td><td>{p['own_kl']:.4f}</td>"
+                   f"<td>{p['other_kl']:.4f}</td><td>{p['margin']:+.4f} [{p['ci'][0]:+.4f}, {p['ci'][1]:+.4f}]</td>"
+                   f"<td>{'yes' if p['beyond_noise'] else 'no'}</td></tr>" for p in dom["pairs"])
+    return (f"<p>Diagonal-dominant at {bits} bits: {verdict}. The interval is over evaluation items of this run; "
+            "the spread over calibration seeds is in <code>analyses/</code>.</p><table><tr><th>evaluated on</th>"
+            "<th>other circuit</th><th>own KL</th><th>other KL</th><th>margin (other − own) [95% CI]</th>"
+            f"<th>beyond noise</th></tr>{rows}</table>")
 
 
 def kl_figure(rows: list[dict]):
@@ -152,9 +210,12 @@ def write_run_outputs(run_dir: Path, doc: dict, res) -> None:
     run_dir = Path(run_dir)
     for name, rows in (("results.csv", res.rows), ("transfer.csv", res.transfer)):
         write_csv(run_dir / name, rows)
-    write_json(run_dir / "results.json", {"rows": res.rows, "transfer": res.transfer, "config": doc["config"],
-                                          "model_note": doc.get("model_note")})
     cfg = doc["config"]
+    if len(cfg["tasks"]) > 1 and cfg.get("transfer", True):
+        doc["diagonal_dominance"] = {str(b): diagonal_dominance(res.item_kl, b, list(cfg["tasks"])) for b in cfg["bits"]}
+    write_json(run_dir / "results.json", {"rows": res.rows, "transfer": res.transfer, "config": doc["config"],
+                                          "model_note": doc.get("model_note"),
+                                          "diagonal_dominance": doc.get("diagonal_dominance")})
     sections: list = [("About this run", _intro(doc, res))]
     for b in cfg["bits"]:
         for t in cfg["tasks"]:
@@ -164,6 +225,10 @@ def write_run_outputs(run_dir: Path, doc: dict, res) -> None:
         for b in cfg["bits"]:
             sections.append((f"Transfer matrix at {b} bits: KL to the original", transfer_matrix(res.transfer, b, "kl")))
             sections.append((f"Transfer matrix at {b} bits: task NLL", transfer_matrix(res.transfer, b, "nll_per_token")))
+            if any(t.get("kl_all") is not None for t in res.transfer if t["bits"] == b):
+                sections.append((f"Transfer matrix at {b} bits: KL over every token (MMLU)",
+                                 transfer_matrix(res.transfer, b, "kl_all")))
+            sections.append((f"Task specificity at {b} bits", dominance_html(doc["diagonal_dominance"][str(b)], b)))
     circ = _circuit_sections(run_dir, res, cfg["mask"]["fraction"])
     png = [item for h, item in circ if h == "_png"]
     sections += [(h, item) for h, item in circ if h != "_png"]

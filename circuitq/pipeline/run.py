@@ -61,6 +61,10 @@ class StepKeys:
                "split_seed": d.split_seed, "shots": d.shots, "data": self.calib_digest[task]}
         if c.loss != "answer":   # only when not the default, so older run directories stay readable
             key["loss"] = c.loss
+        if c.tokens:
+            key["tokens"] = c.tokens
+        if d.template != "auto":
+            key["template"] = d.template
         return key
 
     def quantizer(self) -> dict:
@@ -68,7 +72,9 @@ class StepKeys:
         extra = {f.name: getattr(q, f.name) for f in fields(q)
                  if f.name not in ("bits", "group_size", "hessian", "damp", "batch_size")
                  and getattr(q, f.name) != getattr(base, f.name)}
-        return {"group_size": q.group_size, "hessian": q.hessian, "damp": q.damp, **extra}
+        # since 0.3 the Hessians see one calibration item per sequence (before: EOS-joined windows)
+        return {"group_size": q.group_size, "hessian": q.hessian, "damp": q.damp, "hessian_rows": "one-item-each",
+                **extra}
 
     def score(self, task: str, bits: int, method: str) -> dict:
         key = {**self.calib(task), "method": method, "bits": bits, **self.quantizer()}
@@ -91,8 +97,11 @@ class StepKeys:
 
     def eval(self, task: str) -> dict:
         e, d = self.cfg.eval, self.cfg.data
-        return {"task": task, "samples": e.samples, "seq_len": e.seq_len, "split_seed": d.split_seed,
-                "shots": d.shots, "reference": self.fp, "data": self.eval_digest[task]}
+        key = {"task": task, "samples": e.samples, "seq_len": e.seq_len, "split_seed": d.split_seed,
+               "shots": d.shots, "reference": self.fp, "data": self.eval_digest[task], "all_tokens": e.all_tokens}
+        if d.template != "auto":
+            key["template"] = d.template
+        return key
 
     def job(self, job: Job) -> dict:
         q = self.quantizer()
@@ -106,6 +115,7 @@ class RunResult:
     rows: list[dict]                       # one per evaluated model (and the 16-bit reference)
     transfer: list[dict]
     steps: dict = field(default_factory=dict)   # {"reused": n, "computed": n}
+    item_kl: dict = field(default_factory=dict)  # (bits, method label, task) -> (per-item KL, per-item tokens)
     score_dirs: dict = field(default_factory=dict)  # {(task, bits): Path}
     seconds: float = 0.0
 
@@ -154,7 +164,7 @@ class Runner:
                              f"{c.eval.samples}; using all of it")
                 ex = ex[: c.eval.samples]
             else:
-                ex = self.tasks[task].calib_items(c.calib.samples, c.calib.seed)
+                ex = self.tasks[task].calib_for(c.calib)
             self._items[(task, split)] = ex
         return self._items[(task, split)]
 
@@ -187,7 +197,7 @@ class Runner:
     def hessians(self, task: str):
         if task not in self._hessians:
             w = self.windows(task)
-            self.say(f"{task}: Hessians of every linear input from {w.numel()} calibration tokens")
+            self.say(f"{task}: Hessians of every linear input from {w.tokens} calibration tokens ({w.ids.shape[0]} items, one per sequence)")
             self._hessians[task] = stages.collect_hessians(self.lm.model, w, self.cfg.quantize, self.device,
                                                            self.progress)
         return self._hessians[task]
@@ -301,7 +311,8 @@ class Runner:
         res = stages.evaluate(twin, self.lm.tokenizer, self.items(job.task, "eval"), self.tasks[job.task].kind, None,
                               self.cfg.eval, self.progress, reference_logits=self._ref_logits[job.task])
         doc = {"metrics": res.metrics, "average_bits": qres.bits.average_bits, "n_16bit": qres.bits.nnz,
-               "quantize_seconds": tq, "eval_seconds": time.perf_counter() - t0}
+               "quantize_seconds": tq, "eval_seconds": time.perf_counter() - t0,
+               "item_kl": [r.get("kl") for r in res.items], "item_tokens": [r.get("tokens") for r in res.items]}
         with self.store.create("eval", key, f"eval-{_slug(job.label)}-{_slug(job.task)}-{job.bits}bit") as tmp:
             write_json(tmp / "eval.json", doc)
             write_csv(tmp / "items.csv", res.items)
@@ -322,6 +333,7 @@ def result_row(job: Job | None, task: str, bits: int, doc: dict) -> dict:
             "average_bits": doc.get("average_bits", 16.0), "n_16bit": doc.get("n_16bit", 0),
             "kl": m.get("kl"), "top1_agreement": m.get("top1_agreement"), "nll_per_token": m.get("nll_per_token"),
             "accuracy": m.get("accuracy"), "flips_lost": flips.get("lost"), "flips_gained": flips.get("gained"),
+            "kl_all": m.get("kl_all"), "top1_all": m.get("top1_all"), "nll_all": m.get("nll_all"),
             "items": m.get("items"), "scored_tokens": m.get("scored_tokens"),
             "quantize_seconds": doc.get("quantize_seconds"), "eval_seconds": doc.get("eval_seconds")}
 
@@ -332,7 +344,7 @@ def transfer_rows(rows: list[dict]) -> list[dict]:
     for r in rows:
         if r["mask_method"] == "tacq" or r["method"] == "gptq":
             src = "none (gptq)" if r["method"] == "gptq" else r["circuit_from"]
-            out.append({"bits": r["bits"], "circuit": src, "evaluated_on": r["task"], "kl": r["kl"],
+            out.append({"bits": r["bits"], "circuit": src, "evaluated_on": r["task"], "kl": r["kl"], "kl_all": r["kl_all"],
                         "top1_agreement": r["top1_agreement"], "nll_per_token": r["nll_per_token"],
                         "accuracy": r["accuracy"], "average_bits": r["average_bits"]})
     return out
@@ -349,7 +361,7 @@ def run(lm, cfg: RunConfig, run_dir: str | Path, device="cpu", progress: bool = 
     jobs = plan_jobs(cfg)
     r.say(f"{len(jobs)} quantize+evaluate jobs on {', '.join(cfg.tasks)} at {', '.join(map(str, cfg.bits))} bits "
           f"(model fingerprint {r.fp})")
-    rows = []
+    rows, item_kl = [], {}
     for task in cfg.tasks:
         ref = r.reference_eval(task)
         rows += [result_row(None, task, bits, ref) for bits in cfg.bits]
@@ -357,12 +369,14 @@ def run(lm, cfg: RunConfig, run_dir: str | Path, device="cpu", progress: bool = 
         tj = time.perf_counter()
         doc = r.run_job(job)
         rows.append(result_row(job, job.task, job.bits, doc))
+        if doc.get("item_kl"):
+            item_kl[(job.bits, job.label, job.task)] = (doc["item_kl"], doc["item_tokens"])
         m = doc["metrics"]
         r.say(f"({i}/{len(jobs)}) {job.bits}-bit {job.label:<14} on {job.task}: KL {m.get('kl', float('nan')):.4f}, "
               f"top-1 {m.get('top1_agreement', float('nan')):.3f}, NLL {m['nll_per_token']:.3f}, "
               f"{doc['average_bits']:.3f} bits ({time.perf_counter() - tj:.0f}s)")
     score_dirs = {(t, b): r.store.find("scores", r.keys.score(t, b, "tacq")) for t in cfg.tasks for b in cfg.bits}
-    res = RunResult(rows, transfer_rows(rows), dict(r.counts), {k: v for k, v in score_dirs.items() if v},
+    res = RunResult(rows, transfer_rows(rows), dict(r.counts), item_kl, {k: v for k, v in score_dirs.items() if v},
                     time.perf_counter() - t0)
     doc = {"format": RUN_FORMAT, "circuitq_version": __version__, "command": command, "config": to_dict(cfg),
            "model": lm.name, "model_source": lm.source, "model_note": lm.note, "model_fingerprint": r.fp,

@@ -17,7 +17,7 @@ from circuitq.pipeline import stages
 
 # the settings a checkpoint must share with the run that resumes it
 RESUME_KEYS = ("model_fingerprint", "task", "method", "loss", "seed", "split_seed", "samples", "seq_len", "shots",
-               "world_size", "sample_order")
+               "template", "calib_tokens", "world_size", "sample_order")
 
 
 def _dist():
@@ -38,7 +38,7 @@ def score_metadata(lm, cfg: ScoreConfig, fingerprint: str, n_examples: int, worl
     return {"model": lm.name, "model_source": lm.source, "model_note": lm.note, "model_fingerprint": fingerprint,
             "task": cfg.task, "method": cfg.method, "bits": q.bits, "group_size": q.group_size, "hessian": q.hessian,
             "damp": q.damp, "loss": c.loss, "samples": c.samples, "seq_len": c.seq_len, "seed": c.seed, "split_seed": d.split_seed,
-            "shots": d.shots, "settings": to_dict(cfg), "geometry": Geometry.from_config(lm.model.config).to_dict(),
+            "shots": d.shots, "template": d.template, "calib_tokens": c.tokens, "mse": q.mse, "settings": to_dict(cfg), "geometry": Geometry.from_config(lm.model.config).to_dict(),
             "n_examples": n_examples, "world_size": world, "circuitq_version": __version__,
             "sample_order": "longest-first"}
 
@@ -79,7 +79,7 @@ def run_score(lm, cfg: ScoreConfig, out: str | Path, resume: bool = False, overw
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
     if rank == 0 and not resume:
         check_writable(out, overwrite)
-    examples = Task(cfg.task, cfg.data, lm.tokenizer).calib_items(cfg.calib.samples, cfg.calib.seed)
+    examples = Task(cfg.task, cfg.data, lm.tokenizer).calib_for(cfg.calib)
     meta = score_metadata(lm, cfg, model_fingerprint(lm.model), len(examples), world)
     ckpt = out.parent / f".{out.name}.ckpt-rank{rank}.safetensors"
     state, start = (None, 0)

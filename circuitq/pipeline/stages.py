@@ -50,11 +50,12 @@ def collect_gradients(model, tokenizer, examples, calib: CalibConfig = CalibConf
 # ---------------------------------------------------------------------------------------------
 # Hessians and Q(W)
 # ---------------------------------------------------------------------------------------------
-def calibration_tokens(examples, tokenizer, calib: CalibConfig) -> torch.Tensor:
-    """The calibration items as Hessian windows ``[k, L]`` (``data.calib.calibration_windows``)."""
-    from circuitq.data.calib import calibration_windows
+def calibration_tokens(examples, tokenizer, calib: CalibConfig):
+    """The calibration items as GPTQ's Hessians see them: one item per sequence, right-padded,
+    with a mask of the real tokens (``data.calib.Sequences``: ``ids``/``mask`` ``[N, L]``)."""
+    from circuitq.data.calib import calibration_sequences
 
-    return calibration_windows(examples, tokenizer, calib.seq_len)
+    return calibration_sequences(examples, tokenizer, calib.seq_len)
 
 
 def collect_hessians(model, windows: torch.Tensor, qcfg: QuantizeConfig, device=None, progress: bool = True):
@@ -191,7 +192,7 @@ def quantize_and_export(lm, job: QuantizeJob, out, masks=None, mask_meta: dict |
             say(f"[circuitq] the mask does not mention {len(missing)} targeted weights; they get no 16-bit entries")
         say(f"[circuitq] {mask_fraction(masks):.4%} of the weights the mask covers stay 16-bit")
     task = Task(job.task, job.data, lm.tokenizer)
-    calib_items = task.calib_items(job.calib.samples, job.calib.seed)
+    calib_items = task.calib_for(job.calib)
     windows = calibration_tokens(calib_items, lm.tokenizer, job.calib) if q.method == "gptq" else None
     held = heldout_windows(task.eval_items(), lm.tokenizer, job.calib.seq_len, job.eval.ppl_windows) \
         if job.eval.ppl_windows else None
@@ -219,12 +220,13 @@ def quantize_and_export(lm, job: QuantizeJob, out, masks=None, mask_meta: dict |
 def evaluate(model, tokenizer, examples, kind: str, reference=None, cfg: EvalConfig = EvalConfig(),
              progress: bool = True, logits_out: dict | None = None, reference_logits: dict | None = None):
     """KL(reference ‖ model), top-1 agreement, task NLL, MMLU accuracy and flips on ``examples``
-    (``evals.evaluate``); ``cfg.samples`` limits the items."""
+    (``evals.evaluate``), and for MMLU with ``cfg.all_tokens`` the same over every token
+    (``kl_all``, ``top1_all``, ``nll_all``); ``cfg.samples`` limits the items."""
     from circuitq.evals import evaluate as _evaluate
 
     items = list(examples)[: cfg.samples] if cfg.samples else list(examples)
     return _evaluate(model, tokenizer, items, kind, reference, cfg.batch_size, cfg.seq_len, progress,
-                     logits_out, reference_logits)
+                     logits_out, reference_logits, cfg.all_tokens)
 
 
 def compare(a, b, fraction: float = MaskConfig().fraction, top_n: int = 20, geometry: Geometry | None = None) -> dict:

@@ -3,7 +3,8 @@ algorithms are the pure cores in ``gptq.py`` and ``quantizer.py``).
 
 Two ways to get each module's Hessian (``QuantizeConfig.hessian``):
 
-* ``sequential`` (GPTQ's recipe, the default): run the calibration windows up to the first decoder layer and keep its inputs;
+* ``sequential`` (GPTQ's recipe, the default): run the calibration sequences (one item each,
+  padding masked out of every Hessian) up to the first decoder layer and keep its inputs;
 then for each layer, in true-sequential order (q/k/v, then o, then gate/up, then down), run the
 layer on the kept inputs only as far as the group's input (a pre-hook stops the forward there),
 accumulate the group's Hessian, quantize the group's modules, and move on; finally run the
@@ -24,6 +25,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from circuitq.config import QuantizeConfig
+from circuitq.data.calib import Sequences, as_sequences
 from circuitq.model.arch import arch_for, module_name, target_shapes, weight_of
 from circuitq.quant.gptq import (GPTQConfig, HessianState, gptq_quantize, gptq_quantize_batch, hessian_error, hessian_update,
                    inverse_hessian_diag)
@@ -97,15 +99,17 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the wanted inputs are captured."""
 
 
-def _capture_first_inputs(model, spec, calib: torch.Tensor, batch_size: int, device) -> tuple[list, list]:
+def _capture_first_inputs(model, spec, calib, batch_size: int, device) -> tuple[list, list, list]:
     """Run each calibration batch to the first decoder layer; returns its hidden states
-    (``[b, L, d]`` per batch) and keyword arguments (masks, rotary embeddings) per batch."""
+    (``[b, L, d]`` per batch), keyword arguments (masks, rotary embeddings) and token masks
+    (``[b, L]`` bool: the real tokens) per batch. ``calib``: ``Sequences`` or ``[N, L]`` ids."""
+    seqs = as_sequences(calib)
     layers = model.get_submodule(spec.layers)
     moved = [(model.get_submodule(n), next(model.get_submodule(n).parameters(), None)) for n in spec.pre_layers]
     homes = {n: (p.device if p is not None else None) for n, (_, p) in zip(spec.pre_layers, moved)}
     for m, _ in moved:
         m.to(device)
-    hidden, kwargs = [], []
+    hidden, kwargs, tmask = [], [], []
 
     def hook(_mod, args, kw):
         h = args[0] if args else kw.pop("hidden_states")
@@ -116,9 +120,10 @@ def _capture_first_inputs(model, spec, calib: torch.Tensor, batch_size: int, dev
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
-            for b in range(0, calib.shape[0], batch_size):
+            for ids, mask in _batches(seqs, batch_size, device):
+                tmask.append(mask)
                 try:
-                    model(input_ids=calib[b:b + batch_size].to(device), use_cache=False, logits_to_keep=1)
+                    model(input_ids=ids, attention_mask=mask.long(), use_cache=False, logits_to_keep=1)
                 except _Stop:
                     pass
     finally:
@@ -126,27 +131,37 @@ def _capture_first_inputs(model, spec, calib: torch.Tensor, batch_size: int, dev
         for (m, _), n in zip(moved, spec.pre_layers):
             if homes[n] is not None:
                 m.to(homes[n])
-    return hidden, kwargs
+    return hidden, kwargs, tmask
+
+
+def _batches(seqs: Sequences, batch_size: int, device):
+    """``(ids [b, L'], mask [b, L'])`` batches on ``device``, cut to the batch's longest item."""
+    for b in range(0, seqs.ids.shape[0], batch_size):
+        mask = seqs.mask[b:b + batch_size]
+        width = int(mask.sum(1).max())
+        yield seqs.ids[b:b + batch_size, :width].to(device), mask[:, :width].to(device)
 
 
 def _first_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _group_hessian(layer, mods, hidden, kwargs) -> HessianState:
-    """Accumulate the Hessian of the shared input of ``mods`` over all batches, stopping each
-    forward pass at the first of them."""
+def _group_hessian(layer, mods, hidden, kwargs, tmask) -> HessianState:
+    """Accumulate the Hessian of the shared input of ``mods`` over the real tokens of all
+    batches (``tmask``), stopping each forward pass at the first of them."""
     in_f = mods[0].weight.shape[1]
     state = [HessianState.zeros(in_f, hidden[0].device)]
+    current = [None]
 
     def pre(_mod, args):
-        state[0] = hessian_update(state[0], args[0])
+        state[0] = hessian_update(state[0], args[0], current[0])
         raise _Stop
 
     handles = [m.register_forward_pre_hook(pre) for m in mods]
     try:
         with torch.no_grad():
-            for h, kw in zip(hidden, kwargs):
+            for h, kw, tm in zip(hidden, kwargs, tmask):
+                current[0] = tm
                 try:
                     layer(h, **kw)
                 except _Stop:
@@ -176,14 +191,15 @@ def _quantize_module(name, mod, H, spec, keep, cfg, method) -> tuple[QuantizedWe
     return r.qweight, rec, r.errors
 
 
-def quantize_model(model: torch.nn.Module, calib: torch.Tensor | None, plan: PrecisionPlan,
+def quantize_model(model: torch.nn.Module, calib: Sequences | torch.Tensor | None, plan: PrecisionPlan,
                    cfg: QuantizeConfig = QuantizeConfig(), masks: dict[str, torch.Tensor] | None = None,
                    device: str | torch.device | None = None, progress: bool = True,
                    keep_hinv: bool = False, hessians: dict[str, HessianState] | None = None) -> QuantizeResult:
     """Quantize every targeted linear weight of ``model`` in place (weights become their
     dequantized values) and return the quantized representation for export.
 
-    ``calib``: ``[N, L]`` token ids (needed by GPTQ); ``masks``: ``{weight name: [out, in] bool}``
+    ``calib``: ``Sequences`` (right-padded items with their token masks) or ``[N, L]`` token ids
+    (needed by GPTQ); ``masks``: ``{weight name: [out, in] bool}``
     of entries kept in 16-bit; ``device``: where each layer runs (default: the model's device);
     ``keep_hinv``: also return each module's inverse-Hessian diagonal and GPTQ's scaled errors
     ``(w - q) / U_jj`` (SpQR's sensitivity, ``result.gptq_errors``);
@@ -209,9 +225,9 @@ def quantize_model(model: torch.nn.Module, calib: torch.Tensor | None, plan: Pre
         _quantize_shared(model, hessians, plan, cfg, masks, device, result, keep_hinv, progress)
         return _finish(result, shapes, plan, cfg, t_start)
     layers = model.get_submodule(spec_arch.layers)
-    hidden = kwargs = None
+    hidden = kwargs = tmask = None
     if method.needs_hessian:
-        hidden, kwargs = _capture_first_inputs(model, spec_arch, calib, cfg.batch_size, device)
+        hidden, kwargs, tmask = _capture_first_inputs(model, spec_arch, calib, cfg.batch_size, device)
     bar = tqdm(range(len(layers)), desc=f"{cfg.method} {cfg.bits}-bit", unit="layer", disable=not progress)
     for i in bar:
         layer = layers[i]
@@ -222,7 +238,7 @@ def quantize_model(model: torch.nn.Module, calib: torch.Tensor | None, plan: Pre
             todo = [(n, m) for n, m in todo if plan.bits_for(weight_of(n)) < FULL_PRECISION]
             if not todo:
                 continue
-            H = _group_hessian(layer, [layer.get_submodule(n) for n in group], hidden, kwargs) if hidden else None
+            H = _group_hessian(layer, [layer.get_submodule(n) for n in group], hidden, kwargs, tmask) if hidden else None
             for name, mod in todo:
                 if keep_hinv and H is not None:
                     result.hinv_diag[weight_of(name)] = inverse_hessian_diag(H.H, cfg.damp).cpu()
@@ -251,14 +267,16 @@ def _finish(result: QuantizeResult, shapes, plan, cfg, t_start) -> QuantizeResul
     return result
 
 
-def collect_hessians(model: torch.nn.Module, calib: torch.Tensor, batch_size: int = 8, device=None,
+def collect_hessians(model: torch.nn.Module, calib: Sequences | torch.Tensor, batch_size: int = 8, device=None,
                      progress: bool = True) -> dict[str, HessianState]:
     """Hessians of every targeted module's input in one pass of the unquantized model.
 
-    ``calib``: ``[N, L]`` token ids. Returns ``{module name: HessianState}``; modules that share an
-    input (q/k/v, gate/up) share one state object."""
+    ``calib``: ``Sequences`` (only real tokens count) or ``[N, L]`` token ids. Returns ``{module
+    name: HessianState}``; modules that share an input (q/k/v, gate/up) share one state object."""
     from tqdm.auto import tqdm
 
+    seqs = as_sequences(calib)
+    current = [None]
     spec = arch_for(model.config.model_type)
     layers = model.get_submodule(spec.layers)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -270,14 +288,17 @@ def collect_hessians(model: torch.nn.Module, calib: torch.Tensor, batch_size: in
             states[key] = HessianState.zeros(layer.get_submodule(group[0]).weight.shape[1], device)
 
             def pre(_mod, args, key=key):
-                states[key] = hessian_update(states[key], args[0])
+                states[key] = hessian_update(states[key], args[0], current[0])
             handles.append(layer.get_submodule(group[0]).register_forward_pre_hook(pre))
     home = next(model.parameters()).device
     model.to(device)
     try:
         with torch.no_grad():
-            for b in tqdm(range(0, calib.shape[0], batch_size), desc="hessians", unit="batch", disable=not progress):
-                model(input_ids=calib[b:b + batch_size].to(device), use_cache=False, logits_to_keep=1)
+            n_batches = -(-seqs.ids.shape[0] // batch_size)
+            for ids, mask in tqdm(_batches(seqs, batch_size, device), total=n_batches, desc="hessians", unit="batch",
+                                  disable=not progress):
+                current[0] = mask
+                model(input_ids=ids, attention_mask=mask.long(), use_cache=False, logits_to_keep=1)
     finally:
         for h in handles:
             h.remove()
