@@ -30,6 +30,7 @@ QUANT_METHODS = ("gptq", "rtn")
 ATTENTION_MODES = ("sdpa", "eager", "bridge")
 LOSS_SCOPES = ("answer", "all")
 TEMPLATES = ("auto", "chat", "raw")
+EVAL_SPLITS = ("auto", "test", "halves")
 COMBINE_MODES = ("union", "intersection", "rank-max")
 BASELINES = ("magnitude", "spqr", "grad", "random")
 
@@ -64,9 +65,15 @@ class DataConfig:
         "MMLU prompts: auto = the model's chat template when it has one; raw = plain text, as the official TaCQ "
         "code; chat = the template (an error without one)", choices=TEMPLATES))
     calib_fraction: float = field(default=0.5, metadata=_help("share of a task's rows used for calibration"))
+    eval_split: str = field(default="auto", metadata=_help(
+        "where evaluation items come from: test = the standard test split (mmlu/test/*_test.csv, "
+        "gsm8k/test.jsonl; calibration then uses all of MMLU val / GSM8k train); halves = disjoint halves of "
+        "MMLU val / GSM8k train; auto = test when present", choices=EVAL_SPLITS))
 
     def __post_init__(self) -> None:
         _at_least(self, ("shots",), -1)
+        if self.eval_split not in EVAL_SPLITS:
+            raise ConfigError(f"eval_split must be one of {EVAL_SPLITS}, got {self.eval_split!r}")
         if self.template not in TEMPLATES:
             raise ConfigError(f"template must be one of {TEMPLATES}, got {self.template!r}")
         if not 0 < self.calib_fraction < 1:

@@ -229,3 +229,40 @@ def test_calibration_keys_follow_the_recipe():
         assert other.calib("mmlu") != base.calib("mmlu")
     with pytest.raises(ConfigError):
         DataConfig(shots=-2)
+
+
+def _add_test_splits(data):
+    import json as _json
+
+    (data / "mmlu" / "test").mkdir()
+    rows = [f'"the dog {i} sleeps",the,quick,brown,lazy,{"ABCD"[(i + 1) % 4]}' for i in range(10)]
+    (data / "mmlu" / "test" / "high_school_physics_test.csv").write_text("\n".join(rows) + "\n")
+    lines = [_json.dumps({"question": f"the dog has {i} foxes. how many?", "answer": f"{i}\n#### {i}"})
+             for i in range(6)]
+    (data / "gsm8k" / "test.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_standard_test_splits_are_used_when_present(tmp_path):
+    from circuitq.data.readers import DataError
+    from circuitq.data.tasks import Task
+
+    data = task_data(tmp_path)
+    halves = Task("gsm8k", DataConfig(data_dir=str(data)))
+    assert halves.sources["mode"] == "halves" and "no test split" in halves.sources["note"]
+    with pytest.raises(DataError, match="gsm8k/test.jsonl not found"):
+        Task("gsm8k", DataConfig(data_dir=str(data), eval_split="test")).eval_items()
+    _add_test_splits(data)
+    for name, n_test, n_calib in (("gsm8k", 6, 24), ("mmlu", 10, 24)):
+        t = Task(name, DataConfig(data_dir=str(data)))
+        assert t.sources["mode"] == "test"
+        ev, cal = t.eval_items(), t.split("calib")
+        assert len(ev) == n_test and len(cal) == n_calib    # evaluation = test; calibration = all of val/train
+        assert not {e.prompt for e in ev} & {e.prompt for e in cal}
+        old = Task(name, DataConfig(data_dir=str(data), eval_split="halves"))
+        assert len(old.eval_items()) + len(old.split("calib")) == n_calib
+
+
+def test_eval_split_flag_on_eval_and_run():
+    from circuitq.cli.commands import EVAL_FLAGS, RUN_FLAGS
+
+    assert ("--eval-split", "data.eval_split") in EVAL_FLAGS and ("--eval-split", "data.eval_split") in RUN_FLAGS

@@ -14,7 +14,7 @@ QUANT = [("--bits", "quantize.bits"), ("--group-size", "quantize.group_size"), (
          ("--mse", "quantize.mse"), ("--act-order", "quantize.act_order"), ("--hessian", "quantize.hessian"),
          ("--damp", "quantize.damp")]
 DATA = [("--split-seed", "data.split_seed"), ("--shots", "data.shots"), ("--template", "data.template"),
-        ("--data-dir", "data.data_dir")]
+        ("--eval-split", "data.eval_split"), ("--data-dir", "data.data_dir")]
 
 SCORE_FLAGS = [("--model", "model"), ("--task", "task"), ("--method", "method"), *QUANT,
                ("--samples", "calib.samples"), ("--seq-len", "calib.seq_len"),

@@ -101,8 +101,8 @@ def _parseable(r: dict) -> bool:
     return str(r.get("answer", "")).strip() in tuple(LETTERS)
 
 
-def _mmlu_rows(spec: TaskSpec, data_dir) -> tuple[list[dict], list[dict]]:
-    rows, dev = read_mmlu(data_dir, "val"), [d for d in read_mmlu(data_dir, "dev") if _parseable(d)]
+def _mmlu_rows(spec: TaskSpec, data_dir, source: str = "val") -> tuple[list[dict], list[dict]]:
+    rows, dev = read_mmlu(data_dir, source), [d for d in read_mmlu(data_dir, "dev") if _parseable(d)]
     if spec.arg in MMLU_CATEGORIES:
         keep = lambda r: MMLU_CATEGORY.get(r["subject"]) == spec.arg  # noqa: E731
     elif spec.arg:
@@ -111,7 +111,7 @@ def _mmlu_rows(spec: TaskSpec, data_dir) -> tuple[list[dict], list[dict]]:
         keep = lambda r: True  # noqa: E731
     rows = [r for r in rows if keep(r)]
     if not rows:
-        raise DataError(f"MMLU selection '{spec.name}' has no validation questions")
+        raise DataError(f"MMLU selection '{spec.name}' has no questions in the {source} split")
     return rows, dev
 
 
@@ -149,16 +149,61 @@ def _permute(n: int, seed: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+# the public split each task calibrates on, and its standard test split
+CALIB_SOURCE = {"mmlu": "val", "gsm8k": "train"}
+TEST_PATHS = {"mmlu": "mmlu/test/SUBJECT_test.csv", "gsm8k": "gsm8k/test.jsonl"}
+
+
+def has_test_split(kind: str, data_dir) -> bool:
+    """Whether the standard test split of ``kind`` is present in the data directory."""
+    from circuitq.data.readers import default_data_dir
+
+    d = Path(data_dir) if data_dir else default_data_dir()
+    if kind not in TEST_PATHS or d is None:
+        return False
+    return any((d / "mmlu" / "test").glob("*_test.csv")) if kind == "mmlu" else (d / "gsm8k" / "test.jsonl").exists()
+
+
+def resolve_eval_split(kind: str, eval_split: str, data_dir) -> str:
+    """``test`` or ``halves`` for a task kind: ``auto`` picks the test split when it is present."""
+    if eval_split == "auto":
+        return "test" if has_test_split(kind, data_dir) else "halves"
+    if eval_split == "test" and not has_test_split(kind, data_dir):
+        if kind not in TEST_PATHS:
+            raise DataError(f"--eval-split test: task kind '{kind}' has no standard test split; use --eval-split halves")
+        raise DataError(f"--eval-split test: {TEST_PATHS[kind]} not found under the data directory; put the public "
+                        "test split there or use --eval-split halves")
+    return eval_split
+
+
+def split_description(task: str, eval_split: str, data_dir, split_seed: int, calib_fraction: float) -> dict:
+    """Where a task's calibration and evaluation items come from, in words (for reports)."""
+    kind = TaskSpec.parse(task).kind
+    mode = resolve_eval_split(kind, eval_split, data_dir)
+    src = CALIB_SOURCE.get(kind, "rows")
+    if mode == "test":
+        return {"mode": "test", "eval": f"{kind} test split", "calib": f"{kind} {src} split (all of it)"}
+    return {"mode": "halves", "eval": f"{1 - calib_fraction:.0%} of {kind} {src} (split_seed {split_seed})",
+            "calib": f"the other {calib_fraction:.0%} (disjoint)",
+            "note": "no test split in the data directory: calibration and evaluation are disjoint halves"
+            if kind in TEST_PATHS else "custom task: disjoint halves"}
+
+
 def load_examples(task: str, split: str = "calib", n: int | None = None, seed: int = 0, shots: int = 0,
                   data_dir: str | Path | None = None, tokenizer=None, calib_fraction: float = 0.5,
-                  template: str = "auto") -> list[Example]:
+                  template: str = "auto", eval_split: str = "halves") -> list[Example]:
     """Examples of ``task`` for ``split`` (``calib`` or ``eval``, disjoint by construction).
-    ``shots``: few-shot examples (``-1``: the task's standard count), capped at what exists."""
+    ``shots``: few-shot examples (``-1``: the task's standard count), capped at what exists.
+    ``eval_split``: ``halves`` (a seeded permutation of MMLU val / GSM8k train cut in two),
+    ``test`` (evaluate on the standard test split, calibrate on all of val / train) or ``auto``
+    (test when present)."""
     if split not in ("calib", "eval"):
         raise DataError(f"split must be 'calib' or 'eval', got '{split}'")
     spec = TaskSpec.parse(task)
+    mode = resolve_eval_split(spec.kind, eval_split, data_dir)
+    source = ("test" if split == "eval" else CALIB_SOURCE[spec.kind]) if mode == "test" else None
     if spec.kind == "mmlu":
-        rows, dev = _mmlu_rows(spec, data_dir)
+        rows, dev = _mmlu_rows(spec, data_dir, source or "val")
         by_subject: dict[str, list[dict]] = {}
         for d in dev:
             by_subject.setdefault(d["subject"], []).append(d)
@@ -166,7 +211,7 @@ def load_examples(task: str, split: str = "calib", n: int | None = None, seed: i
         k = _shots_used("mmlu", shots, fewest, "the MMLU dev split (per subject)") if shots else 0
         make = lambda r: mmlu_example(r, by_subject.get(r["subject"], [])[:k], tokenizer, template)  # noqa: E731
     elif spec.kind == "gsm8k":
-        rows = read_gsm8k(data_dir)
+        rows = read_gsm8k(data_dir, source or "train")
         k = _shots_used("gsm8k", shots, len(GSM8K_COT_EXEMPLARS), "the chain-of-thought exemplar set") if shots else 0
         make = lambda r: gsm8k_example(r, k)  # noqa: E731
     elif spec.kind == "text":
@@ -177,7 +222,7 @@ def load_examples(task: str, split: str = "calib", n: int | None = None, seed: i
         make = lambda r: Example(r["prompt"], r["completion"])  # noqa: E731
     order = _permute(len(rows), seed)
     cut = int(round(len(rows) * calib_fraction))
-    idx = order[:cut] if split == "calib" else order[cut:]
+    idx = order if mode == "test" else order[:cut] if split == "calib" else order[cut:]
     if not idx:
         raise DataError(f"the {split} split of '{task}' is empty ({len(rows)} rows in all)")
     ok = _parseable if spec.kind == "mmlu" else (lambda r: "####" in r["answer"]) if spec.kind == "gsm8k" else None
@@ -268,7 +313,7 @@ class Task:
         if which not in self._splits:
             d = self.data
             self._splits[which] = load_examples(self.name, which, None, d.split_seed, d.shots, d.data_dir,
-                                                self.tokenizer, d.calib_fraction, d.template)
+                                                self.tokenizer, d.calib_fraction, d.template, d.eval_split)
         return self._splits[which]
 
     def calib_items(self, n: int | None = None, seed: int = 0) -> list[Example]:
@@ -305,6 +350,12 @@ class Task:
     def eval_items(self, n: int | None = None) -> list[Example]:
         ex = self.split("eval")
         return list(ex if n is None else ex[:n])
+
+    @property
+    def sources(self) -> dict:
+        """Where the calibration and evaluation items come from, in words."""
+        d = self.data
+        return split_description(self.name, d.eval_split, d.data_dir, d.split_seed, d.calib_fraction)
 
     @property
     def skipped(self) -> dict[str, int]:

@@ -158,6 +158,10 @@ def _intro(doc: dict, res) -> str:
              "and the task NLL per token. Accuracy is MMLU letter log-likelihood accuracy; for a model near "
              "chance (as the default SmolLM2-135M is) accuracy and flips are noise and the first three columns "
              "carry the comparison.</p>",
+             "<p><b>Items:</b> " + "; ".join(
+                 f"{html.escape(t)}: evaluated on {html.escape(v['eval'])}, calibrated on {html.escape(v['calib'])}"
+                 + (f" ({html.escape(v['note'])})" if v.get("note") else "")
+                 for t, v in (doc.get("data_sources") or {}).items()) + ".</p>",
              ("<p><b>Rows left out (answer not parseable):</b> " + html.escape(json.dumps(doc.get("unparseable_eval_rows")))
               + "</p>" if any((doc.get("unparseable_eval_rows") or {}).values()) else ""),
              f"<p>{res.steps.get('computed', 0)} steps computed, {res.steps.get('reused', 0)} reused; "

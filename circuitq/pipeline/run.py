@@ -381,7 +381,7 @@ def run(lm, cfg: RunConfig, run_dir: str | Path, device="cpu", progress: bool = 
     doc = {"format": RUN_FORMAT, "circuitq_version": __version__, "command": command, "config": to_dict(cfg),
            "model": lm.name, "model_source": lm.source, "model_note": lm.note, "model_fingerprint": r.fp,
            "device": str(device), "machine": machine_info(device), "seconds": res.seconds, "steps": res.steps,
-           "unparseable_eval_rows": r.skipped,
+           "unparseable_eval_rows": r.skipped, "data_sources": {t: task.sources for t, task in r.tasks.items()},
            "score_dirs": {f"{t}@{b}": str(p.relative_to(run_dir)) for (t, b), p in res.score_dirs.items()},
            "log": r.log}
     write_run_outputs(run_dir, doc, res)

@@ -270,7 +270,7 @@ def evaluate_task(lm, job, ref=None, say=print) -> tuple[dict, list[dict]]:
         if gen["unparseable"]:
             say(f"[circuitq] {gen['unparseable']} of {gen['items']} generations contain no number (counted as wrong)")
     doc = {"format": "circuitq.eval", "version": __version__, "model": lm.name, "reference": ref.name if ref else None,
-           "task": job.task, "split": job.split, "settings": to_dict(job), "split_seed": job.data.split_seed,
+           "task": job.task, "split": job.split, "sources": task.sources, "settings": to_dict(job), "split_seed": job.data.split_seed,
            "shots": job.data.shots, "limit": job.eval.samples, "model_note": lm.note or (ref.note if ref else ""),
            "metrics": res.metrics}
     return doc, res.items
