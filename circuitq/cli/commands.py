@@ -286,9 +286,21 @@ def cmd_run(a) -> int:
 def add_app(sub) -> None:
     p = sub.add_parser("app", help="open the explorer (Streamlit) on a runs directory")
     p.add_argument("--runs", default="runs", help="directory holding runs (from `circuitq run` or `circuitq score`)")
-    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--port", type=int, default=None,
+                   help="server port (default: Streamlit's own setting: STREAMLIT_SERVER_PORT, .streamlit/config.toml, "
+                        "else 8501)")
     p.add_argument("--host", default="localhost")
     p.set_defaults(func=cmd_app)
+
+
+def app_command(script, runs, host: str, port: int | None) -> list[str]:
+    """The Streamlit command line; ``--server.port`` only when a port was asked for, so that
+    ``STREAMLIT_SERVER_PORT`` and ``.streamlit/config.toml`` apply otherwise."""
+    cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.headless", "true",
+           "--server.address", host, "--browser.gatherUsageStats", "false"]
+    if port is not None:
+        cmd[5:5] = ["--server.port", str(port)]
+    return cmd + ["--", "--runs", str(runs)]
 
 
 def cmd_app(a) -> int:
@@ -304,9 +316,9 @@ def cmd_app(a) -> int:
     runs = Path(a.runs)
     if not runs.is_dir():
         print(f"[circuitq] {runs} does not exist yet; the explorer will say how to create a run")
-    cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.headless", "true", "--server.port",
-           str(a.port), "--server.address", a.host, "--browser.gatherUsageStats", "false", "--", "--runs", str(runs)]
-    print(f"[circuitq] explorer on http://{a.host}:{a.port} (runs: {runs.resolve()}); Ctrl-C stops it", flush=True)
+    cmd = app_command(script, runs, a.host, a.port)
+    port = a.port or os.environ.get("STREAMLIT_SERVER_PORT") or "Streamlit's configured port (default 8501)"
+    print(f"[circuitq] explorer on http://{a.host}:{port} (runs: {runs.resolve()}); Ctrl-C stops it", flush=True)
     if os.name == "posix":  # become the server, so stopping this process stops it
         os.execv(sys.executable, cmd)
     return subprocess.call(cmd)

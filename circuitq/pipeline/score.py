@@ -77,7 +77,7 @@ def run_score(lm, cfg: ScoreConfig, out: str | Path, resume: bool = False, overw
     stages.needed_stats(cfg.method)  # an unknown method fails before any work
     dist = _dist()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
-    if rank == 0 and not resume:
+    if rank == 0:   # --resume continues a checkpoint; it never replaces a finished --out
         check_writable(out, overwrite)
     examples = Task(cfg.task, cfg.data, lm.tokenizer).calib_for(cfg.calib)
     meta = score_metadata(lm, cfg, model_fingerprint(lm.model), len(examples), world)
@@ -105,7 +105,7 @@ def run_score(lm, cfg: ScoreConfig, out: str | Path, resume: bool = False, overw
         if truncated:
             print(f"[circuitq] warning: {truncated} examples were longer than --seq-len {cfg.calib.seq_len} "
                   "and were truncated")
-        write_scores_dir(out, scores, st, meta, overwrite=overwrite or resume)
+        write_scores_dir(out, scores, st, meta, overwrite=overwrite)
         if ckpt.exists():
             ckpt.unlink()
     if dist:

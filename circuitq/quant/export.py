@@ -7,7 +7,8 @@ One output directory holds three things:
   circuitq.
 * ``gptq/``: a packed GPTQ checkpoint in the standard v1 layout. Per module: ``qweight``
   ``[in·bits/32, out]`` int32 packed along the input dimension, ``qzeros``
-  ``[groups, out·bits/32]`` int32 holding ``zero − 1`` (the v1 convention), ``scales``
+  ``[groups, out·bits/32]`` int32 holding ``zero − 1`` (the v1 convention, subtracted word by word
+  with borrow as the runtimes do: ``pack_zeros_v1``), ``scales``
   ``[groups, out]`` float16, ``g_idx`` ``[in]`` int32; ``config.json`` carries
   ``quantization_config`` (quant_method gptq, bits, group_size, desc_act, sym, checkpoint_format
   gptq). Entries kept in 16-bit hold their nearest code, and ``gptq/circuitq_sparse/`` holds them
@@ -85,13 +86,44 @@ def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return v.reshape(R // nw * nv, N).to(torch.uint8)
 
 
+def _ones_word(bits: int) -> int:
+    """A 1 in every field of an int32 word: 0x55555555 (2-bit), 0x11111111 (4), 0x01010101 (8)."""
+    return sum(1 << (bits * j) for j in range(32 // bits))
+
+
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    words = words & 0xFFFFFFFF
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+
+def pack_zeros_v1(zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """GPTQ v1 ``qzeros`` ``[groups, out·bits/32]`` int32 from zero points ``[groups, out]``.
+
+    v1 stores ``zero − 1``. For 2, 4 and 8 bits the runtimes (AutoGPTQ, gptqmodel's v1->v2
+    conversion, exllama) do that subtraction on the whole packed word, so a zero point of 0 borrows
+    from its neighbour field: ``v1 word = v2 word − 0x11…1 (mod 2^32)``, read back by adding
+    the same constant. 3-bit words are converted field by field (``(zero − 1) & maxq``). Worked
+    example (4-bit, fields low to high [0, 9, 0, 0, 0, 0, 0, 0]): v2 word 0x90, v1 word
+    0x90 − 0x11111111 = 0xEEEEEF7F."""
+    if 32 % bits:
+        return pack_rows(((zeros.to(torch.int64) - 1) & (2 ** bits - 1)).T, bits).T.contiguous()
+    v2 = pack_rows(zeros.T, bits).to(torch.int64) & 0xFFFFFFFF
+    return _to_int32(v2 - _ones_word(bits)).T.contiguous()
+
+
+def unpack_zeros_v1(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of ``pack_zeros_v1``: zero points ``[groups, out]`` uint8."""
+    if 32 % bits:
+        return ((unpack_rows(qzeros.T.contiguous(), bits).T.to(torch.int64) + 1) & (2 ** bits - 1)).to(torch.uint8)
+    v2 = _to_int32((qzeros.to(torch.int64) & 0xFFFFFFFF) + _ones_word(bits))
+    return unpack_rows(v2.T.contiguous(), bits).T.contiguous()
+
+
 def pack_gptq_v1(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     """The four GPTQ v1 tensors of one module (without the module prefix)."""
-    maxq = 2 ** qw.bits - 1
-    zeros_m1 = (qw.zeros.to(torch.int64) - 1) & maxq  # v1 stores zero - 1 (wraps 0 -> maxq)
     return {
         "qweight": pack_rows(qw.codes.T, qw.bits),
-        "qzeros": pack_rows(zeros_m1.T, qw.bits).T.contiguous(),
+        "qzeros": pack_zeros_v1(qw.zeros, qw.bits),
         "scales": qw.scales.to(torch.float16).contiguous(),
         "g_idx": qw.g_idx.to(torch.int32).contiguous(),
     }
@@ -100,9 +132,8 @@ def pack_gptq_v1(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
 def unpack_gptq_v1(t: dict[str, torch.Tensor], bits: int, group_size: int, sym: bool,
                    sparse: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> QuantizedWeight:
     """Rebuild a ``QuantizedWeight`` from the v1 tensors (and an optional COO residual)."""
-    maxq = 2 ** bits - 1
     codes = unpack_rows(t["qweight"], bits).T.contiguous()
-    zeros = ((unpack_rows(t["qzeros"].T.contiguous(), bits).T.to(torch.int64) + 1) & maxq).to(torch.uint8)
+    zeros = unpack_zeros_v1(t["qzeros"], bits)
     e = torch.zeros(0, dtype=torch.int32)
     rows, cols, vals = sparse if sparse is not None else (e, e.clone(), torch.zeros(0, dtype=torch.float16))
     return QuantizedWeight(codes, t["scales"], zeros.contiguous(), t["g_idx"], bits, group_size, sym, rows, cols, vals)
@@ -162,7 +193,7 @@ def _write_sparse(dest: Path, qweights: dict[str, QuantizedWeight]) -> dict:
 
 def write_gptq(dest: Path, model, tokenizer, qweights: dict[str, QuantizedWeight], meta: dict) -> dict:
     """Write the packed v1 checkpoint and its 16-bit sidecar into ``dest``; returns facts for
-    the manifest (zero-point-0 groups that external v1 loaders misread are counted)."""
+    the manifest (zero-point-0 groups are counted; they round-trip through the word-level v1 convention)."""
     dest.mkdir(parents=True, exist_ok=True)
     tensors = _unique_state(model, {f"{n}.weight" for n in qweights})
     zero0 = 0
@@ -195,7 +226,13 @@ def write_hf(dest: Path, model, tokenizer, meta: dict) -> None:
 
 def export_all(out: str | Path, model, tokenizer, qweights: dict[str, QuantizedWeight], meta: dict,
                summary: dict, overwrite: bool = False) -> Path:
-    """Write ``hf/``, ``gptq/`` and ``circuitq.json`` into ``out`` atomically."""
+    """Write ``hf/``, ``gptq/`` and ``circuitq.json`` into ``out`` atomically. Every tensor of
+    the model must be finite (a NaN in a weight the quantizer does not touch, such as
+    ``embed_tokens``, is refused before anything is written)."""
+    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ExportError(f"the model holds NaN/Inf in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; it is "
+                          "corrupt, so nothing was written: reload the original model")
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_hf(tmp / "hf", model, tokenizer, meta)
         facts = write_gptq(tmp / "gptq", model, tokenizer, qweights, meta)
