@@ -180,3 +180,50 @@ def test_resume_under_another_model_names_the_checkpoint(tmp_path, tiny_dir, cap
     assert _score(other, task, tmp_path / "s", "--method", "grad", "--resume") == 2
     err = capsys.readouterr().err
     assert str(ckpt) in err and "model_fingerprint" in err and not (tmp_path / "s").exists()
+
+
+def test_bad_task_files_are_named(tmp_path):
+    from circuitq.data.readers import DataError, read_prompt_completion, read_text_corpus
+
+    with pytest.raises(DataError, match="is a folder"):
+        read_text_corpus(tmp_path)
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.txt is not UTF-8 text \(bad byte at offset 3\)"):
+        read_text_corpus(bad)
+    j = tmp_path / "t.jsonl"
+    j.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": 3, "completion": "b"}\n')
+    with pytest.raises(DataError, match=r"t.jsonl: row 2: \"prompt\" must be a string, got int"):
+        read_prompt_completion(j)
+
+
+def test_pickle_refusal_never_suggests_unsafe_loading(tmp_path):
+    import pickle
+
+    from circuitq.saliency.masks import MaskError, load_masks
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    p = tmp_path / "evil.pt"
+    p.write_bytes(pickle.dumps({"x": Boom()}, protocol=2))
+    with pytest.raises(MaskError) as e:
+        load_masks(p)
+    assert "weights_only" not in str(e.value) and "never unpickles" in str(e.value)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_absurd_index_mask_shapes_are_refused_without_allocating(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from circuitq.saliency.masks import MaskError, load_masks
+
+    for shape in ([1 << 20, 1 << 20], [-3, 4], ["a"], [2.5, 3]):
+        p = tmp_path / "m.safetensors"
+        save_file({"model.layers.0.mlp.up_proj.weight": torch.tensor([0, 1], dtype=torch.int32)}, str(p),
+                  {"encoding": "indices", "shapes": json.dumps({"model.layers.0.mlp.up_proj.weight": shape})})
+        with pytest.raises(MaskError, match="damaged"):
+            load_masks(p)

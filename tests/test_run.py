@@ -161,3 +161,35 @@ def test_interrupted_run_resumes_from_finished_steps(tmp_path, tiny_dir, monkeyp
     doc = json.loads((out / "run.json").read_text())
     assert doc["steps"]["reused"] >= 3 and (out / "results.csv").exists()
     assert not list(out.rglob(".*.tmp-*"))  # nothing half-written left behind
+
+
+def test_damaged_steps_are_moved_aside_and_computed_again(tmp_path, tiny_dir, capsys):
+    """Truncated statistics, an edited eval.json and a deleted scores step: the rerun says what
+    it found, recomputes exactly those, and the report keeps its circuit section."""
+    import shutil
+
+    d, _ = tiny_dir
+    data = task_data(tmp_path)
+    out = tmp_path / "run"
+    args = _args(d, data, out, "--bits", "3", "--baselines", "grad")
+    assert main(args) == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    steps = out / "steps"
+    stats = next(steps.glob("stats-mmlu-*")) / "stats.safetensors"   # needed again: its scores are gone
+    stats.write_bytes(stats.read_bytes()[:100])
+    ev = next(steps.glob("eval-grad-mmlu-*")) / "eval.json"
+    doc = json.loads(ev.read_text())
+    doc["metrics"]["kl"] = 0.0          # an edited result is not trusted
+    ev.write_text(json.dumps(doc))
+    shutil.rmtree(next(steps.glob("scores-mmlu-tacq-*")))
+    capsys.readouterr()
+    assert main(args) == 0
+    log = capsys.readouterr().out
+    assert "stats.safetensors does not match its checksum" in log and "eval.json does not match" in log
+    assert len(list(steps.glob(".damaged-*"))) == 2
+    again = list(csv.DictReader((out / "results.csv").open()))
+    grad = [r for r in again if r["method"] == "grad" and r["task"] == "mmlu"][0]
+    assert float(grad["kl"]) > 0
+    diff = [(a["method"], a["task"], k) for a, b in zip(again, rows) for k in a if a[k] != b[k] and "seconds" not in k]
+    assert diff == [], diff
+    assert "Saliency per attention head" in (out / "report.html").read_text()

@@ -85,13 +85,25 @@ def read_mmlu(data_dir: str | Path | None = None, split: str = "val") -> list[di
     return rows
 
 
+def read_text(path: str | Path, what: str = "file") -> str:
+    """A UTF-8 text file; a missing path, a folder or bytes that are not UTF-8 are errors naming
+    the file (and the byte offset)."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{what} not found: {p}")
+    if not p.is_file():
+        raise DataError(f"{what} {p} is a folder, not a file; give the path of a .txt or .jsonl file")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{p} is not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8") from None
+
+
 def read_jsonl(path: str | Path) -> list:
     """One JSON value per non-empty line; a bad line is an error naming file and line."""
     p = Path(path)
-    if not p.exists():
-        raise DataError(f"file not found: {p}")
     rows = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
+    for i, line in enumerate(read_text(p).splitlines()):
         if not line.strip():
             continue
         try:
@@ -107,6 +119,9 @@ def read_prompt_completion(path: str | Path) -> list[dict]:
     for i, obj in enumerate(rows):
         if not isinstance(obj, dict) or not {"prompt", "completion"} <= set(obj):
             raise DataError(f"{path}: row {i + 1}: each line needs \"prompt\" and \"completion\"")
+        bad = [k for k in ("prompt", "completion") if not isinstance(obj[k], str)]
+        if bad:
+            raise DataError(f"{path}: row {i + 1}: \"{bad[0]}\" must be a string, got {type(obj[bad[0]]).__name__}")
     if not rows:
         raise DataError(f"custom task file {path} has no rows")
     return rows
@@ -116,14 +131,16 @@ def read_text_corpus(path: str | Path) -> list[str]:
     """Documents of a ``.txt`` file (blank-line separated) or a ``.jsonl`` file (its ``text``
     field, else every string field joined)."""
     p = Path(path)
-    if not p.exists():
-        raise DataError(f"text corpus not found: {p}")
     if p.suffix == ".jsonl":
-        docs = [obj["text"] if isinstance(obj, dict) and "text" in obj else
-                "\n".join(v for v in (obj.values() if isinstance(obj, dict) else [obj]) if isinstance(v, str))
-                for obj in read_jsonl(p)]
+        read_text(p, "text corpus")
+        docs = []
+        for i, obj in enumerate(read_jsonl(p)):
+            if isinstance(obj, dict) and "text" in obj and not isinstance(obj["text"], str):
+                raise DataError(f"{p}: row {i + 1}: \"text\" must be a string, got {type(obj['text']).__name__}")
+            docs.append(obj["text"] if isinstance(obj, dict) and "text" in obj else
+                        "\n".join(v for v in (obj.values() if isinstance(obj, dict) else [obj]) if isinstance(v, str)))
     else:
-        docs = [d.strip() for d in p.read_text(encoding="utf-8").split("\n\n")]
+        docs = [d.strip() for d in read_text(p, "text corpus").split("\n\n")]
     docs = [d for d in docs if d]
     if not docs:
         raise DataError(f"text corpus {p} has no text")

@@ -128,7 +128,7 @@ class Runner:
         from circuitq.data.tasks import Task
 
         self.lm, self.cfg, self.dir, self.device, self.progress = lm, cfg, Path(run_dir), device, progress
-        self.store = StepStore(self.dir)
+        self.store = StepStore(self.dir, self.say)
         self.tasks = {t: Task(t, cfg.data, lm.tokenizer) for t in cfg.tasks}
         self._items = {}
         for t in cfg.tasks:   # fail early on data problems
@@ -375,7 +375,12 @@ def run(lm, cfg: RunConfig, run_dir: str | Path, device="cpu", progress: bool = 
         r.say(f"({i}/{len(jobs)}) {job.bits}-bit {job.label:<14} on {job.task}: KL {m.get('kl', float('nan')):.4f}, "
               f"top-1 {m.get('top1_agreement', float('nan')):.3f}, NLL {m['nll_per_token']:.3f}, "
               f"{doc['average_bits']:.3f} bits ({time.perf_counter() - tj:.0f}s)")
-    score_dirs = {(t, b): r.store.find("scores", r.keys.score(t, b, "tacq")) for t in cfg.tasks for b in cfg.bits}
+    score_dirs = {}
+    for t in cfg.tasks:   # the report's circuit maps need every task's scores, even when all masks were reused
+        for b in cfg.bits:
+            if not r.store.find("scores", r.keys.score(t, b, "tacq")):
+                r.scores(t, b, "tacq")
+            score_dirs[(t, b)] = r.store.find("scores", r.keys.score(t, b, "tacq"))
     res = RunResult(rows, transfer_rows(rows), dict(r.counts), item_kl, {k: v for k, v in score_dirs.items() if v},
                     time.perf_counter() - t0)
     doc = {"format": RUN_FORMAT, "circuitq_version": __version__, "command": command, "config": to_dict(cfg),

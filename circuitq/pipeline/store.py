@@ -3,6 +3,10 @@ directory under ``RUN/steps/`` whose ``step.json`` records the settings it depen
 a step whose key matches is reused, whatever its name, so a rerun or a resumed interrupted run
 only does what is missing or changed. Keys are pure functions of the settings and of the content
 of the items (``examples_digest``) and the model (``model_fingerprint``).
+
+Each step also records the SHA-256 of its files. A step whose files are missing, truncated or
+edited is never trusted: it is moved aside to ``steps/.damaged-NAME-TIME`` (kept for
+inspection), the run says so, and the step is computed again.
 """
 from __future__ import annotations
 
@@ -22,9 +26,11 @@ class StepStore:
     """Artifacts under ``root/steps/NAME/`` with ``step.json`` = ``{"kind", "key", ...}``. Lookup
     compares ``kind`` and ``key`` (the settings the step depends on); names are only for people."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, say=print):
         self.root = Path(root) / "steps"
         self._index: dict[str, Path] | None = None
+        self._verified: set[Path] = set()
+        self.say = say
 
     @staticmethod
     def _digest(kind: str, key: dict) -> str:
@@ -42,7 +48,19 @@ class StepStore:
         return self._index
 
     def find(self, kind: str, key: dict) -> Path | None:
-        return self._scan().get(self._digest(kind, json.loads(json.dumps(key, default=str))))
+        digest = self._digest(kind, json.loads(json.dumps(key, default=str)))
+        path = self._scan().get(digest)
+        if path is None or path in self._verified:
+            return path
+        problem = _damage(path)
+        if problem is None:
+            self._verified.add(path)
+            return path
+        aside = self.root / f".damaged-{path.name}-{time.strftime('%Y%m%dT%H%M%S')}"
+        path.rename(aside)
+        del self._index[digest]
+        self.say(f"step {path.name} is damaged ({problem}); moved aside to {aside.name}, computing it again")
+        return None
 
     @contextmanager
     def create(self, kind: str, key: dict, name: str):
@@ -52,9 +70,35 @@ class StepStore:
         out = self.root / f"{name}-{digest[:10]}"
         with atomic_dir(out, overwrite=True) as tmp:
             yield tmp
+            files = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name != "step.json"}
             (tmp / "step.json").write_text(json.dumps({"kind": kind, "key": key, "circuitq_version": __version__,
-                                                       "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n")
+                                                       "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                                       "files": files}, indent=2) + "\n")
         self._scan()[digest] = out
+        self._verified.add(out)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _damage(step: Path) -> str | None:
+    """Why a step's files cannot be trusted, or None. Steps from before checksums (no
+    ``files`` in ``step.json``) are trusted as they were."""
+    files = json.loads((step / "step.json").read_text()).get("files")
+    if files is None:
+        return None
+    for name, digest in files.items():
+        f = step / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if _sha256(f) != digest:
+            return f"{name} does not match its checksum: truncated or edited"
+    return None
 
 
 def examples_digest(examples) -> str:

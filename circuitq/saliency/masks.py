@@ -83,8 +83,10 @@ def load_masks(path: str | Path) -> MaskFile:
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any load failure becomes one clear error
-            raise MaskError(f"{p} is not a loadable torch mask file ({e.__class__.__name__}: {e}); "
-                            "circuitq reads safetensors masks or a torch-saved dict of bool tensors") from None
+            # torch's own message suggests weights_only=False, which would run the file's code: never quoted
+            raise MaskError(f"{p} is not a plain torch-saved dict of tensors ({e.__class__.__name__}); it may hold "
+                            "code, and circuitq never unpickles such files: save the mask as a dict of bool tensors "
+                            "or as safetensors (circuitq mask)") from None
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise MaskError(f"{p} does not hold a dict of tensors (got {type(obj).__name__})")
         raw = obj
@@ -117,9 +119,17 @@ def _decode_indices(p: Path, raw: dict[str, torch.Tensor], meta: dict) -> dict[s
     for k, idx in raw.items():
         if k not in shapes:
             raise MaskError(f"{p}: no shape recorded for {k}")
+        shape = shapes[k]
+        if not (isinstance(shape, list) and 1 <= len(shape) <= 4
+                and all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 2 ** 20 for d in shape)):
+            raise MaskError(f"{p}: the recorded shape of {k} ({shape!r}) is not a list of 1-4 positive sizes "
+                            "(each at most 2^20); the file is damaged: write it again with circuitq mask")
         n = 1
-        for d in shapes[k]:
-            n *= int(d)
+        for d in shape:
+            n *= d
+        if n > 2 ** 32:
+            raise MaskError(f"{p}: the recorded shape of {k} ({shape}) has {n} entries, more than any weight "
+                            "circuitq handles; the file is damaged: write it again with circuitq mask")
         idx = idx.long()
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
             raise MaskError(f"{p}: indices of {k} fall outside its shape {shapes[k]}")
