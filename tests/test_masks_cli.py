@@ -32,7 +32,7 @@ def test_tacq_torch_format_is_read_without_unpickling(tmp_path):
         def __reduce__(self):
             return (print, ("pwned",))
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(MaskError, match="not a loadable torch mask"):
+    with pytest.raises(MaskError, match="never unpickles"):
         load_masks(tmp_path / "evil.pt")
 
 
