@@ -15,5 +15,6 @@ tar xzf "$tmp"/gptqmodel-*.tar.gz -C "$tmp"
 grep -vE '^(torch|torchao)\b' "$tmp"/gptqmodel-*/requirements.txt > "$tmp/req.txt"
 "$VENV/bin/pip" install -q -r "$tmp/req.txt" "torch==2.13.0"
 "$VENV/bin/pip" install -q --no-deps torchao gptqmodel
+"$VENV/bin/pip" install -q optimum "torch==2.13.0"   # transformers loads gptq/ through optimum
 "$VENV/bin/python" -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 echo "gptqmodel environment ready in $VENV"

@@ -147,6 +147,30 @@ def test_paths_are_confined(tmp_path):
     assert not entry.ok and "outside" in entry.error
 
 
+def test_a_symlink_nested_inside_a_run_that_leads_outside_is_refused(tmp_path):
+    """A link deep inside a run (steps/, models/) used to be listed and loaded."""
+    import json
+
+    from circuitq.app.catalog import scan_runs
+
+    run = tmp_path / "runs" / "r"
+    (run / "steps").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"format": "circuitq.run"}))
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret" / "score.json").write_text("{}")
+    (run / "steps" / "scores-x").symlink_to(tmp_path / "secret")
+    [entry] = scan_runs(tmp_path / "runs")
+    assert not entry.ok and "steps/scores-x" in entry.error and "outside the runs directory" in entry.error
+    (run / "steps" / "scores-x").unlink()
+    (run / "models").symlink_to(tmp_path / "secret")
+    [entry] = scan_runs(tmp_path / "runs")
+    assert not entry.ok and "r/models" in entry.error
+    (run / "models").unlink()
+    (run / "steps" / "inside").symlink_to(run / "steps")        # a link that stays inside is fine
+    [entry] = scan_runs(tmp_path / "runs")
+    assert entry.ok, entry.error
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

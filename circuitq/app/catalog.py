@@ -163,8 +163,21 @@ def _models(d: Path) -> list[ModelEntry]:
     return out
 
 
-def read_run(d: Path) -> RunEntry:
-    """Catalog one run directory; raises ``ValueError`` with the reason when it is unreadable."""
+def _check_inside(root: Path, d: Path) -> None:
+    """Refuse a run holding any symlink (at any depth) that leads outside ``root``."""
+    base = root.resolve()
+    for p in [d, *d.rglob("*")]:
+        if p.is_symlink():
+            target = p.resolve()
+            if target != base and base not in target.parents:
+                raise ValueError(f"{p.relative_to(d.parent)} is a symlink leading outside the runs directory; "
+                                 "the explorer only reads files inside it")
+
+
+def read_run(d: Path, root: Path | None = None) -> RunEntry:
+    """Catalog one run directory; raises ``ValueError`` with the reason when it is unreadable
+    (including a symlink anywhere inside it that leads outside ``root``, the runs directory)."""
+    _check_inside(Path(root) if root is not None else d.parent, d)
     if (d / "run.json").exists():
         info = _json(d / "run.json")
         if info.get("format") != "circuitq.run":
@@ -197,7 +210,7 @@ def scan_runs(runs_dir: str | Path) -> list[RunEntry]:
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         try:
             confine(root, d)
-            out.append(read_run(d))
+            out.append(read_run(d, root))
         except (ValueError, OSError) as err:
             out.append(RunEntry(d.name, d, "unreadable", error=str(err)))
     return out
