@@ -227,3 +227,18 @@ def test_absurd_index_mask_shapes_are_refused_without_allocating(tmp_path):
                   {"encoding": "indices", "shapes": json.dumps({"model.layers.0.mlp.up_proj.weight": shape})})
         with pytest.raises(MaskError, match="damaged"):
             load_masks(p)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["eval", "--model", "x", "--limit", "0", "--out", "o"], "--limit"),
+    (["run", "--calib-samples", "0"], "--calib-samples"),
+    (["score", "--samples", "-1", "--out", "o"], "--samples"),
+    (["quantize", "--seq-len", "1", "--out", "o"], "--seq-len"),
+    (["run", "--calib-tokens", "-5"], "--calib-tokens"),
+])
+def test_out_of_range_values_name_the_flag_typed(argv, flag, capsys):
+    from circuitq.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and flag in err and "Traceback" not in err

@@ -72,7 +72,11 @@ def build(defaults, args: argparse.Namespace, table):
         if isinstance(value, list):
             value = tuple(value)
         for p in paths:
-            cfg = set_path(cfg, p, value)
+            try:
+                cfg = set_path(cfg, p, value)
+            except ValueError as e:   # the library names the setting; say the flag the user typed
+                leaf = "--" + p.rsplit(".", 1)[-1].replace("_", "-")
+                raise type(e)(str(e).replace(leaf, flag)) from None
     preset = getattr(args, "preset", None)
     if preset:
         from circuitq.presets import apply_preset
