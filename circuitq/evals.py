@@ -129,6 +129,7 @@ def evaluate(model, tokenizer, examples, kind: str, reference=None, batch_size: 
     tok = tokenize_examples(examples, tokenizer, seq_len)
     order = sorted(range(len(tok.ids)), key=lambda i: len(tok.ids[i]))
     letters = _letter_ids(tokenizer, examples[0].completion[:-1]) if kind == "mmlu" else None
+    circuit = CircuitMetric(kind, tokenizer) if kind in CIRCUIT_KINDS else None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     items: list[dict | None] = [None] * len(examples)
     kl_sum = agree_sum = n_tok = 0.0
@@ -173,12 +174,64 @@ def evaluate(model, tokenizer, examples, kind: str, reference=None, batch_size: 
             if whole:
                 rec.update(_all_token_record(full_q[j], full_r[j] if full_r is not None else None,
                                              batch.input_ids[j, 1:], batch.attention_mask[j, 1:]))
+            if circuit is not None:
+                first = int(sel.nonzero()[0])
+                rec.update(circuit.record(lq[j, first], lq[j][sel], tgt[j][sel], examples[i]))
             if letters is not None:
                 p = int(sel.nonzero()[0])  # the answer-letter position
                 rec.update(_mc_record(lq[j, p], lr[j, p] if lr is not None else None, letters, examples[i]))
             items[i] = rec
     with_ref = reference is not None or reference_logits is not None
     return EvalResult(_summarize(items, kind, kl_sum, agree_sum, n_tok, with_ref), items)
+
+
+CIRCUIT_KINDS = ("ioi", "greater-than", "induction", "capitals")
+CIRCUIT_METRIC = {"ioi": "logit_diff", "greater-than": "prob_diff", "induction": "token_accuracy",
+                  "capitals": "logit_margin"}
+
+
+class CircuitMetric:
+    """The canonical metric of a circuit task (``data.circuit_tasks``) from the logits at the
+    completion. ``first``: ``[V]`` logits at the first completion position; ``all_``/``tgt``:
+    ``[k, V]`` logits and ``[k]`` targets over the completion.
+
+    * ioi: ``logit(IO) − logit(S)`` (first tokens of the two names), correct when > 0;
+    * greater-than: over the ten digit tokens, ``P(d > start) − P(d < start)``, correct when > 0;
+    * induction: top-1 accuracy over the repeated half;
+    * capitals: correct when the capital's first token is the argmax; margin = its logit minus
+      the best other token's.
+    Worked example (ioi): logits 3.0 at " Mary" and 1.0 at " John" give logit_diff 2.0, correct."""
+
+    def __init__(self, kind: str, tokenizer):
+        self.kind, self.tok, self._ids = kind, tokenizer, {}
+        if kind == "greater-than":
+            ids = [tokenizer(str(d), add_special_tokens=False)["input_ids"] for d in range(10)]
+            if any(len(i) != 1 for i in ids) or len({i[0] for i in ids}) != 10:
+                raise ValueError("greater-than needs a tokenizer with one token per digit")
+            self.digits = [i[0] for i in ids]
+
+    def _first(self, text: str) -> int:
+        if text not in self._ids:
+            self._ids[text] = self.tok(text, add_special_tokens=False)["input_ids"][0]
+        return self._ids[text]
+
+    def record(self, first: torch.Tensor, all_: torch.Tensor, tgt: torch.Tensor, ex) -> dict:
+        if self.kind == "ioi":
+            d = float(first[self._first(ex.meta["target"])] - first[self._first(ex.meta["distractor"])])
+            return {"logit_diff": d, "correct": d > 0}
+        if self.kind == "greater-than":
+            p = F.softmax(first.float(), -1)[self.digits]
+            s = ex.meta["start"]
+            d = float(p[s + 1:].sum() - p[:s].sum())
+            return {"prob_diff": d, "correct": d > 0}
+        if self.kind == "induction":
+            acc = float((all_.argmax(-1) == tgt).float().mean())
+            return {"token_accuracy": acc, "correct": acc > 0.5}
+        t = self._first(ex.meta["target"])
+        others = first.clone()
+        others[t] = float("-inf")
+        margin = float(first[t] - others.max())
+        return {"logit_margin": margin, "correct": margin > 0}
 
 
 def _all_token_record(lq, lr, targets, real) -> dict:
@@ -220,6 +273,11 @@ def _summarize(items, kind, kl_sum, agree_sum, n_tok, with_ref) -> dict:
         if with_ref:
             out["kl_all"] = sum(r["kl_all"] * r["tokens_all"] for r in items) / max(tall, 1)
             out["top1_all"] = sum(r["top1_all"] * r["tokens_all"] for r in items) / max(tall, 1)
+    if kind in CIRCUIT_KINDS:
+        key = CIRCUIT_METRIC[kind]
+        out["task_metric"] = key
+        out[key] = sum(r[key] for r in items) / max(n, 1)
+        out["accuracy"] = sum(r["correct"] for r in items) / max(n, 1)
     if kind == "mmlu":
         correct = torch.tensor([r["correct"] for r in items])
         out["accuracy"] = float(correct.float().mean())

@@ -237,7 +237,8 @@ def cmd_eval(a) -> int:
     doc, items = evaluate_task(lm, job, ref)
     write_eval(out, doc, items, a.overwrite)
     m = doc["metrics"]
-    shown = {k: m[k] for k in ("kl", "top1_agreement", "nll_per_token", "accuracy", "perplexity") if k in m}
+    keys = ("kl", "top1_agreement", "nll_per_token", m.get("task_metric"), "accuracy", "kl_all", "perplexity")
+    shown = {k: m[k] for k in keys if k and m.get(k) is not None}
     print(f"[circuitq] {job.task} ({m['items']} items): " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     return 0
 

@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import torch
 
+from circuitq.data.circuit_tasks import CIRCUIT_TASKS, GENERATORS
 from circuitq.data.prompts import (GSM8K_COT_EXEMPLARS, gsm8k_completion, gsm8k_prompt, mmlu_header, mmlu_question,
                                    resolve_shots)
 from circuitq.data.readers import DataError, read_gsm8k, read_mmlu, read_prompt_completion, read_text_corpus
@@ -75,9 +76,11 @@ class TaskSpec:
     @classmethod
     def parse(cls, name: str) -> "TaskSpec":
         kind, _, arg = name.partition(":")
-        if kind not in ("mmlu", "gsm8k", "text", "jsonl"):
+        if kind not in ("mmlu", "gsm8k", "text", "jsonl", *CIRCUIT_TASKS):
             raise DataError(f"unknown task '{name}': use mmlu, mmlu:CATEGORY ({', '.join(MMLU_CATEGORIES)}), "
-                            "mmlu:SUBJECT, gsm8k, text:PATH or jsonl:PATH")
+                            f"mmlu:SUBJECT, gsm8k, {', '.join(CIRCUIT_TASKS)}, text:PATH or jsonl:PATH")
+        if kind in CIRCUIT_TASKS and arg:
+            raise DataError(f"task '{kind}' takes no argument (got '{name}')")
         if kind in ("text", "jsonl") and not arg:
             raise DataError(f"task '{name}' needs a path, e.g. {kind}:corpus.{'txt' if kind == 'text' else 'jsonl'}")
         if kind == "mmlu" and arg and arg not in MMLU_CATEGORIES and arg not in _SUBCATEGORY:
@@ -179,6 +182,9 @@ def resolve_eval_split(kind: str, eval_split: str, data_dir) -> str:
 def split_description(task: str, eval_split: str, data_dir, split_seed: int, calib_fraction: float) -> dict:
     """Where a task's calibration and evaluation items come from, in words (for reports)."""
     kind = TaskSpec.parse(task).kind
+    if kind in CIRCUIT_TASKS:
+        return {"mode": "generated", "eval": f"{kind} items generated from the evaluation pool (seed {split_seed})",
+                "calib": "items from the disjoint calibration pool (other names, countries, years or sequences)"}
     mode = resolve_eval_split(kind, eval_split, data_dir)
     src = CALIB_SOURCE.get(kind, "rows")
     if mode == "test":
@@ -200,6 +206,9 @@ def load_examples(task: str, split: str = "calib", n: int | None = None, seed: i
     if split not in ("calib", "eval"):
         raise DataError(f"split must be 'calib' or 'eval', got '{split}'")
     spec = TaskSpec.parse(task)
+    if spec.kind in CIRCUIT_TASKS:   # generated: the two splits come from disjoint pools
+        out = Examples(Example(p, c, m) for p, c, m in GENERATORS[spec.kind](split, seed))
+        return out[:n] if n is not None else out
     mode = resolve_eval_split(spec.kind, eval_split, data_dir)
     source = ("test" if split == "eval" else CALIB_SOURCE[spec.kind]) if mode == "test" else None
     if spec.kind == "mmlu":

@@ -334,6 +334,7 @@ def result_row(job: Job | None, task: str, bits: int, doc: dict) -> dict:
             "kl": m.get("kl"), "top1_agreement": m.get("top1_agreement"), "nll_per_token": m.get("nll_per_token"),
             "accuracy": m.get("accuracy"), "flips_lost": flips.get("lost"), "flips_gained": flips.get("gained"),
             "kl_all": m.get("kl_all"), "top1_all": m.get("top1_all"), "nll_all": m.get("nll_all"),
+            "task_metric": m.get("task_metric"), "task_metric_value": m.get(m.get("task_metric") or "-"),
             "items": m.get("items"), "scored_tokens": m.get("scored_tokens"),
             "quantize_seconds": doc.get("quantize_seconds"), "eval_seconds": doc.get("eval_seconds")}
 
