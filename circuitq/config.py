@@ -246,6 +246,34 @@ class RunConfig:
         return replace(self.quantize, bits=bits)
 
 
+@dataclass(frozen=True, kw_only=True)
+class FaithfulnessJob:
+    """``circuitq faithfulness``: replace units of the model one at a time (and the circuit as a
+    whole) and compare the measured change of the task loss with the predicted one."""
+
+    task: str | None = field(default=None, metadata=_help("task (default: the scores' task)"))
+    units: str = field(default="heads", metadata=_help("heads, kv-heads, neurons (blocks of 64) or modules",
+                                                        choices=("heads", "kv-heads", "neurons", "modules")))
+    top: int = field(default=10, metadata=_help("units with the highest summed score"))
+    random: int = field(default=10, metadata=_help("further units drawn at random"))
+    ablation: str = field(default="quantize", metadata=_help(
+        "what a replaced weight becomes: quantize = its Q(W), zero, or mean = its row's mean",
+        choices=("quantize", "zero", "mean")))
+    fraction: float = field(default=DEFAULT_FRACTION, metadata=_help("the circuit for the circuit-vs-random contrasts"))
+    seed: int = field(default=0, metadata=_help("random units and random sets"))
+    data: DataConfig = field(default_factory=DataConfig)
+    calib: CalibConfig = field(default_factory=lambda: CalibConfig(samples=32))
+    quantize: QuantizeConfig = field(default_factory=lambda: QuantizeConfig(hessian="shared"))
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(samples=48, all_tokens=False))
+
+    def __post_init__(self) -> None:
+        _at_least(self, ("top", "random"), 0)
+        if self.top + self.random < 3:
+            raise ConfigError("--top plus --random must be at least 3 units (a rank correlation needs them)")
+        if not 0 < self.fraction < 1:
+            raise ConfigError(f"--fraction must be in (0, 1), got {self.fraction}")
+
+
 def to_dict(cfg) -> dict:
     """A config as nested plain data (JSON-ready)."""
     return asdict(cfg)

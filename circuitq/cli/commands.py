@@ -8,7 +8,8 @@ from pathlib import Path
 
 from circuitq import __version__
 from circuitq.cli.flags import add_flags, build
-from circuitq.config import (DEFAULT_MODEL, EvalJob, MaskConfig, QuantizeJob, RunConfig, ScoreConfig)
+from circuitq.config import (DEFAULT_MODEL, EvalJob, FaithfulnessJob, MaskConfig, QuantizeJob, RunConfig,
+                             ScoreConfig)
 
 QUANT = [("--bits", "quantize.bits"), ("--group-size", "quantize.group_size"), ("--sym", "quantize.sym"),
          ("--mse", "quantize.mse"), ("--act-order", "quantize.act_order"), ("--hessian", "quantize.hessian"),
@@ -37,8 +38,12 @@ RUN_FLAGS = [("--model", "model"), ("--tasks", "tasks"), ("--bits", "bits"), ("-
              ("--batch-size", ("calib.batch_size", "quantize.batch_size", "eval.batch_size")),
              ("--batch-tokens", "calib.batch_tokens"), ("--attention", "calib.attention"), ("--loss", "calib.loss"),
              ("--seed", "calib.seed"), *DATA]
+FAITH_FLAGS = [("--task", "task"), ("--units", "units"), ("--top", "top"), ("--random", "random"),
+               ("--ablation", "ablation"), ("--fraction", "fraction"), ("--seed", "seed"),
+               ("--calib-samples", "calib.samples"), ("--eval-samples", "eval.samples"), ("--bits", "quantize.bits"),
+               ("--group-size", "quantize.group_size"), *DATA]
 # command -> (default config, flag table): what the CLI-defaults test walks
-TABLES = {"score": (ScoreConfig(), SCORE_FLAGS), "quantize": (QuantizeJob(), QUANTIZE_FLAGS),
+TABLES = {"faithfulness": (FaithfulnessJob(), FAITH_FLAGS), "score": (ScoreConfig(), SCORE_FLAGS), "quantize": (QuantizeJob(), QUANTIZE_FLAGS),
           "mask": (MaskConfig(), MASK_FLAGS), "eval": (EvalJob(), EVAL_FLAGS), "run": (RunConfig(), RUN_FLAGS)}
 
 
@@ -325,11 +330,62 @@ def cmd_app(a) -> int:
     return subprocess.call(cmd)
 
 
+# ---- faithfulness -------------------------------------------------------------------------------
+def add_faithfulness(sub) -> None:
+    p = sub.add_parser("faithfulness", help="does the circuit's attribution predict what replacing its parts does?",
+                       description="Replace one unit at a time (head, KV head, neuron block, module) by Q(W), zero or "
+                                   "its row mean, measure the task loss on the evaluation items, and compare with the "
+                                   "predicted change; then the circuit vs a random set of the same size. Writes OUT "
+                                   "(JSON) and OUT with .csv (one row per unit).")
+    add_flags(p, FaithfulnessJob(), FAITH_FLAGS)
+    p.add_argument("--scores", required=True, help="a scores directory (circuitq score or a run's scores step)")
+    p.add_argument("--model", default=None, help="default: the model the scores were made on")
+    _common(p)
+    p.set_defaults(func=cmd_faithfulness)
+
+
+def cmd_faithfulness(a) -> int:
+    from dataclasses import replace
+
+    import torch
+
+    from circuitq.artifacts import check_writable, write_csv, write_json
+    from circuitq.model.loading import load_model
+    from circuitq.pipeline.stages import faithfulness
+    from circuitq.saliency.files import load_scores
+
+    job = build(FaithfulnessJob(), a, FAITH_FLAGS)
+    out = check_writable(a.out, a.overwrite)
+    sf = load_scores(a.scores)
+    meta = sf["meta"]
+    job = replace(job, task=job.task or meta.get("task"))
+    if not job.task:
+        raise ValueError("the scores do not name their task; pass --task")
+    if "--bits" not in a._argv and meta.get("bits"):
+        job = replace(job, quantize=replace(job.quantize, bits=int(meta["bits"])))
+    torch.manual_seed(job.seed)
+    lm = load_model(a.model or meta.get("model_source") or meta.get("model"), device=device_for(a.device))
+    rep = faithfulness(lm, sf["scores"], job)
+    rep.update(scores=str(a.scores), model=lm.name, model_note=lm.note)
+    write_json(out, rep, overwrite=a.overwrite)
+    write_csv(out.with_suffix(".csv"), [{"unit": u["label"], "size": u["size"], **{f"predicted_{k}": v for k, v in
+                                         u["predicted"].items()}, "measured_loss": u["measured_loss"],
+                                         "measured_metric": u["measured_metric"]} for u in rep["units"]], a.overwrite)
+    c = rep["contrasts"]
+    print(f"[circuitq] {len(rep['units'])} {job.units} units on {job.task} ({job.ablation}): Spearman(predicted, "
+          f"measured) " + ", ".join(f"{k} {v:.3f}" for k, v in rep["spearman"].items())
+          + f"; only the circuit {c['only circuit']['loss_change']:+.4f} vs only random "
+            f"{c['only random']['loss_change']:+.4f} nats; all but the circuit {c['all but circuit']['loss_change']:+.4f} "
+            f"vs all but random {c['all but random']['loss_change']:+.4f}")
+    print(f"[circuitq] wrote {out} and {out.with_suffix('.csv')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="circuitq", description="Task-Circuit Quantization (TaCQ) toolkit")
     p.add_argument("--version", action="version", version=f"circuitq {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (add_quantize, add_score, add_mask, add_compare, add_eval, add_run, add_app):
+    for add in (add_quantize, add_score, add_mask, add_compare, add_eval, add_run, add_faithfulness, add_app):
         add(sub)
     return p
 

@@ -283,3 +283,55 @@ def write_eval(out, doc: dict, items: list[dict], overwrite: bool = False) -> No
     out = Path(out)
     write_json(out, doc, overwrite=overwrite)
     write_csv(out.with_suffix(".csv"), items)
+
+
+# ---------------------------------------------------------------------------------------------
+# faithfulness
+# ---------------------------------------------------------------------------------------------
+CHANCE_ACCURACY = {"mmlu": 0.25, "ioi": 0.5, "greater-than": 0.5, "capitals": 0.0, "induction": 0.0}
+
+
+def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dict:
+    """``circuitq faithfulness`` as a function: per unit, the predicted change (the summed score,
+    and the first-order ``ΣG·ΔW`` from gradients of the calibration items) against the measured
+    change of the task loss on the evaluation items when only that unit is replaced; and the
+    circuit-vs-random contrasts (``circuits.faithfulness``)."""
+    from circuitq.circuits.faithfulness import faithfulness_report, replacement, units
+    from circuitq.data.tasks import Task
+
+    task = Task(job.task, job.data, lm.tokenizer)
+    model = lm.model
+    names = list(target_shapes(model))
+    missing = [n for n in names if n not in scores]
+    if missing:
+        raise ValueError(f"the scores do not cover {len(missing)} weights of this model (e.g. {missing[0]}): "
+                         "score this model first")
+    items = task.eval_items(job.eval.samples)
+    calib_items = task.calib_for(job.calib)
+    weights = {n: model.get_parameter(n).detach() for n in names}
+    quantized = None
+    if job.ablation == "quantize":
+        H = collect_hessians(model, calibration_tokens(calib_items, lm.tokenizer, job.calib), job.quantize,
+                             progress=progress)
+        quantized = quantized_reference(model, job.quantize, hessians=H, progress=progress).weights
+    values = replacement(weights, job.ablation, quantized)
+    grads = collect_gradients(model, lm.tokenizer, calib_items, job.calib, ("sum",), progress=progress)["stats"].tensors
+    first = {n: grads["sum"][n].float() * (values[n].float() - weights[n].float()) for n in names}
+
+    def loss_fn(m):
+        r = evaluate(m, lm.tokenizer, items, task.kind, None, job.eval, progress=False).metrics
+        return r["nll_per_token"], r.get(r.get("task_metric") or "accuracy")
+
+    base = evaluate(model, lm.tokenizer, items, task.kind, None, job.eval, progress=False).metrics
+    chance = CHANCE_ACCURACY.get(task.kind)
+    if chance is not None and base.get("accuracy") is not None and base["accuracy"] <= chance + 0.05:
+        say(f"[circuitq] warning: the unquantized model is at chance on {job.task} (accuracy {base['accuracy']:.3f}, "
+            f"chance {chance:.2f}); the measured changes are still reported, but a circuit of a task the model "
+            "cannot do says little")
+    unit_list = units({n: tuple(w.shape) for n, w in weights.items()}, Geometry.from_config(model.config), job.units)
+    rep = faithfulness_report(model, loss_fn, {n: scores[n].float() for n in names}, unit_list, values,
+                              {"score": {n: scores[n].float() for n in names}, "first-order": first},
+                              job.top, job.random, job.fraction, job.seed, progress)
+    rep.update(task=job.task, units_kind=job.units, ablation=job.ablation, items=len(items),
+               base_accuracy=base.get("accuracy"), circuitq_version=__version__)
+    return rep

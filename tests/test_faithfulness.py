@@ -1,0 +1,110 @@
+"""Faithfulness: units are the right slices, replacing a unit touches only it and is undone bit
+for bit, and for a small change the first-order prediction equals the measured change."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from circuitq.circuits.faithfulness import complement, random_like, replaced, spearman, unit_sum, units
+from circuitq.model.arch import Geometry, target_shapes
+from conftest import tiny_model
+
+
+def test_units_are_gqa_aware_slices():
+    model = tiny_model(seed=0)
+    geo = Geometry.from_config(model.config)          # 4 query heads, 2 KV heads, head dim 16, MLP 128
+    shapes = target_shapes(model)
+    heads = units(shapes, geo, "heads")
+    assert [u.label for u in heads[:4]] == ["L0.H0", "L0.H1", "L0.H2", "L0.H3"] and len(heads) == 8
+    h1 = heads[1].entries
+    q = h1["model.layers.0.self_attn.q_proj.weight"]
+    o = h1["model.layers.0.self_attn.o_proj.weight"]
+    assert q[16:32].all() and q.sum() == 16 * 64 and o[:, 16:32].all() and o.sum() == 64 * 16
+    kv = units(shapes, geo, "kv-heads")
+    assert len(kv) == 4 and kv[1].entries["model.layers.0.self_attn.k_proj.weight"][16:32].all()
+    neurons = units(shapes, geo, "neurons", block=64)
+    assert len(neurons) == 4 and neurons[0].entries["model.layers.0.mlp.down_proj.weight"][:, :64].all()
+    assert len(units(shapes, geo, "modules")) == 14
+    with pytest.raises(ValueError, match="unknown unit kind"):
+        units(shapes, geo, "layers")
+
+
+def test_replacing_a_unit_changes_only_it_and_is_undone():
+    model = tiny_model(seed=1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    u = units(target_shapes(model), Geometry.from_config(model.config), "heads")[2]
+    zeros = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    with replaced(model, u.entries, zeros):
+        for n, p in model.named_parameters():
+            if n in u.entries:
+                assert (p[u.entries[n]] == 0).all() and torch.equal(p[~u.entries[n]], before[n][~u.entries[n]])
+            else:
+                assert torch.equal(p, before[n])
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_first_order_prediction_matches_a_small_measured_change():
+    """Loss = mean NLL of fixed tokens; for a small replacement the change per unit is Σ G·ΔW
+    (measured as a central difference, which cancels the second-order term; HF's RMSNorm
+    computes in float32, so the change must stay well above float32 rounding of the loss)."""
+    model = tiny_model(seed=2).double()
+    ids = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(0))
+
+    def nll(m):   # in float64 (HF's own loss casts logits to float32)
+        logits = m(input_ids=ids).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+    def loss(m):
+        with torch.no_grad():
+            return float(nll(m))
+
+    model.zero_grad()
+    nll(model).backward()
+    shapes = target_shapes(model)
+    G = {n: model.get_parameter(n).grad.detach().clone() for n in shapes}
+    g = torch.Generator().manual_seed(1)
+    dW = {n: 1e-4 * torch.randn(s, generator=g, dtype=torch.float64) for n, s in shapes.items()}
+    plus = {n: model.get_parameter(n).detach() + dW[n] for n in shapes}
+    minus = {n: model.get_parameter(n).detach() - dW[n] for n in shapes}
+    pred, meas = [], []
+    for u in units(shapes, Geometry.from_config(model.config), "heads"):
+        pred.append(unit_sum(u, {n: G[n] * dW[n] for n in shapes}))
+        with replaced(model, u.entries, plus):
+            up = loss(model)
+        with replaced(model, u.entries, minus):
+            down = loss(model)
+        meas.append((up - down) / 2)
+    for p, m in zip(pred, meas):
+        assert m == pytest.approx(p, rel=1e-2)
+    assert spearman(pred, meas) > 0.95
+
+
+def test_random_sets_match_the_circuit_size_and_complements():
+    shapes = {"a": (4, 8), "b": (2, 2)}
+    circ = {"a": torch.zeros(4, 8, dtype=torch.bool), "b": torch.ones(2, 2, dtype=torch.bool)}
+    circ["a"][0, :5] = True
+    r = random_like(circ, shapes, 0)
+    assert int(r["a"].sum()) == 5 and int(r["b"].sum()) == 4
+    c = complement(circ, shapes)
+    assert int(c["a"].sum()) == 27 and int(c["b"].sum()) == 0
+
+
+def test_faithfulness_cli_end_to_end(tmp_path, tiny_dir):
+    from circuitq.cli import main
+    from test_score import _score, _task
+
+    d, _ = tiny_dir
+    task = _task(tmp_path)
+    assert _score(d, task, tmp_path / "s", "--group-size", "32") == 0
+    out = tmp_path / "f.json"
+    assert main(["faithfulness", "--scores", str(tmp_path / "s"), "--units", "heads", "--top", "2", "--random", "2",
+                 "--calib-samples", "6", "--eval-samples", "6", "--group-size", "32", "--fraction", "0.05",
+                 "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert len(rep["units"]) == 4 and set(rep["spearman"]) == {"score", "first-order"}
+    assert set(rep["contrasts"]) == {"only circuit", "only random", "all but circuit", "all but random"}
+    assert rep["contrasts"]["all but random"]["loss_change"] != 0
+    assert main(["faithfulness", "--scores", str(tmp_path / "s"), "--top", "1", "--random", "1",
+                 "--out", str(tmp_path / "g.json")]) == 2   # too few units for a rank correlation
