@@ -15,7 +15,7 @@ from circuitq.config import (DEFAULT_FRACTION, ConfigError, QuantizeConfig, RunC
 from conftest import task_data, tiny_model
 
 REQUIRED = {"score": ["--out", "x"], "quantize": ["--out", "x"], "mask": ["--scores", "s", "--out", "x"],
-            "eval": ["--model", "m", "--out", "x"], "run": []}
+            "eval": ["--model", "m", "--out", "x"], "run": [], "faithfulness": ["--scores", "s", "--out", "x"]}
 
 
 @pytest.mark.parametrize("command", sorted(TABLES))
