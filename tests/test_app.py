@@ -213,3 +213,21 @@ def test_browser_end_to_end(runs, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+def test_faithfulness_page(runs, monkeypatch):
+    """A real `circuitq faithfulness` report inside a scores directory is listed and drawn."""
+    root, data = runs
+    out = root / "other" / "mmlu" / "faithfulness-heads.json"
+    assert main(["faithfulness", "--scores", str(root / "other" / "mmlu"), "--units", "heads", "--top", "2",
+                 "--random", "2", "--calib-samples", "4", "--eval-samples", "4", "--group-size", "32",
+                 "--data-dir", str(data), "--out", str(out)]) == 0
+    at = _app(root, monkeypatch)
+    at.sidebar.radio(key="page").set_value("Faithfulness").run()
+    at.sidebar.selectbox(key="run").set_value("other").run()
+    assert not at.exception, at.exception
+    labels = [m.label for m in at.metric]
+    assert "Spearman: score" in labels and "Spearman: first-order" in labels
+    assert len(at.get("plotly_chart")) == 2
+    at.sidebar.selectbox(key="run").set_value("small").run()
+    assert any("circuitq faithfulness --scores" in i.value for i in at.info)

@@ -88,6 +88,7 @@ class RunEntry:
     results: list[dict] = field(default_factory=list)
     transfer: list[dict] = field(default_factory=list)
     info: dict = field(default_factory=dict)
+    faithfulness: list[tuple[Path, dict]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -198,7 +199,24 @@ def read_run(d: Path, root: Path | None = None) -> RunEntry:
     if (d / "masks").is_dir():
         e.masks += [_mask_entry(f) for f in sorted((d / "masks").glob("*.safetensors"))]
     e.models = _models(d)
+    e.faithfulness = _faithfulness(d)
     return e
+
+
+def _faithfulness(d: Path) -> list[tuple[Path, dict]]:
+    """``circuitq faithfulness`` reports in the run directory or one level below (e.g. inside a
+    scores directory); files of another format are ignored."""
+    out = []
+    for f in sorted([*d.glob("*.json"), *d.glob("*/*.json")]):
+        if f.name in ("run.json", "results.json", "score.json", "step.json", "circuitq.json"):
+            continue
+        try:
+            doc = _json(f)
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and doc.get("format") == "circuitq.faithfulness":
+            out.append((f, doc))
+    return out
 
 
 def scan_runs(runs_dir: str | Path) -> list[RunEntry]:

@@ -327,12 +327,43 @@ def jobs_panel(run: R.RunEntry) -> None:
         st.caption("No exported models yet.")
 
 
+def page_faithfulness(run: R.RunEntry) -> None:
+    """Measured vs predicted change per unit, and the circuit against random sets."""
+    import plotly.graph_objects as go
+
+    st.header("Faithfulness")
+    if not run.faithfulness:
+        st.info("No faithfulness report in this run. Make one with: circuitq faithfulness --scores SCORES_DIR "
+                "--units heads --out SCORES_DIR/faithfulness-heads.json")
+        return
+    labels = [f"{d.get('task')} · {d.get('units_kind')} · {d.get('ablation')} · {p.name}" for p, d in run.faithfulness]
+    i = st.selectbox("Report", range(len(labels)), format_func=lambda k: labels[k], key="faith_pick")
+    doc = run.faithfulness[i][1]
+    rho = doc.get("spearman", {})
+    cols = st.columns(max(len(rho), 1) + 1)
+    for c, (k, v) in zip(cols, rho.items()):
+        c.metric(f"Spearman: {k}", "—" if v != v else f"{v:.3f}")
+    cols[-1].metric("only circuit / only random", f"{doc.get('only_circuit_over_only_random', float('nan')):.2f}×")
+    est = st.radio("Predicted by", list(rho) or ["score"], horizontal=True, key="faith_est")
+    units = doc.get("units", [])
+    fig = go.Figure(go.Scatter(x=[u["predicted"].get(est) for u in units], y=[u["measured_loss"] for u in units],
+                               mode="markers+text", text=[u["label"] for u in units], textposition="top center"))
+    fig.update_layout(xaxis_title=f"predicted ({est})", yaxis_title="measured change of the task loss (nats)",
+                      height=460, title="One unit replaced at a time")
+    st.plotly_chart(fig, key="faith_scatter")
+    con = doc.get("contrasts", {})
+    bars = go.Figure(go.Bar(x=list(con), y=[v["loss_change"] for v in con.values()]))
+    bars.update_layout(yaxis_title="change of the task loss (nats)", height=360,
+                       title=f"The circuit ({doc.get('circuit_entries', 0):,} weights) vs a random set of the same size")
+    st.plotly_chart(bars, key="faith_bars")
+
+
 def main() -> None:
     st.set_page_config(page_title="circuitq explorer", layout="wide")
     root = runs_dir()
     st.sidebar.title("circuitq")
     st.sidebar.caption(f"runs: {root}")
-    page = st.sidebar.radio("Page", ["Explore", "Compare", "Export"], key="page")
+    page = st.sidebar.radio("Page", ["Explore", "Compare", "Faithfulness", "Export"], key="page")
     runs = catalog(root)
     run = pick_run(runs, "run")
     if run is None:
@@ -342,6 +373,8 @@ def main() -> None:
         page_explore(run)
     elif page == "Compare":
         page_compare(runs, run)
+    elif page == "Faithfulness":
+        page_faithfulness(run)
     else:
         page_export(root, run)
     st.sidebar.caption(f"page drawn in {time.perf_counter() - t0:.1f}s")

@@ -332,6 +332,6 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
     rep = faithfulness_report(model, loss_fn, {n: scores[n].float() for n in names}, unit_list, values,
                               {"score": {n: scores[n].float() for n in names}, "first-order": first},
                               job.top, job.random, job.fraction, job.seed, progress)
-    rep.update(task=job.task, units_kind=job.units, ablation=job.ablation, items=len(items),
+    rep.update(format="circuitq.faithfulness", task=job.task, units_kind=job.units, ablation=job.ablation, items=len(items),
                base_accuracy=base.get("accuracy"), circuitq_version=__version__)
     return rep
