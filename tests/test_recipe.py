@@ -266,3 +266,24 @@ def test_eval_split_flag_on_eval_and_run():
     from circuitq.cli.commands import EVAL_FLAGS, RUN_FLAGS
 
     assert ("--eval-split", "data.eval_split") in EVAL_FLAGS and ("--eval-split", "data.eval_split") in RUN_FLAGS
+
+
+def test_run_with_the_paper_preset_end_to_end(tmp_path, tiny_dir):
+    """The whole recipe through `circuitq run` (sequential per-channel MSE GPTQ for Q(W) and the
+    final model, all-token loss, few-shot raw prompts, a token budget) at a tiny size."""
+    import json
+
+    from circuitq.cli import main
+
+    d, _ = tiny_dir
+    out = tmp_path / "run"
+    assert main(["run", "--preset", "tacq-paper", "--model", str(d), "--tasks", "mmlu", "gsm8k", "--bits", "3",
+                 "--data-dir", str(task_data(tmp_path)), "--calib-tokens", "640", "--calib-seq-len", "64",
+                 "--eval-samples", "4", "--eval-seq-len", "96", "--fraction", "0.02", "--baselines", "grad",
+                 "--out", str(out)]) == 0
+    doc = json.loads((out / "run.json").read_text())
+    cfg = doc["config"]
+    assert cfg["quantize"]["hessian"] == "sequential" and cfg["quantize"]["group_size"] == -1 and cfg["quantize"]["mse"]
+    assert cfg["calib"]["loss"] == "all" and cfg["calib"]["tokens"] == 640 and cfg["data"]["template"] == "raw"
+    assert any("one per sequence" in line for line in doc["log"])
+    assert any("per-sample gradients of" in line and "calibration items" in line for line in doc["log"])

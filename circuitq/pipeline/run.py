@@ -139,6 +139,7 @@ class Runner:
                              {t: examples_digest(self.items(t, "eval")) for t in cfg.tasks})
         self.fp = self.keys.fp
         self._hessians: dict = {}
+        self._windows: dict = {}
         self._ref_logits: dict = {}
         self._reference: dict = {}
         self.counts = {"reused": 0, "computed": 0}
@@ -182,7 +183,7 @@ class Runner:
         found = self._reuse("stats", key)
         if found:
             return load_stats(found / "stats.safetensors", self.device)[0]
-        self.say(f"{task}: per-sample gradients of {self.cfg.calib.samples} calibration samples")
+        self.say(f"{task}: per-sample gradients of {len(self.items(task, 'calib'))} calibration items")
         res = stages.collect_gradients(self.lm.model, self.lm.tokenizer, self.items(task, "calib"), self.cfg.calib,
                                        ("sum_abs",), progress=self.progress, model_path=self.lm.source)
         with self.store.create("stats", key, f"stats-{_slug(task)}") as tmp:
@@ -191,13 +192,18 @@ class Runner:
         self.counts["computed"] += 1
         return res["stats"]
 
-    def windows(self, task: str) -> torch.Tensor:
-        return stages.calibration_tokens(self.items(task, "calib"), self.lm.tokenizer, self.cfg.calib)
+    def windows(self, task: str):
+        """The task's calibration items as GPTQ sees them (one per sequence, padding masked)."""
+        if task not in self._windows:
+            w = stages.calibration_tokens(self.items(task, "calib"), self.lm.tokenizer, self.cfg.calib)
+            self.say(f"{task}: GPTQ calibration: {w.tokens} tokens in {w.ids.shape[0]} items, one per sequence")
+            self._windows[task] = w
+        return self._windows[task]
 
     def hessians(self, task: str):
         if task not in self._hessians:
             w = self.windows(task)
-            self.say(f"{task}: Hessians of every linear input from {w.tokens} calibration tokens ({w.ids.shape[0]} items, one per sequence)")
+            self.say(f"{task}: Hessians of every linear input (shared by every mask)")
             self._hessians[task] = stages.collect_hessians(self.lm.model, w, self.cfg.quantize, self.device,
                                                            self.progress)
         return self._hessians[task]
