@@ -257,7 +257,8 @@ class FaithfulnessJob:
     top: int = field(default=10, metadata=_help("units with the highest summed score"))
     random: int = field(default=10, metadata=_help("further units drawn at random"))
     ablation: str = field(default="quantize", metadata=_help(
-        "what a replaced weight becomes: quantize = its Q(W), zero, or mean = its row's mean",
+        "what a replaced weight becomes: quantize = round-to-nearest at --bits and --group-size (entry by "
+        "entry), zero, or mean = its row's mean",
         choices=("quantize", "zero", "mean")))
     fraction: float = field(default=DEFAULT_FRACTION, metadata=_help("the circuit for the circuit-vs-random contrasts"))
     seed: int = field(default=0, metadata=_help("random units and random sets"))

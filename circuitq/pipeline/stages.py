@@ -295,7 +295,9 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
     """``circuitq faithfulness`` as a function: per unit, the predicted change (the summed score,
     and the first-order ``ΣG·ΔW`` from gradients of the calibration items) against the measured
     change of the task loss on the evaluation items when only that unit is replaced; and the
-    circuit-vs-random contrasts (``circuits.faithfulness``)."""
+    circuit-vs-random contrasts (``circuits.faithfulness``). ``ablation="quantize"`` replaces
+    entries by their round-to-nearest value at ``job.quantize``'s bits and group size (elementwise,
+    so a subset can be quantized alone; GPTQ's values are a joint solution)."""
     from circuitq.circuits.faithfulness import faithfulness_report, replacement, units
     from circuitq.data.tasks import Task
 
@@ -311,9 +313,10 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
     weights = {n: model.get_parameter(n).detach() for n in names}
     quantized = None
     if job.ablation == "quantize":
-        H = collect_hessians(model, calibration_tokens(calib_items, lm.tokenizer, job.calib), job.quantize,
-                             progress=progress)
-        quantized = quantized_reference(model, job.quantize, hessians=H, progress=progress).weights
+        # entry by entry: round-to-nearest at the same bits and group size. GPTQ's Q(W) is a joint
+        # solution (its updates compensate other entries' errors), so putting GPTQ values into a
+        # subset of entries is not the effect of quantizing that subset.
+        quantized = quantized_reference(model, replace(job.quantize, method="rtn"), progress=progress).weights
     values = replacement(weights, job.ablation, quantized)
     grads = collect_gradients(model, lm.tokenizer, calib_items, job.calib, ("sum",), progress=progress)["stats"].tensors
     first = {n: grads["sum"][n].float() * (values[n].float() - weights[n].float()) for n in names}
