@@ -170,10 +170,12 @@ def summary(rows, diags, cmd, seconds) -> str:
     for t in tasks:
         d = [x for x in diags if x["task"] == t]
         f = lambda k: statistics.fmean(x[k] for x in d)  # noqa: E731
-        dominant = max(("grad", "dW", "W"), key=lambda k: f(f"sd_log_{k}"))
+        widest = max(("grad", "dW", "W"), key=lambda k: f(f"sd_log_{k}"))
+        closest = max(("grad", "dW", "W"), key=lambda k: f(f"rho_tacq_{k}"))
         L.append(f"- {t}: the log-spread of the factors is Σ|G| {f('sd_log_grad'):.2f}, |ΔW| {f('sd_log_dW'):.2f}, "
-                 f"|W| {f('sd_log_W'):.2f} decades; the widest ({dominant}) dominates TaCQ's ranking (Spearman with "
-                 f"TaCQ: Σ|G| {f('rho_tacq_grad'):.2f}, |ΔW| {f('rho_tacq_dW'):.2f}, |W| {f('rho_tacq_W'):.2f}). "
+                 f"|W| {f('sd_log_W'):.2f} decades (widest: {widest}); TaCQ's ranking follows {closest} most "
+                 f"(Spearman with TaCQ: Σ|G| {f('rho_tacq_grad'):.2f}, |ΔW| {f('rho_tacq_dW'):.2f}, "
+                 f"|W| {f('rho_tacq_W'):.2f}). "
                  f"{f('dW_below_0.05_step'):.1%} of the weights move less than 0.05 grid steps (|ΔW| = 0: "
                  f"{f('dW_zero'):.1%}); TaCQ and grad circuits overlap at IoU {f('iou_tacq_grad'):.2f}; layers 0-1 hold "
                  f"{f('share_layers01_tacq'):.0%} of TaCQ's circuit and {f('share_layers01_grad'):.0%} of grad's.")
@@ -182,8 +184,10 @@ def summary(rows, diags, cmd, seconds) -> str:
             if other == best:
                 continue
             (bm, bs), (om, os_) = agg[(t, best)], agg[(t, other)]
-            L.append(f"  - {best} vs {other}: KL {bm:.4f} vs {om:.4f}, "
-                     f"{'beyond' if om - bm > bs + os_ else 'within'} the seed spread ({bs + os_:.4f}).")
+            one = len({r["seed"] for r in rows if r["task"] == t}) < 2
+            L.append(f"  - {best} vs {other}: KL {bm:.4f} vs {om:.4f}, " + (
+                "one seed: no seed spread to compare with." if one else
+                f"{'beyond' if om - bm > bs + os_ else 'within'} the seed spread ({bs + os_:.4f})."))
     return "\n".join(L) + "\n"
 
 

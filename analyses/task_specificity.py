@@ -127,14 +127,19 @@ def summary(rows, dom, cmd, seconds) -> str:
             L.append(f"| {r['task']} | {r['method']} | {r['seeds']} | {r['kl_mean']:.4f} ± {r['kl_std']:.4f} | {fa} | {fg} |")
         L.append("")
         ds = [d for d in dom if d["variant"] == v]
+        one = all(r["seeds"] < 2 for r in rows if r["variant"] == v)
+        if one:
+            L += ["*One seed only: there is no seed spread, so nothing below can be called beyond it; the "
+                  "item-bootstrap verdict of the run report is the only noise estimate.*", ""]
         for d in ds:
             L.append(f"- On {d['evaluated_on']}: own circuit KL {d['own_kl']:.4f} vs {d['other_circuit']}'s "
                      f"{d['other_kl']:.4f} (margin {d['margin']:+.4f}, seed spread {d['seed_spread']:.4f}): "
-                     f"{'beyond' if d['beyond_seed_spread'] else 'not beyond'} the seed spread; beyond the item "
+                     f"{'seed spread unknown' if one else ('beyond' if d['beyond_seed_spread'] else 'not beyond') + ' the seed spread'}; beyond the item "
                      f"bootstrap in {d['seeds_beyond_item_noise']} seeds.")
         if ds:
-            ok = all(d["beyond_seed_spread"] for d in ds)
-            L += ["", f"**Diagonal-dominant beyond the seed spread: {'yes' if ok else 'no'}.**", ""]
+            ok = all(d["beyond_seed_spread"] for d in ds) and not one
+            L += ["", f"**Diagonal-dominant beyond the seed spread: {'yes' if ok else 'no'}"
+                  f"{' (one seed: not decidable)' if one else ''}.**", ""]
         by = {(r["task"], r["method"]): r for r in rows if r["variant"] == v}
         for t in sorted({r["task"] for r in rows if r["variant"] == v}):
             a, g = by.get((t, "tacq")), by.get((t, "grad"))
@@ -142,7 +147,7 @@ def summary(rows, dom, cmd, seconds) -> str:
                 d, s = g["kl_mean"] - a["kl_mean"], a["kl_std"] + g["kl_std"]
                 L.append(f"- {t}: tacq KL {a['kl_mean']:.4f} vs grad {g['kl_mean']:.4f}: "
                          f"{'tacq' if d > 0 else 'grad'} lower by {abs(d):.4f} "
-                         f"({'beyond' if abs(d) > s else 'within'} the seed spread {s:.4f}).")
+                         + ("(one seed)." if one else f"({'beyond' if abs(d) > s else 'within'} the seed spread {s:.4f})."))
         L.append("")
     return "\n".join(L) + "\n"
 
