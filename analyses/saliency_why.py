@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import platform
 import statistics
 import sys
@@ -35,7 +36,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-CANDIDATES = ("tacq", "grad", "tacq-nw", "taylor2", "grad-rel")
+CANDIDATES = ("tacq", "grad", "tacq-nw", "spqr", "taylor2", "grad-rel")
+CROSS = ("tacq", "tacq-nw", "grad")   # candidates whose circuits are also scored on the other task
 
 
 def candidate_scores(name, W, dW, st, n) -> torch.Tensor:
@@ -93,22 +95,26 @@ def diagnostics(weights, dW, stats, steps, masks) -> dict:
     return out
 
 
-def run_task(lm, task_name: str, seed: int, a) -> tuple[list[dict], dict]:
+def prepare_task(lm, task_name: str, seed: int, a) -> dict:
+    """Scores, Hessians, the mask-free GPTQ model and every candidate's circuit of one task."""
     import circuitq
-    from circuitq.config import CalibConfig, EvalConfig, MaskConfig, QuantizeConfig
+    from circuitq.config import CalibConfig, MaskConfig, QuantizeConfig
     from circuitq.data.tasks import Task
     from circuitq.pipeline import stages
-    from circuitq.quant.driver import quant_spec
+    from circuitq.quant.driver import Reference, quant_spec, quantize_copy
 
     calib = CalibConfig(samples=a.calib_samples, seed=seed)
     q = QuantizeConfig(bits=a.bits, group_size=a.group_size, hessian="shared")
-    ev = EvalConfig(samples=a.eval_samples)
     task = Task(task_name, circuitq.DataConfig(data_dir=a.data_dir), lm.tokenizer)
     items = task.calib_for(calib)
+    print(f"  {task_name} seed {seed}: gradients, Hessians and Q(W)", flush=True)
     stats = stages.collect_gradients(lm.model, lm.tokenizer, items, calib, ("sum_abs", "sum", "sum_sq"),
                                      progress=False)["stats"].tensors
     H = stages.collect_hessians(lm.model, stages.calibration_tokens(items, lm.tokenizer, calib), q, progress=False)
-    ref = stages.quantized_reference(lm.model, q, hessians=H)
+    # the mask-free GPTQ model is both the gptq baseline and Q(W) (with the errors SpQR reads)
+    twin, res = quantize_copy(lm.model, q, None, H, None, None, False, keep_hinv=True)
+    ref = Reference({n: twin.get_parameter(n).detach() for n in circuitq.target_shapes(lm.model)},
+                    res.hinv_diag, q, res.gptq_errors)
     weights = {n: lm.model.get_parameter(n).detach().float() for n in circuitq.target_shapes(lm.model)}
     dW = {n: ref.weights[n].float() - weights[n] for n in weights}
     spec = quant_spec(q)
@@ -118,22 +124,46 @@ def run_task(lm, task_name: str, seed: int, a) -> tuple[list[dict], dict]:
         wg = w.reshape(w.shape[0], -1, g)
         st = ((wg.amax(-1) - wg.amin(-1)) / spec.maxq).clamp(min=1e-12)
         steps[n] = st.repeat_interleave(g, dim=1)
-    masks = {c: stages.select({n: candidate_scores(c, weights[n], dW[n], stats, n) for n in weights},
-                              MaskConfig(fraction=a.fraction)) for c in CANDIDATES}
-    diag = diagnostics(weights, dW, stats, steps, masks)
-    evitems = task.eval_items(a.eval_samples)
-    cache: dict = {}
-    stages.evaluate(lm.model, lm.tokenizer, evitems, task.kind, None, ev, False, logits_out=cache)
+    masks = {}
+    for c in a.candidates:
+        sc = (stages.score_weights("spqr", lm.model, reference=ref) if c == "spqr" else
+              {n: candidate_scores(c, weights[n], dW[n], stats, n) for n in weights})
+        masks[c] = stages.select(sc, MaskConfig(fraction=a.fraction))
+    diag = diagnostics(weights, dW, stats, steps, masks) if a.diagnostics else {}
+    del stats, steps, dW
+    return {"task": task, "q": q, "H": H, "masks": masks, "gptq": (twin, res), "diag": diag}
+
+
+def evaluate_seed(lm, prepared: dict, seed: int, a) -> list[dict]:
+    """KL of the gptq model, every candidate's own circuit and the other tasks' circuits
+    (``c[other]``) on each task's evaluation half."""
+    from circuitq.config import EvalConfig
+    from circuitq.pipeline import stages
+
+    ev = EvalConfig(samples=a.eval_samples)
     rows = []
-    for c in [None, *CANDIDATES]:
-        twin, res = stages.quantize(lm.model, q, hessians=H, masks=masks.get(c), progress=False)
-        m = stages.evaluate(twin, lm.tokenizer, evitems, task.kind, None, ev, False, reference_logits=cache).metrics
-        rows.append({"task": task_name, "seed": seed, "method": c or "gptq", "kl": m["kl"], "kl_all": m.get("kl_all"),
-                     "top1": m["top1_agreement"], "nll": m["nll_per_token"], "average_bits": res.bits.average_bits})
-        print(f"  {task_name} seed {seed} {rows[-1]['method']:<9} KL {m['kl']:.4f}"
-              + (f" KL_all {m['kl_all']:.4f}" if m.get("kl_all") is not None else ""), flush=True)
-        del twin
-    return rows, {"task": task_name, "seed": seed, **diag}
+    for name, P in prepared.items():
+        task = P["task"]
+        evitems = task.eval_items(a.eval_samples)
+        cache: dict = {}
+        stages.evaluate(lm.model, lm.tokenizer, evitems, task.kind, None, ev, False, logits_out=cache)
+        jobs = [("gptq", None)] + [(c, P["masks"][c]) for c in a.candidates]
+        jobs += [(f"{c}[{o}]", prepared[o]["masks"][c]) for o in prepared if o != name
+                 for c in a.cross if c in prepared[o]["masks"]]
+        for label, mask in jobs:
+            if mask is None:
+                twin, res = P["gptq"]
+            else:
+                twin, res = stages.quantize(lm.model, P["q"], hessians=P["H"], masks=mask, progress=False)
+            m = stages.evaluate(twin, lm.tokenizer, evitems, task.kind, None, ev, False, reference_logits=cache).metrics
+            rows.append({"task": name, "seed": seed, "method": label, "kl": m["kl"], "kl_all": m.get("kl_all"),
+                         "top1": m["top1_agreement"], "nll": m["nll_per_token"],
+                         "average_bits": res.bits.average_bits})
+            print(f"  {name} seed {seed} {label:<14} KL {m['kl']:.4f}"
+                  + (f" KL_all {m['kl_all']:.4f}" if m.get("kl_all") is not None else ""), flush=True)
+            del twin
+        P["gptq"] = None
+    return rows
 
 
 def _ms(v):
@@ -141,54 +171,119 @@ def _ms(v):
     return (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0) if v else (None, None)
 
 
+def _beyond(a: tuple, b: tuple) -> str:
+    """'beyond' when the means differ by more than the sum of the seed sds, else 'within'."""
+    return "beyond" if abs(a[0] - b[0]) > a[1] + b[1] else "within"
+
+
 def summary(rows, diags, cmd, seconds) -> str:
-    L = ["# Why Σ|G| beats TaCQ on the default model, and what beats both", "", f"Command: `{cmd}`  ",
-         f"Machine: {platform.platform()}, {platform.processor() or 'cpu'}; {seconds / 60:.1f} min.", "",
+    seeds_all = sorted({r["seed"] for r in rows})
+    L = ["# Why Σ|G| beats TaCQ on the default model, and what beats both", "", f"Command(s): `{cmd}`  ",
+         f"Machine: {platform.platform()}, {platform.processor() or 'cpu'}, {os.cpu_count()} cores; "
+         f"last invocation {seconds / 60:.1f} min. Seeds: {', '.join(map(str, seeds_all))}.", "",
          "SmolLM2-135M-Instruct, **weights dequantized from a 4-bit (Q4_1) GGUF file**. 3-bit, group 64, shared "
          "Hessians, 0.35% of the weights in 16-bit, 32 calibration items per seed, 48 evaluation items (the task's "
-         "evaluation half). Mean ± sd over seeds.", "", "## Diagnostics (mean over seeds)", ""]
-    keys = [k for k in diags[0] if k not in ("task", "seed")]
-    tasks = sorted({d["task"] for d in diags})
+         "evaluation half, never used for calibration). Mean ± sd over seeds; a difference is *beyond* the seed "
+         "spread when the means differ by more than the sum of the two sds.", "",
+         "## Diagnostics (mean over seeds)", ""]
+    keys = sorted({k for d in diags for k in d if k not in ("task", "seed")},
+                  key=lambda k: (not k.startswith(("sd_", "rho_", "dW_")), k))
+    tasks = sorted({r["task"] for r in rows})
     L += ["| measure | " + " | ".join(tasks) + " |", "| --- |" + " --- |" * len(tasks)]
     for k in keys:
-        L.append(f"| {k} | " + " | ".join(f"{statistics.fmean(d[k] for d in diags if d['task'] == t):.3f}"
-                                          for t in tasks) + " |")
-    L += ["", "## Quality: KL to the original", "", "| task | method | seeds | KL | KL every token | gap closed |",
-          "| --- | --- | --- | --- | --- | --- |"]
-    agg = {}
+        cells = []
+        for t in tasks:
+            v = [float(d[k]) for d in diags if d["task"] == t and d.get(k) not in (None, "")]
+            cells.append(f"{statistics.fmean(v):.3f} (n={len(v)})" if v else "—")
+        L.append(f"| {k} | " + " | ".join(cells) + " |")
+    L += ["", "## Quality: KL to the original", "",
+          "| task | method | seeds | KL | KL every token | top-1 | gap closed |",
+          "| --- | --- | --- | --- | --- | --- | --- |"]
+    agg, gapagg = {}, {}
+    order = ["gptq", *CANDIDATES]
+    methods = sorted({r["method"] for r in rows}, key=lambda m: (order.index(m) if m in order else len(order), m))
     for t in tasks:
-        for m in ("gptq", *CANDIDATES):
+        g = {r["seed"]: r["kl"] for r in rows if r["task"] == t and r["method"] == "gptq"}
+        for m in methods:
             sel = [r for r in rows if r["task"] == t and r["method"] == m]
-            g = {r["seed"]: r["kl"] for r in rows if r["task"] == t and r["method"] == "gptq"}
+            if not sel:
+                continue
             km, ks = _ms([r["kl"] for r in sel])
             am, as_ = _ms([r["kl_all"] for r in sel])
-            gm, gs = _ms([1 - r["kl"] / g[r["seed"]] for r in sel])
-            agg[(t, m)] = (km, ks)
+            tm, _ = _ms([r["top1"] for r in sel])
+            gm, gs = _ms([1 - r["kl"] / g[r["seed"]] for r in sel if r["seed"] in g])
+            agg[(t, m)] = (km, ks, len(sel))
+            gapagg[(t, m)] = (gm, gs)
             L.append(f"| {t} | {m} | {len(sel)} | {km:.4f} ± {ks:.4f} | "
-                     + (f"{am:.4f} ± {as_:.4f}" if am is not None else "—") + f" | {gm:.3f} ± {gs:.3f} |")
+                     + (f"{am:.4f} ± {as_:.4f}" if am is not None else "—") + f" | {tm:.3f} | "
+                     + (f"{gm:.3f} ± {gs:.3f}" if gm is not None else "—") + " |")
     L += ["", "## Findings (computed)", ""]
     for t in tasks:
-        d = [x for x in diags if x["task"] == t]
-        f = lambda k: statistics.fmean(x[k] for x in d)  # noqa: E731
-        widest = max(("grad", "dW", "W"), key=lambda k: f(f"sd_log_{k}"))
-        closest = max(("grad", "dW", "W"), key=lambda k: f(f"rho_tacq_{k}"))
-        L.append(f"- {t}: the log-spread of the factors is Σ|G| {f('sd_log_grad'):.2f}, |ΔW| {f('sd_log_dW'):.2f}, "
-                 f"|W| {f('sd_log_W'):.2f} decades (widest: {widest}); TaCQ's ranking follows {closest} most "
-                 f"(Spearman with TaCQ: Σ|G| {f('rho_tacq_grad'):.2f}, |ΔW| {f('rho_tacq_dW'):.2f}, "
-                 f"|W| {f('rho_tacq_W'):.2f}). "
-                 f"{f('dW_below_0.05_step'):.1%} of the weights move less than 0.05 grid steps (|ΔW| = 0: "
-                 f"{f('dW_zero'):.1%}); TaCQ and grad circuits overlap at IoU {f('iou_tacq_grad'):.2f}; layers 0-1 hold "
-                 f"{f('share_layers01_tacq'):.0%} of TaCQ's circuit and {f('share_layers01_grad'):.0%} of grad's.")
-        best = min(CANDIDATES, key=lambda m: agg[(t, m)][0])
-        for other in CANDIDATES:
+        d = [x for x in diags if x["task"] == t and x.get("rho_tacq_grad") not in (None, "")]
+        if d:
+            f = lambda k: statistics.fmean(float(x[k]) for x in d)  # noqa: E731
+            widest = max(("grad", "dW", "W"), key=lambda k: f(f"sd_log_{k}"))
+            closest = max(("grad", "dW", "W"), key=lambda k: f(f"rho_tacq_{k}"))
+            L.append(f"- {t}: the log-spread of the factors is Σ|G| {f('sd_log_grad'):.2f}, |ΔW| {f('sd_log_dW'):.2f}, "
+                     f"|W| {f('sd_log_W'):.2f} decades (widest: {widest}); TaCQ's ranking follows {closest} most "
+                     f"(Spearman with TaCQ: Σ|G| {f('rho_tacq_grad'):.2f}, |ΔW| {f('rho_tacq_dW'):.2f}, "
+                     f"|W| {f('rho_tacq_W'):.2f}). {f('dW_below_0.05_step'):.1%} of the weights move less than 0.05 "
+                     f"grid steps (|ΔW| = 0: {f('dW_zero'):.1%}); TaCQ and grad circuits overlap at IoU "
+                     f"{f('iou_tacq_grad'):.2f}.")
+        cands = [m for m in CANDIDATES if (t, m) in agg]
+        if not cands:
+            continue
+        best = min(cands, key=lambda m: agg[(t, m)][0])
+        L.append(f"- {t}: lowest mean KL: **{best}** ({agg[(t, best)][0]:.4f} ± {agg[(t, best)][1]:.4f}, "
+                 f"{agg[(t, best)][2]} seeds; gap closed {gapagg[(t, best)][0]:.3f}).")
+        for other in cands:
             if other == best:
                 continue
-            (bm, bs), (om, os_) = agg[(t, best)], agg[(t, other)]
-            one = len({r["seed"] for r in rows if r["task"] == t}) < 2
-            L.append(f"  - {best} vs {other}: KL {bm:.4f} vs {om:.4f}, " + (
-                "one seed: no seed spread to compare with." if one else
-                f"{'beyond' if om - bm > bs + os_ else 'within'} the seed spread ({bs + os_:.4f})."))
+            b, o = agg[(t, best)], agg[(t, other)]
+            L.append(f"  - {best} vs {other}: KL {b[0]:.4f} vs {o[0]:.4f}, " + (
+                "one seed: no seed spread to compare with." if min(b[2], o[2]) < 2 else
+                f"{_beyond(b, o)} the seed spread ({b[1] + o[1]:.4f})."))
+    cross = [m for m in methods if "[" in m]
+    if cross:
+        L += ["", "## Task specificity: own circuit vs the other task's circuit (same method)", "",
+              "| evaluated on | method | own KL | other task's circuit KL | own better by | seeds | verdict |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+        for m in cross:
+            base, other = m.split("[")[0], m.split("[")[1].rstrip("]")
+            for t in tasks:
+                if (t, m) not in agg or (t, base) not in agg:
+                    continue
+                own, oth = agg[(t, base)], agg[(t, m)]
+                per = {r["seed"]: r["kl"] for r in rows if r["task"] == t and r["method"] == base}
+                diffs = [r["kl"] - per[r["seed"]] for r in rows if r["task"] == t and r["method"] == m
+                         and r["seed"] in per]
+                dm, ds = _ms(diffs)
+                n = len(diffs)
+                if n < 2:
+                    verdict = "one seed"
+                elif dm > 0 and dm > ds:
+                    verdict = "own better (paired diff > its sd)"
+                elif dm < 0 and -dm > ds:
+                    verdict = "other better (paired diff > its sd)"
+                else:
+                    verdict = "no difference beyond seed spread"
+                L.append(f"| {t} | {base} | {own[0]:.4f} ± {own[1]:.4f} | {oth[0]:.4f} ± {oth[1]:.4f} | "
+                         f"{dm:+.4f} ± {ds:.4f} | {n} | {verdict} |")
     return "\n".join(L) + "\n"
+
+
+def _load_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for r in csv.DictReader(path.open()):
+        r = dict(r)
+        r["seed"] = int(r["seed"])
+        for k in ("kl", "kl_all", "top1", "nll", "average_bits"):
+            if k in r:
+                r[k] = float(r[k]) if r[k] not in ("", None) else None
+        out.append(r)
+    return out
 
 
 def main() -> int:
@@ -196,6 +291,12 @@ def main() -> int:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--tasks", nargs="+", default=["mmlu", "gsm8k"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=CANDIDATES)
+    p.add_argument("--cross", nargs="*", default=list(CROSS), choices=CANDIDATES,
+                   help="candidates whose circuits are also evaluated on the other tasks (task specificity)")
+    p.add_argument("--no-diagnostics", dest="diagnostics", action="store_false")
+    p.add_argument("--fresh", action="store_true", help="drop the rows already in --out-csv instead of merging")
+    p.add_argument("--aggregate-only", action="store_true", help="rebuild the summary from --out-csv")
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--fraction", type=float, default=None, help="default: circuitq's DEFAULT_FRACTION")
@@ -205,35 +306,59 @@ def main() -> int:
     p.add_argument("--out-csv", default=str(HERE / "results" / "saliency_why.csv"))
     p.add_argument("--out-md", default=str(HERE / "SALIENCY_WHY.md"))
     a = p.parse_args()
+    t0 = time.perf_counter()
+    csv_path = Path(a.out_csv)
+    diag_path = csv_path.with_name(csv_path.stem + "_diagnostics.csv")
+    rows = [] if a.fresh else _load_rows(csv_path)
+    diags = [] if a.fresh or not diag_path.exists() else [dict(d, seed=int(d["seed"])) for d in
+                                                         csv.DictReader(diag_path.open())]
+    if a.aggregate_only:
+        _write(rows, diags, a, t0)
+        return 0
     from circuitq import DEFAULT_FRACTION, load_model
 
     a.fraction = a.fraction or DEFAULT_FRACTION
-    t0 = time.perf_counter()
+    a.cross = [c for c in a.cross if c in a.candidates]
     lm = load_model(a.model)
-    rows, diags = [], []
     for seed in a.seeds:
+        prepared = {}
         for t in a.tasks:
-            r, d = run_task(lm, t, seed, a)
-            rows += r
-            diags.append(d)
-            _write(rows, diags, a, t0)
+            prepared[t] = prepare_task(lm, t, seed, a)
+            if prepared[t]["diag"]:
+                diags = [d for d in diags if not (d["task"] == t and d["seed"] == seed)]
+                diags.append({"task": t, "seed": seed, **prepared[t]["diag"]})
+        new = evaluate_seed(lm, prepared, seed, a)
+        keys = {(r["task"], r["seed"], r["method"]) for r in new}
+        rows = [r for r in rows if (r["task"], r["seed"], r["method"]) not in keys] + new
+        rows.sort(key=lambda r: (r["seed"], r["task"]))
+        _write(rows, diags, a, t0)
+        del prepared
     return 0
 
 
 def _write(rows, diags, a, t0) -> None:
     import shlex
 
-    Path(a.out_csv).parent.mkdir(parents=True, exist_ok=True)
-    with open(a.out_csv, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+    csv_path = Path(a.out_csv)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    fields = ["task", "seed", "method", "kl", "kl_all", "top1", "nll", "average_bits"]
+    with open(csv_path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    with open(Path(a.out_csv).with_name("saliency_why_diagnostics.csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(diags[0]))
-        w.writeheader()
-        w.writerows(diags)
+    if diags:
+        dk = ["task", "seed"] + sorted({k for d in diags for k in d if k not in ("task", "seed")})
+        with open(csv_path.with_name(csv_path.stem + "_diagnostics.csv"), "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=dk, restval="")
+            w.writeheader()
+            w.writerows(diags)
+    log = csv_path.with_name(csv_path.stem + "_commands.txt")
+    cmds = log.read_text().splitlines() if log.exists() else []
     cmd = "python analyses/saliency_why.py " + shlex.join(sys.argv[1:])
-    Path(a.out_md).write_text(summary(rows, diags, cmd, time.perf_counter() - t0))
+    if not a.aggregate_only and cmd not in cmds:
+        cmds.append(cmd)
+        log.write_text("\n".join(cmds) + "\n")
+    Path(a.out_md).write_text(summary(rows, diags, "`; `".join(cmds) or cmd, time.perf_counter() - t0))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,10 @@ def _help(text: str, **extra) -> dict:
     return {"help": text, **extra}
 
 
+GPTQ_FORMAT_CHOICES = ("auto", "v1", "v2")
+FAITH_UNITS_CHOICES = ("off", "heads", "kv-heads", "neurons", "modules")
+
+
 class ConfigError(ValueError):
     """A setting is out of range; the message names the flag and the fix."""
 
@@ -211,6 +215,14 @@ class QuantizeJob:
     calib: CalibConfig = field(default_factory=CalibConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    gptq_format: str = field(default="auto", metadata=_help(
+        "layout of the packed gptq/ checkpoint: v1 (checkpoint_format gptq: AutoGPTQ, optimum, servers), v2 "
+        "(gptq_v2: gptqmodel's native format), auto = v2 for asymmetric grids (gptqmodel loads no foreign "
+        "asymmetric v1 file), v1 for symmetric ones", choices=GPTQ_FORMAT_CHOICES))
+
+    def __post_init__(self) -> None:
+        if self.gptq_format not in GPTQ_FORMAT_CHOICES:
+            raise ConfigError(f"--gptq-format must be one of {', '.join(GPTQ_FORMAT_CHOICES)}, got {self.gptq_format!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -225,6 +237,10 @@ class RunConfig:
     bits: tuple[int, ...] = field(default=(2, 3), metadata=_help("bit widths", choices=SUPPORTED_BITS))
     baselines: tuple[str, ...] = field(default=BASELINES, metadata=_help("mask methods compared with tacq"))
     transfer: bool = field(default=True, metadata=_help("also cross-task and union circuits"))
+    faithfulness: str = field(default="off", metadata=_help(
+        "also check each task's circuit (at the largest bit width) against real ablation: the 10 top and 10 "
+        "random units of this kind are quantized one at a time, and the circuit vs a random set of its size "
+        "(`circuitq faithfulness`); costs about 24 evaluation passes per task", choices=FAITH_UNITS_CHOICES))
     data: DataConfig = field(default_factory=DataConfig)
     calib: CalibConfig = field(default_factory=lambda: CalibConfig(samples=32))
     mask: MaskConfig = field(default_factory=MaskConfig)
@@ -241,6 +257,14 @@ class RunConfig:
         for b in self.bits:
             if b not in SUPPORTED_BITS:
                 raise ConfigError(f"unsupported bits={b}: use one of {SUPPORTED_BITS}")
+        if self.faithfulness not in FAITH_UNITS_CHOICES:
+            raise ConfigError(f"--faithfulness must be one of {', '.join(FAITH_UNITS_CHOICES)}, got {self.faithfulness!r}")
+
+    def faithfulness_job(self, task: str) -> "FaithfulnessJob":
+        """The ``circuitq faithfulness`` settings a run uses for ``task``'s circuit at ``max(bits)``."""
+        return FaithfulnessJob(task=task, units=self.faithfulness, fraction=self.mask.fraction, seed=self.calib.seed,
+                               data=self.data, calib=self.calib, quantize=self.quantize_at(max(self.bits)),
+                               eval=replace(self.eval, all_tokens=False))
 
     def quantize_at(self, bits: int) -> QuantizeConfig:
         return replace(self.quantize, bits=bits)

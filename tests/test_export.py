@@ -82,3 +82,60 @@ def test_existing_output_is_refused_without_overwrite(tmp_path):
     export_all(tmp_path / "q", model, None, res.qweights, meta, res.summary(), overwrite=True)
     assert (tmp_path / "q" / "circuitq.json").exists() and not (tmp_path / "q" / "mine.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["q"]  # no temporary leftovers
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_v2_zero_points_are_the_zeros_packed_plainly(bits):
+    """gptq_v2 stores zero points as they are: field j of word w of a row is zero[w·per + j]
+    (for 2/4/8 bits), so a zero point of 0 is a 0 field and neighbours are untouched."""
+    from circuitq.quant.export import pack_zeros_v2, unpack_zeros_v2
+
+    maxq = 2 ** bits - 1
+    z = torch.randint(0, maxq + 1, (3, 64), generator=torch.Generator().manual_seed(bits)).to(torch.uint8)
+    z[:, ::3] = 0
+    packed = pack_zeros_v2(z, bits)
+    assert packed.dtype == torch.int32 and packed.shape == (3, 64 * bits // 32)
+    assert torch.equal(unpack_zeros_v2(packed, bits), z)
+    if bits != 3:
+        per = 32 // bits
+        words = packed.long() & 0xFFFFFFFF
+        for j in range(per):
+            assert torch.equal((words >> (bits * j)) & maxq, z[:, j::per].long())
+
+
+@pytest.mark.parametrize("fmt,sym,expect", [("auto", False, "gptq_v2"), ("auto", True, "gptq"),
+                                            ("v1", False, "gptq"), ("v2", True, "gptq_v2")])
+def test_gptq_format_choice_is_written_and_read_back(tmp_path, fmt, sym, expect, calib_ids):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model()
+    res = quantize_model(model, calib_ids, PrecisionPlan(4), QuantizeConfig(bits=4, group_size=32, sym=sym),
+                         progress=False)
+    zero0 = sum(int((qw.zeros == 0).sum()) for qw in res.qweights.values())
+    meta = {"bits": 4, "group_size": 32, "sym": sym, "method": "gptq", "gptq_format": fmt}
+    out = export_all(tmp_path / "q", model, None, res.qweights, meta, res.summary())
+    q = json.loads((out / "gptq" / "config.json").read_text())["quantization_config"]
+    assert q["checkpoint_format"] == expect and q["sym"] == sym
+    doc = json.loads((out / "circuitq.json").read_text())
+    assert doc["checkpoint_format"] == expect and doc["zero_point_zero_groups"] == zero0
+    hf = AutoModelForCausalLM.from_pretrained(out / "hf").eval()
+    packed = load_packed(out)
+    for (n, a), (_, b) in zip(hf.state_dict().items(), packed.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_unknown_checkpoint_format_is_refused(tmp_path):
+    from circuitq.quant.export import ExportError, format_of, resolve_gptq_format
+
+    with pytest.raises(ExportError, match="gptq_v2"):
+        format_of("marlin")
+    with pytest.raises(ExportError, match="auto, v1 or v2"):
+        resolve_gptq_format("v3", False)
+    assert format_of(None) == "v1"
+
+
+def test_quantize_job_rejects_a_bad_gptq_format():
+    from circuitq.config import ConfigError, QuantizeJob
+
+    with pytest.raises(ConfigError, match="--gptq-format"):
+        QuantizeJob(gptq_format="v9")

@@ -193,3 +193,28 @@ def test_damaged_steps_are_moved_aside_and_computed_again(tmp_path, tiny_dir, ca
     diff = [(a["method"], a["task"], k) for a, b in zip(again, rows) for k in a if a[k] != b[k] and "seconds" not in k]
     assert diff == [], diff
     assert "Saliency per attention head" in (out / "report.html").read_text()
+
+
+def test_run_with_faithfulness_checks_each_circuit_and_reports_it(tmp_path, tiny_dir):
+    d, _ = tiny_dir
+    data = task_data(tmp_path)
+    out = tmp_path / "run"
+    args = ["run", "--model", str(d), "--tasks", "mmlu", "--bits", "3", "--data-dir", str(data),
+            "--calib-samples", "6", "--calib-seq-len", "64", "--eval-samples", "5", "--eval-seq-len", "96",
+            "--fraction", "0.02", "--group-size", "32", "--batch-size", "4", "--baselines", "--no-transfer",
+            "--faithfulness", "heads", "--out", str(out)]
+    assert main(args) == 0
+    rep = json.loads((out / "faithfulness-mmlu-heads.json").read_text())
+    assert rep["format"] == "circuitq.faithfulness" and rep["units_kind"] == "heads" and rep["bits"] == 3
+    assert len(rep["units"]) == 2 * 4  # tiny model: 2 layers x 4 heads, all of them (10 top + 10 random asked)
+    assert set(rep["contrasts"]) == {"only circuit", "only random", "all but circuit", "all but random"}
+    html = (out / "report.html").read_text()
+    assert "Faithfulness: mmlu, 3-bit circuit vs real ablation" in html and "best estimator" in html
+    doc = json.loads((out / "run.json").read_text())
+    assert doc["config"]["faithfulness"] == "heads"
+    # a rerun reuses the faithfulness step
+    assert main(args) == 0
+    assert json.loads((out / "run.json").read_text())["steps"]["computed"] == 0
+    assert json.loads((out / "faithfulness-mmlu-heads.json").read_text())["spearman"] == rep["spearman"]
+    with pytest.raises(ConfigError, match="--faithfulness"):
+        RunConfig(faithfulness="layers")

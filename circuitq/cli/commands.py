@@ -25,14 +25,16 @@ SCORE_FLAGS = [("--model", "model"), ("--task", "task"), ("--method", "method"),
 QUANTIZE_FLAGS = [("--model", "model"), ("--calib", "task"), *QUANT, ("--method", "quantize.method"),
                   ("--samples", "calib.samples"), ("--seq-len", "calib.seq_len"), ("--calib-tokens", "calib.tokens"),
                   ("--seed", "calib.seed"), *DATA,
-                  ("--batch-size", ("quantize.batch_size", "eval.batch_size")), ("--ppl-windows", "eval.ppl_windows")]
+                  ("--batch-size", ("quantize.batch_size", "eval.batch_size")), ("--ppl-windows", "eval.ppl_windows"),
+                  ("--gptq-format", "gptq_format")]
 MASK_FLAGS = [("--per-layer", "per_layer"), ("--combine", "combine")]
 EVAL_FLAGS = [("--task", "task"), ("--split", "split"), ("--limit", "eval.samples"), ("--seq-len", "eval.seq_len"),
               ("--batch-size", "eval.batch_size"), ("--no-all-tokens", "eval.all_tokens"), *DATA,
               ("--generate", "generate"),
               ("--max-new-tokens", "max_new_tokens")]
 RUN_FLAGS = [("--model", "model"), ("--tasks", "tasks"), ("--bits", "bits"), ("--fraction", "mask.fraction"),
-             ("--baselines", "baselines"), ("--no-transfer", "transfer"), ("--calib-samples", "calib.samples"),
+             ("--baselines", "baselines"), ("--no-transfer", "transfer"), ("--faithfulness", "faithfulness"),
+             ("--calib-samples", "calib.samples"),
              ("--calib-seq-len", "calib.seq_len"), ("--calib-tokens", "calib.tokens"), ("--eval-samples", "eval.samples"),
              ("--eval-seq-len", "eval.seq_len"), ("--no-all-tokens", "eval.all_tokens"), *QUANT[1:],
              ("--batch-size", ("calib.batch_size", "quantize.batch_size", "eval.batch_size")),

@@ -208,6 +208,20 @@ def _circuit_sections(run_dir: Path, res, fraction: float) -> list:
     return out
 
 
+def faithfulness_rows(rep: dict) -> list[dict]:
+    """One table per task of a run's faithfulness check: per estimator Spearman(predicted,
+    measured) over the units, then the circuit-vs-random contrasts (loss change, nats/token)."""
+    rows = [{"what": f"Spearman(predicted by {k}, measured) over {len(rep['units'])} {rep.get('units_kind')} units",
+             "value": v} for k, v in rep["spearman"].items()]
+    rows.append({"what": "best estimator", "value": rep["best_estimator"]})
+    for label, c in rep["contrasts"].items():
+        rows.append({"what": f"loss change, {label} {rep.get('ablation')}d", "value": c["loss_change"]})
+        if c.get("metric_change") is not None:
+            rows.append({"what": f"metric change, {label}", "value": c["metric_change"]})
+    rows.append({"what": "only circuit / only random (loss change)", "value": rep["only_circuit_over_only_random"]})
+    return rows
+
+
 def write_run_outputs(run_dir: Path, doc: dict, res) -> None:
     """``results.csv``, ``transfer.csv``, ``results.json``, ``run.json``, ``report.html`` and PNGs."""
     from circuitq.circuits.plots import write_report
@@ -234,6 +248,8 @@ def write_run_outputs(run_dir: Path, doc: dict, res) -> None:
                 sections.append((f"Transfer matrix at {b} bits: KL over every token (MMLU)",
                                  transfer_matrix(res.transfer, b, "kl_all")))
             sections.append((f"Task specificity at {b} bits", dominance_html(doc["diagonal_dominance"][str(b)], b)))
+    for t, rep in (getattr(res, "faithfulness", None) or {}).items():
+        sections.append((f"Faithfulness: {t}, {rep.get('bits')}-bit circuit vs real ablation", faithfulness_rows(rep)))
     circ = _circuit_sections(run_dir, res, cfg["mask"]["fraction"])
     png = [item for h, item in circ if h == "_png"]
     sections += [(h, item) for h, item in circ if h != "_png"]

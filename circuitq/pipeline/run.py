@@ -118,6 +118,7 @@ class RunResult:
     item_kl: dict = field(default_factory=dict)  # (bits, method label, task) -> (per-item KL, per-item tokens)
     score_dirs: dict = field(default_factory=dict)  # {(task, bits): Path}
     seconds: float = 0.0
+    faithfulness: dict = field(default_factory=dict)  # {task: circuitq.faithfulness report}
 
 
 class Runner:
@@ -326,6 +327,34 @@ class Runner:
         return doc
 
 
+    def faithfulness(self, task: str) -> dict:
+        """``circuitq faithfulness`` of ``task``'s TaCQ circuit at the largest bit width (a step)."""
+        import json
+
+        from circuitq.saliency.files import load_scores
+
+        job = self.cfg.faithfulness_job(task)
+        bits = max(self.cfg.bits)
+        key = {"scores": self.keys.score(task, bits, "tacq"), "eval": self.keys.eval(task),
+               "units": job.units, "top": job.top, "random": job.random, "ablation": job.ablation,
+               "fraction": job.fraction, "seed": job.seed}
+        found = self._reuse("faithfulness", key)
+        if found:
+            return json.loads((found / "faithfulness.json").read_text())
+        if not self.store.find("scores", self.keys.score(task, bits, "tacq")):
+            self.scores(task, bits, "tacq")
+        scores = load_scores(self.store.find("scores", self.keys.score(task, bits, "tacq")))["scores"]
+        self.say(f"{task}: faithfulness of the {bits}-bit circuit ({job.units}, {job.top} top + {job.random} random "
+                 f"units, {job.ablation})")
+        torch.manual_seed(job.seed)
+        rep = stages.faithfulness(self.lm, scores, job, say=self.say, progress=self.progress)
+        rep.update(model=self.lm.name, model_note=self.lm.note, bits=bits)
+        with self.store.create("faithfulness", key, f"faithfulness-{_slug(task)}-{job.units}-{bits}bit") as tmp:
+            write_json(tmp / "faithfulness.json", rep)
+        self.counts["computed"] += 1
+        return rep
+
+
 def _slug(s: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in s).strip("-")[:40]
 
@@ -388,8 +417,13 @@ def run(lm, cfg: RunConfig, run_dir: str | Path, device="cpu", progress: bool = 
             if not r.store.find("scores", r.keys.score(t, b, "tacq")):
                 r.scores(t, b, "tacq")
             score_dirs[(t, b)] = r.store.find("scores", r.keys.score(t, b, "tacq"))
+    faith = {}
+    if cfg.faithfulness != "off":
+        for t in cfg.tasks:
+            faith[t] = r.faithfulness(t)
+            write_json(run_dir / f"faithfulness-{_slug(t)}-{cfg.faithfulness}.json", faith[t], overwrite=True)
     res = RunResult(rows, transfer_rows(rows), dict(r.counts), item_kl, {k: v for k, v in score_dirs.items() if v},
-                    time.perf_counter() - t0)
+                    time.perf_counter() - t0, faith)
     doc = {"format": RUN_FORMAT, "circuitq_version": __version__, "command": command, "config": to_dict(cfg),
            "model": lm.name, "model_source": lm.source, "model_note": lm.note, "model_fingerprint": r.fp,
            "device": str(device), "machine": machine_info(device), "seconds": res.seconds, "steps": res.steps,

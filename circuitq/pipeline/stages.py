@@ -153,7 +153,8 @@ def quantize(model, qcfg: QuantizeConfig, windows: torch.Tensor | None = None, h
 
 
 def export(out, model, tokenizer, result, meta: dict, summary: dict | None = None, overwrite: bool = False) -> Path:
-    """Write ``out/hf`` (plain HF model), ``out/gptq`` (packed GPTQ v1 + 16-bit sidecar) and
+    """Write ``out/hf`` (plain HF model), ``out/gptq`` (packed GPTQ, layout ``meta["gptq_format"]``
+    auto/v1/v2, default v1, + 16-bit sidecar) and
     ``out/circuitq.json``, atomically."""
     from circuitq.quant.export import export_all
 
@@ -207,7 +208,7 @@ def quantize_and_export(lm, job: QuantizeJob, out, masks=None, mask_meta: dict |
             "plan": (plan or PrecisionPlan(q.bits)).to_dict(), "calib": job.task, "samples": len(calib_items),
             "seq_len": job.calib.seq_len, "seed": job.calib.seed, "mask_metadata": mask_meta or {},
             "device": str(device or next(lm.model.parameters()).device), "circuitq_version": __version__,
-            "average_bits": res.bits.average_bits}
+            "average_bits": res.bits.average_bits, "gptq_format": job.gptq_format}
     ppl = {"original": ppl_before, "quantized": ppl_after, "windows": int(held.shape[0]) if held is not None else 0,
            "source": f"{job.task} evaluation split"}
     path = export(out, lm.model, lm.tokenizer, res, meta, {**res.summary(), "heldout_perplexity": ppl}, overwrite)

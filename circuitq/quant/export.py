@@ -5,13 +5,19 @@ One output directory holds three things:
 * ``hf/``: a plain Hugging Face model directory with the dequantized weights (``config.json``,
   tokenizer, ``model.safetensors``); ``AutoModelForCausalLM.from_pretrained`` loads it without
   circuitq.
-* ``gptq/``: a packed GPTQ checkpoint in the standard v1 layout. Per module: ``qweight``
+* ``gptq/``: a packed GPTQ checkpoint. Per module: ``qweight``
   ``[in·bits/32, out]`` int32 packed along the input dimension, ``qzeros``
-  ``[groups, out·bits/32]`` int32 holding ``zero − 1`` (the v1 convention, subtracted word by word
-  with borrow as the runtimes do: ``pack_zeros_v1``), ``scales``
-  ``[groups, out]`` float16, ``g_idx`` ``[in]`` int32; ``config.json`` carries
-  ``quantization_config`` (quant_method gptq, bits, group_size, desc_act, sym, checkpoint_format
-  gptq). Entries kept in 16-bit hold their nearest code, and ``gptq/circuitq_sparse/`` holds them
+  ``[groups, out·bits/32]`` int32, ``scales`` ``[groups, out]`` float16, ``g_idx`` ``[in]`` int32;
+  ``config.json`` carries ``quantization_config`` (quant_method gptq, bits, group_size, desc_act,
+  sym, checkpoint_format). Two zero-point conventions (``GPTQ_FORMATS``):
+
+  - ``v1`` (checkpoint_format ``gptq``, what AutoGPTQ, optimum and most servers read):
+    ``qzeros`` hold ``zero − 1``, subtracted word by word with borrow as the runtimes do
+    (``pack_zeros_v1``);
+  - ``v2`` (checkpoint_format ``gptq_v2``, gptqmodel's native format): ``qzeros`` hold the zero
+    points themselves. gptqmodel refuses asymmetric v1 files that it did not write itself, so
+    ``auto`` (the default) writes v2 for asymmetric grids and v1 for symmetric ones.
+ Entries kept in 16-bit hold their nearest code, and ``gptq/circuitq_sparse/`` holds them
   as an additive COO residual per module (``rows``, ``cols`` int32 sorted by row, ``vals``
   float16 = ``W_kept − dequant(Q)``) with a manifest of nnz per module.
 * ``circuitq.json``: the run's metadata, bit accounting and per-module errors.
@@ -119,24 +125,70 @@ def unpack_zeros_v1(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
     return unpack_rows(v2.T.contiguous(), bits).T.contiguous()
 
 
-def pack_gptq_v1(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """The four GPTQ v1 tensors of one module (without the module prefix)."""
+def pack_zeros_v2(zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """GPTQ v2 (gptqmodel's native) ``qzeros`` ``[groups, out·bits/32]`` int32: the zero points
+    ``[groups, out]`` themselves, packed along the output dimension."""
+    return pack_rows(zeros.T, bits).T.contiguous()
+
+
+def unpack_zeros_v2(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of ``pack_zeros_v2``: zero points ``[groups, out]`` uint8."""
+    return unpack_rows(qzeros.T.contiguous(), bits).T.contiguous()
+
+
+GPTQ_FORMATS = {"v1": "gptq", "v2": "gptq_v2"}   # circuitq's name -> quantization_config.checkpoint_format
+_ZEROS = {"v1": (pack_zeros_v1, unpack_zeros_v1), "v2": (pack_zeros_v2, unpack_zeros_v2)}
+
+
+def resolve_gptq_format(fmt: str, sym: bool) -> str:
+    """``auto`` -> ``v2`` for an asymmetric grid (gptqmodel loads only its own asymmetric v1
+    files), ``v1`` for a symmetric one; ``v1``/``v2`` as given."""
+    if fmt == "auto":
+        return "v1" if sym else "v2"
+    if fmt not in GPTQ_FORMATS:
+        raise ExportError(f"unknown GPTQ checkpoint format {fmt!r}; use auto, v1 or v2")
+    return fmt
+
+
+def format_of(checkpoint_format: str | None) -> str:
+    """circuitq's name of a ``quantization_config.checkpoint_format`` (absent = v1)."""
+    by_value = {v: k for k, v in GPTQ_FORMATS.items()}
+    cf = checkpoint_format or "gptq"
+    if cf not in by_value:
+        raise ExportError(f"checkpoint_format {cf!r} is not a GPTQ layout circuitq reads (gptq, gptq_v2)")
+    return by_value[cf]
+
+
+def pack_gptq(qw: QuantizedWeight, fmt: str = "v1") -> dict[str, torch.Tensor]:
+    """The four GPTQ tensors of one module (without the module prefix) in layout ``fmt``."""
     return {
         "qweight": pack_rows(qw.codes.T, qw.bits),
-        "qzeros": pack_zeros_v1(qw.zeros, qw.bits),
+        "qzeros": _ZEROS[fmt][0](qw.zeros, qw.bits),
         "scales": qw.scales.to(torch.float16).contiguous(),
         "g_idx": qw.g_idx.to(torch.int32).contiguous(),
     }
 
 
-def unpack_gptq_v1(t: dict[str, torch.Tensor], bits: int, group_size: int, sym: bool,
-                   sparse: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> QuantizedWeight:
-    """Rebuild a ``QuantizedWeight`` from the v1 tensors (and an optional COO residual)."""
+def pack_gptq_v1(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """The four GPTQ v1 tensors of one module (without the module prefix)."""
+    return pack_gptq(qw, "v1")
+
+
+def unpack_gptq(t: dict[str, torch.Tensor], bits: int, group_size: int, sym: bool,
+                sparse: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                fmt: str = "v1") -> QuantizedWeight:
+    """Rebuild a ``QuantizedWeight`` from the packed tensors (and an optional COO residual)."""
     codes = unpack_rows(t["qweight"], bits).T.contiguous()
-    zeros = unpack_zeros_v1(t["qzeros"], bits)
+    zeros = _ZEROS[fmt][1](t["qzeros"], bits)
     e = torch.zeros(0, dtype=torch.int32)
     rows, cols, vals = sparse if sparse is not None else (e, e.clone(), torch.zeros(0, dtype=torch.float16))
     return QuantizedWeight(codes, t["scales"], zeros.contiguous(), t["g_idx"], bits, group_size, sym, rows, cols, vals)
+
+
+def unpack_gptq_v1(t: dict[str, torch.Tensor], bits: int, group_size: int, sym: bool,
+                   sparse: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> QuantizedWeight:
+    """Rebuild a ``QuantizedWeight`` from v1 tensors (and an optional COO residual)."""
+    return unpack_gptq(t, bits, group_size, sym, sparse, "v1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,7 +217,8 @@ def quantization_config(qweights: dict[str, QuantizedWeight], meta: dict) -> dic
     cfg = {
         "quant_method": "gptq", "bits": bits, "group_size": int(meta["group_size"]),
         "desc_act": bool(meta.get("act_order", False)), "sym": bool(meta.get("sym", False)),
-        "checkpoint_format": "gptq", "true_sequential": True, "static_groups": False,
+        "checkpoint_format": GPTQ_FORMATS[resolve_gptq_format(meta.get("gptq_format", "v1"), bool(meta.get("sym")))],
+        "true_sequential": True, "static_groups": False,
         "damp_percent": float(meta.get("damp", 0.01)), "pack_dtype": "int32",
         "meta": {"quantizer": [f"circuitq:{__version__}"], "method": meta.get("method")},
     }
@@ -192,13 +245,15 @@ def _write_sparse(dest: Path, qweights: dict[str, QuantizedWeight]) -> dict:
 
 
 def write_gptq(dest: Path, model, tokenizer, qweights: dict[str, QuantizedWeight], meta: dict) -> dict:
-    """Write the packed v1 checkpoint and its 16-bit sidecar into ``dest``; returns facts for
-    the manifest (zero-point-0 groups are counted; they round-trip through the word-level v1 convention)."""
+    """Write the packed checkpoint (layout ``meta["gptq_format"]``: auto, v1 or v2; default v1)
+    and its 16-bit sidecar into ``dest``; returns facts for the manifest (zero-point-0 groups are
+    counted; they round-trip through the word-level v1 convention)."""
     dest.mkdir(parents=True, exist_ok=True)
+    fmt = resolve_gptq_format(meta.get("gptq_format", "v1"), bool(meta.get("sym")))
     tensors = _unique_state(model, {f"{n}.weight" for n in qweights})
     zero0 = 0
     for name, qw in qweights.items():
-        for k, v in pack_gptq_v1(qw).items():
+        for k, v in pack_gptq(qw, fmt).items():
             tensors[f"{name}.{k}"] = v
         zero0 += int((qw.zeros == 0).sum())
     save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
@@ -210,7 +265,8 @@ def write_gptq(dest: Path, model, tokenizer, qweights: dict[str, QuantizedWeight
     if tokenizer is not None:
         tokenizer.save_pretrained(dest)
     manifest = _write_sparse(dest / SPARSE_DIR, qweights)
-    return {"zero_point_zero_groups": zero0, "nnz_per_module": manifest}
+    return {"zero_point_zero_groups": zero0, "nnz_per_module": manifest, "gptq_format": fmt,
+            "checkpoint_format": GPTQ_FORMATS[fmt]}
 
 
 def write_hf(dest: Path, model, tokenizer, meta: dict) -> None:
@@ -238,7 +294,8 @@ def export_all(out: str | Path, model, tokenizer, qweights: dict[str, QuantizedW
         facts = write_gptq(tmp / "gptq", model, tokenizer, qweights, meta)
         doc = {"format": "circuitq.quantized", "version": __version__, "metadata": meta, **summary,
                "exports": {"hf": "hf/", "gptq": "gptq/", "sparse": f"gptq/{SPARSE_DIR}/{SPARSE_FILE}"},
-               "zero_point_zero_groups": facts["zero_point_zero_groups"]}
+               "zero_point_zero_groups": facts["zero_point_zero_groups"],
+               "gptq_format": facts["gptq_format"], "checkpoint_format": facts["checkpoint_format"]}
         (tmp / "circuitq.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     return Path(out)
 
@@ -276,6 +333,7 @@ def load_packed(path: str | Path, dtype: torch.dtype = torch.float32, device: st
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     sparse = read_sparse(path)
     dyn = {k[2:]: v for k, v in (q.get("dynamic") or {}).items()}
+    fmt = format_of(q.get("checkpoint_format"))
     with safe_open(str(path / "model.safetensors"), framework="pt") as fh:
         keys = set(fh.keys())
         state = {k: fh.get_tensor(k) for k in keys if not k.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales", "g_idx")}
@@ -283,7 +341,7 @@ def load_packed(path: str | Path, dtype: torch.dtype = torch.float32, device: st
         for name in modules:
             t = {p: fh.get_tensor(f"{name}.{p}") for p in ("qweight", "qzeros", "scales", "g_idx")}
             bits = next((v["bits"] for pat, v in dyn.items() if re.search(pat, name)), q["bits"])
-            qw = unpack_gptq_v1(t, bits, q["group_size"], q["sym"], sparse.get(name))
+            qw = unpack_gptq(t, bits, q["group_size"], q["sym"], sparse.get(name), fmt)
             state[f"{name}.weight"] = qw.dequantize(dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
