@@ -34,8 +34,16 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-PROMPTS = ["The capital of France is", "Alice and Bob went to the store. Bob gave a bag to",
-           "def fibonacci(n):\n    if n <", "Question: What is 12 times 7?\nAnswer:"]
+PROMPTS = [
+    "The capital of France is Paris, and the capital of Italy is Rome. Tourists who visit both cities often "
+    "travel between them by train, which takes about eleven hours.",
+    "When Mary and John went to the store, John gave a drink to Mary. Later that evening, the two of them "
+    "walked home together along the river and talked about the weekend.",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n"
+    "for i in range(10):\n    print(i, fibonacci(i))\n",
+    "Question: A farmer has 12 cows and buys 7 more. Each cow gives 3 litres of milk a day. How many litres "
+    "does he get per day? Answer: 12 + 7 = 19 cows, and 19 * 3 = 57. The answer is 57.",
+]
 
 
 def compare(got: torch.Tensor, ref: torch.Tensor) -> dict:

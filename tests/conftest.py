@@ -24,6 +24,16 @@ def tiny_model(model_type: str = "llama", seed: int = 0, layers: int = 2, vocab:
     return model.eval()
 
 
+def tiny_tokenizer(vocab: int = 128):
+    """A word-level fast tokenizer over ``t0 .. t{vocab-1}`` (for exports that need one saved)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="t0", eos_token="t1", pad_token="t2")
+
+
 @pytest.fixture(params=["llama", "qwen2"])
 def model_type(request):
     return request.param

@@ -139,3 +139,18 @@ def test_quantize_job_rejects_a_bad_gptq_format():
 
     with pytest.raises(ConfigError, match="--gptq-format"):
         QuantizeJob(gptq_format="v9")
+
+
+def test_load_model_reads_an_export_folder_and_its_packed_checkpoint(tmp_path, calib_ids):
+    from circuitq.model.loading import load_model
+    from conftest import tiny_tokenizer
+
+    model = tiny_model(vocab=128)
+    res = quantize_model(model, calib_ids, PrecisionPlan(4), QuantizeConfig(bits=4, group_size=32), progress=False)
+    meta = {"bits": 4, "group_size": 32, "sym": False, "method": "gptq", "gptq_format": "auto"}
+    out = export_all(tmp_path / "q", model, tiny_tokenizer(128), res.qweights, meta, res.summary())
+    whole = load_model(str(out))                       # the export folder -> its hf/
+    packed = load_model(str(out / "gptq"))             # the packed checkpoint, decoded by circuitq
+    assert "packed GPTQ" in packed.note and whole.source.endswith("hf")
+    for (n, a), (_, b) in zip(whole.model.state_dict().items(), packed.model.state_dict().items()):
+        assert torch.equal(a, b), n

@@ -12,19 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_tokenizer
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = Path(os.environ.get("CIRCUITQ_GPTQMODEL_PYTHON", ROOT / ".venv-gptqmodel" / "bin" / "python"))
 pytestmark = [pytest.mark.real_tool,
               pytest.mark.skipif(not PY.exists(), reason=f"no gptqmodel venv at {PY}: bash analyses/setup_gptqmodel_env.sh")]
-
-
-def _tokenizer(vocab: int):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    t = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="t0", eos_token="t1", pad_token="t2")
 
 
 def _export(tmp_path, fmt: str, masked: bool, bits: int = 4):
@@ -51,7 +44,7 @@ def _export(tmp_path, fmt: str, masked: bool, bits: int = 4):
     res = quantize_model(model, calib, PrecisionPlan(bits), QuantizeConfig(bits=bits, group_size=32), masks=masks,
                          progress=False)
     meta = {"bits": bits, "group_size": 32, "sym": False, "method": "gptq", "gptq_format": fmt}
-    out = export_all(tmp_path / f"q-{fmt}-{int(masked)}", model, _tokenizer(256), res.qweights, meta, res.summary())
+    out = export_all(tmp_path / f"q-{fmt}-{int(masked)}", model, tiny_tokenizer(256), res.qweights, meta, res.summary())
     ids = torch.randint(0, 256, (2, 16), generator=g)
     (out / "ids.json").write_text(json.dumps(ids.tolist()))
     return out, ids, res

@@ -80,7 +80,7 @@ def add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model with (mask-aware) GPTQ or RTN and export it",
                        description="Quantize every decoder linear weight; weights in --mask stay 16-bit. Calibrates "
                                    "on the --calib task's calibration items (never its evaluation items). Writes "
-                                   "OUT/hf (plain HF model), OUT/gptq (packed GPTQ v1 + 16-bit sidecar), OUT/circuitq.json.")
+                                   "OUT/hf (plain HF model), OUT/gptq (packed GPTQ, --gptq-format, + 16-bit sidecar), OUT/circuitq.json.")
     add_flags(p, QuantizeJob(), QUANTIZE_FLAGS)
     _preset(p)
     p.add_argument("--mask", help="safetensors mask (HF weight name -> bool) or a TaCQ torch-saved dict")
@@ -114,8 +114,11 @@ def cmd_quantize(a) -> int:
     print(f"[circuitq] {job.quantize.method} {job.quantize.bits}-bit in {res.seconds:.1f}s, average "
           f"{res.average_bits:.4f} bits/weight, {res.n_16bit} weights in 16-bit"
           + (f"; held-out perplexity {ppl['original']:.3f} -> {ppl['quantized']:.3f}" if ppl["quantized"] else ""))
-    print(f"[circuitq] wrote {res.out}/hf (HF model), {res.out}/gptq (packed GPTQ v1 + sparse 16-bit sidecar), "
-          f"{res.out}/circuitq.json")
+    from circuitq.quant.export import GPTQ_FORMATS, resolve_gptq_format
+
+    fmt = resolve_gptq_format(job.gptq_format, job.quantize.sym)
+    print(f"[circuitq] wrote {res.out}/hf (HF model), {res.out}/gptq (packed GPTQ {fmt}, checkpoint_format "
+          f"{GPTQ_FORMATS[fmt]}, + sparse 16-bit sidecar), {res.out}/circuitq.json")
     return 0
 
 

@@ -93,6 +93,8 @@ def resolve_model(name: str) -> tuple[str, str]:
         return str(default_model_dir()), "SmolLM2-135M-Instruct; weights dequantized from a 4-bit (Q4_1) GGUF file"
     p = Path(name).expanduser()
     if p.exists():
+        if not (p / "config.json").exists() and (p / "circuitq.json").exists() and (p / "hf" / "config.json").exists():
+            return str(p / "hf"), "circuitq export (its hf/ directory)"
         if not (p / "config.json").exists():
             raise ModelLoadError(f"{p} is not a Hugging Face model directory (no config.json)")
         return str(p), ""
@@ -114,7 +116,21 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
                              f"local directory, and the hub could not provide it ({e.__class__.__name__}). "
                              "Offline, pass a local HF directory.") from None
     arch_for(cfg.model_type)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    qc = getattr(cfg, "quantization_config", None)
+    qc = qc if isinstance(qc, dict) else (qc.to_dict() if qc is not None else None)
+    if qc and qc.get("quant_method") == "gptq":
+        # a packed GPTQ directory (circuitq's gptq/ or another tool's, v1 or v2): decoded by circuitq,
+        # the 16-bit sidecar merged when present; no GPTQ runtime needed
+        from circuitq.quant.export import ExportError, load_packed
+
+        try:
+            model = load_packed(path, dtype, str(device))
+        except (ExportError, KeyError) as e:
+            raise ModelLoadError(f"{name} is a GPTQ checkpoint circuitq cannot decode ({e}); load its dequantized "
+                                 "copy instead (a circuitq export's hf/ directory)") from None
+        note = (note + "; " if note else "") + f"packed GPTQ checkpoint decoded by circuitq ({qc.get('bits')}-bit)"
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     tok = AutoTokenizer.from_pretrained(path)
     if len(tok) > cfg.vocab_size:
         raise ModelLoadError(f"the tokenizer of {name} has {len(tok)} tokens but the model's vocabulary has "
