@@ -233,7 +233,10 @@ def load_examples(task: str, split: str = "calib", n: int | None = None, seed: i
     cut = int(round(len(rows) * calib_fraction))
     idx = order if mode == "test" else order[:cut] if split == "calib" else order[cut:]
     if not idx:
-        raise DataError(f"the {split} split of '{task}' is empty ({len(rows)} rows in all)")
+        hint = (" (a .txt corpus is split into documents at blank lines: separate them with empty lines, or use "
+                "a .jsonl file with one {\"text\": ...} per line)") if task.startswith("text:") else \
+            " (it needs at least two rows: one to calibrate on, one to evaluate on)"
+        raise DataError(f"the {split} split of '{task}' is empty ({len(rows)} rows in all){hint}")
     ok = _parseable if spec.kind == "mmlu" else (lambda r: "####" in r["answer"]) if spec.kind == "gsm8k" else None
     out = Examples()
     if ok is not None:
