@@ -240,9 +240,16 @@ def summary(rows, diags, cmd, seconds) -> str:
             if other == best:
                 continue
             b, o = agg[(t, best)], agg[(t, other)]
+            pb = {r["seed"]: r["kl"] for r in rows if r["task"] == t and r["method"] == best}
+            diffs = [r["kl"] - pb[r["seed"]] for r in rows if r["task"] == t and r["method"] == other and r["seed"] in pb]
+            dm, ds = _ms(diffs)
+            paired = "" if len(diffs) < 2 else (
+                f"; paired over {len(diffs)} seeds {other} − {best} = {dm:+.4f} ± {ds:.4f}, "
+                f"{'lower on every seed' if all(d > 0 for d in diffs) else 'not lower on every seed'}, "
+                f"{'beyond' if dm > ds else 'within'} its sd")
             L.append(f"  - {best} vs {other}: KL {b[0]:.4f} vs {o[0]:.4f}, " + (
                 "one seed: no seed spread to compare with." if min(b[2], o[2]) < 2 else
-                f"{_beyond(b, o)} the seed spread ({b[1] + o[1]:.4f})."))
+                f"{_beyond(b, o)} the seed spread ({b[1] + o[1]:.4f}){paired}."))
     cross = [m for m in methods if "[" in m]
     if cross:
         L += ["", "## Task specificity: own circuit vs the other task's circuit (same method)", "",
