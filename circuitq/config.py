@@ -227,10 +227,10 @@ class QuantizeJob:
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    """``circuitq run``. Defaults finish in about 30 minutes on a 2-core CPU with the default model
-    (32 calibration and 48 held-out items per task, shared Hessians, group size 64); scale
-    ``calib.samples`` and ``eval.samples`` up on a GPU. ``quantize.bits`` is replaced by each of
-    ``bits`` in turn."""
+    """``circuitq run``. Defaults finish in about 33 minutes on a 2-core CPU with the default model
+    (128 calibration and 48 held-out items per task, shared Hessians, group size 64; the choice
+    and its measurements: ``analyses/RUN_DEFAULTS.md``); scale ``eval.samples`` up on a GPU.
+    ``quantize.bits`` is replaced by each of ``bits`` in turn."""
 
     model: str = field(default=DEFAULT_MODEL, metadata=_help("alias, a local HF directory or a hub id"))
     tasks: tuple[str, ...] = field(default=("mmlu", "gsm8k"), metadata=_help("tasks as in `circuitq score --task`"))
@@ -242,7 +242,7 @@ class RunConfig:
         "random units of this kind are quantized one at a time, and the circuit vs a random set of its size "
         "(`circuitq faithfulness`); costs about 24 evaluation passes per task", choices=FAITH_UNITS_CHOICES))
     data: DataConfig = field(default_factory=DataConfig)
-    calib: CalibConfig = field(default_factory=lambda: CalibConfig(samples=32))
+    calib: CalibConfig = field(default_factory=CalibConfig)   # 128 items (analyses/RUN_DEFAULTS.md)
     mask: MaskConfig = field(default_factory=MaskConfig)
     quantize: QuantizeConfig = field(default_factory=lambda: QuantizeConfig(hessian="shared"))
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(samples=48))

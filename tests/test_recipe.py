@@ -49,6 +49,23 @@ def test_shots_beyond_the_dev_split_use_the_split_and_say_so(tmp_path, capsys):
     assert "holds only 8; using 8" in capsys.readouterr().out
 
 
+def test_more_calibration_items_than_the_split_uses_the_split_and_says_so(tmp_path, capsys):
+    """`circuitq run` asks for 128 items by default; a small task gets all it has, and a note."""
+    from circuitq.data.tasks import Task
+
+    task = Task("gsm8k", DataConfig(data_dir=str(task_data(tmp_path)), eval_split="halves"))
+    pool = len(task.calib_items())
+    items = task.calib_for(CalibConfig(samples=pool + 50))
+    assert len(items) == pool
+    assert f"--calib-samples {pool + 50}, but the calibration split holds only {pool} items" in capsys.readouterr().out
+    assert len(task.calib_for(CalibConfig(samples=pool))) == pool and capsys.readouterr().out == ""
+
+
+def test_run_defaults_to_128_calibration_items():
+    """The run default chosen in analyses/RUN_DEFAULTS.md, the same as `circuitq score`'s."""
+    assert RunConfig().calib.samples == CalibConfig().samples == 128
+
+
 def test_chat_template_without_one_is_a_clear_error(tmp_path):
     from circuitq.data.readers import DataError
     from circuitq.data.tasks import load_examples

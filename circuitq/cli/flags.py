@@ -42,7 +42,8 @@ def add_flags(parser: argparse.ArgumentParser, defaults, table) -> None:
         meta = None if choices else flag.lstrip("-").upper().replace("-", "_")
         if isinstance(default, bool):
             if default:
-                parser.add_argument(flag, dest=dest, action="store_false", help=help_)
+                parser.add_argument(flag, dest=dest, action="store_false",
+                                    help=f"turn off (on by default): {help_}" if help_ else None)
             else:
                 parser.add_argument(flag, dest=dest, action="store_true", help=help_)
         elif isinstance(default, tuple):

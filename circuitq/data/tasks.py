@@ -357,7 +357,11 @@ class Task:
         token budget (``calib.tokens > 0``) as many as fit in it."""
         if calib.tokens:
             return self.calib_budget(calib.tokens, calib.seed, calib.seq_len)
-        return self.calib_items(calib.samples, calib.seed)
+        items = self.calib_items(calib.samples, calib.seed)
+        if len(items) < calib.samples:
+            print(f"[circuitq] {self.name}: --calib-samples {calib.samples}, but the calibration split holds only "
+                  f"{len(items)} items; using {len(items)}", flush=True)
+        return items
 
     def eval_items(self, n: int | None = None) -> list[Example]:
         ex = self.split("eval")
