@@ -218,3 +218,20 @@ def test_run_with_faithfulness_checks_each_circuit_and_reports_it(tmp_path, tiny
     assert json.loads((out / "faithfulness-mmlu-heads.json").read_text())["spearman"] == rep["spearman"]
     with pytest.raises(ConfigError, match="--faithfulness"):
         RunConfig(faithfulness="layers")
+
+
+def test_run_without_plot_packages_writes_tables_and_a_report_without_figures(tmp_path, tiny_dir, monkeypatch, capsys):
+    """plotly/matplotlib are the optional `plots` extra: a run on a machine without them (a bare
+    GPU box, say) must not lose its results at the last step."""
+    from circuitq.pipeline import report
+
+    monkeypatch.setattr(report, "missing_plot_packages", lambda: ["plotly"])
+    d, _ = tiny_dir
+    out = tmp_path / "run"
+    assert main(_args(d, task_data(tmp_path), out, "--bits", "3", "--baselines", "grad", "--no-transfer")) == 0
+    assert len(list(csv.DictReader((out / "results.csv").open()))) == 2 * 3 + 2
+    assert json.loads((out / "run.json").read_text())["steps"]["computed"] > 0
+    html = (out / "report.html").read_text()
+    assert "Figures skipped: plotly not installed" in html and "Results: gsm8k, 3-bit" in html
+    assert not (out / "report.kl.png").exists()
+    assert "report without figures" in capsys.readouterr().out

@@ -7,6 +7,7 @@ is the thin writer (every file written to a temporary path and renamed).
 from __future__ import annotations
 
 import html
+import importlib.util
 import json
 from pathlib import Path
 
@@ -222,8 +223,15 @@ def faithfulness_rows(rep: dict) -> list[dict]:
     return rows
 
 
+def missing_plot_packages() -> list[str]:
+    """The plotting packages (the ``plots`` extra) that are not installed."""
+    return [m for m in ("plotly", "matplotlib") if importlib.util.find_spec(m) is None]
+
+
 def write_run_outputs(run_dir: Path, doc: dict, res) -> None:
-    """``results.csv``, ``transfer.csv``, ``results.json``, ``run.json``, ``report.html`` and PNGs."""
+    """``results.csv``, ``transfer.csv``, ``results.json``, ``run.json``, ``report.html`` and PNGs.
+    The tables and ``run.json`` come first; without plotly/matplotlib (the ``plots`` extra) the
+    report is written without figures and says so."""
     from circuitq.circuits.plots import write_report
 
     run_dir = Path(run_dir)
@@ -239,7 +247,14 @@ def write_run_outputs(run_dir: Path, doc: dict, res) -> None:
     for b in cfg["bits"]:
         for t in cfg["tasks"]:
             sections.append((f"Results: {t}, {b}-bit", pivot(res.rows, b, t)))
-    sections.append(("KL by method", kl_figure(res.rows)))
+    missing = missing_plot_packages()
+    no_figs = (f"<p>Figures skipped: {', '.join(missing)} not installed "
+               "(<code>pip install 'circuitq[plots]'</code>): the figures and circuit maps are left out; "
+               "results.csv, transfer.csv and run.json are complete.</p>") if missing else None
+    if missing:
+        print(f"[circuitq run] report without figures: {', '.join(missing)} not installed "
+              "(pip install 'circuitq[plots]')", flush=True)
+    sections.append(("KL by method", no_figs or kl_figure(res.rows)))
     if len(cfg["tasks"]) > 1 and cfg.get("transfer", True):
         for b in cfg["bits"]:
             sections.append((f"Transfer matrix at {b} bits: KL to the original", transfer_matrix(res.transfer, b, "kl")))
@@ -250,7 +265,7 @@ def write_run_outputs(run_dir: Path, doc: dict, res) -> None:
             sections.append((f"Task specificity at {b} bits", dominance_html(doc["diagonal_dominance"][str(b)], b)))
     for t, rep in (getattr(res, "faithfulness", None) or {}).items():
         sections.append((f"Faithfulness: {t}, {rep.get('bits')}-bit circuit vs real ablation", faithfulness_rows(rep)))
-    circ = _circuit_sections(run_dir, res, cfg["mask"]["fraction"])
+    circ = [("Circuits", no_figs)] if missing else _circuit_sections(run_dir, res, cfg["mask"]["fraction"])
     png = [item for h, item in circ if h == "_png"]
     sections += [(h, item) for h, item in circ if h != "_png"]
     sections.append(("Commands", f"<pre>{html.escape(doc.get('command') or '')}</pre>"
@@ -260,8 +275,11 @@ def write_run_outputs(run_dir: Path, doc: dict, res) -> None:
     settings = {k: doc.get(k) for k in ("config", "model", "model_source", "model_note", "model_fingerprint", "device",
                                         "machine", "steps", "seconds", "score_dirs", "unparseable_eval_rows",
                                         "circuitq_version")}
+    write_json(run_dir / "run.json", doc)   # before the figures: a failing plot never loses the record
     with atomic_file(run_dir / "report.html", overwrite=True) as tmp:
         write_report(tmp, f"circuitq run: {doc['model']}", sections, settings)
+    if missing:
+        return
     with atomic_file(run_dir / "report.kl.png", overwrite=True) as tmp:
         kl_png(res.rows, tmp.with_suffix(".png"))
         tmp.with_suffix(".png").replace(tmp)
@@ -269,4 +287,3 @@ def write_run_outputs(run_dir: Path, doc: dict, res) -> None:
         from circuitq.circuits.compare import write_pngs
 
         write_pngs(png[0], run_dir / "report.html")
-    write_json(run_dir / "run.json", doc)
