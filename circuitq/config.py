@@ -28,7 +28,9 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 HESSIAN_MODES = ("sequential", "shared")
 QUANT_METHODS = ("gptq", "rtn")
 ATTENTION_MODES = ("sdpa", "eager", "bridge")
-LOSS_SCOPES = ("answer", "all")
+# which tokens' loss the gradients are of: the completion ("answer"), every token ("all"), or every
+# token of the task's own text, leaving out a chat template's ("text")
+LOSS_SCOPES = ("answer", "all", "text")
 TEMPLATES = ("auto", "chat", "raw")
 EVAL_SPLITS = ("auto", "test", "halves")
 COMBINE_MODES = ("union", "intersection", "rank-max")
@@ -101,7 +103,9 @@ class CalibConfig:
         "padded tokens per forward/backward (at most; 0 = no limit): bounds memory"))
     loss: str = field(default="answer", metadata=_help(
         "answer: the gradients are of the loss on each item's completion (the answer letter, the solution); "
-        "all: of the loss on every token of the item, as the official TaCQ code computes it", choices=LOSS_SCOPES))
+        "all: of the loss on every token of the item, as the official TaCQ code computes it; text: every token but "
+        "those a chat template adds (its system prompt and role markers; the same as all without a template)",
+        choices=LOSS_SCOPES))
     attention: str = field(default="sdpa", metadata=_help(
         "sdpa: HF's fused attention inside the TransformerLens bridge (less memory); bridge: TransformerLens's "
         "step-by-step attention. Same scores", choices=ATTENTION_MODES))

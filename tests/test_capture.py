@@ -227,3 +227,73 @@ def test_loss_all_gradients_equal_autograd_over_every_token(tiny_dir):
         assert err <= 1e-5, (n, float(err))
     n0 = next(iter(ref))
     assert not torch.allclose(st.tensors["sum_abs"][n0], answer.tensors["sum_abs"][n0])  # the scope matters
+
+
+CHAT = ("{% for m in messages %}### System:\nYou are a helpful assistant.\n### {{ m['role'] }}:\n{{ m['content'] }}\n"
+        "{% endfor %}{% if add_generation_prompt %}### assistant:\n{% endif %}")
+
+
+def _chat_examples(tok):
+    from circuitq.data.tasks import mmlu_example
+
+    qs = [{"subject": "anatomy", "question": f"Which bone number {i} is longest?",
+           "choices": ["femur", "tibia", "ulna", "rib"], "answer": "ABCD"[i % 4]} for i in range(4)]
+    return [mmlu_example(q, [], tok, "chat") for q in qs]
+
+
+def test_loss_text_leaves_out_exactly_the_chat_template_tokens(tiny_dir):
+    """``--loss text``: every token but the chat template's. The template's tokens are found
+    independently here, by tokenizing the prompt in three pieces around the task's text."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir[0])
+    tok.chat_template = CHAT
+    ex = _chat_examples(tok)
+    t = tokenize_examples(ex, tok, 512, loss="text")
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    for e, ids, st, skip in zip(ex, t.ids, t.scored_from, t.unscored):
+        a, b = e.content
+        assert e.prompt[a:b].startswith("The following are multiple choice questions") and st == 1
+        pre, body, post = enc(e.prompt[:a]), enc(e.prompt[a:b]), enc(e.prompt[b:])
+        assert pre + body + post == enc(e.prompt)          # the pieces tokenize as the whole does
+        want = list(range(1, len(pre))) + list(range(len(pre) + len(body), len(pre) + len(body) + len(post)))
+        assert skip == want and len(want) > 5
+        m = collate([ids], [st], tok.pad_token_id, [skip]).loss_mask[0]
+        # scored next tokens: the task's text from its second token on, and the answer letter
+        assert int(m.sum()) == len(ids) - 1 - len(want) and bool(m[len(ids) - 2])
+    t_all = tokenize_examples(ex, tok, 512, loss="all")
+    assert t_all.unscored is None and t_all.ids == t.ids
+    # without a chat template the task's text is all of the prompt: text == all
+    raw = tokenize_examples(_examples(), tok, 64, loss="text")
+    assert all(s == [] for s in raw.unscored) and raw.scored_from == [1] * len(raw.ids)
+    # a truncated sequence keeps its template indices aligned with its end
+    short = tokenize_examples(ex[:1], tok, len(t.ids[0]) - 3, loss="text")
+    assert short.truncated == 1 and short.unscored[0] == [i - 3 for i in t.unscored[0] if i - 3 >= 1]
+
+
+def test_loss_text_gradients_equal_autograd_without_the_template(tiny_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d, _ = tiny_dir
+    tok = AutoTokenizer.from_pretrained(d)
+    tok.chat_template = CHAT
+    model = AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
+    ex = _chat_examples(tok)
+    shapes = target_shapes(model)
+    params = dict(model.named_parameters())
+    t = tokenize_examples(ex, tok, 512, loss="text")
+    ref = {n: torch.zeros(s) for n, s in shapes.items()}
+    for ids, skip in zip(t.ids, t.unscored):
+        b = collate([ids], [1], tok.pad_token_id, [skip])
+        model.zero_grad()
+        sample_losses(model(input_ids=b.input_ids).logits, b.input_ids, b.loss_mask).sum().backward()
+        for n in shapes:
+            ref[n] += params[n].grad.abs()
+    model.zero_grad()
+    kw = dict(batch_size=4, seq_len=512, progress=False)
+    text = collect_stats(model, tok, ex, str(d), loss="text", **kw)["stats"].tensors["sum_abs"]
+    every = collect_stats(model, tok, ex, str(d), loss="all", **kw)["stats"].tensors["sum_abs"]
+    for n in ref:
+        assert (text[n] - ref[n]).norm() / ref[n].norm() <= 1e-5, n
+    n0 = next(iter(ref))
+    assert not torch.allclose(text[n0], every[n0])      # leaving the template out changes the gradients

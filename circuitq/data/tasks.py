@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import torch
 
+from circuitq.config import LOSS_SCOPES
 from circuitq.data.circuit_tasks import CIRCUIT_TASKS, GENERATORS
 from circuitq.data.prompts import (GSM8K_COT_EXEMPLARS, gsm8k_completion, gsm8k_prompt, mmlu_header, mmlu_question,
                                    resolve_shots)
@@ -61,9 +62,14 @@ LETTERS = "ABCD"
 
 @dataclass(frozen=True)
 class Example:
+    """``prompt`` + ``completion``; ``content``: the character span ``[a, b)`` of the task's own
+    text inside ``prompt`` when a chat template wraps it (``None``: the prompt is all task text).
+    ``--loss text`` leaves the tokens outside that span, the template's, out of the loss."""
+
     prompt: str
     completion: str
     meta: dict = field(default_factory=dict)
+    content: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -130,7 +136,8 @@ def mmlu_example(q: dict, shots: list[dict], tokenizer=None, template: str = "au
     if template != "raw" and has_chat:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": body}], tokenize=False,
                                                add_generation_prompt=True)
-        return Example(prompt, q["answer"], meta)
+        a = prompt.find(body)
+        return Example(prompt, q["answer"], meta, (a, a + len(body)) if a >= 0 else None)
     return Example(body, " " + q["answer"], meta)
 
 
@@ -261,30 +268,55 @@ class Batch(NamedTuple):
 
 class Tokenized(NamedTuple):
     ids: list[list[int]]
-    scored_from: list[int]   # index of the first completion token in each sequence
+    scored_from: list[int]   # index of the first scored token in each sequence (the completion's, or 1)
     truncated: int
+    # per sequence, indices of tokens at or after ``scored_from`` that are not scored (the chat
+    # template's, under ``loss="text"``); ``None``: none
+    unscored: list[list[int]] | None = None
 
 
-def tokenize_examples(examples: list[Example], tokenizer, max_len: int) -> Tokenized:
+def _template_tokens(ex: Example, tokenizer, n_prompt: int) -> list[int]:
+    """Indices of the prompt tokens that lie outside ``ex.content`` (the chat template's)."""
+    if ex.content is None:
+        return []
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError("--loss text needs a fast tokenizer (its offsets locate the chat template); "
+                        "use --loss all, or --template raw")
+    a, b = ex.content
+    offs = tokenizer(ex.prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    assert len(offs) == n_prompt, (len(offs), n_prompt)
+    return [i for i, (s, e) in enumerate(offs) if not (s < b and e > a)]
+
+
+def tokenize_examples(examples: list[Example], tokenizer, max_len: int, loss: str = "answer") -> Tokenized:
     """Token ids of prompt + completion; sequences longer than ``max_len`` keep their end (the
-    completion) and are counted as truncated."""
-    ids, starts, truncated = [], [], 0
+    completion) and are counted as truncated. ``loss`` (``LOSS_SCOPES``) sets which predicted
+    tokens are scored: the completion's; all (``scored_from`` 1); or all but the chat template's
+    (``unscored`` lists those)."""
+    if loss not in LOSS_SCOPES:
+        raise ValueError(f"loss must be one of {LOSS_SCOPES}, got {loss!r}")
+    ids, starts, skip, truncated = [], [], [], 0
     for ex in examples:
         p = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"] if ex.prompt else []
         c = tokenizer(ex.completion, add_special_tokens=False)["input_ids"]
         bos = [tokenizer.bos_token_id] if (not p and tokenizer.bos_token_id is not None) else []
         seq, start = bos + p + c, len(bos) + len(p)
+        tmpl = [len(bos) + i for i in _template_tokens(ex, tokenizer, len(p))] if loss == "text" else []
         if len(seq) > max_len:
             truncated += 1
             cut = len(seq) - max_len
             seq, start = seq[cut:], max(start - cut, 1)
+            tmpl = [i - cut for i in tmpl if i - cut >= 1]
         ids.append(seq)
-        starts.append(max(start, 1))
-    return Tokenized(ids, starts, truncated)
+        starts.append(1 if loss != "answer" else max(start, 1))
+        skip.append([i for i in tmpl if i >= 1])
+    return Tokenized(ids, starts, truncated, skip if loss == "text" else None)
 
 
-def collate(ids: list[list[int]], scored_from: list[int], pad_id: int) -> Batch:
-    """Right-pad a batch; the loss mask marks positions whose next token is a completion token."""
+def collate(ids: list[list[int]], scored_from: list[int], pad_id: int,
+            unscored: list[list[int]] | None = None) -> Batch:
+    """Right-pad a batch; the loss mask marks positions whose next token is scored: tokens from
+    ``scored_from`` on, less those in ``unscored`` (per sequence, token indices)."""
     T = max(len(s) for s in ids)
     B = len(ids)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -294,6 +326,8 @@ def collate(ids: list[list[int]], scored_from: list[int], pad_id: int) -> Batch:
         input_ids[b, :len(s)] = torch.tensor(s)
         attn[b, :len(s)] = True
         loss[b, st - 1:len(s) - 1] = True
+        if unscored is not None and unscored[b]:
+            loss[b, torch.tensor(unscored[b]) - 1] = False
     return Batch(input_ids, attn, loss)
 
 

@@ -21,14 +21,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from circuitq.config import LOSS_SCOPES
 from circuitq.model.arch import ArchSpec, arch_for, target_shapes
 
 STATS = ("sum_abs", "sum", "sum_sq", "act_sq")
 # padded tokens per forward/backward: memory grows with tokens in flight, throughput hardly does
 # (analyses/RESULTS.md: SmolLM2-135M on 2 CPU cores, 512 tokens peak at 2.8 GB, no limit 4.9 GB, no slower)
 DEFAULT_BATCH_TOKENS = 512
-# which tokens' loss the gradients are of: the completion ("answer"), or every token ("all")
-LOSS_SCOPES = ("answer", "all")
 
 
 @dataclass
@@ -373,9 +372,8 @@ def collect_stats(model, tokenizer, examples, model_path: str, batch_size: int =
     state = state if state is not None else GradStats.zeros(shapes, device, stats)
     if loss not in LOSS_SCOPES:
         raise ValueError(f"loss must be one of {LOSS_SCOPES}, got {loss!r}")
-    tok = tokenize_examples(examples, tokenizer, seq_len)
-    if loss == "all":   # every next-token prediction of the text, as the official TaCQ code
-        tok = tok._replace(scored_from=[1] * len(tok.ids))
+    # "all": every next-token prediction of the text, as the official TaCQ code; "text": all but the chat template's
+    tok = tokenize_examples(examples, tokenizer, seq_len, loss)
     order = sorted(range(len(tok.ids)), key=lambda i: -len(tok.ids[i]))  # longest first
     batches = plan_batches([len(tok.ids[i]) for i in order], batch_size, batch_tokens, start)
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -397,7 +395,8 @@ def collect_stats(model, tokenizer, examples, model_path: str, batch_size: int =
         for positions in batches:
             idx = [order[p] for p in positions]
             ids, st = [tok.ids[i] for i in idx], [tok.scored_from[i] for i in idx]
-            input_ids, attn, lmask = (t.to(device) for t in collate(ids, st, pad))
+            skip = [tok.unscored[i] for i in idx] if tok.unscored is not None else None
+            input_ids, attn, lmask = (t.to(device) for t in collate(ids, st, pad, skip))
             with cap.batch(attn, torch.ones(len(ids), dtype=torch.bool, device=device)):
                 pos = scored_positions(lmask)
                 logits = bridge(input_ids, attention_mask=attn.long(), return_type="logits", logits_to_keep=pos)
