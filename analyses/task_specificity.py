@@ -1,6 +1,6 @@
 """Which calibration choices make TaCQ circuits task-specific, over calibration seeds.
 
-    .venv/bin/python analyses/task_specificity.py --root runs/specificity --variants samples-32 samples-128 loss-all fewshot --seeds 0 1 2
+    .venv/bin/python analyses/task_specificity.py --root runs/specificity --variants samples-32 samples-128 loss-all loss-text fewshot --seeds 0 1 2
 
 For each seed, then each variant, runs ``circuitq run --bits 3 --baselines grad --seed S`` plus
 the variant's flags in ``ROOT/VARIANT`` (finished steps are reused, so rerunning resumes), keeps
