@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -53,15 +54,24 @@ def count_flips(ref_correct: torch.Tensor, q_correct: torch.Tensor) -> dict:
 
 
 def mean_nll(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8, device=None) -> float:
-    """Mean next-token NLL (nats) over all predicted tokens of ``windows`` (``[k, L]``)."""
+    """Mean next-token NLL (nats) over all predicted tokens of ``windows`` (``[k, L]``), from the
+    final hidden states ``CHUNK`` positions at a time (memory: a ``[CHUNK, V]`` block, never the
+    ``[b, L, V]`` logits of a batch)."""
+    from circuitq.data.tasks import Batch
+
     device = device or next(model.parameters()).device
+    head = _Head(model)
     total, count = 0.0, 0
     with torch.no_grad():
         for b in range(0, windows.shape[0], batch_size):
             ids = windows[b:b + batch_size].to(device)
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
-            count += ids[:, 1:].numel()
+            ones = torch.ones_like(ids, dtype=torch.bool)
+            h = head.hidden(Batch(ids, ones, ones))[:, :-1]
+            h = h.reshape(-1, h.shape[-1])
+            tgt = ids[:, 1:].reshape(-1)
+            for c in range(0, tgt.numel(), CHUNK):
+                total += float(F.cross_entropy(head.logits(h[c:c + CHUNK]), tgt[c:c + CHUNK], reduction="sum"))
+            count += tgt.numel()
     return total / max(count, 1)
 
 
@@ -107,23 +117,78 @@ def _scored_logits(model, batch, positions):
     return out.logits.float()
 
 
-def evaluate(model, tokenizer, examples, kind: str, reference=None, batch_size: int = 8, seq_len: int = 1024,
-             progress: bool = True, logits_out: dict | None = None, reference_logits: dict | None = None,
-             all_tokens: bool = False) -> EvalResult:
-    """Evaluate ``model`` (and compare to ``reference``) on ``examples`` of task ``kind``
-    (``mmlu``, ``gsm8k``, ``jsonl`` or ``text``). Items run in order of length for little padding;
-    per-item records keep the original order.
+CHUNK = 256   # positions per every-token comparison step: memory 4 · CHUNK · V bytes per logits copy
 
-    ``logits_out``: filled with this model's logits at the scored tokens (``{batch start: [n, V]}``
-    float32 on the CPU); pass it back as ``reference_logits`` to compare other models on the same
-    examples and batch size without running the reference again.
+
+class _Head(NamedTuple):
+    """A causal LM split at its output head: ``hidden(batch)`` -> ``[b, L, d]`` final hidden
+    states; ``logits(h)`` -> ``[..., V]`` float32 (soft-capped where the config says so)."""
+
+    model: torch.nn.Module
+
+    @torch.no_grad()
+    def hidden(self, batch) -> torch.Tensor:
+        return self.model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(),
+                                        use_cache=False).last_hidden_state
+
+    @torch.no_grad()
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        out = self.model.get_output_embeddings()(h).float()
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        return torch.tanh(out / cap) * cap if cap else out
+
+
+def _all_key(b: int, j: int, c: int) -> str:
+    return f"all/{b}/{j}/{c}"
+
+
+def _all_token_record(q: _Head, hq, r: _Head | None, hr, ref_cache, out_cache, b: int, j: int,
+                      targets, real) -> dict:
+    """Every-token comparison of item ``j`` of batch ``b`` in chunks of ``CHUNK`` positions:
+    ``hq``/``hr`` ``[T, d]`` final hidden states of the model and the reference (or the
+    reference's float16 logits from ``ref_cache``), ``targets`` ``[T]``, ``real`` ``[T]`` bool.
+    Writes this model's float16 logits into ``out_cache`` when given. Memory: a few ``[CHUNK, V]``."""
+    idx = real.nonzero().flatten()
+    n = int(idx.numel())
+    nll = kl = agree = 0.0
+    with_ref = r is not None or ref_cache is not None
+    for c, c0 in enumerate(range(0, n, CHUNK)):
+        pos = idx[c0:c0 + CHUNK]
+        lq = q.logits(hq[pos])
+        if out_cache is not None:
+            out_cache[_all_key(b, j, c)] = lq.half().cpu()
+        nll += float(F.cross_entropy(lq, targets[pos], reduction="sum"))
+        if with_ref:
+            lr = r.logits(hr[pos]) if r is not None else ref_cache[_all_key(b, j, c)].to(lq.device).float()
+            kl += float(kl_divergence(lr, lq).sum())
+            agree += float(top1_agreement(lr, lq).sum())
+    rec = {"tokens_all": n, "nll_all": nll / max(n, 1)}
+    if with_ref:
+        rec.update(kl_all=kl / max(n, 1), top1_all=agree / max(n, 1))
+    return rec
+
+
+def evaluate(model, tokenizer, examples, kind: str, reference=None, batch_size: int = 8, seq_len: int = 1024,
+             progress: bool = True, logits_out=None, reference_logits=None, all_tokens: bool = False) -> EvalResult:
+    """Evaluate ``model`` (and compare to ``reference``) on ``examples`` of task ``kind``
+    (``mmlu``, ``gsm8k``, ``jsonl``, ``text`` or a circuit task). Items run in order of length for
+    little padding; per-item records keep the original order.
+
+    Logits are made from the final hidden states ``CHUNK`` positions of one item at a time and
+    reduced to the metrics at once (NLL, KL, top-1), so memory is the model, one batch's
+    activations and a few ``[CHUNK, V]`` float32 blocks, never a batch's or the evaluation's logits.
+
+    ``logits_out``: any ``{str: tensor}`` sink (a dict, or a ``storage.TensorWriter`` that puts
+    them on disk) that receives this model's logits at the scored tokens (float32, a ``[≤CHUNK, V]``
+    block per item and chunk); pass them back (the dict, or ``storage.LazyTensors`` over the file)
+    as ``reference_logits`` to compare other models on the same examples and batch size without
+    running the reference again.
 
     ``all_tokens`` (MMLU): also compare at every token of each item (``kl_all``, ``top1_all``,
-    ``nll_all``), not only at the answer letter; the cached reference logits for that are kept
-    in float16 under the keys ``("all", batch start)``."""
+    ``nll_all``), not only at the answer letter; the cached reference logits for that are float16."""
     from tqdm.auto import tqdm
 
-    from circuitq.data.tasks import collate, scored_positions, tokenize_examples
+    from circuitq.data.tasks import collate, tokenize_examples
 
     device = next(model.parameters()).device
     tok = tokenize_examples(examples, tokenizer, seq_len)
@@ -131,58 +196,77 @@ def evaluate(model, tokenizer, examples, kind: str, reference=None, batch_size: 
     letters = _letter_ids(tokenizer, examples[0].completion[:-1]) if kind == "mmlu" else None
     circuit = CircuitMetric(kind, tokenizer) if kind in CIRCUIT_KINDS else None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    whole = all_tokens and kind == "mmlu"
+    q_head, r_head = _Head(model), (_Head(reference) if reference is not None else None)
+    with_ref = reference is not None or reference_logits is not None
     items: list[dict | None] = [None] * len(examples)
     kl_sum = agree_sum = n_tok = 0.0
     for b in tqdm(range(0, len(order), batch_size), desc=f"eval {kind}", disable=not progress):
         idx = order[b:b + batch_size]
         batch = collate([tok.ids[i] for i in idx], [tok.scored_from[i] for i in idx], pad)
         batch = type(batch)(*(t.to(device) for t in batch))
-        pos = scored_positions(batch.loss_mask)
-        whole = all_tokens and kind == "mmlu"
-        full_q = _scored_logits(model, batch, 0)[:, :-1] if whole else None
-        lq = full_q[:, pos] if whole else _scored_logits(model, batch, pos)
-        m = batch.loss_mask[:, pos]
-        if logits_out is not None:
-            logits_out[b] = lq[m].cpu()
-        full_r = None
-        if whole:
-            real = batch.attention_mask[:, 1:]
-            if logits_out is not None:
-                logits_out[("all", b)] = full_q[real].half().cpu()
-            if reference is not None:
-                full_r = _scored_logits(reference, batch, 0)[:, :-1]
-            elif reference_logits is not None:
-                full_r = torch.zeros_like(full_q)
-                full_r[real] = reference_logits[("all", b)].to(full_q.device).float()
-        lr = (full_r[:, pos] if full_r is not None else _scored_logits(reference, batch, pos)) \
-            if reference is not None else None
-        if reference_logits is not None:
-            lr = torch.zeros_like(lq)
-            lr[m] = reference_logits[b].to(lq.device)
-        tgt = batch.input_ids[:, pos + 1]
-        nll = F.cross_entropy(lq.transpose(1, 2), tgt, reduction="none")
+        hq = q_head.hidden(batch)
+        hr = r_head.hidden(batch) if r_head is not None else None
         for j, i in enumerate(idx):
-            sel = m[j]
-            rec = {"index": i, "tokens": int(sel.sum()), "nll": float(nll[j][sel].mean())}
-            if lr is not None:
-                kl = kl_divergence(lr[j][sel], lq[j][sel])
-                ag = top1_agreement(lr[j][sel], lq[j][sel])
-                rec.update(kl=float(kl.mean()), top1_agree=float(ag.float().mean()))
-                kl_sum += float(kl.sum())
-                agree_sum += float(ag.sum())
-            n_tok += int(sel.sum())
+            pos = batch.loss_mask[j, :-1].nonzero().flatten()
+            tgt = batch.input_ids[j, pos + 1]
+            keep_all = circuit is not None and circuit.kind == "induction"
+            sc = _scored(q_head, hq[j], r_head, hr[j] if hr is not None else None, reference_logits, logits_out,
+                         f"{b}/{j}", pos, tgt, keep_all)
+            n = int(pos.numel())
+            rec = {"index": i, "tokens": n, "nll": sc.nll / max(n, 1)}
+            if with_ref:
+                rec.update(kl=sc.kl / max(n, 1), top1_agree=sc.agree / max(n, 1))
+                kl_sum += sc.kl
+                agree_sum += sc.agree
+            n_tok += n
             if whole:
-                rec.update(_all_token_record(full_q[j], full_r[j] if full_r is not None else None,
-                                             batch.input_ids[j, 1:], batch.attention_mask[j, 1:]))
+                rec.update(_all_token_record(q_head, hq[j, :-1], r_head, hr[j, :-1] if hr is not None else None,
+                                             reference_logits, logits_out, b, j, batch.input_ids[j, 1:],
+                                             batch.attention_mask[j, 1:]))
             if circuit is not None:
-                first = int(sel.nonzero()[0])
-                rec.update(circuit.record(lq[j, first], lq[j][sel], tgt[j][sel], examples[i]))
+                rec.update(circuit.record(sc.first_q, sc.all_q, tgt, examples[i]))
             if letters is not None:
-                p = int(sel.nonzero()[0])  # the answer-letter position
-                rec.update(_mc_record(lq[j, p], lr[j, p] if lr is not None else None, letters, examples[i]))
+                rec.update(_mc_record(sc.first_q, sc.first_r, letters, examples[i]))
             items[i] = rec
-    with_ref = reference is not None or reference_logits is not None
     return EvalResult(_summarize(items, kind, kl_sum, agree_sum, n_tok, with_ref), items)
+
+
+class _Sums(NamedTuple):
+    nll: float
+    kl: float
+    agree: float
+    first_q: torch.Tensor            # [V] logits at the first scored position
+    first_r: torch.Tensor | None     # [V] the reference's there
+    all_q: torch.Tensor | None       # [k, V] every scored position (only when asked)
+
+
+def _scored(q: _Head, hq, r: _Head | None, hr, ref_cache, out_cache, key: str, pos, tgt, keep_all: bool) -> _Sums:
+    """Sums of NLL, KL(reference ‖ model) and top-1 agreement over one item's scored positions
+    ``pos`` (targets ``tgt``), ``CHUNK`` at a time; ``hq``/``hr``: ``[T, d]`` final hidden states
+    (the reference's logits come from ``hr`` or from ``ref_cache`` under ``KEY/c``)."""
+    nll = kl = agree = 0.0
+    first_q = first_r = None
+    blocks = []
+    for c, c0 in enumerate(range(0, int(pos.numel()), CHUNK)):
+        p = pos[c0:c0 + CHUNK]
+        lq = q.logits(hq[p])
+        if out_cache is not None:
+            out_cache[f"{key}/{c}"] = lq.cpu()
+        nll += float(F.cross_entropy(lq, tgt[c0:c0 + CHUNK], reduction="sum"))
+        lr = None
+        if r is not None:
+            lr = r.logits(hr[p])
+        elif ref_cache is not None:
+            lr = ref_cache[f"{key}/{c}"].to(lq.device).float()
+        if lr is not None:
+            kl += float(kl_divergence(lr, lq).sum())
+            agree += float(top1_agreement(lr, lq).sum())
+        if c == 0:
+            first_q, first_r = lq[0], (lr[0] if lr is not None else None)
+        if keep_all:
+            blocks.append(lq)
+    return _Sums(nll, kl, agree, first_q, first_r, torch.cat(blocks) if keep_all else None)
 
 
 CIRCUIT_KINDS = ("ioi", "greater-than", "induction", "capitals")
@@ -232,17 +316,6 @@ class CircuitMetric:
         others[t] = float("-inf")
         margin = float(first[t] - others.max())
         return {"logit_margin": margin, "correct": margin > 0}
-
-
-def _all_token_record(lq, lr, targets, real) -> dict:
-    """Every-token comparison of one item: ``lq``/``lr`` ``[T, V]`` logits, ``targets`` ``[T]``,
-    ``real`` ``[T]`` bool."""
-    lq, t = lq[real], targets[real]
-    rec = {"tokens_all": int(real.sum()), "nll_all": float(F.cross_entropy(lq, t))}
-    if lr is not None:
-        lr = lr[real]
-        rec.update(kl_all=float(kl_divergence(lr, lq).mean()), top1_all=float(top1_agreement(lr, lq).float().mean()))
-    return rec
 
 
 def _mc_record(lq_row, lr_row, letters, ex) -> dict:

@@ -235,3 +235,35 @@ def test_run_without_plot_packages_writes_tables_and_a_report_without_figures(tm
     assert "Figures skipped: plotly not installed" in html and "Results: gsm8k, 3-bit" in html
     assert not (out / "report.kl.png").exists()
     assert "report without figures" in capsys.readouterr().out
+
+
+def test_run_on_a_split_smaller_than_eval_samples_says_so_and_finishes(tmp_path, tiny_dir, capsys):
+    """A subject with fewer evaluation items than --eval-samples (most MMLU subjects at the
+    defaults) runs on all of them; before 0.6 it crashed: Runner reported before its log existed."""
+    d, _ = tiny_dir
+    data = task_data(tmp_path)
+    out = tmp_path / "small"
+    args = ["run", "--model", str(d), "--tasks", "mmlu:philosophy", "--bits", "3", "--no-transfer", "--baselines",
+            "random", "--data-dir", str(data), "--calib-samples", "3", "--calib-seq-len", "64", "--eval-samples", "48",
+            "--eval-seq-len", "96", "--fraction", "0.02", "--group-size", "32", "--out", str(out)]
+    assert main(args) == 0
+    assert "fewer than --eval-samples 48; using all of it" in capsys.readouterr().out
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert {r["method"] for r in rows} == {"reference (16-bit)", "gptq", "tacq", "random"}
+    assert not list((out / "steps").glob(".originals-*")), "the weight backup outlived the run"
+
+
+def test_run_that_will_not_fit_is_refused_before_any_work(tmp_path, tiny_dir, capsys, monkeypatch):
+    from circuitq.pipeline import budget
+
+    d, _ = tiny_dir
+    monkeypatch.setattr(budget, "available_memory", lambda: 1e6)
+    out = tmp_path / "nofit"
+    assert main(_args(d, task_data(tmp_path), out)) == 2
+    err = [l for l in capsys.readouterr().err.strip().splitlines() if "Loading weights" not in l]
+    assert len(err) == 1 and "needs about" in err[0] and "--batch-tokens" in err[0] and "Traceback" not in err[0]
+    assert not (out / "steps").exists() or not any((out / "steps").iterdir())
+    monkeypatch.setattr(budget, "available_memory", lambda: 1e12)
+    monkeypatch.setattr(budget, "free_disk", lambda p: 1e3)
+    assert main(_args(d, task_data(tmp_path / "b"), out)) == 2
+    assert "free there" in capsys.readouterr().err

@@ -14,7 +14,10 @@ the settings (``StepKeys``). Quantized weights are not kept; scores, masks and e
 """
 from __future__ import annotations
 
+import json
+import os
 import platform
+import sys
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -122,12 +125,16 @@ class RunResult:
 
 
 class Runner:
-    """The model, the tasks, in-memory caches and the step store of one run. Each method is one
-    stage looked up in the store by its key, else computed by ``pipeline.stages`` and stored."""
+    """The model, the tasks and the step store of one run. Each method is one stage looked up in
+    the store by its key, else computed by ``pipeline.stages`` and stored. Nothing large is held
+    across steps: statistics, Hessians, scores and the reference's logits live in the steps' files
+    and are read one tensor at a time; each job quantizes the model in place and restores it from
+    a disk backup (``storage.ParameterBackup``). The memory of each stage: ``docs/memory.md``."""
 
     def __init__(self, lm, cfg: RunConfig, run_dir: Path, device="cpu", progress=True):
         from circuitq.data.tasks import Task
 
+        self.log: list[str] = []
         self.lm, self.cfg, self.dir, self.device, self.progress = lm, cfg, Path(run_dir), device, progress
         self.store = StepStore(self.dir, self.say)
         self.tasks = {t: Task(t, cfg.data, lm.tokenizer) for t in cfg.tasks}
@@ -139,12 +146,46 @@ class Runner:
                              {t: examples_digest(self.items(t, "calib")) for t in cfg.tasks},
                              {t: examples_digest(self.items(t, "eval")) for t in cfg.tasks})
         self.fp = self.keys.fp
-        self._hessians: dict = {}
         self._windows: dict = {}
-        self._ref_logits: dict = {}
-        self._reference: dict = {}
+        self._backup = None
         self.counts = {"reused": 0, "computed": 0}
-        self.log: list[str] = []
+
+    def preflight(self) -> None:
+        """Estimate the run's peak memory and disk (``pipeline.budget``) before any work; refuse a
+        run that will not fit, in one line with the figures and the flags that lower them."""
+        from circuitq.config import ConfigError
+        from circuitq.data.tasks import tokenize_examples
+        from circuitq.pipeline import budget
+
+        c, tok = self.cfg, self.lm.tokenizer
+        tokens = {}
+        for t in c.tasks:
+            w = self.windows(t)
+            width = [int(w.mask[i:i + c.quantize.batch_size].sum(1).max()) * min(c.quantize.batch_size, len(w.mask) - i)
+                     for i in range(0, len(w.mask), c.quantize.batch_size)]
+            ev = tokenize_examples(self.items(t, "eval"), tok, c.eval.seq_len)
+            lens = sorted(len(x) for x in ev.ids)
+            eb = max(lens[i:i + c.eval.batch_size][-1] * len(lens[i:i + c.eval.batch_size])
+                     for i in range(0, len(lens), c.eval.batch_size))
+            tokens[t] = budget.Tokens(sum(width), eb, sum(len(x) - s for x, s in zip(ev.ids, ev.scored_from)),
+                                      sum(len(x) - 1 for x in ev.ids) if c.eval.all_tokens else 0)
+        nums = budget.ModelNumbers.from_model(self.lm.model)
+        stages_ = budget.run_stages(nums, tokens, len(c.bits), c.calib.batch_tokens, 2 + len(c.baselines),
+                                    c.mask.fraction)
+        est = budget.estimate(nums, stages_)
+        have = budget.available_memory()
+        steps = sum(f.stat().st_size for f in (self.dir / "steps").rglob("*") if f.is_file()) \
+            if (self.dir / "steps").is_dir() else 0
+        room = budget.free_disk(self.dir) + steps
+        self.say(f"memory estimate: peak {budget.gb(est.peak)} (at {est.worst}), disk {budget.gb(est.disk)}; "
+                 f"available {budget.gb(have) if have else '?'} memory, {budget.gb(room)} disk")
+        if have is not None and est.peak > have and str(self.device) == "cpu":
+            raise ConfigError(f"this run needs about {budget.gb(est.peak)} of memory at its {est.worst} stage but "
+                              f"{budget.gb(have)} is available; lower --batch-tokens or --eval-seq-len, or use a machine with "
+                              "more memory")
+        if est.disk > room:
+            raise ConfigError(f"this run writes about {budget.gb(est.disk)} to {self.dir} but {budget.gb(room)} is free "
+                              "there; choose an --out on a larger disk, or fewer --tasks/--bits, or lower --eval-samples")
 
     def say(self, msg: str) -> None:
         line = f"[circuitq run] {msg}"
@@ -170,28 +211,33 @@ class Runner:
             self._items[(task, split)] = ex
         return self._items[(task, split)]
 
-    def _reuse(self, kind: str, key: dict):
+    def _step(self, kind: str, key: dict, name: str, compute) -> Path:
+        """The step directory of ``(kind, key)``: found in the store, else made by
+        ``compute(tmp_dir)`` under ``name``."""
         found = self.store.find(kind, key)
         if found:
             self.counts["reused"] += 1
-        return found
+            return found
+        with self.store.create(kind, key, name) as tmp:
+            compute(tmp)
+        self.counts["computed"] += 1
+        return self.store.find(kind, key)
 
-    # ---- gradients, Hessians, Q(W) --------------------------------------------------------------
+    # ---- gradients, Hessians --------------------------------------------------------------------
     def grad_stats(self, task: str):
-        from circuitq.saliency.files import load_stats, save_stats
+        """``Σ|G_s|`` of the task's calibration items, read from its step one matrix at a time."""
+        from circuitq.saliency.files import open_stats, save_stats
 
         key = self.keys.calib(task)
-        found = self._reuse("stats", key)
-        if found:
-            return load_stats(found / "stats.safetensors", self.device)[0]
-        self.say(f"{task}: per-sample gradients of {len(self.items(task, 'calib'))} calibration items")
-        res = stages.collect_gradients(self.lm.model, self.lm.tokenizer, self.items(task, "calib"), self.cfg.calib,
-                                       ("sum_abs",), progress=self.progress, model_path=self.lm.source)
-        with self.store.create("stats", key, f"stats-{_slug(task)}") as tmp:
+
+        def compute(tmp):
+            self.say(f"{task}: per-sample gradients of {len(self.items(task, 'calib'))} calibration items")
+            res = stages.collect_gradients(self.lm.model, self.lm.tokenizer, self.items(task, "calib"),
+                                           self.cfg.calib, ("sum_abs",), progress=self.progress,
+                                           model_path=self.lm.source)
             save_stats(tmp / "stats.safetensors", res["stats"], {**key, "truncated": res["truncated"],
                                                                   "tokens_per_s": res["tokens_per_s"]})
-        self.counts["computed"] += 1
-        return res["stats"]
+        return open_stats(self._step("stats", key, f"stats-{_slug(task)}", compute) / "stats.safetensors")
 
     def windows(self, task: str):
         """The task's calibration items as GPTQ sees them (one per sequence, padding masked)."""
@@ -202,121 +248,218 @@ class Runner:
         return self._windows[task]
 
     def hessians(self, task: str):
-        if task not in self._hessians:
-            w = self.windows(task)
-            self.say(f"{task}: Hessians of every linear input (shared by every mask)")
-            self._hessians[task] = stages.collect_hessians(self.lm.model, w, self.cfg.quantize, self.device,
-                                                           self.progress)
-        return self._hessians[task]
+        """The task's shared Hessians and their GPTQ factors, on disk (``quant.hessians``)."""
+        from circuitq.quant.hessians import HessianFile
 
-    def quantized(self, task: str, qcfg: QuantizeConfig, masks=None):
-        """A quantized copy calibrated on ``task`` (shared Hessians collected once per task)."""
-        shared = qcfg.hessian == "shared" and qcfg.method == "gptq"
-        return stages.quantize(self.lm.model, qcfg, None if shared else self.windows(task),
-                               self.hessians(task) if shared else None, masks, self.device, self.progress)
+        q = self.cfg.quantize
+        key = {**self.keys.calib(task), "mode": "shared", "damp": q.damp, "batch_size": q.batch_size,
+               "hessian_rows": "one-item-each"}
 
-    def reference(self, task: str, bits: int, method: str):
-        """``Q(W)`` for ``method`` (its own quantizer: GPTQ, or RTN for ``tacq-rtn``)."""
-        qcfg = stages.reference_config(method, self.cfg.quantize_at(bits))
-        if (task, qcfg) not in self._reference:
-            self.say(f"{task}: mask-free {bits}-bit {qcfg.method.upper()} for Q(W)")
-            shared = qcfg.hessian == "shared" and qcfg.method == "gptq"
-            self._reference[(task, qcfg)] = stages.quantized_reference(
-                self.lm.model, qcfg, None if shared else self.windows(task), self.hessians(task) if shared else None,
-                need_hinv=qcfg.method == "gptq", device=self.device, progress=self.progress)
-        return self._reference[(task, qcfg)]
+        def compute(tmp):
+            self.say(f"{task}: Hessians of every linear input, layer by layer to disk (shared by every mask)")
+            stages.write_hessians(self.lm.model, self.windows(task), tmp, q, self.device, self.progress)
+        return HessianFile(self._step("hessians", key, f"hessians-{_slug(task)}", compute))
+
+    def _shared(self, qcfg: QuantizeConfig) -> bool:
+        return qcfg.hessian == "shared" and qcfg.method == "gptq"
+
+    def backup(self):
+        """The unquantized values of every targeted weight, on disk, made once per run."""
+        from circuitq.model.arch import target_shapes
+        from circuitq.storage import ParameterBackup
+
+        if self._backup is None:
+            self._backup = ParameterBackup(self.lm.model, target_shapes(self.lm.model),
+                                           self.dir / "steps" / f".originals-{os.getpid()}.safetensors")
+        return self._backup
+
+    def close(self) -> None:
+        if self._backup is not None:
+            self._backup.close()
+            self._backup = None
 
     # ---- scores and masks -----------------------------------------------------------------------
-    def scores(self, task: str, bits: int, method: str) -> dict:
-        """Saliency scores ``{name: [out, in]}``; TaCQ's are kept as a scores directory."""
-        from circuitq.saliency.files import load_scores, write_scores_files
+    def _qw_methods(self, task: str, bits: int, method: str) -> list[str]:
+        """The run's mask methods that contrast with the same ``Q(W)`` as ``method`` on ``task``."""
         from circuitq.saliency.methods import method as saliency_method
 
-        m = saliency_method(method)
-        key = self.keys.score(task, bits, method)
-        if method == "tacq":
-            found = self._reuse("scores", key)
-            if found:
-                return load_scores(found)["scores"]
-        ref = self.reference(task, bits, method) if m.quantizer else None
-        stats = self.grad_stats(task) if m.stats else None
-        scores = stages.score_weights(method, self.lm.model, stats, ref, self.cfg.calib.seed)
-        if method == "tacq":
-            from circuitq.model.arch import Geometry
+        mine = stages.reference_config(method, self.cfg.quantize_at(bits))
+        wanted = ["tacq", *self.cfg.baselines]
+        return [m for m in dict.fromkeys(wanted) if saliency_method(m).quantizer
+                and stages.reference_config(m, self.cfg.quantize_at(bits)) == mine]
 
-            meta = {**key, "model": self.lm.name, "model_fingerprint": self.fp, "model_source": self.lm.source,
-                    "model_note": self.lm.note, "n_samples": len(self.items(task, "calib")),
-                    "settings": to_dict(self.cfg),
-                    "geometry": Geometry.from_config(self.lm.model.config).to_dict(), "circuitq_version": __version__}
-            with self.store.create("scores", key, f"scores-{_slug(task)}-tacq-{bits}bit") as tmp:
-                write_scores_files(tmp, scores, None, meta)
+    def _score_meta(self, task: str, key: dict) -> dict:
+        from circuitq.model.arch import Geometry
+
+        return {**key, "model": self.lm.name, "model_fingerprint": self.fp, "model_source": self.lm.source,
+                "model_note": self.lm.note, "n_samples": len(self.items(task, "calib")), "settings": to_dict(self.cfg),
+                "geometry": Geometry.from_config(self.lm.model.config).to_dict(), "circuitq_version": __version__}
+
+    def _stream_masks(self, task: str | None, bits: int, methods: list[str]) -> None:
+        """One pass over the modules that scores ``methods`` (all sharing one ``Q(W)``, or none),
+        selects each one's mask with a running top-k and stores the masks; ``tacq``'s scores are
+        written to their step file as they come. Memory: one module (``stages.stream_scores``)."""
+        from circuitq.model.arch import target_shapes
+        from circuitq.saliency.files import SCORES_FORMAT
+        from circuitq.saliency.masks import TopK
+        from circuitq.saliency.methods import method as saliency_method
+        from circuitq.storage import TensorWriter
+
+        m0 = saliency_method(methods[0])
+        shapes = target_shapes(self.lm.model)
+        src = task or self.cfg.tasks[0]
+        ref = None
+        if m0.quantizer:
+            qcfg = stages.reference_config(methods[0], self.cfg.quantize_at(bits))
+            self.say(f"{src}: mask-free {bits}-bit {qcfg.method.upper()} for Q(W), streamed into {', '.join(methods)}")
+            shared = self._shared(qcfg)
+            ref = stages.reference_stream(self.lm.model, qcfg, None if shared else self.windows(src),
+                                          self.hessians(src) if shared else None,
+                                          need_hinv=any(saliency_method(m).hessian for m in methods),
+                                          device=self.device, progress=self.progress)
+        stats = self.grad_stats(src) if any(saliency_method(m).stats for m in methods) else None
+        sel = {m: TopK(shapes, self.cfg.mask.fraction) for m in methods}
+        skey = self.keys.score(src, bits, "tacq")
+        tacq_step = "tacq" in methods and task is not None and not self.store.find("scores", skey)
+        ctx = self.store.create("scores", skey, f"scores-{_slug(src)}-tacq-{bits}bit") if tacq_step else None
+        tmp = ctx.__enter__() if ctx else None
+        try:
+            writer = TensorWriter(tmp / "scores.safetensors") if tmp else None
+            for name, sc in stages.stream_scores(methods, self.lm.model, stats, ref, self.cfg.calib.seed):
+                for m, s in sc.items():
+                    sel[m].add(name, s)
+                if writer is not None:
+                    writer[name] = sc["tacq"]
+            if writer is not None:
+                meta = self._score_meta(src, skey)
+                writer.close({"format": SCORES_FORMAT, **{k: json.dumps(v, default=str) for k, v in meta.items()}})
+                (tmp / "score.json").write_text(json.dumps({"format": SCORES_FORMAT, **meta}, indent=2, default=str) + "\n")
+        except BaseException:
+            if ctx:
+                ctx.__exit__(*sys.exc_info())
+            raise
+        if ctx:
+            ctx.__exit__(None, None, None)
             self.counts["computed"] += 1
-        return scores
+        for m in methods:
+            recipe = MaskRecipe(m, None if task is None else task)
+            self._save_mask(recipe, bits, sel.pop(m).masks())
+
+    def _save_mask(self, recipe: MaskRecipe, bits: int, masks: dict) -> None:
+        from circuitq.saliency.masks import mask_metadata, save_masks
+
+        key = self.keys.mask(recipe, bits)
+        if self.store.find("mask", key):
+            return
+        c = self.cfg
+        meta = mask_metadata(masks, model=self.lm.name, model_source=self.lm.source, task=recipe.source or "-",
+                             method=recipe.method, bits=bits, group_size=c.quantize.group_size,
+                             requested_fraction=c.mask.fraction, samples=c.calib.samples, seq_len=c.calib.seq_len,
+                             seed=c.calib.seed)
+        with self.store.create("mask", key, f"mask-{recipe.method}-{_slug(recipe.source or 'all')}-{bits}bit") as tmp:
+            save_masks(tmp / "mask.safetensors", masks, meta)
+        self.counts["computed"] += 1
+
+    def tacq_scores(self, task: str, bits: int) -> Path:
+        """The step directory of ``task``'s TaCQ scores at ``bits`` (computed when missing)."""
+        key = self.keys.score(task, bits, "tacq")
+        found = self.store.find("scores", key)
+        if found:
+            return found
+        self._stream_masks(task, bits, self._qw_methods(task, bits, "tacq"))
+        return self.store.find("scores", key)
 
     def mask(self, recipe: MaskRecipe, bits: int) -> dict | None:
-        from circuitq.saliency.masks import load_masks, mask_metadata, save_masks
+        from circuitq.saliency.masks import open_masks, select_rank_max_stream
+        from circuitq.saliency.methods import method as saliency_method
+        from circuitq.storage import LazyTensors
 
         if recipe.method == "none":
             return None
         key = self.keys.mask(recipe, bits)
         found = self._reuse("mask", key)
         if found:
-            return load_masks(found / "mask.safetensors").masks
+            return open_masks(found / "mask.safetensors")
         if recipe.source == "union":
-            m = stages.select([self.scores(t, bits, "tacq") for t in self.cfg.tasks],
-                              replace(self.cfg.mask, combine="rank-max"))
+            sources = [LazyTensors(self.tacq_scores(t, bits) / "scores.safetensors") for t in self.cfg.tasks]
+            self._save_mask(recipe, bits, select_rank_max_stream(sources, self.cfg.mask.fraction))
+        elif recipe.method == "tacq" and self.store.find("scores", self.keys.score(recipe.source, bits, "tacq")):
+            from circuitq.saliency.masks import select_topk_stream
+
+            sc = LazyTensors(self.tacq_scores(recipe.source, bits) / "scores.safetensors")
+            self._save_mask(recipe, bits, select_topk_stream(((n, sc[n]) for n in sc),
+                                                             {n: sc.shape(n) for n in sc}, self.cfg.mask.fraction))
+        elif saliency_method(recipe.method).quantizer:
+            self._stream_masks(recipe.source, bits, self._qw_methods(recipe.source, bits, recipe.method))
         else:
-            m = stages.select(self.scores(recipe.source or self.cfg.tasks[0], bits, recipe.method), self.cfg.mask)
-        c = self.cfg
-        meta = mask_metadata(m, model=self.lm.name, model_source=self.lm.source, task=recipe.source or "-",
-                             method=recipe.method, bits=bits, group_size=c.quantize.group_size,
-                             requested_fraction=c.mask.fraction, samples=c.calib.samples, seq_len=c.calib.seq_len,
-                             seed=c.calib.seed)
-        with self.store.create("mask", key, f"mask-{recipe.method}-{_slug(recipe.source or 'all')}-{bits}bit") as tmp:
-            save_masks(tmp / "mask.safetensors", m, meta)
-        self.counts["computed"] += 1
-        return m
+            self._stream_masks(recipe.source, bits, [recipe.method])
+        return open_masks(self.store.find("mask", key) / "mask.safetensors")
+
+    def _reuse(self, kind: str, key: dict):
+        found = self.store.find(kind, key)
+        if found:
+            self.counts["reused"] += 1
+        return found
 
     # ---- evaluation -----------------------------------------------------------------------------
-    def reference_eval(self, task: str, need_logits: bool = False) -> dict:
-        """Metrics of the unquantized model; with ``need_logits`` its scored logits are kept in
-        memory so that quantized models are compared without running it again."""
-        import json
+    def _reference_step(self, task: str) -> Path:
+        """The unquantized model's evaluation step, with its logits at the scored tokens on disk
+        (float32 at the task's positions, float16 at every MMLU token) for comparing every job."""
+        from circuitq.storage import TensorWriter
 
         key = {**self.keys.eval(task), "model": "reference"}
         found = self.store.find("eval", key)
-        if found and not (need_logits and task not in self._ref_logits):
-            self.counts["reused"] += 1
-            return json.loads((found / "eval.json").read_text())
-        self.say(f"{task}: evaluating the unquantized model on {len(self.items(task, 'eval'))} held-out items")
-        cache: dict = {}
-        res = stages.evaluate(self.lm.model, self.lm.tokenizer, self.items(task, "eval"), self.tasks[task].kind,
-                              None, self.cfg.eval, self.progress, logits_out=cache)
-        self._ref_logits[task] = cache
-        doc = {"metrics": res.metrics}
-        if not found:
+        if found and (found / "logits.safetensors").is_file():
+            return found
+
+        def compute(tmp):
+            self.say(f"{task}: evaluating the unquantized model on {len(self.items(task, 'eval'))} held-out items")
+            with TensorWriter(tmp / "logits.safetensors") as sink:
+                res = stages.evaluate(self.lm.model, self.lm.tokenizer, self.items(task, "eval"),
+                                      self.tasks[task].kind, None, self.cfg.eval, self.progress, logits_out=sink)
+                sink.close({"format": "circuitq.reference-logits"})
+            write_json(tmp / "eval.json", {"metrics": res.metrics})
+            write_csv(tmp / "items.csv", res.items)
+        if found:   # a step from before 0.6 kept its logits in memory only: make it again, with them
+            self.say(f"{task}: the reference evaluation step has no stored logits; computing it again")
             with self.store.create("eval", key, f"eval-reference-{_slug(task)}") as tmp:
-                write_json(tmp / "eval.json", doc)
-                write_csv(tmp / "items.csv", res.items)
+                compute(tmp)
             self.counts["computed"] += 1
-        return doc
+            return self.store.find("eval", key)
+        return self._step("eval", key, f"eval-reference-{_slug(task)}", compute)
+
+    def reference_eval(self, task: str) -> dict:
+        """Metrics of the unquantized model."""
+        return json.loads((self._reference_step(task) / "eval.json").read_text())
 
     def run_job(self, job: Job) -> dict:
-        import json
+        from circuitq.quant.driver import quantize_model
+        from circuitq.quant.plan import PrecisionPlan
+        from circuitq.storage import LazyTensors
 
         key = self.keys.job(job)
         found = self._reuse("eval", key)
         if found:
             return json.loads((found / "eval.json").read_text())
         masks = self.mask(job.recipe, job.bits)
-        t0 = time.perf_counter()
-        twin, qres = self.quantized(job.task, self.cfg.quantize_at(job.bits), masks)
-        tq = time.perf_counter() - t0
-        if job.task not in self._ref_logits:
-            self.reference_eval(job.task, need_logits=True)
-        t0 = time.perf_counter()
-        res = stages.evaluate(twin, self.lm.tokenizer, self.items(job.task, "eval"), self.tasks[job.task].kind, None,
-                              self.cfg.eval, self.progress, reference_logits=self._ref_logits[job.task])
+        ref_logits = LazyTensors(self._reference_step(job.task) / "logits.safetensors")
+        qcfg = self.cfg.quantize_at(job.bits)
+        shared = self._shared(qcfg)
+        hessians = self.hessians(job.task) if shared else None
+        backup = self.backup()
+        try:
+            t0 = time.perf_counter()
+            qres = quantize_model(self.lm.model, None if shared else self.windows(job.task), PrecisionPlan(qcfg.bits),
+                                  qcfg, masks, self.device, self.progress, hessians=hessians, output_error=False,
+                                  pack=False)
+            tq = time.perf_counter() - t0
+            del masks
+            t0 = time.perf_counter()
+            res = stages.evaluate(self.lm.model, self.lm.tokenizer, self.items(job.task, "eval"),
+                                  self.tasks[job.task].kind, None, self.cfg.eval, self.progress,
+                                  reference_logits=ref_logits)
+        finally:
+            backup.restore()
         doc = {"metrics": res.metrics, "average_bits": qres.bits.average_bits, "n_16bit": qres.bits.nnz,
                "quantize_seconds": tq, "eval_seconds": time.perf_counter() - t0,
                "item_kl": [r.get("kl") for r in res.items], "item_tokens": [r.get("tokens") for r in res.items]}
@@ -326,11 +469,8 @@ class Runner:
         self.counts["computed"] += 1
         return doc
 
-
     def faithfulness(self, task: str) -> dict:
         """``circuitq faithfulness`` of ``task``'s TaCQ circuit at the largest bit width (a step)."""
-        import json
-
         from circuitq.saliency.files import load_scores
 
         job = self.cfg.faithfulness_job(task)
@@ -341,9 +481,7 @@ class Runner:
         found = self._reuse("faithfulness", key)
         if found:
             return json.loads((found / "faithfulness.json").read_text())
-        if not self.store.find("scores", self.keys.score(task, bits, "tacq")):
-            self.scores(task, bits, "tacq")
-        scores = load_scores(self.store.find("scores", self.keys.score(task, bits, "tacq")))["scores"]
+        scores = load_scores(self.tacq_scores(task, bits))["scores"]
         self.say(f"{task}: faithfulness of the {bits}-bit circuit ({job.units}, {job.top} top + {job.random} random "
                  f"units, {job.ablation})")
         torch.manual_seed(job.seed)
@@ -394,9 +532,19 @@ def run(lm, cfg: RunConfig, run_dir: str | Path, device="cpu", progress: bool = 
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     r = Runner(lm, cfg, run_dir, device, progress)
+    r.preflight()
     jobs = plan_jobs(cfg)
     r.say(f"{len(jobs)} quantize+evaluate jobs on {', '.join(cfg.tasks)} at {', '.join(map(str, cfg.bits))} bits "
           f"(model fingerprint {r.fp})")
+    try:
+        return _run_jobs(r, jobs, cfg, run_dir, lm, device, command, t0)
+    finally:
+        r.close()
+
+
+def _run_jobs(r: Runner, jobs, cfg: RunConfig, run_dir: Path, lm, device, command: str, t0: float) -> RunResult:
+    from circuitq.pipeline.report import write_run_outputs
+
     rows, item_kl = [], {}
     for task in cfg.tasks:
         ref = r.reference_eval(task)
@@ -414,9 +562,7 @@ def run(lm, cfg: RunConfig, run_dir: str | Path, device="cpu", progress: bool = 
     score_dirs = {}
     for t in cfg.tasks:   # the report's circuit maps need every task's scores, even when all masks were reused
         for b in cfg.bits:
-            if not r.store.find("scores", r.keys.score(t, b, "tacq")):
-                r.scores(t, b, "tacq")
-            score_dirs[(t, b)] = r.store.find("scores", r.keys.score(t, b, "tacq"))
+            score_dirs[(t, b)] = r.tacq_scores(t, b)
     faith = {}
     if cfg.faithfulness != "off":
         for t in cfg.tasks:

@@ -99,13 +99,13 @@ def run_score(lm, cfg: ScoreConfig, out: str | Path, resume: bool = False, overw
     st = res["stats"]
     truncated = _reduce(dist, st, res["truncated"]) if dist else res["truncated"]
     if rank == 0:
-        scores = score_examples(lm.model, lm.tokenizer, examples, cfg, st, device, progress)
+        scores = stream_examples(lm.model, lm.tokenizer, examples, cfg, st, device, progress)
         meta.update(n_samples=st.n_samples, n_tokens=st.n_tokens, n_skipped=st.n_skipped, truncated=truncated,
                     seconds=time.perf_counter() - t0, tokens_per_s=res["tokens_per_s"] * world)
         if truncated:
             print(f"[circuitq] warning: {truncated} examples were longer than --seq-len {cfg.calib.seq_len} "
                   "and were truncated")
-        write_scores_dir(out, scores, st, meta, overwrite=overwrite)
+        write_scores_dir(out, scores, st, meta, overwrite=overwrite)   # scores arrive one module at a time
         if ckpt.exists():
             ckpt.unlink()
     if dist:
@@ -115,6 +115,21 @@ def run_score(lm, cfg: ScoreConfig, out: str | Path, resume: bool = False, overw
             if rank == 0 and p.exists():
                 p.unlink()
     return out
+
+
+def stream_examples(model, tokenizer, examples, cfg: ScoreConfig, stats, device=None, progress: bool = False):
+    """``(name, [out, in] scores)`` one module at a time: ``score_examples`` without holding
+    ``Q(W)`` or the scores (``stages.stream_scores``)."""
+    from circuitq.saliency.methods import method as saliency_method
+
+    m = saliency_method(cfg.method)
+    ref = None
+    if m.quantizer:
+        qcfg = stages.reference_config(cfg.method, cfg.quantize)
+        windows = stages.calibration_tokens(examples, tokenizer, cfg.calib) if qcfg.method == "gptq" else None
+        ref = stages.reference_stream(model, qcfg, windows, None, m.hessian, device, progress)
+    for name, sc in stages.stream_scores([cfg.method], model, stats, ref, cfg.calib.seed):
+        yield name, sc[cfg.method]
 
 
 def score_examples(model, tokenizer, examples, cfg: ScoreConfig, stats, device=None, progress: bool = False):

@@ -65,6 +65,23 @@ def collect_hessians(model, windows: torch.Tensor, qcfg: QuantizeConfig, device=
     return _collect(model, windows, qcfg.batch_size, device, progress)
 
 
+def write_hessians(model, windows, dest, qcfg: QuantizeConfig, device=None, progress: bool = True):
+    """Every linear input's Hessian and GPTQ factor, layer by layer into the directory ``dest``
+    (``quant.hessians.write_hessians``; read back with ``HessianFile``)."""
+    from circuitq.quant.hessians import write_hessians as _write
+
+    return _write(model, windows, dest, qcfg.batch_size, qcfg.damp, device=device, progress=progress)
+
+
+def reference_stream(model, qcfg: QuantizeConfig, windows=None, hessians=None, need_hinv: bool = False, device=None,
+                     progress: bool = False):
+    """``Q(W)`` one module at a time (``quant.driver.reference_stream``): what ``quantized_reference``
+    returns, without holding it."""
+    from circuitq.quant.driver import reference_stream as _stream
+
+    return _stream(model, qcfg, windows, hessians, need_hinv, device, progress)
+
+
 def reference_config(method: str, qcfg: QuantizeConfig) -> QuantizeConfig:
     """The quantizer whose ``Q(W)`` ``method`` contrasts with: the final quantizer's settings,
     with GPTQ or RTN as the method names it (``tacq-rtn`` -> RTN)."""
@@ -109,6 +126,34 @@ def score_weights(method: str, model, stats=None, reference=None, seed: int = 0)
     hinv = reference.hinv_diag if reference is not None and m.hessian else None
     errors = reference.errors if reference is not None and m.hessian else None
     return compute_scores(method, SaliencyInputs(weights, ref_w, tensors if m.stats else {}, hinv, seed, errors))
+
+
+def stream_scores(methods, model, stats=None, reference=None, seed: int = 0):
+    """Scores of several methods, one weight matrix at a time: yields ``(HF weight name, {method:
+    [out, in] float32})``; equal to ``score_weights`` per method. ``reference``: an iterable of
+    ``quant.driver.RefModule`` (``reference_stream``: one ``Q(W)`` for every method given, so they
+    must share their quantizer) or None when no method needs ``Q(W)``. ``stats``: a ``GradStats``
+    or ``{stat: {name: tensor}}`` mapping (read one matrix at a time when lazy). Memory: one
+    module's weight, ``Q(W)``, statistics and scores."""
+    from circuitq.saliency.methods import SaliencyInputs, compute_scores, method as saliency_method
+
+    ms = {m: saliency_method(m) for m in methods}
+    quantizers = {m.quantizer for m in ms.values()}
+    if len(quantizers) > 1:
+        raise ValueError(f"methods {list(methods)} contrast with different quantizers {quantizers}; stream them apart")
+    tensors = getattr(stats, "tensors", stats) or {}
+    wanted = sorted({s for m in ms.values() for s in m.stats})
+    if quantizers != {None}:
+        if reference is None:
+            raise ValueError(f"methods {list(methods)} need Q(W): pass reference=reference_stream(...)")
+        items = ((r.name, r.weight, r.quantized, r.hinv_diag, r.errors) for r in reference)
+    else:
+        items = ((n, model.get_parameter(n).detach(), None, None, None) for n in target_shapes(model))
+    for n, w, q, hinv, err in items:
+        st = {s: {n: tensors[s][n]} for s in wanted}
+        inp = SaliencyInputs({n: w}, None if q is None else {n: q}, st, None if hinv is None else {n: hinv}, seed,
+                             None if err is None else {n: err})
+        yield n, {m: compute_scores(m, inp)[n] for m in methods}
 
 
 def select(scores, mask: MaskConfig = MaskConfig(), bits: int | None = None,

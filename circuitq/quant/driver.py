@@ -27,8 +27,10 @@ import torch
 from circuitq.config import QuantizeConfig
 from circuitq.data.calib import Sequences, as_sequences
 from circuitq.model.arch import arch_for, module_name, target_shapes, weight_of
-from circuitq.quant.gptq import (GPTQConfig, HessianState, gptq_quantize, gptq_quantize_batch, hessian_error, hessian_update,
-                   inverse_hessian_diag)
+from circuitq.quant.gptq import (Factor, GPTQConfig, GPTQResult, HessianState, gptq_quantize, gptq_quantize_batch,
+                                 hessian_error, hessian_factor, hessian_update, hinv_diag_from_factor, inverse_hessian_diag)
+from circuitq.quant.hessians import (HessianFile, _Stop, batches, capture_first_inputs, collect_hessians,  # noqa: F401
+                                     first_output, write_hessians)
 from circuitq.quant.plan import FULL_PRECISION, BitReport, PrecisionPlan, bit_report
 from circuitq.quant.quantizer import QuantizedWeight, QuantSpec, rtn_quantize
 
@@ -95,57 +97,6 @@ class QuantizeResult:
                 "modules": [asdict(r) for r in self.records]}
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the wanted inputs are captured."""
-
-
-def _capture_first_inputs(model, spec, calib, batch_size: int, device) -> tuple[list, list, list]:
-    """Run each calibration batch to the first decoder layer; returns its hidden states
-    (``[b, L, d]`` per batch), keyword arguments (masks, rotary embeddings) and token masks
-    (``[b, L]`` bool: the real tokens) per batch. ``calib``: ``Sequences`` or ``[N, L]`` ids."""
-    seqs = as_sequences(calib)
-    layers = model.get_submodule(spec.layers)
-    moved = [(model.get_submodule(n), next(model.get_submodule(n).parameters(), None)) for n in spec.pre_layers]
-    homes = {n: (p.device if p is not None else None) for n, (_, p) in zip(spec.pre_layers, moved)}
-    for m, _ in moved:
-        m.to(device)
-    hidden, kwargs, tmask = [], [], []
-
-    def hook(_mod, args, kw):
-        h = args[0] if args else kw.pop("hidden_states")
-        hidden.append(h.detach())
-        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
-        raise _Stop
-
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for ids, mask in _batches(seqs, batch_size, device):
-                tmask.append(mask)
-                try:
-                    model(input_ids=ids, attention_mask=mask.long(), use_cache=False, logits_to_keep=1)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-        for (m, _), n in zip(moved, spec.pre_layers):
-            if homes[n] is not None:
-                m.to(homes[n])
-    return hidden, kwargs, tmask
-
-
-def _batches(seqs: Sequences, batch_size: int, device):
-    """``(ids [b, L'], mask [b, L'])`` batches on ``device``, cut to the batch's longest item."""
-    for b in range(0, seqs.ids.shape[0], batch_size):
-        mask = seqs.mask[b:b + batch_size]
-        width = int(mask.sum(1).max())
-        yield seqs.ids[b:b + batch_size, :width].to(device), mask[:, :width].to(device)
-
-
-def _first_output(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def _group_hessian(layer, mods, hidden, kwargs, tmask) -> HessianState:
     """Accumulate the Hessian of the shared input of ``mods`` over the real tokens of all
     batches (``tmask``), stopping each forward pass at the first of them."""
@@ -194,7 +145,8 @@ def _quantize_module(name, mod, H, spec, keep, cfg, method) -> tuple[QuantizedWe
 def quantize_model(model: torch.nn.Module, calib: Sequences | torch.Tensor | None, plan: PrecisionPlan,
                    cfg: QuantizeConfig = QuantizeConfig(), masks: dict[str, torch.Tensor] | None = None,
                    device: str | torch.device | None = None, progress: bool = True,
-                   keep_hinv: bool = False, hessians: dict[str, HessianState] | None = None) -> QuantizeResult:
+                   keep_hinv: bool = False, hessians: dict[str, HessianState] | HessianFile | None = None,
+                   output_error: bool = True, pack: bool = True) -> QuantizeResult:
     """Quantize every targeted linear weight of ``model`` in place (weights become their
     dequantized values) and return the quantized representation for export.
 
@@ -203,8 +155,11 @@ def quantize_model(model: torch.nn.Module, calib: Sequences | torch.Tensor | Non
     of entries kept in 16-bit; ``device``: where each layer runs (default: the model's device);
     ``keep_hinv``: also return each module's inverse-Hessian diagonal and GPTQ's scaled errors
     ``(w - q) / U_jj`` (SpQR's sensitivity, ``result.gptq_errors``);
-    ``hessians``: ``{module name: HessianState}`` from ``collect_hessians`` (implies the shared mode;
-    reused across calls without another forward pass).
+    ``hessians``: ``{module name: HessianState}`` from ``collect_hessians`` or a ``HessianFile``
+    (implies the shared mode; reused across calls without another forward pass);
+    ``output_error``: record each module's ``tr(ΔW H ΔWᵀ)`` (shared mode); ``pack``: keep the packed
+    weights in ``result.qweights`` for an export (``P_lin`` bytes of codes and more; a run that
+    only evaluates passes False). Memory in shared mode: one ``gptq_stream`` chunk.
     """
     from tqdm.auto import tqdm
 
@@ -222,12 +177,12 @@ def quantize_model(model: torch.nn.Module, calib: Sequences | torch.Tensor | Non
     if method.needs_hessian and (hessians is not None or cfg.hessian == "shared"):
         if hessians is None:
             hessians = collect_hessians(model, calib, cfg.batch_size, device, progress)
-        _quantize_shared(model, hessians, plan, cfg, masks, device, result, keep_hinv, progress)
+        _quantize_shared(model, hessians, plan, cfg, masks, device, result, keep_hinv, progress, output_error, pack)
         return _finish(result, shapes, plan, cfg, t_start)
     layers = model.get_submodule(spec_arch.layers)
     hidden = kwargs = tmask = None
     if method.needs_hessian:
-        hidden, kwargs, tmask = _capture_first_inputs(model, spec_arch, calib, cfg.batch_size, device)
+        hidden, kwargs, tmask = capture_first_inputs(model, spec_arch, calib, cfg.batch_size, device)
     bar = tqdm(range(len(layers)), desc=f"{cfg.method} {cfg.bits}-bit", unit="layer", disable=not progress)
     for i in bar:
         layer = layers[i]
@@ -246,14 +201,15 @@ def quantize_model(model: torch.nn.Module, calib: Sequences | torch.Tensor | Non
                 keep = keep.to(device) if keep is not None else None
                 qw, rec, errors = _quantize_module(name, mod, H, quant_spec(cfg, plan.bits_for(weight_of(name))), keep,
                                                    cfg, method)
-                result.qweights[name] = qw.to("cpu")
+                if pack:
+                    result.qweights[name] = qw.to("cpu")
                 if keep_hinv and errors is not None:
                     result.gptq_errors[weight_of(name)] = errors.cpu()
                 result.records.append(rec)
                 bar.set_postfix_str(f"{name.split('.')[-1]} err {rec.output_rel_error or rec.weight_rel_error:.2e}")
         if hidden is not None:
             with torch.no_grad():
-                hidden = [_first_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
+                hidden = [first_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
             if not all(torch.isfinite(h).all() for h in hidden):
                 raise FloatingPointError(f"layer {i} produced NaN/Inf outputs after quantization")
         layer.to(home)
@@ -267,98 +223,112 @@ def _finish(result: QuantizeResult, shapes, plan, cfg, t_start) -> QuantizeResul
     return result
 
 
-def collect_hessians(model: torch.nn.Module, calib: Sequences | torch.Tensor, batch_size: int = 8, device=None,
-                     progress: bool = True) -> dict[str, HessianState]:
-    """Hessians of every targeted module's input in one pass of the unquantized model.
+class ModuleQuant(NamedTuple):
+    """One module's mask-aware GPTQ from ``gptq_stream``: ``weight`` ``[out, in]`` float32 as it
+    was (on ``device``), ``result`` (``qweight``, dequantized ``weight``, ``loss``, ``damp``,
+    ``errors`` if asked), its ``factor`` (``U``: ``[in, in]``), and seconds per module."""
 
-    ``calib``: ``Sequences`` (only real tokens count) or ``[N, L]`` token ids. Returns ``{module
-    name: HessianState}``; modules that share an input (q/k/v, gate/up) share one state object."""
-    from tqdm.auto import tqdm
-
-    seqs = as_sequences(calib)
-    current = [None]
-    spec = arch_for(model.config.model_type)
-    layers = model.get_submodule(spec.layers)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    states: dict[str, HessianState] = {}
-    handles = []
-    for i, layer in enumerate(layers):
-        for group in spec.groups:
-            key = f"{spec.layers}.{i}.{group[0]}"
-            states[key] = HessianState.zeros(layer.get_submodule(group[0]).weight.shape[1], device)
-
-            def pre(_mod, args, key=key):
-                states[key] = hessian_update(states[key], args[0], current[0])
-            handles.append(layer.get_submodule(group[0]).register_forward_pre_hook(pre))
-    home = next(model.parameters()).device
-    model.to(device)
-    try:
-        with torch.no_grad():
-            n_batches = -(-seqs.ids.shape[0] // batch_size)
-            for ids, mask in tqdm(_batches(seqs, batch_size, device), total=n_batches, desc="hessians", unit="batch",
-                                  disable=not progress):
-                current[0] = mask
-                model(input_ids=ids, attention_mask=mask.long(), use_cache=False, logits_to_keep=1)
-    finally:
-        for h in handles:
-            h.remove()
-        model.to(home)
-    out = {}
-    for i in range(len(layers)):
-        for group in spec.groups:
-            for n in group:
-                out[f"{spec.layers}.{i}.{n}"] = states[f"{spec.layers}.{i}.{group[0]}"]
-    return out
+    name: str
+    bits: int
+    weight: torch.Tensor
+    result: GPTQResult
+    factor: Factor
+    seconds: float
 
 
-def _quantize_shared(model, hessians, plan, cfg, masks, device, result: QuantizeResult, keep_hinv, progress,
-                     max_elems: int = 2 ** 26) -> None:
-    """Quantize every targeted module against its given Hessian, batching modules of one shape
-    and bit width through ``gptq_quantize_batch`` (chunks of at most ``max_elems`` weights)."""
-    from tqdm.auto import tqdm
-
-    names = [module_name(n) for n in target_shapes(model)]
-    missing = [n for n in names if n not in hessians]
-    if missing:
-        raise ValueError(f"no Hessian for {len(missing)} modules, e.g. {missing[0]}; collect them from this model")
+def _chunks(model, names, plan, max_elems: int):
+    """Modules batched by (shape, bits) in chunks of at most ``max_elems`` weight + Hessian entries."""
     buckets: dict[tuple, list[str]] = {}
     for n in names:
         bits = plan.bits_for(weight_of(n))
         if bits < FULL_PRECISION:
             buckets.setdefault((tuple(model.get_submodule(n).weight.shape), bits), []).append(n)
-    bar = tqdm(total=sum(len(v) for v in buckets.values()), desc=f"gptq {cfg.bits}-bit (shared H)", unit="module",
-               disable=not progress)
     for (shape, bits), group in buckets.items():
-        step = max(1, max_elems // (shape[0] * shape[1]))
-        spec = quant_spec(cfg, bits)
+        step = max(1, max_elems // (shape[0] * shape[1] + shape[1] * shape[1]))
         for c in range(0, len(group), step):
-            chunk = group[c:c + step]
-            t0 = time.perf_counter()
-            mods = [model.get_submodule(n) for n in chunk]
-            for n, m in zip(chunk, mods):
-                if not torch.isfinite(m.weight).all():
-                    raise FloatingPointError(f"{n}.weight contains NaN/Inf: the model is corrupt; nothing was written")
-            W = torch.stack([m.weight.detach().float() for m in mods]).to(device)
-            H = torch.stack([hessians[n].H for n in chunk]).to(device)
-            keep = None
-            if any(weight_of(n) in masks for n in chunk):
-                keep = torch.stack([masks[weight_of(n)].to(device) if weight_of(n) in masks else
-                                    torch.zeros(shape, dtype=torch.bool, device=device) for n in chunk])
-            res = gptq_quantize_batch(W, H, spec, keep, gptq_config(cfg), keep_errors=keep_hinv)
-            dt = (time.perf_counter() - t0) / len(chunk)
-            for b, (n, m, r) in enumerate(zip(chunk, mods, res)):
-                wf, q = W[b], r.weight
-                out_err = hessian_error(wf, q, H[b]) / max(hessian_error(wf, torch.zeros_like(wf), H[b]), 1e-30)
-                result.records.append(ModuleRecord(n, bits, tuple(shape), r.qweight.nnz,
-                                                   float(((wf - q) ** 2).sum() / (wf ** 2).sum().clamp(min=1e-30)),
-                                                   out_err, r.loss, r.damp, dt))
-                if keep_hinv:
-                    result.hinv_diag[weight_of(n)] = inverse_hessian_diag(H[b], cfg.damp).cpu()
-                    result.gptq_errors[weight_of(n)] = r.errors.cpu()
-                m.weight.data = q.to(m.weight.device, m.weight.dtype)
-                result.qweights[n] = r.qweight.to("cpu")
-            bar.update(len(chunk))
+            yield shape, bits, group[c:c + step]
+
+
+def _factors(hessians, chunk, cfg) -> list[Factor]:
+    """GPTQ's factor of each module's Hessian: stored ones from a ``HessianFile``, else computed
+    once per shared Hessian (q/k/v and gate/up share theirs)."""
+    if isinstance(hessians, HessianFile) and not cfg.act_order:
+        return [hessians.factor(n, cfg.damp) for n in chunk]
+    made: dict[int, Factor] = {}
+    out = []
+    for n in chunk:
+        st = hessians[n]
+        if id(st) not in made:
+            made[id(st)] = hessian_factor(st.H, cfg.damp)
+        out.append(made[id(st)])
+    return out
+
+
+def gptq_stream(model, hessians, plan: PrecisionPlan, cfg: QuantizeConfig, masks=None, device=None,
+                progress: bool = True, keep_errors: bool = False, max_elems: int = 2 ** 23):
+    """Mask-aware GPTQ of every targeted module of ``model`` against given Hessians (shared
+    mode), yielding one ``ModuleQuant`` per module; the model is not modified. Modules of one shape
+    and bit width are batched through ``gptq_quantize_batch`` in chunks of at most ``max_elems``
+    weight + Hessian entries. Memory: one chunk, about ``4 · (7 + keep_errors) · max_elems`` bytes
+    (235 MB at the default) plus what the consumer keeps. ``hessians``: ``{module name:
+    HessianState}`` or a ``HessianFile`` (read a chunk at a time, factors reused)."""
+    from tqdm.auto import tqdm
+
+    masks = masks or {}
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    names = [module_name(n) for n in target_shapes(model)]
+    missing = [n for n in names if n not in hessians]
+    if missing:
+        raise ValueError(f"no Hessian for {len(missing)} modules, e.g. {missing[0]}; collect them from this model")
+    todo = [n for n in names if plan.bits_for(weight_of(n)) < FULL_PRECISION]
+    bar = tqdm(total=len(todo), desc=f"gptq {cfg.bits}-bit (shared H)", unit="module", disable=not progress)
+    for shape, bits, chunk in _chunks(model, names, plan, max_elems):
+        t0 = time.perf_counter()
+        mods = [model.get_submodule(n) for n in chunk]
+        for n, m in zip(chunk, mods):
+            if not torch.isfinite(m.weight).all():
+                raise FloatingPointError(f"{n}.weight contains NaN/Inf: the model is corrupt; nothing was written")
+        W = torch.stack([m.weight.detach().float() for m in mods]).to(device)
+        fac = _factors(hessians, chunk, cfg)
+        keep = None
+        if any(weight_of(n) in masks for n in chunk):
+            keep = torch.stack([masks[weight_of(n)].to(device) if weight_of(n) in masks else
+                                torch.zeros(shape, dtype=torch.bool, device=device) for n in chunk])
+        res = gptq_quantize_batch(W, None, quant_spec(cfg, bits), keep, gptq_config(cfg), keep_errors=keep_errors,
+                                  factors=[Factor(f.U.to(device), f.damp, f.dead.to(device)) for f in fac]) \
+            if not cfg.act_order else \
+            gptq_quantize_batch(W, torch.stack([hessians[n].H for n in chunk]).to(device), quant_spec(cfg, bits), keep,
+                                gptq_config(cfg), keep_errors=keep_errors)
+        dt = (time.perf_counter() - t0) / len(chunk)
+        for b, n in enumerate(chunk):
+            yield ModuleQuant(n, bits, W[b], res[b], fac[b], dt)
+        del W, res, keep, fac
+        bar.update(len(chunk))
     bar.close()
+
+
+def _quantize_shared(model, hessians, plan, cfg, masks, device, result: QuantizeResult, keep_hinv, progress,
+                     output_error: bool = True, pack: bool = True) -> None:
+    """``gptq_stream`` written into ``model`` (each weight becomes its dequantized value) and
+    ``result`` (packed weights, records; with ``keep_hinv`` also ``diag(H⁻¹)`` and GPTQ's scaled
+    errors). ``output_error``: measure ``tr(ΔW H ΔWᵀ)`` per module (reads each Hessian again)."""
+    names = [module_name(n) for n in target_shapes(model)]
+    for mq in gptq_stream(model, hessians, plan, cfg, masks, device, progress, keep_errors=keep_hinv):
+        n, r, wf, q = mq.name, mq.result, mq.weight, mq.result.weight
+        out_err = None
+        if output_error:
+            H = hessians[n].H.to(wf.device)
+            out_err = hessian_error(wf, q, H) / max(hessian_error(wf, torch.zeros_like(wf), H), 1e-30)
+        result.records.append(ModuleRecord(n, mq.bits, tuple(wf.shape), r.qweight.nnz,
+                                           float(((wf - q) ** 2).sum() / (wf ** 2).sum().clamp(min=1e-30)),
+                                           out_err, r.loss, r.damp, mq.seconds))
+        if keep_hinv:
+            result.hinv_diag[weight_of(n)] = hinv_diag_from_factor(mq.factor.U).cpu()
+            result.gptq_errors[weight_of(n)] = r.errors.cpu()
+        m = model.get_submodule(n)
+        m.weight.data = q.to(m.weight.device, m.weight.dtype)
+        if pack:
+            result.qweights[n] = r.qweight.to("cpu")
     order = {n: i for i, n in enumerate(names)}
     result.records.sort(key=lambda r: order[r.name])
     result.qweights = dict(sorted(result.qweights.items(), key=lambda kv: order[kv[0]]))
@@ -400,12 +370,80 @@ class Reference(NamedTuple):
     errors: dict[str, torch.Tensor] | None = None   # {HF weight name: [out, in]} GPTQ's scaled errors (need_hinv)
 
 
+class RefModule(NamedTuple):
+    """``Q(W)`` of one module from ``reference_stream``: ``name`` (HF weight name), ``weight`` and
+    ``quantized`` ``[out, in]`` in the model's dtype, ``hinv_diag`` ``[in]`` and ``errors``
+    ``[out, in]`` (GPTQ only, when asked; else None)."""
+
+    name: str
+    weight: torch.Tensor
+    quantized: torch.Tensor
+    hinv_diag: torch.Tensor | None
+    errors: torch.Tensor | None
+
+
+def reference_stream(model: torch.nn.Module, cfg: QuantizeConfig, calib=None, hessians=None, need_hinv: bool = False,
+                     device=None, progress: bool = False):
+    """``Q(W)`` module by module (``RefModule``), never modifying ``model``: shared-Hessian GPTQ
+    and RTN hold one chunk of modules at a time (``gptq_stream``); sequential GPTQ needs the partly
+    quantized model, so it quantizes a copy (``+4P`` bytes) and yields from it."""
+    needs_h = METHODS[cfg.method].needs_hessian
+    if needs_h and cfg.hessian == "sequential" and hessians is None:
+        yield from _sequential_reference(model, cfg, calib, need_hinv, device, progress)
+        return
+    if not needs_h:
+        spec = quant_spec(cfg)
+        for w in target_shapes(model):
+            W = model.get_parameter(w).detach()
+            q = rtn_quantize(W.float(), spec, None).dequantize().to(W.dtype)
+            yield RefModule(w, W, q, None, None)
+        return
+    if hessians is None:
+        if calib is None:
+            raise ValueError("shared-Hessian GPTQ needs calibration tokens or collected Hessians")
+        hessians = collect_hessians(model, calib, cfg.batch_size, device, progress)
+    for mq in gptq_stream(model, hessians, PrecisionPlan(cfg.bits), cfg, None, device, progress, keep_errors=need_hinv):
+        w = weight_of(mq.name)
+        W = model.get_parameter(w).detach()
+        yield RefModule(w, W, mq.result.weight.to(W.device, W.dtype),
+                        hinv_diag_from_factor(mq.factor.U).cpu() if need_hinv else None,
+                        mq.result.errors.cpu() if need_hinv else None)
+
+
+def _sequential_reference(model, cfg, calib, need_hinv, device, progress):
+    """Sequential GPTQ needs the partly quantized model: quantize ``model`` in place (its
+    weights saved to a temporary file first, ``storage.ParameterBackup``), yield, restore."""
+    import os
+    import tempfile
+
+    from circuitq.storage import ParameterBackup
+
+    names = list(target_shapes(model))
+    fd, path = tempfile.mkstemp(prefix="circuitq-originals-", suffix=".safetensors")
+    os.close(fd)
+    backup = ParameterBackup(model, names, path)
+    try:
+        res = quantize_model(model, calib, PrecisionPlan(cfg.bits), cfg, None, device, progress, keep_hinv=need_hinv,
+                             pack=False)
+        for w in names:
+            yield RefModule(w, backup.saved(w).to(model.get_parameter(w).device),
+                            model.get_parameter(w).detach().clone(), res.hinv_diag.get(w), res.gptq_errors.get(w))
+    finally:
+        backup.restore()
+        backup.close()
+
+
 def reference_quantization(model: torch.nn.Module, cfg: QuantizeConfig, calib: torch.Tensor | None = None,
                            hessians: dict[str, HessianState] | None = None, need_hinv: bool = False,
                            device: str | torch.device | None = None, progress: bool = False) -> Reference:
     """The one definition of ``Q(W)`` for every saliency method and entry point: mask-free
-    quantization of a copy of ``model`` with exactly the final quantizer's settings ``cfg``
-    (bits, group size, grid, GPTQ settings, Hessian mode). ``cfg.method`` picks GPTQ or RTN."""
-    twin, res = quantize_copy(model, cfg, calib, hessians, None, device, progress, keep_hinv=need_hinv)
-    q = {weight_of(n): twin.get_submodule(n).weight.detach() for n in res.qweights}
-    return Reference(q, res.hinv_diag, cfg, res.gptq_errors)
+    quantization of ``model``'s weights with exactly the final quantizer's settings ``cfg`` (bits,
+    group size, grid, GPTQ settings, Hessian mode). ``cfg.method`` picks GPTQ or RTN. Holds every
+    ``Q(W)`` (``4 · P_lin`` bytes, ``+8 · P_lin`` with ``need_hinv``); ``reference_stream`` gives
+    them one module at a time."""
+    q, hinv, err = {}, {}, {}
+    for r in reference_stream(model, cfg, calib, hessians, need_hinv, device, progress):
+        q[r.name] = r.quantized
+        if r.hinv_diag is not None:
+            hinv[r.name], err[r.name] = r.hinv_diag, r.errors
+    return Reference(q, hinv, cfg, err)

@@ -112,14 +112,37 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float, damp_max: float) -> tup
                        "inputs are degenerate (use more calibration samples)")
 
 
+class Factor(NamedTuple):
+    """GPTQ's factor of one Hessian: ``U`` ``[in, in]`` upper Cholesky factor of ``(H + λI)⁻¹``,
+    the damping fraction used, and ``dead`` ``[in]`` bool (columns that never saw an input)."""
+
+    U: torch.Tensor
+    damp: float
+    dead: torch.Tensor
+
+
+def hessian_factor(H: torch.Tensor, damp: float = 0.01, damp_max: float = 10.0) -> Factor:
+    """GPTQ's factor of one Hessian exactly as ``gptq_quantize`` makes it: dead columns
+    (``H_jj = 0``) get ``H_jj = 1``, then ``inverse_hessian_factor``. It depends on ``H`` and the
+    damping only, so it is computed once per Hessian and shared by every mask and bit width
+    (``gptq_quantize_batch(factors=...)``)."""
+    H = H.detach().float().clone()
+    diag = H.diagonal()
+    dead = diag == 0
+    diag[dead] = 1
+    U, d = inverse_hessian_factor(H, damp, damp_max)
+    return Factor(U, d, dead)
+
+
+def hinv_diag_from_factor(U: torch.Tensor) -> torch.Tensor:
+    """``diag(H⁻¹)`` from the upper factor ``U`` (``H⁻¹ = Uᵀ U``): ``[in]``."""
+    return (U * U).sum(-2)
+
+
 def inverse_hessian_diag(H: torch.Tensor, damp: float = 0.01, damp_max: float = 10.0) -> torch.Tensor:
     """``diag((H + λI)⁻¹)``: ``[in]`` float32, dead columns handled as in GPTQ (SpQR's
     sensitivity denominator)."""
-    H = H.detach().float().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    U, _ = inverse_hessian_factor(H, damp, damp_max)
-    return (U * U).sum(0)  # H⁻¹ = Uᵀ U
+    return hinv_diag_from_factor(hessian_factor(H, damp, damp_max).U)
 
 
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, keep: torch.Tensor | None = None,
@@ -138,13 +161,17 @@ def _gather_cols(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, -1, perm[:, None, :].expand(-1, x.shape[1], -1))
 
 
-def gptq_quantize_batch(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, keep: torch.Tensor | None = None,
-                        cfg: GPTQConfig = GPTQConfig(), keep_errors: bool = False) -> list[GPTQResult]:
+def gptq_quantize_batch(w: torch.Tensor, H: torch.Tensor | None, spec: QuantSpec, keep: torch.Tensor | None = None,
+                        cfg: GPTQConfig = GPTQConfig(), keep_errors: bool = False,
+                        factors: list[Factor] | None = None) -> list[GPTQResult]:
     """GPTQ on a batch of independent matrices of one shape: ``w``: ``[B, out, in]``, ``H``:
     ``[B, in, in]`` (each matrix its own Hessian), ``keep``: ``[B, out, in]`` bool or None.
+    ``factors``: ``hessian_factor(H[b])`` per element, computed once and shared by every mask and
+    bit width (then ``H`` is not read and may be None; natural column order only).
 
     Element ``b`` of the result equals ``gptq_quantize(w[b], H[b], spec, keep[b])``: the batch only
     removes Python overhead from the column loop (all layers' q/o projections, say, in one pass).
+    Memory: about ``(6 + keep_errors) · B · out · in`` float32 plus ``B · in²`` for the factors.
     """
     B, out_f, in_f = w.shape
     n_groups = spec.n_groups(in_f)
@@ -152,25 +179,33 @@ def gptq_quantize_batch(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, keep:
     if not torch.isfinite(w).all():
         raise HessianError("the weight contains NaN/Inf; the model is corrupt")
     W = w.detach().float().clone()
-    H = H.detach().float().clone().to(W.device)
     if keep is not None:
         keep = keep.to(W.device)
         if not bool(keep.any()):
             keep = None
-    diag = H.diagonal(dim1=-2, dim2=-1)
-    dead = diag == 0                                               # [B, in]
-    diag[dead] = 1
+    perm = None
+    if factors is None:
+        H = H.detach().float().clone().to(W.device)
+        diag = H.diagonal(dim1=-2, dim2=-1)
+        dead = diag == 0                                           # [B, in]
+        diag[dead] = 1
+        if cfg.act_order:
+            perm = torch.argsort(torch.diagonal(H, dim1=-2, dim2=-1), dim=-1, descending=True)  # [B, in]
+            H = torch.gather(_gather_cols(H, perm), 1, perm[:, :, None].expand(-1, -1, in_f))
+        made = [inverse_hessian_factor(H[b], cfg.damp, cfg.damp_max) for b in range(B)]
+        U, damps = torch.stack([f[0] for f in made]), [f[1] for f in made]   # U: [B, in, in]
+        del H
+    else:
+        if cfg.act_order:
+            raise ValueError("precomputed GPTQ factors are for the natural column order (act_order=False)")
+        U = torch.stack([f.U for f in factors]).to(W.device).float()
+        dead = torch.stack([f.dead for f in factors]).to(W.device)
+        damps = [f.damp for f in factors]
     zero_out = dead[:, None, :] if keep is None else dead[:, None, :] & ~keep
     W = torch.where(zero_out, torch.zeros_like(W), W)
-    perm = None
-    if cfg.act_order:
-        perm = torch.argsort(torch.diagonal(H, dim1=-2, dim2=-1), dim=-1, descending=True)  # [B, in]
+    if perm is not None:
         W = _gather_cols(W, perm)
-        H = torch.gather(_gather_cols(H, perm), 1, perm[:, :, None].expand(-1, -1, in_f))
         keep = _gather_cols(keep, perm) if keep is not None else None
-    factors = [inverse_hessian_factor(H[b], cfg.damp, cfg.damp_max) for b in range(B)]
-    U = torch.stack([f[0] for f in factors])                       # [B, in, in]
-    del H
 
     bs = cfg.block_size if spec.group_size == -1 else max(gs, cfg.block_size // gs * gs)
     scales = torch.zeros(B, n_groups, out_f, device=W.device)
@@ -230,6 +265,6 @@ def gptq_quantize_batch(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, keep:
                              g_idx[b].clone(), spec.bits, spec.group_size, spec.sym, *sparse_residual(Q[b], Q[b], None))
         if keep is not None:
             qw.rows, qw.cols, qw.vals = sparse_residual(Q[b], qw.dequantize_grid(), keep[b])
-        results.append(GPTQResult(qw, qw.dequantize(), float(losses[b].sum()), factors[b][1],
+        results.append(GPTQResult(qw, qw.dequantize(), float(losses[b].sum()), damps[b],
                                   E[b].contiguous() if E is not None else None))
     return results

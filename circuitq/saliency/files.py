@@ -45,18 +45,35 @@ def load_stats(path: Path, device="cpu") -> tuple[GradStats, dict]:
     return st, {k: json.loads(v) for k, v in meta.items()}
 
 
-def write_scores_files(dest: Path, scores: dict[str, torch.Tensor], stats: GradStats | None, meta: dict) -> None:
+def open_stats(path: Path, device=None) -> GradStats:
+    """A stats file as a ``GradStats`` whose tensors are read from disk one at a time when
+    indexed (``storage.LazyTensors``): memory is what the caller holds, not ``4 · P_lin`` per stat."""
+    from circuitq.storage import LazyTensors
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        stats = sorted({k.split("/", 1)[0] for k in f.keys()})
+    t = {s: LazyTensors(path, prefix=s, device=device) for s in stats}
+    return GradStats(t, int(meta["n_samples"]), int(meta["n_tokens"]), int(meta["n_skipped"]))
+
+
+def write_scores_files(dest: Path, scores, stats: GradStats | None, meta: dict) -> None:
     """Write ``scores.safetensors`` (+ ``stats.safetensors``) and ``score.json`` into the existing
-    directory ``dest`` (the caller makes it atomic)."""
+    directory ``dest`` (the caller makes it atomic). ``scores``: ``{name: [out, in]}`` or an
+    iterable of ``(name, [out, in])`` pairs, written as they come."""
+    from circuitq.storage import TensorWriter
+
     smeta = {"format": SCORES_FORMAT, **{k: json.dumps(v) for k, v in meta.items()}}
-    save_file({n: s.float().cpu().contiguous() for n, s in scores.items()}, str(dest / "scores.safetensors"),
-              metadata=smeta)
+    with TensorWriter(dest / "scores.safetensors") as w:   # one matrix in memory at a time when streamed
+        for n, s in (scores.items() if isinstance(scores, dict) else scores):
+            w[n] = s.float()
+        w.close(smeta)
     if stats is not None:
         save_stats(dest / "stats.safetensors", stats, meta)
     (dest / "score.json").write_text(json.dumps({"format": SCORES_FORMAT, **meta}, indent=2, default=str) + "\n")
 
 
-def write_scores_dir(out: str | Path, scores: dict[str, torch.Tensor], stats: GradStats | None, meta: dict,
+def write_scores_dir(out: str | Path, scores, stats: GradStats | None, meta: dict,
                      overwrite: bool = False) -> Path:
     """Write a scores directory atomically (``write_scores_files`` into a temporary sibling)."""
     with atomic_dir(out, overwrite=overwrite) as tmp:

@@ -9,6 +9,7 @@ unpickled). TaCQ keys may name modules (``...q_proj``) instead of parameters; ``
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -108,6 +109,44 @@ def load_masks(path: str | Path) -> MaskFile:
             v = v.bool()
         masks[_normalize(k)] = v
     return MaskFile(masks, meta)
+
+
+class LazyMasks(Mapping):
+    """A circuitq mask file as ``{name: [out, in] bool}``, each mask decoded from its stored
+    indices when indexed (memory: one dense mask, not ``P_lin`` bytes). Only for files that
+    ``load_masks`` has accepted (``open_masks`` checks)."""
+
+    def __init__(self, path: Path, meta: dict):
+        from circuitq.storage import LazyTensors
+
+        self.path, self._raw = Path(path), LazyTensors(path)
+        self._names = {_normalize(k): k for k in self._raw}
+        self._meta = meta
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        k = self._names[name]
+        return _decode_indices(self.path, {k: self._raw[k]}, self._meta)[k]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def open_masks(path: str | Path) -> Mapping:
+    """``load_masks(path).masks``, but an indices-encoded circuitq mask is decoded one matrix at a
+    time (``LazyMasks``); other files are loaded whole."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001 - not safetensors: load_masks says what it is
+        meta = {}
+    if meta.get("format") == MASK_FORMAT and meta.get("encoding") == "indices":
+        if "shapes" not in meta:
+            raise MaskError(f"{path} says encoding=indices but has no readable 'shapes' metadata")
+        return LazyMasks(Path(path), meta)
+    return load_masks(path).masks
 
 
 def _decode_indices(p: Path, raw: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
@@ -240,6 +279,130 @@ def select_rank_max(scores: list[dict[str, torch.Tensor]], fraction: float) -> d
         raise MaskError("score sets to combine name different weights (different models?)")
     best = {n: torch.stack([r[n] for r in ranked]).amax(0) for n in ranked[0]}
     return select_topk(best, fraction)
+
+
+class TopK:
+    """The global top ``k`` of scores that arrive one weight matrix at a time (``add(name, [out,
+    in])``), holding only ``k`` candidates: the top ``k`` of a union is the top ``k`` of the parts'
+    top ``k``s, so ``masks()`` equals ``select_topk`` over all scores at once (ties at the k-th
+    value aside, which ``torch.topk`` leaves unspecified in both). ``shapes`` fixes the names, their
+    order (flat positions) and ``k = floor(fraction · N)``. Memory: ``12 · k`` bytes plus one
+    matrix; ``rank=True`` keeps ``(value, position)`` pairs sorted for ``ranks()``."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], fraction: float):
+        if not 0 <= fraction <= 1:
+            raise MaskError(f"fraction must be in [0, 1], got {fraction}")
+        self.shapes = {n: tuple(s) for n, s in shapes.items()}
+        self.offsets, off = {}, 0
+        for n, s in self.shapes.items():
+            self.offsets[n] = off
+            off += _numel(s)
+        self.total = off
+        self.k = int(fraction * off)
+        self.values = torch.empty(0)
+        self.ids = torch.empty(0, dtype=torch.long)
+        self.seen: set[str] = set()
+
+    def add(self, name: str, scores: torch.Tensor) -> None:
+        if name not in self.shapes or tuple(scores.shape) != self.shapes[name]:
+            raise MaskError(f"scores of {name} {tuple(scores.shape)} do not match the expected weights")
+        if name in self.seen:
+            raise MaskError(f"scores of {name} given twice")
+        self.seen.add(name)
+        if not self.k:
+            return
+        flat = scores.detach().float().flatten().cpu()
+        v, i = _top(flat, torch.arange(flat.numel()) + self.offsets[name], self.k)
+        self.values, self.ids = _top(torch.cat([self.values, v]), torch.cat([self.ids, i]), self.k)
+
+    def _check(self) -> None:
+        missing = [n for n in self.shapes if n not in self.seen]
+        if missing:
+            raise MaskError(f"no scores were given for {len(missing)} weights, e.g. {missing[0]}")
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Bool masks ``{name: shape}`` with exactly ``k`` true entries."""
+        self._check()
+        return _masks_from_ids(self.shapes, self.offsets, self.ids)
+
+    def ranks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(positions, ranks)`` of the kept entries: each one's rank among *all* ``N`` scores as
+        ``rank_normalize`` gives it (ascending, ties by position, scaled by ``1/N``)."""
+        self._check()
+        by_pos = torch.argsort(self.ids, descending=True, stable=True)
+        order = by_pos[torch.argsort(self.values[by_pos], descending=True, stable=True)]
+        ranks = (self.total - 1 - torch.arange(self.ids.numel(), dtype=torch.float64)) / self.total
+        return self.ids[order], ranks.float()
+
+
+def _top(values: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest ``values`` (and their ``ids``), ties at the k-th value going to the
+    larger id: the entries ``rank_normalize`` ranks highest, exactly."""
+    if values.numel() <= k:
+        return values, ids
+    kth = torch.topk(values, k, sorted=False).values.min()
+    above = values > kth
+    tie = (values == kth).nonzero().flatten()
+    need = k - int(above.sum())
+    tie = tie[torch.topk(ids[tie], need, sorted=False).indices]
+    keep = torch.cat([above.nonzero().flatten(), tie])
+    return values[keep], ids[keep]
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _masks_from_ids(shapes: dict, offsets: dict, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    ids = torch.sort(ids).values
+    out = {}
+    for n, shape in shapes.items():
+        lo, hi = offsets[n], offsets[n] + _numel(shape)
+        a, b = int(torch.searchsorted(ids, lo)), int(torch.searchsorted(ids, hi))
+        m = torch.zeros(_numel(shape), dtype=torch.bool)
+        m[ids[a:b] - lo] = True
+        out[n] = m.view(shape)
+    return out
+
+
+def select_topk_stream(items, shapes: dict[str, tuple[int, ...]], fraction: float) -> dict[str, torch.Tensor]:
+    """``select_topk`` over ``(name, scores)`` pairs that arrive one at a time (``TopK``)."""
+    sel = TopK(shapes, fraction)
+    for name, sc in items:
+        sel.add(name, sc)
+    return sel.masks()
+
+
+def select_rank_max_stream(sources: list, fraction: float) -> dict[str, torch.Tensor]:
+    """``select_rank_max`` without ranking all weights: ``sources`` are ``{name: [out, in]}``
+    mappings read one matrix at a time (``storage.LazyTensors`` over score files). A weight's best
+    rank over the tasks reaches the top ``k`` only if it is in some task's top ``k`` (every other
+    weight ranks below all of those), so each task's top ``k`` with exact ranks is enough.
+    Memory: ``O(T · k)`` plus one matrix."""
+    shapes = {n: tuple(sources[0][n].shape) if not hasattr(sources[0], "shape") else sources[0].shape(n)
+              for n in sources[0]}
+    if any(set(s) != set(shapes) for s in sources[1:]):
+        raise MaskError("score sets to combine name different weights (different models?)")
+    best: dict[int, float] = {}
+    ids_all, ranks_all = [], []
+    for src in sources:
+        sel = TopK(shapes, fraction)
+        for n in shapes:
+            sel.add(n, src[n])
+        ids, ranks = sel.ranks()
+        ids_all.append(ids)
+        ranks_all.append(ranks)
+    del best
+    ids, ranks = torch.cat(ids_all), torch.cat(ranks_all)
+    uniq, inv = torch.unique(ids, return_inverse=True)
+    top = torch.full((uniq.numel(),), -1.0).scatter_reduce(0, inv, ranks, reduce="amax")
+    k = int(fraction * sum(_numel(s) for s in shapes.values()))
+    chosen = uniq[torch.topk(top, k, sorted=False).indices] if k else uniq[:0]
+    sel = TopK(shapes, fraction)
+    return _masks_from_ids(sel.shapes, sel.offsets, chosen)
 
 
 def combine(masks: list[dict[str, torch.Tensor]], how: str) -> dict[str, torch.Tensor]:

@@ -1,0 +1,118 @@
+"""Peak host memory and wall time of ``score``, ``quantize`` and ``run``, before and after, side by side.
+
+    .venv/bin/python analyses/bench_memory.py --out analyses/results/bench_memory.json \
+        [--before 6f07778] [--model smollm2-135m-instruct] [--stages score quantize run runtime] [--repeats 1]
+
+Each command runs in its own child process from a neutral folder; its peak resident set size is
+read from the kernel (``os.wait4``'s ``ru_maxrss``: the high-water mark of that one process, the
+same figure ``/usr/bin/time -v`` prints), its wall time from the clock. ``--before REV`` checks out
+that commit into a temporary git worktree and runs the same commands with that code on
+``PYTHONPATH`` (same virtual environment, same model, same data), so "before" and "after" are
+measured in one run on one machine. ``runtime`` is the Python/torch constant: a process that imports
+everything the CLI imports and loads the model, doing nothing else.
+
+Sizes are reduced from the defaults (stated in the output, as the scale issue's table did):
+``run --tasks mmlu gsm8k --bits 3 --calib-samples 32 --eval-samples 16 --baselines grad``,
+``score --task gsm8k --method tacq --bits 3 --samples 32``,
+``quantize --bits 3 --calib gsm8k --samples 32``. ``--full-run`` adds the default ``run``.
+
+The default model's float weights are dequantized from a 4-bit GGUF file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+COMMANDS = {
+    "runtime": ["-c", "import sys, circuitq.cli.commands, transformer_lens; from circuitq.model.loading import load_model; "
+                      "load_model(sys.argv[1])", "{model}"],
+    "score": ["-m", "circuitq", "score", "--model", "{model}", "--task", "gsm8k", "--method", "tacq", "--bits", "3",
+              "--samples", "32", "--out", "{tmp}/scores"],
+    "quantize": ["-m", "circuitq", "quantize", "--model", "{model}", "--bits", "3", "--calib", "gsm8k", "--samples",
+                 "32", "--out", "{tmp}/q"],
+    "run": ["-m", "circuitq", "run", "--model", "{model}", "--tasks", "mmlu", "gsm8k", "--bits", "3",
+            "--calib-samples", "32", "--eval-samples", "16", "--baselines", "grad", "--out", "{tmp}/run"],
+    "full-run": ["-m", "circuitq", "run", "--model", "{model}", "--out", "{tmp}/run"],
+}
+
+
+def measure(args: list[str], env: dict, cwd: str, log: Path) -> dict:
+    """Run ``python ARGS`` in a child; its peak RSS (bytes) and wall seconds."""
+    t0 = time.perf_counter()
+    with log.open("w") as fh:
+        p = subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return {"peak_rss_bytes": usage.ru_maxrss * 1024, "seconds": time.perf_counter() - t0, "rc": p.returncode,
+            "log": str(log)}
+
+
+def worktree(rev: str) -> Path:
+    dest = Path(tempfile.mkdtemp(prefix="circuitq-before-"))
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-f", str(dest / "src"), rev],
+                   check=True, capture_output=True)
+    return dest / "src"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--before", default=None, help="a git revision to compare with (its code on PYTHONPATH)")
+    ap.add_argument("--stages", nargs="+", default=["runtime", "score", "quantize", "run"], choices=list(COMMANDS))
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--only", choices=("before", "after"), default=None, help="measure one variant alone")
+    a = ap.parse_args()
+    variants = {"after": str(REPO)}
+    if a.before:
+        variants = {"before": str(worktree(a.before)), **variants}
+    if a.only:
+        variants = {a.only: variants[a.only]}
+    rows = []
+    logs = Path(tempfile.mkdtemp(prefix="bench-memory-logs-"))
+    for stage in a.stages:
+        for _ in range(a.repeats):
+            for name, src in variants.items():   # alternate, so drift hits both alike
+                tmp = tempfile.mkdtemp(prefix="bench-memory-")
+                env = {**os.environ, "PYTHONPATH": src, "TQDM_DISABLE": "1",
+                       "CIRCUITQ_DATA_DIR": os.environ.get("CIRCUITQ_DATA_DIR", str(REPO.parent / "shared" / "data"))}
+                cmd = [c.format(model=a.model, tmp=tmp) for c in COMMANDS[stage]]
+                r = measure(cmd, env, tmp, logs / f"{stage}-{name}-{len(rows)}.log")
+                shutil.rmtree(tmp, ignore_errors=True)
+                rows.append({"stage": stage, "variant": name, **r})
+                print(f"{stage:<9} {name:<7} peak {r['peak_rss_bytes'] / 2**30:6.2f} GiB  {r['seconds']:7.1f} s  "
+                      f"rc {r['rc']}", flush=True)
+    summary = {}
+    for stage in a.stages:
+        s = {}
+        for name in variants:
+            rs = [r for r in rows if r["stage"] == stage and r["variant"] == name]
+            s[name] = {"peak_rss_gib": statistics.median(r["peak_rss_bytes"] for r in rs) / 2 ** 30,
+                       "seconds": statistics.median(r["seconds"] for r in rs), "ok": all(r["rc"] == 0 for r in rs)}
+        if "before" in s:
+            s["peak_ratio_after_over_before"] = s["after"]["peak_rss_gib"] / s["before"]["peak_rss_gib"]
+            s["time_ratio_after_over_before"] = s["after"]["seconds"] / s["before"]["seconds"]
+        summary[stage] = s
+    doc = {"model": a.model, "model_note": "weights dequantized from a 4-bit GGUF file", "before": a.before,
+           "commands": {k: " ".join(COMMANDS[k]) for k in a.stages}, "repeats": a.repeats,
+           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+           "summary": summary, "rows": rows}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(doc, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

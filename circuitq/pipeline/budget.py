@@ -1,0 +1,137 @@
+"""The memory and disk a run needs, stage by stage, as formulas of the model's own numbers (pure).
+
+Symbols (bytes unless said): ``P`` parameters, ``s`` bytes per parameter of the loaded model (4 for
+float32), ``P_lin`` the targeted decoder linear weights, ``V`` vocabulary, ``d`` hidden size,
+``L`` layers, ``d_ff`` MLP width, ``S = Σ_g in_g²`` summed over one layer's Hessian groups
+(q/k/v: ``d``, o: ``n_h·d_h``, gate/up: ``d``, down: ``d_ff``), ``N`` padded calibration tokens,
+``B_t`` padded tokens per gradient batch (``--batch-tokens``), ``b·T_e`` tokens of one evaluation
+batch, ``T_ans``/``T_all`` scored / every evaluation token, ``C = evals.CHUNK``, ``E`` the GPTQ
+chunk (``quant.driver.gptq_stream``'s ``max_elems``), ``k = fraction · P_lin``.
+
+| stage | host memory beyond the runtime and the model (``s·P``) | disk it leaves |
+| --- | --- | --- |
+| gradients | ``4·P_lin`` (Σ\\|G\\|) ``+ B_t·4·(L·(12·d + 4·d_ff) + 3·V)`` (activations, logits) | ``4·P_lin`` per task |
+| Hessians | ``4·d·N`` (hidden states) ``+ 8·S`` (one layer's H and factors) | ``8·L·S`` per task |
+| Q(W) + scores + masks | ``32·E`` (one GPTQ chunk) ``+ 12·k`` per method | ``4·P_lin`` per (task, bits) |
+| reference evaluation | ``4·b·T_e·(d + d_ff)`` (activations) ``+ 4·4·C·V`` | ``4·V·T_ans + 2·V·T_all`` per task |
+| quantize + evaluate a job | ``32·E + P_lin/L`` (one chunk, one mask) ``+`` the evaluation's | ``4·P_lin`` backup while it runs |
+
+The peak is the runtime (Python, torch, transformers, TransformerLens: ``R``, measured about
+0.5 GB on this project's CPU machine) plus the model plus the largest stage. Nothing grows with the
+number of tasks, bit widths or masks; disk does. ``analyses/bench_memory.py`` measures the peaks
+and ``docs/memory.md`` compares them with these formulas on two real models.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from typing import NamedTuple
+
+GPTQ_CHUNK = 2 ** 23        # quant.driver.gptq_stream's default max_elems
+EVAL_CHUNK = 256            # evals.CHUNK
+RUNTIME_BYTES = 0.55e9      # Python + torch + transformers + TransformerLens, measured (docs/memory.md)
+
+
+@dataclass(frozen=True)
+class ModelNumbers:
+    """What the formulas read from a model: see the module docstring for the symbols."""
+
+    P: int
+    P_lin: int
+    s: int
+    V: int
+    d: int
+    L: int
+    d_ff: int
+    S: int          # Σ_g in_g² of one layer
+
+    @classmethod
+    def from_model(cls, model) -> "ModelNumbers":
+        from circuitq.model.arch import Geometry, target_shapes
+
+        cfg, g = model.config, Geometry.from_config(model.config)
+        p0 = next(model.parameters())
+        shapes = target_shapes(model)
+        return cls(sum(p.numel() for p in model.parameters()), sum(a * b for a, b in shapes.values()),
+                   p0.element_size(), cfg.vocab_size, cfg.hidden_size, g.n_layers, g.d_mlp,
+                   2 * cfg.hidden_size ** 2 + (g.n_heads * g.head_dim) ** 2 + g.d_mlp ** 2)
+
+    @classmethod
+    def from_config(cls, cfg, s: int = 4) -> "ModelNumbers":
+        """From a Hugging Face config alone (a projection for a model not loaded), Llama-shaped."""
+        from circuitq.model.arch import Geometry
+
+        g = Geometry.from_config(cfg)
+        d, qd, kvd = cfg.hidden_size, g.n_heads * g.head_dim, g.n_kv_heads * g.head_dim
+        per_layer = d * qd * 2 + d * kvd * 2 + 3 * d * g.d_mlp
+        embed = cfg.vocab_size * d * (1 if getattr(cfg, "tie_word_embeddings", False) else 2)
+        return cls(per_layer * g.n_layers + embed + d * (2 * g.n_layers + 1), per_layer * g.n_layers, s,
+                   cfg.vocab_size, d, g.n_layers, g.d_mlp, 2 * d ** 2 + qd ** 2 + g.d_mlp ** 2)
+
+
+class Stage(NamedTuple):
+    name: str
+    host: float     # bytes beyond runtime + model
+    disk: float     # bytes it leaves on disk
+
+
+class Tokens(NamedTuple):
+    """Token counts of one task: padded calibration tokens, one evaluation batch's padded tokens,
+    scored and every evaluation token."""
+
+    calib: int
+    eval_batch: int
+    scored: int
+    every: int
+
+
+def run_stages(m: ModelNumbers, tokens: dict[str, Tokens], n_bits: int, batch_tokens: int, n_methods: int,
+               fraction: float) -> list[Stage]:
+    """The run's stages for ``tokens`` ``{task: Tokens}`` (module docstring's table)."""
+    k = fraction * m.P_lin
+    t = list(tokens.values())
+    n_tasks = len(t)
+    ev = max(4 * x.eval_batch * (m.d + m.d_ff) for x in t) + 4 * 4 * EVAL_CHUNK * m.V
+    return [
+        Stage("gradients", 4 * m.P_lin + batch_tokens * 4 * (m.L * (12 * m.d + 4 * m.d_ff) + 3 * m.V),
+              4 * m.P_lin * n_tasks),
+        Stage("Hessians", max(4 * m.d * x.calib for x in t) + 8 * m.S, 8 * m.L * m.S * n_tasks),
+        Stage("Q(W), scores and masks", 32 * GPTQ_CHUNK + 12 * k * n_methods, 4 * m.P_lin * n_tasks * n_bits),
+        Stage("reference evaluation", ev, sum(4 * m.V * x.scored + 2 * m.V * x.every for x in t)),
+        Stage("quantize + evaluate", 32 * GPTQ_CHUNK + m.P_lin / m.L + ev, 4 * m.P_lin),
+    ]
+
+
+class Estimate(NamedTuple):
+    peak: float          # bytes: runtime + model + largest stage
+    worst: str           # the stage that sets it
+    disk: float          # bytes left on disk at the end (plus the backup while jobs run)
+
+
+def estimate(m: ModelNumbers, stages: list[Stage]) -> Estimate:
+    worst = max(stages, key=lambda x: x.host)
+    return Estimate(RUNTIME_BYTES + m.s * m.P + worst.host, worst.name, sum(x.disk for x in stages))
+
+
+def available_memory() -> float | None:
+    """``MemAvailable`` of this machine (bytes), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def free_disk(path) -> float:
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    return float(shutil.disk_usage(p).free)
+
+
+def gb(x: float) -> str:
+    return f"{x / 1e9:.2f} GB"
