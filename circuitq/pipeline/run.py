@@ -27,7 +27,7 @@ import torch
 from circuitq import __version__
 from circuitq.artifacts import write_csv, write_json
 from circuitq.config import QuantizeConfig, RunConfig, to_dict
-from circuitq.pipeline import stages
+from circuitq.pipeline import budget, stages
 from circuitq.pipeline.plan import Job, MaskRecipe, plan_jobs
 from circuitq.pipeline.store import StepStore, examples_digest, model_fingerprint
 
@@ -149,6 +149,8 @@ class Runner:
         self._windows: dict = {}
         self._backup = None
         self.counts = {"reused": 0, "computed": 0}
+        self.meter = budget.PeakMeter()
+        self.estimate: dict = {}
 
     def preflight(self) -> None:
         """Estimate the run's peak memory and disk (``pipeline.budget``) before any work; refuse a
@@ -173,6 +175,9 @@ class Runner:
         stages_ = budget.run_stages(nums, tokens, len(c.bits), c.calib.batch_tokens, 2 + len(c.baselines),
                                     c.mask.fraction)
         est = budget.estimate(nums, stages_)
+        self.estimate = {"peak_bytes": est.peak, "at": est.worst, "disk_bytes": est.disk,
+                         "stages": {x.name: {"host_bytes": x.host + budget.RUNTIME_BYTES + nums.s * nums.P,
+                                             "disk_bytes": x.disk} for x in stages_}}
         have = budget.available_memory()
         steps = sum(f.stat().st_size for f in (self.dir / "steps").rglob("*") if f.is_file()) \
             if (self.dir / "steps").is_dir() else 0
@@ -232,11 +237,12 @@ class Runner:
 
         def compute(tmp):
             self.say(f"{task}: per-sample gradients of {len(self.items(task, 'calib'))} calibration items")
-            res = stages.collect_gradients(self.lm.model, self.lm.tokenizer, self.items(task, "calib"),
-                                           self.cfg.calib, ("sum_abs",), progress=self.progress,
-                                           model_path=self.lm.source)
-            save_stats(tmp / "stats.safetensors", res["stats"], {**key, "truncated": res["truncated"],
-                                                                  "tokens_per_s": res["tokens_per_s"]})
+            with self.meter.stage("gradients"):
+                    res = stages.collect_gradients(self.lm.model, self.lm.tokenizer, self.items(task, "calib"),
+                                               self.cfg.calib, ("sum_abs",), progress=self.progress,
+                                               model_path=self.lm.source)
+                    save_stats(tmp / "stats.safetensors", res["stats"], {**key, "truncated": res["truncated"],
+                                                                      "tokens_per_s": res["tokens_per_s"]})
         return open_stats(self._step("stats", key, f"stats-{_slug(task)}", compute) / "stats.safetensors")
 
     def windows(self, task: str):
@@ -257,7 +263,8 @@ class Runner:
 
         def compute(tmp):
             self.say(f"{task}: Hessians of every linear input, layer by layer to disk (shared by every mask)")
-            stages.write_hessians(self.lm.model, self.windows(task), tmp, q, self.device, self.progress)
+            with self.meter.stage("Hessians"):
+                stages.write_hessians(self.lm.model, self.windows(task), tmp, q, self.device, self.progress)
         return HessianFile(self._step("hessians", key, f"hessians-{_slug(task)}", compute))
 
     def _shared(self, qcfg: QuantizeConfig) -> bool:
@@ -296,6 +303,10 @@ class Runner:
                 "geometry": Geometry.from_config(self.lm.model.config).to_dict(), "circuitq_version": __version__}
 
     def _stream_masks(self, task: str | None, bits: int, methods: list[str]) -> None:
+        with self.meter.stage("Q(W), scores and masks"):
+            self._stream_masks_once(task, bits, methods)
+
+    def _stream_masks_once(self, task: str | None, bits: int, methods: list[str]) -> None:
         """One pass over the modules that scores ``methods`` (all sharing one ``Q(W)``, or none),
         selects each one's mask with a running top-k and stores the masks; ``tacq``'s scores are
         written to their step file as they come. Memory: one module (``stages.stream_scores``)."""
@@ -414,7 +425,7 @@ class Runner:
 
         def compute(tmp):
             self.say(f"{task}: evaluating the unquantized model on {len(self.items(task, 'eval'))} held-out items")
-            with TensorWriter(tmp / "logits.safetensors") as sink:
+            with self.meter.stage("reference evaluation"), TensorWriter(tmp / "logits.safetensors") as sink:
                 res = stages.evaluate(self.lm.model, self.lm.tokenizer, self.items(task, "eval"),
                                       self.tasks[task].kind, None, self.cfg.eval, self.progress, logits_out=sink)
                 sink.close({"format": "circuitq.reference-logits"})
@@ -447,19 +458,20 @@ class Runner:
         shared = self._shared(qcfg)
         hessians = self.hessians(job.task) if shared else None
         backup = self.backup()
-        try:
-            t0 = time.perf_counter()
-            qres = quantize_model(self.lm.model, None if shared else self.windows(job.task), PrecisionPlan(qcfg.bits),
-                                  qcfg, masks, self.device, self.progress, hessians=hessians, output_error=False,
-                                  pack=False)
-            tq = time.perf_counter() - t0
-            del masks
-            t0 = time.perf_counter()
-            res = stages.evaluate(self.lm.model, self.lm.tokenizer, self.items(job.task, "eval"),
-                                  self.tasks[job.task].kind, None, self.cfg.eval, self.progress,
-                                  reference_logits=ref_logits)
-        finally:
-            backup.restore()
+        with self.meter.stage("quantize + evaluate"):
+            try:
+                t0 = time.perf_counter()
+                qres = quantize_model(self.lm.model, None if shared else self.windows(job.task),
+                                      PrecisionPlan(qcfg.bits), qcfg, masks, self.device, self.progress,
+                                      hessians=hessians, output_error=False, pack=False)
+                tq = time.perf_counter() - t0
+                del masks
+                t0 = time.perf_counter()
+                res = stages.evaluate(self.lm.model, self.lm.tokenizer, self.items(job.task, "eval"),
+                                      self.tasks[job.task].kind, None, self.cfg.eval, self.progress,
+                                      reference_logits=ref_logits)
+            finally:
+                backup.restore()
         doc = {"metrics": res.metrics, "average_bits": qres.bits.average_bits, "n_16bit": qres.bits.nnz,
                "quantize_seconds": tq, "eval_seconds": time.perf_counter() - t0,
                "item_kl": [r.get("kl") for r in res.items], "item_tokens": [r.get("tokens") for r in res.items]}
@@ -575,7 +587,7 @@ def _run_jobs(r: Runner, jobs, cfg: RunConfig, run_dir: Path, lm, device, comman
            "device": str(device), "machine": machine_info(device), "seconds": res.seconds, "steps": res.steps,
            "unparseable_eval_rows": r.skipped, "data_sources": {t: task.sources for t, task in r.tasks.items()},
            "score_dirs": {f"{t}@{b}": str(p.relative_to(run_dir)) for (t, b), p in res.score_dirs.items()},
-           "log": r.log}
+           "memory": {"measured_peak_bytes": r.meter.peaks, "estimate": r.estimate}, "log": r.log}
     write_run_outputs(run_dir, doc, res)
     return res
 

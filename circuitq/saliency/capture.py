@@ -26,8 +26,8 @@ from circuitq.model.arch import ArchSpec, arch_for, target_shapes
 
 STATS = ("sum_abs", "sum", "sum_sq", "act_sq")
 # padded tokens per forward/backward: memory grows with tokens in flight, throughput hardly does
-# (analyses/RESULTS.md: SmolLM2-135M on 2 CPU cores, 512 tokens peak at 2.8 GB, no limit 4.9 GB, no slower)
-DEFAULT_BATCH_TOKENS = 512
+# (SmolLM2-135M on 2 CPU cores: 512 tokens peak 2.2 GiB, 256 tokens 1.9 GiB and 5-10% slower; docs/memory.md)
+DEFAULT_BATCH_TOKENS = 256   # the CLI default, CalibConfig.batch_tokens (docs/memory.md)
 
 
 @dataclass
