@@ -45,11 +45,12 @@ class TensorWriter:
         t = tensor.detach().contiguous().cpu()
         if t.dtype not in _DTYPES:
             raise TypeError(f"{self.path}: dtype {t.dtype} of {name!r} cannot be stored")
-        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        self._data.write(raw)
+        n = t.numel() * t.element_size()
+        if n:
+            self._data.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))   # no copy of the tensor
         self._header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
-                              "data_offsets": [self._offset, self._offset + len(raw)]}
-        self._offset += len(raw)
+                              "data_offsets": [self._offset, self._offset + n]}
+        self._offset += n
 
     __setitem__ = add
 

@@ -176,6 +176,7 @@ class Runner:
                                     c.mask.fraction)
         est = budget.estimate(nums, stages_)
         self.estimate = {"peak_bytes": est.peak, "at": est.worst, "disk_bytes": est.disk,
+                         "tokens": {t: x._asdict() for t, x in tokens.items()},
                          "stages": {x.name: {"host_bytes": x.host + budget.RUNTIME_BYTES + nums.s * nums.P,
                                              "disk_bytes": x.disk} for x in stages_}}
         have = budget.available_memory()

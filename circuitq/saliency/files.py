@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from circuitq.artifacts import atomic_dir
 from circuitq.saliency.capture import GradStats
@@ -26,11 +25,18 @@ class ScoreFile(dict):
 
 
 def save_stats(path: Path, st: GradStats, meta: dict) -> None:
-    tensors = {f"{s}/{n}": t.detach().cpu().contiguous() for s, d in st.tensors.items() for n, t in d.items()}
+    """Write the statistics one tensor at a time (``storage.TensorWriter``; safetensors'
+    ``save_file`` would first copy all of them, ``4 · P_lin`` bytes per statistic, into memory)."""
+    from circuitq.storage import TensorWriter
+
     m = {**{k: json.dumps(v) for k, v in meta.items()}, "n_samples": str(st.n_samples),
          "n_tokens": str(st.n_tokens), "n_skipped": str(st.n_skipped)}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=m)
+    with TensorWriter(tmp) as w:
+        for s, d in st.tensors.items():
+            for n, t in d.items():
+                w[f"{s}/{n}"] = t
+        w.close(m)
     os.replace(tmp, path)
 
 
