@@ -4,8 +4,9 @@
 
 The formulas are ``circuitq.pipeline.budget``'s (checked against measured peaks of two real models in
 ``docs/memory.md``); the model numbers come from each model's public config, typed in below (no
-download). Token counts are the default run's on the default model's tokenizer, measured in the
-SmolLM2 run (``--tokens-from RUN/run.json`` reads them from another run). Two placements:
+download). Token counts are the default run's (128 calibration and 48 evaluation items per task), counted
+with the default model's tokenizer on the task data (``--tokens-from RUN/run.json`` reads those of
+another run). Two placements:
 
 * host (``--device cpu``): float32 model in RAM, every stage on the CPU;
 * GPU (``--device cuda``): the model on the GPU at float32 (circuitq's default) and at bfloat16;
@@ -33,9 +34,26 @@ CONFIGS = {   # public config.json numbers
     "Llama-3-70B": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
 }
-# the default run's token counts per task on SmolLM2's tokenizer (measured in the default run; see docs/memory.md)
-DEFAULT_TOKENS = {"mmlu": budget.Tokens(calib=128 * 420, eval_batch=8 * 420, scored=48, every=48 * 380),
-                  "gsm8k": budget.Tokens(calib=128 * 330, eval_batch=8 * 330, scored=48 * 120, every=0)}
+
+
+def default_tokens(model: str = "smollm2-135m-instruct") -> dict:
+    """The default run's token counts per task (128 calibration items, 48 evaluation items),
+    counted with ``model``'s tokenizer on the task data (tokenization only; no model is run)."""
+    from transformers import AutoTokenizer
+
+    from circuitq.config import RunConfig
+    from circuitq.data.tasks import Task
+    from circuitq.model.loading import resolve_model
+    from circuitq.pipeline import stages
+
+    cfg = RunConfig()
+    tok = AutoTokenizer.from_pretrained(resolve_model(model)[0])
+    out = {}
+    for t in cfg.tasks:
+        task = Task(t, cfg.data, tok)
+        windows = stages.calibration_tokens(task.calib_for(cfg.calib), tok, cfg.calib)
+        out[t] = budget.task_tokens(windows, task.eval_items()[: cfg.eval.samples], tok, cfg)
+    return out
 
 
 def project(name: str, cfg: dict, tokens: dict, dtype_bytes: int = 4) -> dict:
@@ -58,10 +76,11 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--tokens-from", default=None, help="a run.json whose memory estimate's token counts to use")
     a = ap.parse_args()
-    tokens = DEFAULT_TOKENS
+    tokens = None
     if a.tokens_from:
         doc = json.loads(Path(a.tokens_from).read_text())
         tokens = {t: budget.Tokens(**v) for t, v in doc["memory"]["estimate"]["tokens"].items()}
+    tokens = tokens or default_tokens()
     rows = [project(n, c, tokens) for n, c in CONFIGS.items()]
     print(f"{'model':<20} {'P':>8} {'host (cpu run)':>15} {'at':<24} {'disk':>8} {'GPU fp32':>9} {'GPU bf16':>9} "
           f"{'host (gpu run)':>15}")

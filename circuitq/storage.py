@@ -20,7 +20,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -88,40 +87,65 @@ class TensorWriter:
             self.close()
 
 
+_FROM = {v: k for k, v in _DTYPES.items()}
+
+
 class LazyTensors(Mapping):
-    """``{name: tensor}`` over a safetensors file, read on demand (each access reads from disk:
-    hold what you reuse). ``prefix`` exposes only ``PREFIX/name`` keys, under ``name``;
-    ``device`` moves each tensor there as it is read."""
+    """``{name: tensor}`` over a safetensors file, read on demand with plain file reads (each
+    access reads from disk: hold what you reuse). Nothing is memory-mapped, so the process's
+    resident memory is what it holds, not the pages of the file it has touched. ``prefix`` exposes
+    only ``PREFIX/name`` keys, under ``name``; ``device`` moves each tensor there as it is read."""
 
     def __init__(self, path: str | Path, prefix: str | None = None, device=None):
         self.path = Path(path)
-        self._f = safe_open(str(self.path), framework="pt")
+        with self.path.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) != 8:
+                raise ValueError(f"{self.path} is not a safetensors file (too short)")
+            (n,) = struct.unpack("<Q", head)
+            if n > 100_000_000:
+                raise ValueError(f"{self.path} is not a safetensors file (header of {n} bytes)")
+            header = json.loads(fh.read(n))
+        self._start = 8 + n
+        self._meta = header.pop("__metadata__", None) or {}
+        self._hdr = header
         self.prefix = f"{prefix}/" if prefix else ""
         self.device = device
-        self._keys = [k[len(self.prefix):] for k in self._f.keys() if k.startswith(self.prefix)]
+        self._keys = [k[len(self.prefix):] for k in header if k.startswith(self.prefix)]
+        self._ks = set(self._keys)
 
     def metadata(self) -> dict[str, str]:
-        return dict(self._f.metadata() or {})
+        return dict(self._meta)
+
+    def _read(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        info = self._hdr[key]
+        dtype, shape = _FROM[info["dtype"]], list(info["shape"])
+        b0, b1 = info["data_offsets"]
+        if start is not None:
+            row = (b1 - b0) // max(shape[0], 1)
+            start, stop = max(0, start), min(shape[0], stop)
+            stop = max(start, stop)
+            b0, b1, shape[0] = b0 + start * row, b0 + stop * row, stop - start
+        t = torch.empty(shape, dtype=dtype)
+        if b1 > b0:
+            with self.path.open("rb") as fh:
+                fh.seek(self._start + b0)
+                got = fh.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            if got != b1 - b0:
+                raise ValueError(f"{self.path}: tensor {key!r} is truncated ({got} of {b1 - b0} bytes)")
+        return t.to(self.device) if self.device is not None else t
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._keys_set:
+        if name not in self._ks:
             raise KeyError(name)
-        t = self._f.get_tensor(self.prefix + name)
-        return t.to(self.device) if self.device is not None else t
+        return self._read(self.prefix + name)
 
     def slice(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of tensor ``name`` (only those bytes are read)."""
-        t = self._f.get_slice(self.prefix + name)[start:stop]
-        return t.to(self.device) if self.device is not None else t
+        return self._read(self.prefix + name, start, stop)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._f.get_slice(self.prefix + name).get_shape())
-
-    @property
-    def _keys_set(self) -> set[str]:
-        if not hasattr(self, "_ks"):
-            self._ks = set(self._keys)
-        return self._ks
+        return tuple(self._hdr[self.prefix + name]["shape"])
 
     def __iter__(self):
         return iter(self._keys)
@@ -130,7 +154,7 @@ class LazyTensors(Mapping):
         return len(self._keys)
 
     def __contains__(self, name) -> bool:
-        return name in self._keys_set
+        return name in self._ks
 
 
 class ParameterBackup:

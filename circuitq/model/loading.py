@@ -136,6 +136,17 @@ def default_model_dir() -> Path:
     return embedded_model_dir(DEFAULT_MODEL)
 
 
+@torch.no_grad()
+def own_memory(model: torch.nn.Module) -> None:
+    """Copy weights that are views of a memory-mapped checkpoint into the process's own memory,
+    one tensor at a time. A mapped weight that a run replaces (quantizing in place) would otherwise
+    stay counted twice in the resident memory: its touched file pages and its new values."""
+    for m in model.modules():
+        for name, t in list(m._parameters.items()) + list(m._buffers.items()):
+            if t is not None and t.device.type == "cpu":
+                t.data = t.data.clone()
+
+
 def resolve_model(name: str) -> tuple[str, str]:
     """``(path_or_id, note)`` for an alias, a local directory or a hub id."""
     if name.lower() in EMBEDDED:
@@ -180,6 +191,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
         note = (note + "; " if note else "") + f"packed GPTQ checkpoint decoded by circuitq ({qc.get('bits')}-bit)"
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        if torch.device(device).type == "cpu":
+            own_memory(model)
     tok = AutoTokenizer.from_pretrained(path)
     if len(tok) > cfg.vocab_size:
         raise ModelLoadError(f"the tokenizer of {name} has {len(tok)} tokens but the model's vocabulary has "

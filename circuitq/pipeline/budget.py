@@ -86,6 +86,22 @@ class Tokens(NamedTuple):
     every: int
 
 
+def task_tokens(windows, eval_items, tokenizer, cfg) -> Tokens:
+    """The token counts of one task in a run (``cfg``: a ``RunConfig``): ``windows`` are its GPTQ
+    calibration ``Sequences`` (padded per batch of ``quantize.batch_size``, longest first),
+    ``eval_items`` its evaluation items (batched shortest first, as ``evals.evaluate`` does)."""
+    from circuitq.data.tasks import tokenize_examples
+
+    bs, m = cfg.quantize.batch_size, windows.mask
+    calib = sum(int(m[i:i + bs].sum(1).max()) * len(m[i:i + bs]) for i in range(0, len(m), bs))
+    ev = tokenize_examples(eval_items, tokenizer, cfg.eval.seq_len)
+    lens = sorted(len(x) for x in ev.ids)
+    eb = cfg.eval.batch_size
+    batch = max(lens[i:i + eb][-1] * len(lens[i:i + eb]) for i in range(0, len(lens), eb))
+    return Tokens(calib, batch, sum(len(x) - s for x, s in zip(ev.ids, ev.scored_from)),
+                  sum(len(x) - 1 for x in ev.ids) if cfg.eval.all_tokens else 0)
+
+
 def run_stages(m: ModelNumbers, tokens: dict[str, Tokens], n_bits: int, batch_tokens: int, n_methods: int,
                fraction: float) -> list[Stage]:
     """The run's stages for ``tokens`` ``{task: Tokens}`` (module docstring's table)."""

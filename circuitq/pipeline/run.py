@@ -156,21 +156,9 @@ class Runner:
         """Estimate the run's peak memory and disk (``pipeline.budget``) before any work; refuse a
         run that will not fit, in one line with the figures and the flags that lower them."""
         from circuitq.config import ConfigError
-        from circuitq.data.tasks import tokenize_examples
-        from circuitq.pipeline import budget
 
-        c, tok = self.cfg, self.lm.tokenizer
-        tokens = {}
-        for t in c.tasks:
-            w = self.windows(t)
-            width = [int(w.mask[i:i + c.quantize.batch_size].sum(1).max()) * min(c.quantize.batch_size, len(w.mask) - i)
-                     for i in range(0, len(w.mask), c.quantize.batch_size)]
-            ev = tokenize_examples(self.items(t, "eval"), tok, c.eval.seq_len)
-            lens = sorted(len(x) for x in ev.ids)
-            eb = max(lens[i:i + c.eval.batch_size][-1] * len(lens[i:i + c.eval.batch_size])
-                     for i in range(0, len(lens), c.eval.batch_size))
-            tokens[t] = budget.Tokens(sum(width), eb, sum(len(x) - s for x, s in zip(ev.ids, ev.scored_from)),
-                                      sum(len(x) - 1 for x in ev.ids) if c.eval.all_tokens else 0)
+        c = self.cfg
+        tokens = {t: budget.task_tokens(self.windows(t), self.items(t, "eval"), self.lm.tokenizer, c) for t in c.tasks}
         nums = budget.ModelNumbers.from_model(self.lm.model)
         stages_ = budget.run_stages(nums, tokens, len(c.bits), c.calib.batch_tokens, 2 + len(c.baselines),
                                     c.mask.fraction)
