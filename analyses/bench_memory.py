@@ -55,8 +55,12 @@ def measure(args: list[str], env: dict, cwd: str, log: Path) -> dict:
         p = subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
-    return {"peak_rss_bytes": usage.ru_maxrss * 1024, "seconds": time.perf_counter() - t0, "rc": p.returncode,
-            "log": str(log)}
+    peak = usage.ru_maxrss * 1024
+    run_json = Path(cwd) / "run" / "run.json"
+    if run_json.exists():   # a run resets the kernel's peak per stage and keeps the process's peak itself
+        own = json.loads(run_json.read_text()).get("memory", {}).get("process_peak_bytes")
+        peak = max(peak, own or 0)
+    return {"peak_rss_bytes": peak, "seconds": time.perf_counter() - t0, "rc": p.returncode, "log": str(log)}
 
 
 def worktree(rev: str) -> Path:

@@ -130,16 +130,21 @@ def estimate(m: ModelNumbers, stages: list[Stage]) -> Estimate:
     return Estimate(RUNTIME_BYTES + m.s * m.P + worst.host, worst.name, sum(x.disk for x in stages))
 
 
-def available_memory() -> float | None:
-    """``MemAvailable`` of this machine (bytes), or None where it cannot be read."""
+def _proc_kb(path: str, field: str) -> float | None:
+    """``field`` of a ``/proc`` file in kB, as bytes; None where it cannot be read (not Linux)."""
     try:
-        with open("/proc/meminfo") as fh:
+        with open(path) as fh:
             for line in fh:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return float(line.split()[1]) * 1024
     except OSError:
         return None
     return None
+
+
+def available_memory() -> float | None:
+    """``MemAvailable`` of this machine (bytes), or None where it cannot be read."""
+    return _proc_kb("/proc/meminfo", "MemAvailable")
 
 
 def free_disk(path) -> float:
@@ -158,11 +163,18 @@ class PeakMeter:
     ``/proc/self/status``, reset through ``/proc/self/clear_refs`` when a stage starts). ``peaks``:
     ``{stage: bytes}`` (the largest over the stage's runs); empty where the kernel does not offer it.
     Shared by the other threads of the process; what a stage frees stays counted until the next
-    reset."""
+    reset. ``process_peak()`` is the whole process's peak (the kernel's own figure is reset too)."""
 
     def __init__(self):
         self.peaks: dict[str, float] = {}
         self.ok = _hwm() is not None
+        self._before = 0.0
+
+    def process_peak(self) -> float | None:
+        """The process's peak since it started: resetting ``VmHWM`` also resets what the kernel
+        reports as the process's maximum (``ru_maxrss``), so the meter keeps it across resets."""
+        now = _hwm() if self.ok else None
+        return None if now is None else max(now, self._before, *self.peaks.values())
 
     def stage(self, name: str):
         from contextlib import contextmanager
@@ -170,6 +182,7 @@ class PeakMeter:
         @contextmanager
         def cm():
             if self.ok:
+                self._before = max(self._before, _hwm() or 0.0)
                 try:
                     with open("/proc/self/clear_refs", "w") as fh:
                         fh.write("5")
@@ -185,11 +198,4 @@ class PeakMeter:
 
 
 def _hwm() -> float | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return float(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return _proc_kb("/proc/self/status", "VmHWM")

@@ -576,7 +576,8 @@ def _run_jobs(r: Runner, jobs, cfg: RunConfig, run_dir: Path, lm, device, comman
            "device": str(device), "machine": machine_info(device), "seconds": res.seconds, "steps": res.steps,
            "unparseable_eval_rows": r.skipped, "data_sources": {t: task.sources for t, task in r.tasks.items()},
            "score_dirs": {f"{t}@{b}": str(p.relative_to(run_dir)) for (t, b), p in res.score_dirs.items()},
-           "memory": {"measured_peak_bytes": r.meter.peaks, "estimate": r.estimate}, "log": r.log}
+           "memory": {"measured_peak_bytes": r.meter.peaks, "process_peak_bytes": r.meter.process_peak(),
+                      "estimate": r.estimate}, "log": r.log}
     write_run_outputs(run_dir, doc, res)
     return res
 

@@ -133,13 +133,6 @@ def stream_examples(model, tokenizer, examples, cfg: ScoreConfig, stats, device=
 
 
 def score_examples(model, tokenizer, examples, cfg: ScoreConfig, stats, device=None, progress: bool = False):
-    """Q(W) (when the method needs it) and the scores, from already collected ``stats``."""
-    from circuitq.saliency.methods import method as saliency_method
-
-    m = saliency_method(cfg.method)
-    ref = None
-    if m.quantizer:
-        qcfg = stages.reference_config(cfg.method, cfg.quantize)
-        windows = stages.calibration_tokens(examples, tokenizer, cfg.calib) if qcfg.method == "gptq" else None
-        ref = stages.quantized_reference(model, qcfg, windows, None, m.hessian, device, progress)
-    return stages.score_weights(cfg.method, model, stats, ref, cfg.calib.seed)
+    """Q(W) (when the method needs it) and the scores, from already collected ``stats``: the
+    ``{name: [out, in]}`` dict of ``stream_examples``."""
+    return dict(stream_examples(model, tokenizer, examples, cfg, stats, device, progress))
