@@ -2,6 +2,8 @@
 metrics, circuit maps and plots -> one standalone HTML report (+ JSON metrics and PNG)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import json
 from pathlib import Path
 
@@ -24,7 +26,7 @@ def _label(meta: dict, fallback: str) -> str:
 
 def compare_dirs(dir_a: str, dir_b: str, fraction: float = DEFAULT_FRACTION, top_n: int = 20) -> dict:
     """Metrics and maps of two scored circuits (raises ``CompareError`` across models)."""
-    fa, fb = load_scores(dir_a), load_scores(dir_b)
+    fa, fb = load_scores(dir_a, lazy=True), load_scores(dir_b, lazy=True)   # one matrix in memory at a time
     return compare_scores(fa, fb, fraction, top_n, (dir_a, dir_b))
 
 
@@ -39,12 +41,37 @@ def compare_scores(fa, fb, fraction: float = DEFAULT_FRACTION, top_n: int = 20, 
         raise CompareError(f"the circuits come from different models ({fa['meta'].get('model')} vs "
                            f"{fb['meta'].get('model')}); a comparison would be meaningless")
     geo = Geometry(**fa["meta"]["geometry"])
-    ma, mb = masks if masks is not None else (select_topk(fa["scores"], fraction), select_topk(fb["scores"], fraction))
+    ma, mb = masks if masks is not None else (_select(fa["scores"], fraction), _select(fb["scores"], fraction))
     sa, sb = aggregate(fa["scores"], geo), aggregate(fb["scores"], geo)
-    ca, cb = aggregate({k: v.float() for k, v in ma.items()}, geo), aggregate({k: v.float() for k, v in mb.items()}, geo)
+    ca, cb = aggregate(_AsFloat(ma), geo), aggregate(_AsFloat(mb), geo)
     return {"labels": (_label(fa["meta"], names[0]), _label(fb["meta"], names[1])), "fraction": fraction,
             "masks": compare_masks(ma, mb), "circuits": compare_circuits(sa, sb, top_n),
             "score_maps": (sa, sb), "mask_maps": (ca, cb), "meta": (fa["meta"], fb["meta"]), "geometry": geo}
+
+
+def _select(scores, fraction: float) -> dict:
+    """The circuit of ``scores`` (a dict, or a ``LazyTensors`` streamed through a running top-k)."""
+    from circuitq.saliency.masks import select_topk_stream
+
+    if isinstance(scores, dict):
+        return select_topk(scores, fraction)
+    return select_topk_stream(((n, scores[n]) for n in scores), {n: scores.shape(n) for n in scores}, fraction)
+
+
+class _AsFloat(Mapping):
+    """``{name: mask.float()}``, converted one matrix at a time as it is read."""
+
+    def __init__(self, masks):
+        self.masks = masks
+
+    def __getitem__(self, k):
+        return self.masks[k].float()
+
+    def __iter__(self):
+        return iter(self.masks)
+
+    def __len__(self):
+        return len(self.masks)
 
 
 def write_pngs(res: dict, out: Path) -> None:

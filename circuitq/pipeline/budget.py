@@ -15,6 +15,7 @@ chunk (``quant.driver.gptq_stream``'s ``max_elems``), ``k = fraction · P_lin``.
 | Q(W) + scores + masks | ``32·E`` (one GPTQ chunk) ``+ 12·k`` per method | ``4·P_lin`` per (task, bits) |
 | reference evaluation | ``4·b·T_e·(d + d_ff)`` (activations) ``+ 4·4·C·V`` | ``4·V·T_ans + 2·V·T_all`` per task |
 | quantize + evaluate a job | ``32·E + P_lin/L`` (one chunk, one mask) ``+`` the evaluation's | ``4·P_lin`` backup while it runs |
+| report | ``2·P_lin`` (two circuits as dense masks) ``+ 24·k + 0.15 GB`` (figures) | — |
 
 The peak is the runtime (Python, torch, transformers, TransformerLens: ``R``, measured about
 0.5 GB on this project's CPU machine) plus the model plus the largest stage. Nothing grows with the
@@ -116,6 +117,7 @@ def run_stages(m: ModelNumbers, tokens: dict[str, Tokens], n_bits: int, batch_to
         Stage("Q(W), scores and masks", 32 * GPTQ_CHUNK + 12 * k * n_methods, 4 * m.P_lin * n_tasks * n_bits),
         Stage("reference evaluation", ev, sum(4 * m.V * x.scored + 2 * m.V * x.every for x in t)),
         Stage("quantize + evaluate", 32 * GPTQ_CHUNK + m.P_lin / m.L + ev, 4 * m.P_lin),
+        Stage("report", 2 * m.P_lin + 24 * k + 0.15e9, 0),   # two circuits' dense masks, figures
     ]
 
 

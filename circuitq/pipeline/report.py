@@ -186,12 +186,13 @@ def _circuit_sections(run_dir: Path, res, fraction: float) -> list:
     if len(tasks) < 2:
         from circuitq.circuits.maps import aggregate
         from circuitq.model.arch import Geometry
-        from circuitq.saliency.masks import select_topk
         from circuitq.saliency.files import load_scores
 
-        f = load_scores(by_bits[bits][tasks[0]])
-        m = select_topk(f["scores"], fraction)
-        cmap = aggregate({k: v.float() for k, v in m.items()}, Geometry(**f["meta"]["geometry"]))
+        from circuitq.circuits.compare import _AsFloat, _select
+
+        f = load_scores(by_bits[bits][tasks[0]], lazy=True)
+        m = _select(f["scores"], fraction)
+        cmap = aggregate(_AsFloat(m), Geometry(**f["meta"]["geometry"]))
         return [(f"Circuit composition: {tasks[0]} ({bits}-bit TaCQ)", module_layer_bars(cmap, tasks[0]))]
     c = compare_dirs(str(by_bits[bits][tasks[0]]), str(by_bits[bits][tasks[1]]), fraction)
     la, lb = tasks[0], tasks[1]

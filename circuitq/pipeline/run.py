@@ -292,6 +292,14 @@ class Runner:
                 "geometry": Geometry.from_config(self.lm.model.config).to_dict(), "circuitq_version": __version__}
 
     def _stream_masks(self, task: str | None, bits: int, methods: list[str]) -> None:
+        from circuitq.saliency.methods import method as saliency_method
+
+        src = task or self.cfg.tasks[0]   # the steps it reads are made first, each measured as its own stage
+        if any(saliency_method(m).stats for m in methods):
+            self.grad_stats(src)
+        if saliency_method(methods[0]).quantizer and self._shared(
+                stages.reference_config(methods[0], self.cfg.quantize_at(bits))):
+            self.hessians(src)
         with self.meter.stage("Q(W), scores and masks"):
             self._stream_masks_once(task, bits, methods)
 
@@ -578,7 +586,10 @@ def _run_jobs(r: Runner, jobs, cfg: RunConfig, run_dir: Path, lm, device, comman
            "score_dirs": {f"{t}@{b}": str(p.relative_to(run_dir)) for (t, b), p in res.score_dirs.items()},
            "memory": {"measured_peak_bytes": r.meter.peaks, "process_peak_bytes": r.meter.process_peak(),
                       "estimate": r.estimate}, "log": r.log}
-    write_run_outputs(run_dir, doc, res)
+    with r.meter.stage("report"):
+        write_run_outputs(run_dir, doc, res)
+    doc["memory"].update(measured_peak_bytes=r.meter.peaks, process_peak_bytes=r.meter.process_peak())
+    write_json(run_dir / "run.json", doc, overwrite=True)   # with the report's own peak
     return res
 
 

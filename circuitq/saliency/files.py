@@ -87,9 +87,11 @@ def write_scores_dir(out: str | Path, scores, stats: GradStats | None, meta: dic
     return Path(out)
 
 
-def load_scores(path: str | Path) -> ScoreFile:
-    """Read a scores directory (or its ``scores.safetensors``)."""
+def load_scores(path: str | Path, lazy: bool = False) -> ScoreFile:
+    """Read a scores directory (or its ``scores.safetensors``). ``lazy``: the scores are a
+    ``storage.LazyTensors`` read one matrix at a time (memory: what the caller holds)."""
     from circuitq.saliency.masks import MaskError
+    from circuitq.storage import LazyTensors
 
     p = Path(path)
     f = p / "scores.safetensors" if p.is_dir() else p
@@ -100,7 +102,7 @@ def load_scores(path: str | Path) -> ScoreFile:
             meta = fh.metadata() or {}
             if meta.get("format") != SCORES_FORMAT:
                 raise MaskError(f"{f} is not a circuitq scores file (format {meta.get('format')!r})")
-            scores = {k: fh.get_tensor(k) for k in fh.keys()}
+            scores = LazyTensors(f) if lazy else {k: fh.get_tensor(k) for k in fh.keys()}
     except MaskError:
         raise
     except Exception as e:  # noqa: BLE001
