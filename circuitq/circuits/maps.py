@@ -89,8 +89,14 @@ def compare_masks(ma: dict[str, torch.Tensor], mb: dict[str, torch.Tensor]) -> d
         per_layer.setdefault(i, []).append(n)
         per_type.setdefault(mod, []).append(n)
 
+    counts = {n: (int((ma[n] & mb[n]).sum()), int((ma[n] | mb[n]).sum()), int(ma[n].sum()), int(mb[n].sum()))
+              for n in ma}   # one matrix at a time, never the concatenation of every mask
+
     def ov(names):
-        return overlap(torch.cat([ma[n].flatten() for n in names]), torch.cat([mb[n].flatten() for n in names]))
+        inter, union, na, nb = (sum(counts[n][j] for n in names) for j in range(4))
+        return {"intersection": inter, "union": union, "a": na, "b": nb,
+                "iou": inter / union if union else float("nan"),
+                "iom": inter / min(na, nb) if min(na, nb) else float("nan")}
 
     return {"global": ov(list(ma)), "per_layer": {i: ov(v) for i, v in sorted(per_layer.items())},
             "per_module_type": {m: ov(per_type[m]) for m in MODULE_TYPES if m in per_type}}
