@@ -41,6 +41,8 @@ def test_stage_peaks_stay_within_their_formulas_and_do_not_grow_with_the_plan(tm
     d = _medium_dir(tmp_path)
     data = task_data(tmp_path)
     small = _run(d, data, tmp_path / "one", ["3"])
+    if not small["measured_peak_bytes"]:
+        pytest.skip("this kernel does not let a process reset its peak memory (/proc/self/clear_refs)")
     big = _run(d, data, tmp_path / "two", ["2", "3", "4"])   # 3x the Q(W)s, masks and jobs
     for mem in (small, big):
         measured, est = mem["measured_peak_bytes"], mem["estimate"]["stages"]
