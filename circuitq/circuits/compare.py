@@ -74,7 +74,7 @@ class _AsFloat(Mapping):
         return len(self.masks)
 
 
-def write_pngs(res: dict, out: Path) -> None:
+def write_pngs(res: dict, out: Path, overwrite: bool = True) -> None:
     """``OUT.heads.png`` (head heatmaps) and ``OUT.circuits.png`` (composition and overlap)."""
     from circuitq.circuits.plots import circuits_png, heatmap_png
 
@@ -83,7 +83,7 @@ def write_pngs(res: dict, out: Path) -> None:
     ca, cb = res["mask_maps"]
     for suffix, draw in ((".heads.png", lambda p: heatmap_png(sa, sb, la, lb, p)),
                          (".circuits.png", lambda p: circuits_png(ca, cb, res["masks"], la, lb, p))):
-        with atomic_file(out.with_suffix(suffix), overwrite=True) as tmp:
+        with atomic_file(out.with_suffix(suffix), overwrite=overwrite) as tmp:
             draw(tmp.with_suffix(".png"))
             tmp.with_suffix(".png").replace(tmp)
 
@@ -92,6 +92,8 @@ def write_compare_report(res: dict, out: str | Path, overwrite: bool = False) ->
     from circuitq.circuits.plots import head_heatmaps, module_layer_bars, overlap_by_layer, write_report
 
     out = check_writable(Path(out), overwrite)
+    for sibling in (".json", ".heads.png", ".circuits.png"):   # every file it writes, refused before any is
+        check_writable(out.with_suffix(sibling), overwrite)
     la, lb = res["labels"]
     sa, sb = res["score_maps"]
     ca, cb = res["mask_maps"]
@@ -120,8 +122,8 @@ def write_compare_report(res: dict, out: str | Path, overwrite: bool = False) ->
     settings = {"circuitq_version": __version__, "a": res["meta"][0], "b": res["meta"][1], "fraction": res["fraction"]}
     with atomic_file(out, overwrite=overwrite) as tmp:
         write_report(tmp, f"Circuits: {la} vs {lb}", sections, settings)
-    write_pngs(res, out)
+    write_pngs(res, out, overwrite)
     metrics = {k: res[k] for k in ("labels", "fraction", "masks", "circuits")}
-    with atomic_file(out.with_suffix(".json"), overwrite=True) as tmp:
+    with atomic_file(out.with_suffix(".json"), overwrite=overwrite) as tmp:
         tmp.write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     return out

@@ -3,6 +3,8 @@ from the settings tree (``flags``). Known errors become one line on stderr and e
 from __future__ import annotations
 
 import ctypes
+import errno
+import os
 import sys
 import time
 
@@ -24,6 +26,32 @@ def return_freed_memory(threshold: int = 256 * 1024) -> bool:
         return False
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or e.__class__.__name__
+
+
+def fault_line(e: BaseException) -> str:
+    """One line for an error no circuitq code anticipated: the machine's faults named in words
+    (full disk, permissions, memory, a file that vanished), anything else as an internal error
+    with the way to see its traceback."""
+    from circuitq.errors import is_out_of_space
+
+    where = f" ({e.filename})" if isinstance(e, OSError) and getattr(e, "filename", None) else ""
+    if is_out_of_space(e):
+        return f"no space left on device{where}; nothing half-written was left behind: free some space or choose an " \
+               "--out on another disk"
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied{where}: {e.strerror}; check the path's permissions or choose another one"
+    if isinstance(e, MemoryError):
+        return "out of memory; lower --batch-tokens / --eval-seq-len, or use a machine with more memory"
+    if isinstance(e, RecursionError):
+        return f"input nested too deeply to read ({_one_line(e)})"
+    if isinstance(e, OSError):
+        return f"{e.strerror or _one_line(e)}{where}"
+    return (f"internal error {e.__class__.__name__}: {_one_line(e)[:300]} — this is a bug; rerun with CIRCUITQ_DEBUG=1 "
+            "for the traceback and report it")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return_freed_memory()
@@ -37,17 +65,24 @@ def main(argv: list[str] | None = None) -> int:
     from circuitq.quant.gptq import HessianError
     from circuitq.saliency.masks import MaskError
 
-    known = (TokenizerMismatch, CompareError, UnsupportedArchitecture, DataError, ExportError, HessianError, MaskError,
-             ModelLoadError, FileExistsError, ValueError, FloatingPointError)
+    from circuitq.errors import CircuitqError
+
+    known = (CircuitqError, TokenizerMismatch, CompareError, UnsupportedArchitecture, DataError, ExportError,
+             HessianError, MaskError, ModelLoadError, FileExistsError, ValueError, FloatingPointError)
     t0 = time.perf_counter()
     try:
         rc = args.func(args)
     except known as e:
-        print(f"circuitq {args.command}: error: {e}", file=sys.stderr)
+        print(f"circuitq {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("circuitq: interrupted; nothing half-written was left behind", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - a fault of the machine or a bug: one line, the traceback on request
+        print(f"circuitq {args.command}: error: {fault_line(e)}", file=sys.stderr)
+        if os.environ.get("CIRCUITQ_DEBUG"):
+            raise
+        return 1
     print(f"[circuitq] {args.command} done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return rc
 

@@ -241,6 +241,7 @@ def cmd_eval(a) -> int:
 
     job = build(EvalJob(), a, EVAL_FLAGS)
     out = check_writable(a.out, a.overwrite)
+    check_writable(out.with_suffix(".csv"), a.overwrite)   # its per-item table beside it
     device = device_for(a.device)
     lm = load_model(a.model, device=device)
     ref = load_model(a.reference, device=device) if a.reference else None
@@ -277,10 +278,16 @@ def cmd_run(a) -> int:
     from circuitq.pipeline.run import check_run_config, run
     from circuitq.quant.driver import quant_spec
 
+    from circuitq.artifacts import LOCK_NAME, check_dir_writable
+
     out = Path(a.out)
-    if out.exists() and any(out.iterdir()) and not ((out / "run.json").exists() or (out / "steps").is_dir()):
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a run directory; choose another --out")
+    if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()) and not (
+            (out / "run.json").exists() or (out / "steps").is_dir()):
         raise ValueError(f"{out} exists and is not a circuitq run directory; choose another --out")
     cfg = build(RunConfig(), a, RUN_FLAGS)
+    check_dir_writable(out)   # before the model is loaded: a read-only --out costs nothing
     check_run_config(cfg)
     torch.manual_seed(cfg.calib.seed)
     device = device_for(a.device)

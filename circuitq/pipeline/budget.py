@@ -157,7 +157,10 @@ def free_disk(path) -> float:
 
 
 def gb(x: float) -> str:
-    return f"{x / 1e9:.2f} GB"
+    """Bytes for people: GB with two decimals, or MB / kB below a gigabyte."""
+    from circuitq.errors import human_bytes
+
+    return human_bytes(x)
 
 
 class PeakMeter:

@@ -537,18 +537,21 @@ def run(lm, cfg: RunConfig, run_dir: str | Path, device="cpu", progress: bool = 
     """Execute (or resume) a run in ``run_dir`` and write its report. Returns the tables."""
     from circuitq.pipeline.report import write_run_outputs
 
+    from circuitq.artifacts import exclusive
+
     check_run_config(cfg)
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
-    r = Runner(lm, cfg, run_dir, device, progress)
-    r.preflight()
-    jobs = plan_jobs(cfg)
-    r.say(f"{len(jobs)} quantize+evaluate jobs on {', '.join(cfg.tasks)} at {', '.join(map(str, cfg.bits))} bits "
-          f"(model fingerprint {r.fp})")
-    try:
-        return _run_jobs(r, jobs, cfg, run_dir, lm, device, command, t0)
-    finally:
-        r.close()
+    with exclusive(run_dir, "run"):   # writable, and no second process on the same run
+        r = Runner(lm, cfg, run_dir, device, progress)
+        r.preflight()
+        jobs = plan_jobs(cfg)
+        r.say(f"{len(jobs)} quantize+evaluate jobs on {', '.join(cfg.tasks)} at {', '.join(map(str, cfg.bits))} bits "
+              f"(model fingerprint {r.fp})")
+        try:
+            return _run_jobs(r, jobs, cfg, run_dir, lm, device, command, t0)
+        finally:
+            r.close()
 
 
 def _run_jobs(r: Runner, jobs, cfg: RunConfig, run_dir: Path, lm, device, command: str, t0: float) -> RunResult:

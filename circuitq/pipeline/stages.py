@@ -324,11 +324,12 @@ def evaluate_task(lm, job, ref=None, say=print) -> tuple[dict, list[dict]]:
 
 def write_eval(out, doc: dict, items: list[dict], overwrite: bool = False) -> None:
     """``OUT`` (the evaluation document, JSON) and ``OUT`` with ``.csv`` (one row per item)."""
-    from circuitq.artifacts import write_csv, write_json
+    from circuitq.artifacts import check_writable, write_csv, write_json
 
     out = Path(out)
+    check_writable(out.with_suffix(".csv"), overwrite)   # both refused before either is written
     write_json(out, doc, overwrite=overwrite)
-    write_csv(out.with_suffix(".csv"), items)
+    write_csv(out.with_suffix(".csv"), items, overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------------------------
