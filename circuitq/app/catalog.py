@@ -17,6 +17,17 @@ class PathOutsideRuns(ValueError):
     pass
 
 
+_MD_SPECIAL = set("\\`*_{}[]()<>#+-.!|~$&:")
+
+
+def md(text) -> str:
+    """``text`` (a run, task, job or model name, an error) safe to put in Streamlit markdown: every
+    markdown and HTML special character is backslash-escaped, so a hostile name shows as itself and
+    never becomes a link, an image, HTML or LaTeX. Line breaks become spaces."""
+    s = " ".join(str(text).split())
+    return "".join("\\" + ch if ch in _MD_SPECIAL else ch for ch in s)
+
+
 def confine(root: str | Path, path: str | Path) -> Path:
     """``path`` resolved, refused unless it lies inside ``root`` (symlinks resolved too)."""
     root = Path(root).resolve()
@@ -105,8 +116,9 @@ def _pct(f) -> str:
 def _json(p: Path) -> dict:
     try:
         return json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{p.name} is not readable JSON ({e.__class__.__name__})") from None
+    except (OSError, ValueError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else e.__class__.__name__
+        raise ValueError(f"{p.name} is not readable JSON ({why})") from None
 
 
 def _score_entry(d: Path) -> ScoreEntry:
@@ -229,6 +241,6 @@ def scan_runs(runs_dir: str | Path) -> list[RunEntry]:
         try:
             confine(root, d)
             out.append(read_run(d, root))
-        except (ValueError, OSError) as err:
-            out.append(RunEntry(d.name, d, "unreadable", error=str(err)))
+        except Exception as err:  # noqa: BLE001 - one bad run is listed with its reason, never takes the page down
+            out.append(RunEntry(d.name, d, "unreadable", error=str(err) or err.__class__.__name__))
     return out

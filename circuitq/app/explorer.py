@@ -86,7 +86,7 @@ def pick_run(runs: list[R.RunEntry], key: str) -> R.RunEntry | None:
     if bad:
         with st.sidebar.expander(f"{len(bad)} unreadable run(s)"):
             for r in bad:
-                st.write(f"**{r.name}**: {r.error}")
+                st.write(f"**{R.md(r.name)}**: {R.md(r.error)}")
     if not ok:
         st.info("No runs yet. Create one with `circuitq run --out runs/main` (the whole pipeline) or "
                 "`circuitq score --task mmlu --out runs/mmlu` (scores only), then reload.")
@@ -116,7 +116,7 @@ def page_explore(run: R.RunEntry) -> None:
     c2.metric("Average bits", f"{row['average_bits']:.3f}", help=f"{bits}-bit base, group size {gs}, exact accounting")
     c3.metric("In attention", pct(row["attention_share"]))
     if meta.get("model_note"):
-        st.caption(f"Model: {meta.get('model')} — {meta['model_note']}")
+        st.caption(f"Model: {R.md(meta.get('model'))} — {R.md(meta['model_note'])}")
 
     import plotly.graph_objects as go
 
@@ -143,7 +143,7 @@ def page_explore(run: R.RunEntry) -> None:
     name = next((n for n in f["scores"] if n.endswith(f".{layer}.self_attn.{mod}.weight") or
                  n.endswith(f".{layer}.mlp.{mod}.weight")), None)
     if name is None:
-        st.warning(f"No scores for layer {layer} {mod}.")
+        st.warning(f"No scores for layer {layer} {R.md(mod)}.")
         return
     mask = X.mask_for(ti, budget, name)
     dens = X.tile_density(mask, 32)
@@ -198,7 +198,7 @@ def page_compare(runs: list[R.RunEntry], run: R.RunEntry) -> None:
     ea, eb = pool[ia][1], pool[ib][1]
     fa, fb = load_scores(str(ea.path), _mtime(ea.path)), load_scores(str(eb.path), _mtime(eb.path))
     if not same_model(fa["meta"], fb["meta"]):
-        st.error(f"These circuits come from different models ({fa['meta'].get('model')} vs {fb['meta'].get('model')}); "
+        st.error(f"These circuits come from different models ({R.md(fa['meta'].get('model'))} vs {R.md(fb['meta'].get('model'))}); "
                  "comparing them would be meaningless. Pick two circuits of one model.")
         return
     ma, mb = circuit(str(ea.path), _mtime(ea.path), budget), circuit(str(eb.path), _mtime(eb.path), budget)
@@ -261,7 +261,7 @@ def page_export(root: Path, run: R.RunEntry) -> None:
         st.metric("Predicted average bits", f"{avg:.4f}", help=f"{sum(nnz.values()):,} weights in 16-bit "
                   f"({pct(mask_fraction(mask))})")
     except ValueError as e:
-        st.error(str(e))
+        st.error(R.md(e))
         return
     c1, c2, c3 = st.columns(3)
     calib = c1.selectbox("Calibration", ["gsm8k", "mmlu"], key="exp_calib")
@@ -273,7 +273,7 @@ def page_export(root: Path, run: R.RunEntry) -> None:
     out = confine(root, run.path / "models" / name)
     model = R.model_dir(root, a.model_source)
     if model is None:
-        st.error(f"The model of these scores ({a.model_source}) is not inside the runs directory or circuitq's model "
+        st.error(f"The model of these scores ({R.md(a.model_source)}) is not inside the runs directory or circuitq's model "
                  "cache; the explorer only reads models from there. Quantize it with `circuitq quantize` instead.")
         return
     if st.button("Quantize in the background", key="exp_go", disabled=out.exists()):
@@ -283,7 +283,10 @@ def page_export(root: Path, run: R.RunEntry) -> None:
                              requested_fraction=budget, samples=a.samples, seed=a.seed,
                              combine=how if b is not None else None,
                              sources=[str(a.path)] + ([str(b.path)] if b else []))
-        save_masks(mpath, mask, meta, overwrite=True)
+        if mpath.exists():
+            st.error(f"A mask named {R.md(mpath.name)} already exists in this run; choose another name.")
+            return
+        save_masks(mpath, mask, meta)
         from circuitq.config import CalibConfig, DataConfig, EvalConfig, QuantizeConfig, QuantizeJob
 
         job = QuantizeJob(model=str(model), task=calib,
@@ -293,9 +296,9 @@ def page_export(root: Path, run: R.RunEntry) -> None:
                           eval=EvalConfig(ppl_windows=4))
         spec = J.export_spec(str(model), mpath, out, job, sorted({a.task, b.task} if b else {a.task}), int(limit))
         J.start_job(name, out, spec)
-        st.success(f"Started: {name}")
+        st.success(f"Started: {R.md(name)}")
     if out.exists():
-        st.caption(f"{out.name} exists; choose another name to export again.")
+        st.caption(f"{R.md(out.name)} exists; choose another name to export again.")
     jobs_panel(run)
 
 
@@ -307,11 +310,11 @@ def jobs_panel(run: R.RunEntry) -> None:
     st.subheader("Jobs and models")
     for j in jobs:
         s = J.job_status(j)
-        st.write(f"**{j.name}** — {s['state']}" + (f" · {s['step']}" if s["step"] else ""))
+        st.write(f"**{R.md(j.name)}** — {R.md(s['state'])}" + (f" · {R.md(s['step'])}" if s["step"] else ""))
         if s["state"] == "running":
             st.progress((s["percent"] or 0) / 100, text=s["step"][-120:])
         elif s["state"] == "failed":
-            st.error(s["last"])
+            st.error(R.md(s["last"]))
     models = R.read_run(run.path).models if run.path.exists() else []
     rows = []
     for m in models:

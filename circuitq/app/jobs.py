@@ -46,7 +46,11 @@ def export_spec(model: str, mask: Path, out: Path, job, eval_tasks: list[str], e
 
 
 def start_job(name: str, out: Path, spec: dict, env: dict | None = None) -> JobInfo:
-    """Start ``python -m circuitq.app.jobs SPEC`` in a new session; returns at once."""
+    """Start ``python -m circuitq.app.jobs SPEC`` in a new session; returns at once. ``name`` becomes
+    part of file names beside ``out``: anything but letters, digits, ``-_.`` is replaced."""
+    from circuitq.artifacts import safe_name
+
+    name = safe_name(name)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.parent / f".job-{name}.log"
@@ -108,6 +112,7 @@ def _event(path: Path, **kw) -> None:
 
 def run_spec(spec: dict, status: Path) -> None:
     """Execute a job spec through the library, writing status events to ``status``."""
+    from circuitq.artifacts import inside, safe_name
     from circuitq.config import EvalJob, QuantizeJob, from_dict
     from circuitq.model.loading import load_model
     from circuitq.pipeline.stages import evaluate_task, quantize_and_export, write_eval
@@ -130,7 +135,7 @@ def run_spec(spec: dict, status: Path) -> None:
 
         ej = EvalJob(task=t, data=job.data, eval=EvalConfig(samples=spec["eval_limit"]))
         doc, items = evaluate_task(qm, ej, ref)
-        write_eval(out / f"eval-{t.replace(':', '-')}.json", doc, items, overwrite=True)
+        write_eval(inside(out, f"eval-{safe_name(t)}.json"), doc, items, overwrite=True)
     _event(status, state="done", step="done", done=total, total=total)
 
 

@@ -152,7 +152,7 @@ def _intro(doc: dict, res) -> str:
     note = doc.get("model_note") or ""
     lines = [f"<p><b>Model:</b> {html.escape(str(doc['model']))} ({html.escape(str(doc['model_source']))})"
              + (f" — <b>{html.escape(note)}</b>" if note else "") + "</p>",
-             f"<p><b>Tasks:</b> {', '.join(cfg['tasks'])}; <b>bits:</b> {', '.join(map(str, cfg['bits']))}; "
+             f"<p><b>Tasks:</b> {html.escape(', '.join(cfg['tasks']))}; <b>bits:</b> {html.escape(', '.join(map(str, cfg['bits'])))}; "
              f"<b>16-bit budget:</b> {cfg['mask']['fraction']:.4%} of the weights; group size {cfg['quantize']['group_size']}; "
              f"Hessians: {cfg['quantize']['hessian']}; {cfg['calib']['samples']} calibration and {cfg['eval']['samples']} "
              "held-out items per task.</p>",
