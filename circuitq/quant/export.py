@@ -280,6 +280,20 @@ def write_hf(dest: Path, model, tokenizer, meta: dict) -> None:
         tokenizer.save_pretrained(dest)
 
 
+def export_bytes(model, qweights: dict[str, QuantizedWeight]) -> int:
+    """About what ``export_all`` writes: ``hf/`` (every unique tensor) + ``gptq/`` (the rest, the
+    packed codes at ``bits`` per weight, scales/zeros, and 10 bytes per 16-bit weight)."""
+    seen, full = set(), 0
+    for t in model.state_dict().values():   # tied tensors once, nothing copied
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            full += t.numel() * t.element_size()
+    lin = sum(qw.codes.numel() * 4 for qw in qweights.values())
+    packed = sum(qw.codes.numel() * qw.bits // 8 + qw.scales.numel() * 3 + qw.nnz * 10 for qw in qweights.values())
+    return 2 * full - lin + packed
+
+
 def export_all(out: str | Path, model, tokenizer, qweights: dict[str, QuantizedWeight], meta: dict,
                summary: dict, overwrite: bool = False) -> Path:
     """Write ``hf/``, ``gptq/`` and ``circuitq.json`` into ``out`` atomically. Every tensor of
@@ -289,7 +303,7 @@ def export_all(out: str | Path, model, tokenizer, qweights: dict[str, QuantizedW
     if bad:
         raise ExportError(f"the model holds NaN/Inf in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; it is "
                           "corrupt, so nothing was written: reload the original model")
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, need_bytes=export_bytes(model, qweights)) as tmp:
         write_hf(tmp / "hf", model, tokenizer, meta)
         facts = write_gptq(tmp / "gptq", model, tokenizer, qweights, meta)
         doc = {"format": "circuitq.quantized", "version": __version__, "metadata": meta, **summary,
@@ -303,19 +317,69 @@ def export_all(out: str | Path, model, tokenizer, qweights: dict[str, QuantizedW
 # ---------------------------------------------------------------------------------------------
 # loader
 # ---------------------------------------------------------------------------------------------
-def read_sparse(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    f = path / SPARSE_DIR / SPARSE_FILE
+def read_sparse(path: Path, required: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The 16-bit sidecar of a ``gptq/`` directory, checked against its ``manifest.json`` (nnz per
+    module). ``required``: the checkpoint is circuitq's, so the sidecar must be there."""
+    d = path / SPARSE_DIR
+    f = d / SPARSE_FILE
+    man = d / "manifest.json"
     if not f.exists():
+        if man.exists() or required:
+            raise ExportError(f"{f} is missing although {'its manifest.json lists' if man.exists() else 'this circuitq export has'} "
+                              "16-bit weights; the export is incomplete: export it again")
         return {}
+    expected = None
+    if man.exists():
+        try:
+            expected = json.loads(man.read_text())["nnz_per_module"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ExportError(f"{man} is unreadable; export the model again") from None
     out: dict[str, list] = {}
-    with safe_open(str(f), framework="pt") as fh:
-        meta = fh.metadata() or {}
-        if meta.get("format") != SPARSE_FORMAT or meta.get("semantics") != "add":
-            raise ExportError(f"{f} is not a {SPARSE_FORMAT} file with additive semantics (metadata {meta})")
-        for k in fh.keys():
-            name, part = k.rsplit(".", 1)
-            out.setdefault(name, [None, None, None])[["rows", "cols", "vals"].index(part)] = fh.get_tensor(k)
+    try:
+        with safe_open(str(f), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("format") != SPARSE_FORMAT or meta.get("semantics") != "add":
+                raise ExportError(f"{f} is not a {SPARSE_FORMAT} file with additive semantics (metadata {meta})")
+            for k in fh.keys():
+                name, _, part = k.rpartition(".")
+                if part not in ("rows", "cols", "vals"):
+                    raise ExportError(f"{f}: unexpected tensor {k!r}")
+                out.setdefault(name, [None, None, None])[["rows", "cols", "vals"].index(part)] = fh.get_tensor(k)
+    except ExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors' own errors on a damaged file
+        raise ExportError(f"{f} cannot be read ({' '.join(str(e).split())[:120]}); export the model again") from None
+    for name, parts in out.items():
+        if any(t is None for t in parts) or not (parts[0].dim() == parts[1].dim() == parts[2].dim() == 1) or \
+                not (parts[0].numel() == parts[1].numel() == parts[2].numel()):
+            raise ExportError(f"{f}: the sidecar of {name} needs rows, cols and vals of one length each")
+    if expected is not None:
+        for name, nnz in expected.items():
+            have = out[name][0].numel() if name in out else 0
+            if have != int(nnz):
+                raise ExportError(f"{f}: {name} holds {have} 16-bit weights but manifest.json lists {nnz}; the "
+                                  "export is damaged: export it again")
     return {k: tuple(v) for k, v in out.items()}
+
+
+def check_module(name: str, t: dict[str, torch.Tensor], sparse, bits: int, group_size: int,
+                 shape: tuple[int, int], where: Path) -> None:
+    """Refuse packed tensors that do not fit the module's ``[out, in]`` weight, naming the tensor."""
+    out_f, in_f = shape
+    groups = t["scales"].shape[0] if t["scales"].dim() == 2 else -1
+    want = {"qweight": (in_f * bits // 32, out_f), "qzeros": (groups, out_f * bits // 32), "scales": (groups, out_f),
+            "g_idx": (in_f,)}
+    for k, shp in want.items():
+        if tuple(t[k].shape) != shp:
+            raise ExportError(f"{where}: {name}.{k} has shape {tuple(t[k].shape)}, but a {bits}-bit [{out_f}, {in_f}] "
+                              f"weight needs {shp}; the checkpoint is damaged or not for this config")
+    if t["g_idx"].numel() and (int(t["g_idx"].min()) < 0 or int(t["g_idx"].max()) >= groups):
+        raise ExportError(f"{where}: {name}.g_idx points outside its {groups} groups; the checkpoint is damaged")
+    if sparse is not None and sparse[0].numel():
+        rows, cols = sparse[0], sparse[1]
+        if int(rows.min()) < 0 or int(rows.max()) >= out_f or int(cols.min()) < 0 or int(cols.max()) >= in_f:
+            raise ExportError(f"{where.parent / SPARSE_DIR / SPARSE_FILE}: the 16-bit sidecar of {name} has an index outside its [{out_f}, {in_f}] "
+                              "weight; the export is damaged: export it again")
 
 
 def load_packed(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -331,18 +395,37 @@ def load_packed(path: str | Path, dtype: torch.dtype = torch.float32, device: st
     q = cfg.quantization_config
     del cfg.quantization_config
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    sparse = read_sparse(path)
+    sparse = read_sparse(path, required=getattr(cfg, "circuitq", None) is not None)
     dyn = {k[2:]: v for k, v in (q.get("dynamic") or {}).items()}
     fmt = format_of(q.get("checkpoint_format"))
-    with safe_open(str(path / "model.safetensors"), framework="pt") as fh:
-        keys = set(fh.keys())
-        state = {k: fh.get_tensor(k) for k in keys if not k.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales", "g_idx")}
-        modules = sorted({k.rsplit(".", 1)[0] for k in keys if k.endswith(".qweight")})
-        for name in modules:
-            t = {p: fh.get_tensor(f"{name}.{p}") for p in ("qweight", "qzeros", "scales", "g_idx")}
-            bits = next((v["bits"] for pat, v in dyn.items() if re.search(pat, name)), q["bits"])
-            qw = unpack_gptq(t, bits, q["group_size"], q["sym"], sparse.get(name), fmt)
-            state[f"{name}.weight"] = qw.dequantize(dtype)
+    f = path / "model.safetensors"
+    try:
+        with safe_open(str(f), framework="pt") as fh:
+            keys = set(fh.keys())
+            state = {k: fh.get_tensor(k) for k in keys
+                     if not k.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales", "g_idx")}
+            modules = sorted({k.rsplit(".", 1)[0] for k in keys if k.endswith(".qweight")})
+            for name in modules:
+                lost = [p for p in ("qzeros", "scales", "g_idx") if f"{name}.{p}" not in keys]
+                if lost:
+                    raise ExportError(f"{f}: {name} has a qweight but no {', '.join(lost)}; the checkpoint is damaged")
+                t = {p: fh.get_tensor(f"{name}.{p}") for p in ("qweight", "qzeros", "scales", "g_idx")}
+                bits = next((v["bits"] for pat, v in dyn.items() if re.search(pat, name)), q["bits"])
+                try:
+                    shape = tuple(model.get_submodule(name).weight.shape)
+                except AttributeError:
+                    raise ExportError(f"{f}: {name} is not a module of this model's config") from None
+                check_module(name, t, sparse.get(name), bits, q["group_size"], shape, f)
+                qw = unpack_gptq(t, bits, q["group_size"], q["sym"], sparse.get(name), fmt)
+                state[f"{name}.weight"] = qw.dequantize(dtype)
+    except ExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors' own errors on a damaged or truncated file
+        raise ExportError(f"{f} cannot be read ({' '.join(str(e).split())[:120]}); the checkpoint is damaged") from None
+    stray = sorted(set(sparse) - set(modules))
+    if stray:
+        raise ExportError(f"{path / SPARSE_DIR / SPARSE_FILE} holds 16-bit weights of {stray[:3]}, which have no packed "
+                          "codes; the export is damaged")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
