@@ -24,7 +24,8 @@ __version__ = "0.6.0"
 _API = ("CalibConfig", "DataConfig", "EvalConfig", "MaskConfig", "QuantizeConfig", "QuantizeJob", "RunConfig",
         "ScoreConfig", "DEFAULT_FRACTION", "Task", "Geometry", "target_shapes", "load_model", "calibration_tokens",
         "collect_gradients", "collect_hessians", "compare", "evaluate", "export", "quantize", "quantized_reference",
-        "reference_config", "score_weights", "select", "run", "circuit_map", "apply_preset", "PRESETS")
+        "reference_config", "score_weights", "select", "run", "circuit_map", "apply_preset", "PRESETS", "load_masks",
+        "save_masks", "CircuitqError")
 
 
 def __getattr__(name):

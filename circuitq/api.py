@@ -30,6 +30,8 @@ from circuitq.data.tasks import Task
 from circuitq.presets import PRESETS, apply_preset
 from circuitq.model.arch import Geometry, target_shapes
 from circuitq.model.loading import load_model
+from circuitq.errors import CircuitqError
+from circuitq.saliency.masks import load_masks, save_masks
 from circuitq.pipeline.stages import (calibration_tokens, collect_gradients, collect_hessians, compare, evaluate,
                                       export, quantize, quantized_reference, reference_config, score_weights, select)
 

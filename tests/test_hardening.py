@@ -193,7 +193,7 @@ def test_bad_task_files_are_named(tmp_path):
         read_text_corpus(bad)
     j = tmp_path / "t.jsonl"
     j.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": 3, "completion": "b"}\n')
-    with pytest.raises(DataError, match=r"t.jsonl: row 2: \"prompt\" must be a string, got int"):
+    with pytest.raises(DataError, match=r"t.jsonl:2: \"prompt\" must be a string, got int"):
         read_prompt_completion(j)
 
 

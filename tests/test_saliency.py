@@ -76,8 +76,10 @@ def test_fraction_for_bits_inverts_the_accounting():
     nnz = {"a.weight": int(f * 64 * 128), "b.weight": int(f * 32 * 128)}
     avg = bit_report(shapes, PrecisionPlan(3), -1, nnz).average_bits
     assert avg == pytest.approx(3.2, abs=32 / numel * 2)
-    with pytest.raises(MaskError, match="below"):
-        fraction_for_bits(2.0, 3, -1, shapes)
+    for bad in (2.0, 16.5, 40.0, float("nan"), float("inf")):   # below the base cost, above 16, not a number
+        with pytest.raises(MaskError, match=r"--target-bits must be between 3\.\d+ .* and 16"):
+            fraction_for_bits(bad, 3, -1, shapes)
+    assert fraction_for_bits(16.0, 3, -1, shapes) < 1
 
 
 def test_rank_max_union_keeps_exactly_the_single_task_budget():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 from pathlib import Path
 
 
@@ -54,13 +55,21 @@ def _from_hub(kind: str, split: str) -> list[dict]:
 
 
 def read_gsm8k(data_dir: str | Path | None = None, split: str = "train") -> list[dict]:
-    """GSM8k rows ``{"question", "answer"}`` from ``DATA/gsm8k/{split}.jsonl``."""
+    """GSM8k rows ``{"question", "answer"}`` from ``DATA/gsm8k/{split}.jsonl``; a bad line is an
+    error naming the file and its line number (blank lines counted)."""
     if data_dir is None and default_data_dir() is None:
         return _from_hub("gsm8k", split)
     path = resolve_data_dir(data_dir) / "gsm8k" / f"{split}.jsonl"
     if not path.exists():
         raise DataError(f"GSM8k split '{split}' not found: looked for {path}")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for line, obj in read_jsonl_lines(path):
+        if not isinstance(obj, dict) or not {"question", "answer"} <= set(obj):
+            raise DataError(f"{path}:{line}: each line needs \"question\" and \"answer\"")
+        bad = [k for k in ("question", "answer") if not isinstance(obj[k], str)]
+        if bad:
+            raise DataError(f"{path}:{line}: \"{bad[0]}\" must be a string, got {type(obj[bad[0]]).__name__}")
+        rows.append(obj)
     if not rows:
         raise DataError(f"{path} is empty")
     return rows
@@ -74,14 +83,30 @@ def read_mmlu(data_dir: str | Path | None = None, split: str = "val") -> list[di
     files = sorted(folder.glob(f"*_{split}.csv"))
     if not files:
         raise DataError(f"MMLU split '{split}' not found: looked for {folder}/*_{split}.csv")
-    rows = []
+    rows, empty = [], []
     for f in files:
         subject = f.name[: -len(f"_{split}.csv")]
-        with f.open(newline="", encoding="utf-8") as fh:
-            for rec in csv.reader(fh):
-                if len(rec) != 6:
-                    raise DataError(f"{f}: expected 6 columns (question,A,B,C,D,answer), got {len(rec)}")
-                rows.append({"subject": subject, "question": rec[0], "choices": rec[1:5], "answer": rec[5].strip()})
+        n = len(rows)
+        try:
+            with f.open(newline="", encoding="utf-8") as fh:
+                reader = csv.reader(fh)
+                for rec in reader:
+                    if not rec:
+                        continue
+                    if len(rec) != 6:
+                        raise DataError(f"{f}:{reader.line_num}: expected 6 columns (question,A,B,C,D,answer), "
+                                        f"got {len(rec)}")
+                    rows.append({"subject": subject, "question": rec[0], "choices": rec[1:5],
+                                 "answer": rec[5].strip()})
+        except UnicodeDecodeError as e:
+            raise DataError(f"{f} is not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8") from None
+        if len(rows) == n:
+            empty.append(f.name)
+    if empty:
+        print(f"[circuitq] warning: {len(empty)} MMLU file(s) in {folder} have no rows and are left out: "
+              f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}", file=sys.stderr)
+    if not rows:
+        raise DataError(f"every MMLU file in {folder} is empty")
     return rows
 
 
@@ -99,29 +124,45 @@ def read_text(path: str | Path, what: str = "file") -> str:
         raise DataError(f"{p} is not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8") from None
 
 
-def read_jsonl(path: str | Path) -> list:
-    """One JSON value per non-empty line; a bad line is an error naming file and line."""
+def read_jsonl_lines(path: str | Path) -> list[tuple[int, object]]:
+    """``(line number, value)`` for each non-empty line (numbers count blank lines, as editors do);
+    a bad line is an error naming the file and that line."""
     p = Path(path)
     rows = []
-    for i, line in enumerate(read_text(p).splitlines()):
+    for i, line in enumerate(read_text(p).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{i + 1}: not valid JSON ({e.msg})") from None
+            rows.append((i, json.loads(line)))
+        except (json.JSONDecodeError, RecursionError) as e:
+            why = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+            col = f", column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+            raise DataError(f"{p}:{i}: not valid JSON ({why}{col})") from None
     return rows
 
 
+def read_jsonl(path: str | Path) -> list:
+    """One JSON value per non-empty line; a bad line is an error naming file and line."""
+    return [obj for _, obj in read_jsonl_lines(path)]
+
+
 def read_prompt_completion(path: str | Path) -> list[dict]:
-    """Custom task rows ``{"prompt", "completion"}`` from a JSONL file."""
-    rows = read_jsonl(path)
-    for i, obj in enumerate(rows):
+    """Custom task rows ``{"prompt", "completion"}`` from a JSONL file. The completion is what is
+    scored, so a row whose completion is empty is refused (it would score nothing: NaN)."""
+    rows, empty = [], []
+    for line, obj in read_jsonl_lines(path):
         if not isinstance(obj, dict) or not {"prompt", "completion"} <= set(obj):
-            raise DataError(f"{path}: row {i + 1}: each line needs \"prompt\" and \"completion\"")
+            raise DataError(f"{path}:{line}: each line needs \"prompt\" and \"completion\"")
         bad = [k for k in ("prompt", "completion") if not isinstance(obj[k], str)]
         if bad:
-            raise DataError(f"{path}: row {i + 1}: \"{bad[0]}\" must be a string, got {type(obj[bad[0]]).__name__}")
+            raise DataError(f"{path}:{line}: \"{bad[0]}\" must be a string, got {type(obj[bad[0]]).__name__}")
+        if not obj["completion"].strip():
+            empty.append(line)
+        rows.append(obj)
+    if empty:
+        raise DataError(f"{path}: line{'s' if len(empty) > 1 else ''} {', '.join(map(str, empty[:5]))}"
+                        f"{' ...' if len(empty) > 5 else ''} ha{'ve' if len(empty) > 1 else 's'} an empty "
+                        "\"completion\" (the text that is scored); fill it in or remove the line")
     if not rows:
         raise DataError(f"custom task file {path} has no rows")
     return rows
@@ -134,9 +175,9 @@ def read_text_corpus(path: str | Path) -> list[str]:
     if p.suffix == ".jsonl":
         read_text(p, "text corpus")
         docs = []
-        for i, obj in enumerate(read_jsonl(p)):
+        for line, obj in read_jsonl_lines(p):
             if isinstance(obj, dict) and "text" in obj and not isinstance(obj["text"], str):
-                raise DataError(f"{p}: row {i + 1}: \"text\" must be a string, got {type(obj['text']).__name__}")
+                raise DataError(f"{p}:{line}: \"text\" must be a string, got {type(obj['text']).__name__}")
             docs.append(obj["text"] if isinstance(obj, dict) and "text" in obj else
                         "\n".join(v for v in (obj.values() if isinstance(obj, dict) else [obj]) if isinstance(v, str)))
     else:

@@ -169,6 +169,10 @@ def _decode_indices(p: Path, raw: dict[str, torch.Tensor], meta: dict) -> dict[s
         if n > 2 ** 32:
             raise MaskError(f"{p}: the recorded shape of {k} ({shape}) has {n} entries, more than any weight "
                             "circuitq handles; the file is damaged: write it again with circuitq mask")
+        if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool or idx.dim() != 1:
+            raise MaskError(f"{p}: indices of {k} are stored as {str(idx.dtype).replace('torch.', '')} "
+                            f"{list(idx.shape)}; they must be one integer list (int32 or int64): write the file "
+                            "again with circuitq mask")
         idx = idx.long()
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
             raise MaskError(f"{p}: indices of {k} fall outside its shape {shapes[k]}")
@@ -247,11 +251,11 @@ def fraction_for_bits(target_bits: float, bits: int, group_size: int, shapes: di
     from circuitq.quant.plan import PrecisionPlan, bit_report
 
     base = bit_report(shapes, PrecisionPlan(bits), group_size).average_bits
-    f = (target_bits - base) / (32 - bits)
-    if f < 0:
-        raise MaskError(f"target {target_bits} bits is below the {base:.4f} bits that {bits}-bit "
-                        f"quantization with group size {group_size} costs without any 16-bit weight")
-    return min(f, 1.0)
+    if not base <= target_bits <= 16:   # also refuses NaN
+        raise MaskError(f"--target-bits must be between {base:.4f} (what {bits}-bit quantization with group size "
+                        f"{group_size} costs without any 16-bit weight) and 16 (the unquantized model), got "
+                        f"{target_bits}")
+    return (target_bits - base) / (32 - bits)
 
 
 def rank_normalize(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
