@@ -148,6 +148,24 @@ def clean_stale(out: Path) -> list[Path]:
     return removed
 
 
+def _probe(folder: Path) -> None:
+    """Create and remove one empty file in ``folder``: raises the ``OSError`` a real write would."""
+    fd, probe = tempfile.mkstemp(prefix=".probe-", dir=folder)
+    os.close(fd)
+    os.remove(probe)
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read 4 MB at a time."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def check_writable(out: str | Path, overwrite: bool) -> Path:
     """Refuse an existing ``out`` without ``overwrite``, and an ``out`` whose folder cannot be
     created or written (found before any work, not at export time)."""
@@ -157,9 +175,7 @@ def check_writable(out: str | Path, overwrite: bool) -> Path:
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.probe-", dir=parent)
-        os.close(fd)
-        os.remove(probe)
+        _probe(parent)
     except OSError as e:
         raise OutputNotWritable(f"cannot write next to {out} ({e.strerror or e.__class__.__name__}); choose an --out "
                                 "in a writable folder") from None
@@ -246,9 +262,7 @@ def check_dir_writable(folder: str | Path, flag: str = "--out", create: bool = F
             probe_in = probe_in.parent
         if not probe_in.is_dir():
             raise NotADirectoryError(20, "not a directory")
-        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=probe_in)
-        os.close(fd)
-        os.remove(probe)
+        _probe(probe_in)
     except OSError as e:
         raise OutputNotWritable(f"cannot write in {folder} ({e.strerror or e.__class__.__name__}); choose a {flag} in a "
                                 "writable folder") from None

@@ -64,12 +64,7 @@ def read_gsm8k(data_dir: str | Path | None = None, split: str = "train") -> list
         raise DataError(f"GSM8k split '{split}' not found: looked for {path}")
     rows = []
     for line, obj in read_jsonl_lines(path):
-        if not isinstance(obj, dict) or not {"question", "answer"} <= set(obj):
-            raise DataError(f"{path}:{line}: each line needs \"question\" and \"answer\"")
-        bad = [k for k in ("question", "answer") if not isinstance(obj[k], str)]
-        if bad:
-            raise DataError(f"{path}:{line}: \"{bad[0]}\" must be a string, got {type(obj[bad[0]]).__name__}")
-        rows.append(obj)
+        rows.append(_string_fields(path, line, obj, ("question", "answer")))
     if not rows:
         raise DataError(f"{path} is empty")
     return rows
@@ -141,6 +136,16 @@ def read_jsonl_lines(path: str | Path) -> list[tuple[int, object]]:
     return rows
 
 
+def _string_fields(path, line: int, obj, keys: tuple[str, str]) -> dict:
+    """``obj`` when it is an object whose ``keys`` are strings; else an error naming file and line."""
+    if not isinstance(obj, dict) or not set(keys) <= set(obj):
+        raise DataError(f"{path}:{line}: each line needs \"{keys[0]}\" and \"{keys[1]}\"")
+    bad = [k for k in keys if not isinstance(obj[k], str)]
+    if bad:
+        raise DataError(f"{path}:{line}: \"{bad[0]}\" must be a string, got {type(obj[bad[0]]).__name__}")
+    return obj
+
+
 def read_jsonl(path: str | Path) -> list:
     """One JSON value per non-empty line; a bad line is an error naming file and line."""
     return [obj for _, obj in read_jsonl_lines(path)]
@@ -151,11 +156,7 @@ def read_prompt_completion(path: str | Path) -> list[dict]:
     scored, so a row whose completion is empty is refused (it would score nothing: NaN)."""
     rows, empty = [], []
     for line, obj in read_jsonl_lines(path):
-        if not isinstance(obj, dict) or not {"prompt", "completion"} <= set(obj):
-            raise DataError(f"{path}:{line}: each line needs \"prompt\" and \"completion\"")
-        bad = [k for k in ("prompt", "completion") if not isinstance(obj[k], str)]
-        if bad:
-            raise DataError(f"{path}:{line}: \"{bad[0]}\" must be a string, got {type(obj[bad[0]]).__name__}")
+        _string_fields(path, line, obj, ("prompt", "completion"))
         if not obj["completion"].strip():
             empty.append(line)
         rows.append(obj)

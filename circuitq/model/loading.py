@@ -131,13 +131,9 @@ MANIFEST = "circuitq-cache.json"
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
+    from circuitq.artifacts import file_sha256
 
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 def write_manifest(folder: Path, source: str) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from circuitq import __version__
-from circuitq.artifacts import atomic_dir
+from circuitq.artifacts import atomic_dir, file_sha256
 
 
 class StepStore:
@@ -79,11 +79,7 @@ class StepStore:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 def _damage(step: Path) -> str | None:
