@@ -1,8 +1,13 @@
 """The default ``run``: wall time and peak memory, and whether the results are those of before.
 
     .venv/bin/python analyses/bench_default_run.py full     --rev HEAD    --out analyses/results/default_run_0.6
+    .venv/bin/python analyses/bench_default_run.py reduced  --rev HEAD --model qwen2.5-coder-0.5b-instruct \
+        --out analyses/results/qwen_reduced_run
     .venv/bin/python analyses/bench_default_run.py identity --before 6f07778 --after HEAD \
         --out analyses/results/default_run_identity
+
+``reduced``: the reduced run below at the default batch tokens, of commit REV, on ``--model``
+(the scale issue's second model: ``--model qwen2.5-coder-0.5b-instruct``), with its peaks.
 
 ``full``: the default ``circuitq run`` (2 tasks x 2 bit widths x 8 masks, 128 calibration items,
 48 evaluation items) of commit REV, in a child process, with its peak resident set size (the
@@ -116,7 +121,8 @@ def compare(before: Path, after: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=("full", "identity"))
+    ap.add_argument("what", choices=("full", "identity", "reduced"))
+    ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--out", required=True, help="a folder for the runs, logs and summary.json")
     ap.add_argument("--rev", default="HEAD")
     ap.add_argument("--before", default="6f07778")
@@ -124,18 +130,21 @@ def main() -> None:
     a = ap.parse_args()
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"what": a.what, "machine": machine(), "model": "smollm2-135m-instruct",
-           "model_note": "weights dequantized from a 4-bit (Q4_1) GGUF file"}
-    if a.what == "full":
+    doc = {"what": a.what, "machine": machine(), "model": a.model,
+           "model_note": "weights dequantized from a 4-bit GGUF file"}
+    model = ["--model", a.model]
+    if a.what in ("full", "reduced"):
         src, sha = worktree(a.rev)
-        print(f"default run of {sha[:10]} ...", flush=True)
-        doc.update(rev=sha, command="circuitq run --out RUN", **run_child(src, [], out / "run", out / "run.log"))
+        args = model + (REDUCED[:-2] if a.what == "reduced" else [])   # reduced: the default batch tokens
+        print(f"{a.what} run of {sha[:10]} on {a.model} ...", flush=True)
+        doc.update(rev=sha, command="circuitq run " + " ".join(args) + " --out RUN",
+                   **run_child(src, args, out / "run", out / "run.log"))
     else:
         doc["command"] = "circuitq run " + " ".join(REDUCED) + " --out RUN"
         for name, rev in (("before", a.before), ("after", a.after)):
             src, sha = worktree(rev)
             print(f"{name}: reduced run of {sha[:10]} ...", flush=True)
-            doc[name] = {"rev": sha, **run_child(src, REDUCED, out / f"run-{name}", out / f"{name}.log")}
+            doc[name] = {"rev": sha, **run_child(src, model + REDUCED, out / f"run-{name}", out / f"{name}.log")}
             print(f"  {doc[name]['seconds']:.0f} s, peak {doc[name]['peak_rss_bytes'] / 2**30:.2f} GiB, "
                   f"rc {doc[name]['rc']}", flush=True)
         if doc["before"]["rc"] == 0 and doc["after"]["rc"] == 0:
