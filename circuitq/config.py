@@ -20,6 +20,8 @@ on a CPU). Construction is by keyword only. This module imports no other circuit
 """
 from __future__ import annotations
 
+from circuitq.errors import CircuitqError
+
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -45,7 +47,7 @@ GPTQ_FORMAT_CHOICES = ("auto", "v1", "v2")
 FAITH_UNITS_CHOICES = ("off", "heads", "kv-heads", "neurons", "modules")
 
 
-class ConfigError(ValueError):
+class ConfigError(CircuitqError, ValueError):
     """A setting is out of range; the message names the flag and the fix."""
 
 

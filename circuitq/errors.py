@@ -10,6 +10,14 @@ class CircuitqError(Exception):
     """Base of every error circuitq raises for bad input, a damaged file or a fault of the machine."""
 
 
+class UsageError(CircuitqError, ValueError):
+    """Bad input: a flag, a setting, a file or a combination the user can change."""
+
+
+class NumericError(CircuitqError, FloatingPointError):
+    """NaN/Inf where numbers must be finite (a corrupt model, a diverged quantization)."""
+
+
 class OutOfSpace(CircuitqError, OSError):
     """The disk filled up while an output was written; nothing half-written is left behind."""
 

@@ -16,6 +16,8 @@ MMLU flips are added. Worked example: identical logits give KL 0 and agreement 1
 """
 from __future__ import annotations
 
+from circuitq.errors import CircuitqError, UsageError
+
 import math
 import re
 from dataclasses import dataclass, field
@@ -88,7 +90,7 @@ class EvalResult:
     items: list[dict] = field(default_factory=list)
 
 
-class TokenizerMismatch(ValueError):
+class TokenizerMismatch(CircuitqError, ValueError):
     pass
 
 
@@ -106,7 +108,7 @@ def _letter_ids(tokenizer, completion_prefix: str) -> list[int]:
         t = tokenizer(completion_prefix + l, add_special_tokens=False)["input_ids"]
         ids.append(t[-1])
     if len(set(ids)) != 4:
-        raise ValueError("the tokenizer does not give the four answer letters distinct tokens")
+        raise UsageError("the tokenizer does not give the four answer letters distinct tokens")
     return ids
 
 
@@ -291,7 +293,7 @@ class CircuitMetric:
         if kind == "greater-than":
             ids = [tokenizer(str(d), add_special_tokens=False)["input_ids"] for d in range(10)]
             if any(len(i) != 1 for i in ids) or len({i[0] for i in ids}) != 10:
-                raise ValueError("greater-than needs a tokenizer with one token per digit")
+                raise UsageError("greater-than needs a tokenizer with one token per digit")
             self.digits = [i[0] for i in ids]
 
     def _first(self, text: str) -> int:

@@ -12,6 +12,8 @@ every file they write loads with ``safetensors.safe_open`` and ``load_file``.
 """
 from __future__ import annotations
 
+from circuitq.errors import UsageError
+
 import json
 import os
 import shutil
@@ -101,10 +103,10 @@ class LazyTensors(Mapping):
         with self.path.open("rb") as fh:
             head = fh.read(8)
             if len(head) != 8:
-                raise ValueError(f"{self.path} is not a safetensors file (too short)")
+                raise UsageError(f"{self.path} is not a safetensors file (too short)")
             (n,) = struct.unpack("<Q", head)
             if n > 100_000_000:
-                raise ValueError(f"{self.path} is not a safetensors file (header of {n} bytes)")
+                raise UsageError(f"{self.path} is not a safetensors file (header of {n} bytes)")
             header = json.loads(fh.read(n))
         self._start = 8 + n
         self._meta = header.pop("__metadata__", None) or {}
@@ -132,7 +134,7 @@ class LazyTensors(Mapping):
                 fh.seek(self._start + b0)
                 got = fh.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
             if got != b1 - b0:
-                raise ValueError(f"{self.path}: tensor {key!r} is truncated ({got} of {b1 - b0} bytes)")
+                raise UsageError(f"{self.path}: tensor {key!r} is truncated ({got} of {b1 - b0} bytes)")
         return t.to(self.device) if self.device is not None else t
 
     def __getitem__(self, name: str) -> torch.Tensor:

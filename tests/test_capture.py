@@ -297,3 +297,44 @@ def test_loss_text_gradients_equal_autograd_without_the_template(tiny_dir):
         assert (text[n] - ref[n]).norm() / ref[n].norm() <= 1e-5, n
     n0 = next(iter(ref))
     assert not torch.allclose(text[n0], every[n0])      # leaving the template out changes the gradients
+
+
+def test_a_gradient_turning_nan_mid_backward_is_in_no_sum(tiny_dir):
+    """A sample whose loss is finite but whose gradient turns NaN at layer 0 (after the later
+    layers have summed it) is taken back everywhere: the statistics equal those of the other
+    samples alone, and it is counted as skipped."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d, _ = tiny_dir
+    tok = AutoTokenizer.from_pretrained(d)
+    model = AutoModelForCausalLM.from_pretrained(d).eval()
+    ex = _examples()
+    poison = Example("the lazy dog", " 9999 9999")
+    others = set().union(*(tok(e.prompt + e.completion)["input_ids"] for e in ex))
+    marker = set(tok(" 9999")["input_ids"]) - others     # tokens only the poisoned sample has
+    assert marker
+    rows = {}
+
+    def find(module, args, out):      # which rows of this batch hold the poisoned sample
+        ids = args[0]
+        rows["now"] = torch.tensor([bool(marker & set(r.tolist())) for r in ids])
+
+    def poison_grad(module, args, out):
+        h = out[0] if isinstance(out, tuple) else out
+        sel = rows["now"].clone()
+        if h.requires_grad and sel.any():
+            h.register_hook(lambda g: torch.where(sel[:, None, None], torch.full_like(g, float("nan")), g))
+
+    hooks = [model.get_input_embeddings().register_forward_hook(find),
+             model.model.layers[0].register_forward_hook(poison_grad)]
+    try:
+        got = collect_stats(model, tok, ex + [poison], str(d), batch_size=3, seq_len=64, progress=False)["stats"]
+    finally:
+        for h in hooks:
+            h.remove()
+    want = collect_stats(model, tok, ex, str(d), batch_size=3, seq_len=64, progress=False)["stats"]
+    assert got.n_skipped == 1 and got.n_samples == len(ex)
+    for s in ("sum_abs", "sum", "sum_sq", "act_sq"):
+        for n, t in want.tensors[s].items():
+            err = float((got.tensors[s][n] - t).norm() / t.norm().clamp(min=1e-12))
+            assert err <= 1e-5, (s, n, err)

@@ -476,3 +476,51 @@ def test_readme_names_only_what_exists():
                 assert hasattr(obj, attr), f"README names {dotted}, which does not exist"
                 obj = getattr(obj, attr)
             break
+
+
+# ---- one error type (issue 24) -----------------------------------------------------------------
+def test_every_domain_error_is_a_circuitq_error():
+    from circuitq.app.catalog import PathOutsideRuns
+    from circuitq.artifacts import OutputExists, OutputNotWritable
+    from circuitq.circuits.compare import CompareError
+    from circuitq.config import ConfigError
+    from circuitq.data.readers import DataError
+    from circuitq.errors import CircuitqError, UsageError
+    from circuitq.evals import TokenizerMismatch
+    from circuitq.model.arch import UnsupportedArchitecture
+    from circuitq.model.loading import ModelLoadError
+    from circuitq.quant.export import ExportError
+    from circuitq.quant.gptq import HessianError
+    from circuitq.saliency.masks import MaskError
+
+    for cls in (PathOutsideRuns, OutputExists, OutputNotWritable, CompareError, ConfigError, DataError, UsageError,
+                TokenizerMismatch, UnsupportedArchitecture, ModelLoadError, ExportError, HessianError, MaskError):
+        assert issubclass(cls, CircuitqError), cls
+
+
+def test_a_bug_keeps_its_traceback_and_a_user_error_does_not(monkeypatch, capsys):
+    import circuitq.cli.commands as C
+    from circuitq.errors import UsageError
+
+    def buggy(a):
+        return {}["missing"]          # a plain bug
+
+    def refused(a):
+        raise UsageError("--thing must be positive, got -1")
+
+    for fn, rc_want, traceback_shown in ((buggy, 1, True), (refused, 2, False)):
+        monkeypatch.setattr(C, "cmd_mask", fn)
+        rc = main(["mask", "--scores", "x", "--out", "y"])
+        err = capsys.readouterr().err
+        assert rc == rc_want and ("Traceback" in err) is traceback_shown, err
+        lines = [ln for ln in err.splitlines() if ln.startswith("circuitq mask: error: ")]
+        assert len(lines) == 1 and (("this is a bug in circuitq" in lines[0]) is traceback_shown), lines
+
+
+def test_flags_are_never_abbreviated_and_the_equals_form_counts_as_given():
+    from circuitq.cli.commands import build_parser
+    from circuitq.cli.flags import given_flags
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["faithfulness", "--scores", "s", "--bit", "3", "--out", "o"])
+    assert "--bits" in given_flags(["faithfulness", "--bits=3"]) and "--bits" in given_flags(["--bits", "3"])

@@ -8,12 +8,14 @@ A run that cannot be read is listed with the reason; the others still work.
 """
 from __future__ import annotations
 
+from circuitq.errors import CircuitqError, UsageError
+
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 
-class PathOutsideRuns(ValueError):
+class PathOutsideRuns(CircuitqError, ValueError):
     pass
 
 
@@ -118,7 +120,7 @@ def _json(p: Path) -> dict:
         return json.loads(p.read_text())
     except (OSError, ValueError, RecursionError) as e:
         why = "nested too deeply" if isinstance(e, RecursionError) else e.__class__.__name__
-        raise ValueError(f"{p.name} is not readable JSON ({why})") from None
+        raise UsageError(f"{p.name} is not readable JSON ({why})") from None
 
 
 def _score_entry(d: Path) -> ScoreEntry:
@@ -126,16 +128,16 @@ def _score_entry(d: Path) -> ScoreEntry:
 
     meta = _json(d / "score.json")
     if meta.get("format") != "circuitq.scores":
-        raise ValueError(f"{d.name}/score.json is not a circuitq scores file")
+        raise UsageError(f"{d.name}/score.json is not a circuitq scores file")
     f = d / "scores.safetensors"
     try:
         with safe_open(str(f), framework="pt") as fh:
             if (fh.metadata() or {}).get("format") != "circuitq.scores":
-                raise ValueError(f"{f.name} is not a circuitq scores file")
+                raise UsageError(f"{f.name} is not a circuitq scores file")
     except ValueError:
         raise
     except Exception as e:  # noqa: BLE001 - any unreadable file becomes a reason
-        raise ValueError(f"{d.name}/scores.safetensors cannot be read ({e.__class__.__name__})") from None
+        raise UsageError(f"{d.name}/scores.safetensors cannot be read ({e.__class__.__name__})") from None
     return ScoreEntry(d, str(meta.get("task")), str(meta.get("method")), meta.get("bits"), str(meta.get("model")),
                       str(meta.get("model_source")), meta.get("n_samples") or meta.get("samples"), meta.get("seed"))
 
@@ -147,9 +149,9 @@ def _mask_entry(f: Path) -> MaskEntry:
         with safe_open(str(f), framework="pt") as fh:
             meta = dict(fh.metadata() or {})
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{f.name} is not a safetensors mask ({e.__class__.__name__})") from None
+        raise UsageError(f"{f.name} is not a safetensors mask ({e.__class__.__name__})") from None
     if meta.get("format") != "circuitq.mask":
-        raise ValueError(f"{f.name} is not a circuitq mask")
+        raise UsageError(f"{f.name} is not a circuitq mask")
     out = {}
     for k, v in meta.items():
         try:
@@ -183,7 +185,7 @@ def _check_inside(root: Path, d: Path) -> None:
         if p.is_symlink():
             target = p.resolve()
             if target != base and base not in target.parents:
-                raise ValueError(f"{p.relative_to(d.parent)} is a symlink leading outside the runs directory; "
+                raise UsageError(f"{p.relative_to(d.parent)} is a symlink leading outside the runs directory; "
                                  "the explorer only reads files inside it")
 
 
@@ -194,7 +196,7 @@ def read_run(d: Path, root: Path | None = None) -> RunEntry:
     if (d / "run.json").exists():
         info = _json(d / "run.json")
         if info.get("format") != "circuitq.run":
-            raise ValueError("run.json is not a circuitq run file")
+            raise UsageError("run.json is not a circuitq run file")
         e = RunEntry(d.name, d, "run", info=info)
         res = _json(d / "results.json") if (d / "results.json").exists() else {}
         e.results, e.transfer = res.get("rows", []), res.get("transfer", [])
@@ -204,7 +206,7 @@ def read_run(d: Path, root: Path | None = None) -> RunEntry:
     else:
         dirs = [d] if (d / "score.json").exists() else [s for s in sorted(d.iterdir()) if (s / "score.json").exists()]
         if not dirs and not list(d.glob("*.safetensors")) and not (d / "masks").is_dir():
-            raise ValueError("no run.json, score directories or masks found")
+            raise UsageError("no run.json, score directories or masks found")
         e = RunEntry(d.name, d, "scores")
         e.scores = [_score_entry(s) for s in dirs]
         e.masks = [_mask_entry(f) for f in sorted(d.glob("*.safetensors"))]

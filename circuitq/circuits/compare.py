@@ -2,6 +2,8 @@
 metrics, circuit maps and plots -> one standalone HTML report (+ JSON metrics and PNG)."""
 from __future__ import annotations
 
+from circuitq.errors import CircuitqError
+
 from collections.abc import Mapping
 
 import json
@@ -16,7 +18,7 @@ from circuitq.saliency.masks import select_topk
 from circuitq.saliency.files import load_scores
 
 
-class CompareError(ValueError):
+class CompareError(CircuitqError, ValueError):
     pass
 
 

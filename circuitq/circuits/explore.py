@@ -8,6 +8,8 @@ rank as flat indices ``[0, 2, 1]``; the top 2/3 keep ``a[0, 0]`` and ``b[0, 0]``
 """
 from __future__ import annotations
 
+from circuitq.errors import UsageError
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ class TopIndex:
     def count(self, fraction: float) -> int:
         k = int(fraction * self.total)
         if k > self.order.numel():
-            raise ValueError(f"budget {fraction:.4%} exceeds the ranked {self.order.numel() / self.total:.4%}")
+            raise UsageError(f"budget {fraction:.4%} exceeds the ranked {self.order.numel() / self.total:.4%}")
         return k
 
 

@@ -18,6 +18,8 @@ the same size, and everything but the circuit vs everything but a random set.
 """
 from __future__ import annotations
 
+from circuitq.errors import UsageError
+
 import math
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -41,7 +43,7 @@ def units(shapes: dict[str, tuple[int, int]], geometry: Geometry, kind: str, blo
     Worked example: 2 query heads of dim 4 in one layer give units ``L0.H0`` (q rows 0-3, o
     columns 0-3) and ``L0.H1`` (q rows 4-7, o columns 4-7)."""
     if kind not in UNIT_KINDS:
-        raise ValueError(f"unknown unit kind '{kind}'; choose one of {', '.join(UNIT_KINDS)}")
+        raise UsageError(f"unknown unit kind '{kind}'; choose one of {', '.join(UNIT_KINDS)}")
     by_layer: dict[int, dict[str, str]] = {}
     for name in shapes:
         p = parse_name(name)
@@ -106,10 +108,10 @@ def spearman(a: list[float], b: list[float]) -> float:
 def replacement(weights: dict[str, torch.Tensor], ablation: str, quantized: dict | None = None) -> dict:
     """The values a unit's entries take: ``Q(W)``, zero, or each row's mean (``{name: [out, in]}``)."""
     if ablation not in ABLATIONS:
-        raise ValueError(f"unknown ablation '{ablation}'; choose one of {', '.join(ABLATIONS)}")
+        raise UsageError(f"unknown ablation '{ablation}'; choose one of {', '.join(ABLATIONS)}")
     if ablation == "quantize":
         if quantized is None:
-            raise ValueError("ablation 'quantize' needs Q(W)")
+            raise UsageError("ablation 'quantize' needs Q(W)")
         return quantized
     if ablation == "zero":
         return {n: torch.zeros_like(w) for n, w in weights.items()}

@@ -18,6 +18,8 @@ correlation of the head maps.
 """
 from __future__ import annotations
 
+from circuitq.errors import UsageError
+
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +49,7 @@ def aggregate(values: dict[str, torch.Tensor], geo: Geometry) -> CircuitMap:
     for name, v in values.items():
         parsed = parse_name(name, spec)
         if parsed is None:
-            raise ValueError(f"cannot place '{name}' in a circuit map (expected model.layers.N.(self_attn|mlp).X.weight)")
+            raise UsageError(f"cannot place '{name}' in a circuit map (expected model.layers.N.(self_attn|mlp).X.weight)")
         i, kind = parsed
         lin = spec.linear(kind)
         v = v.detach().double().cpu()
@@ -78,10 +80,10 @@ def overlap(a: torch.Tensor, b: torch.Tensor) -> dict:
 def compare_masks(ma: dict[str, torch.Tensor], mb: dict[str, torch.Tensor]) -> dict:
     """Overlap globally, per layer and per module type. Masks must name the same weights."""
     if set(ma) != set(mb):
-        raise ValueError("the two circuits cover different weights (different models?)")
+        raise UsageError("the two circuits cover different weights (different models?)")
     for n in ma:
         if ma[n].shape != mb[n].shape:
-            raise ValueError(f"{n}: shapes differ between the circuits (different models?)")
+            raise UsageError(f"{n}: shapes differ between the circuits (different models?)")
     per_layer: dict[int, list] = {}
     per_type: dict[str, list] = {}
     for n in ma:

@@ -1,5 +1,7 @@
 """``circuitq`` command line: thin subcommands over the library (``commands``), flags generated
-from the settings tree (``flags``). Known errors become one line on stderr and exit code 2."""
+from the settings tree (``flags``). A ``CircuitqError`` (bad input, a damaged file) becomes one
+line on stderr and exit code 2; a fault of the machine (full disk, permissions, memory) one line
+and exit code 1; anything else is a bug and keeps its traceback (exit code 1)."""
 from __future__ import annotations
 
 import ctypes
@@ -7,6 +9,7 @@ import errno
 import os
 import sys
 import time
+import traceback
 
 from circuitq.cli.commands import build_parser
 
@@ -30,10 +33,9 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or e.__class__.__name__
 
 
-def fault_line(e: BaseException) -> str:
-    """One line for an error no circuitq code anticipated: the machine's faults named in words
-    (full disk, permissions, memory, a file that vanished), anything else as an internal error
-    with the way to see its traceback."""
+def fault_line(e: BaseException) -> str | None:
+    """One line for a fault of the machine that no circuitq code anticipated (full disk,
+    permissions, memory, a file that vanished); None for anything else, which is a bug."""
     from circuitq.errors import is_out_of_space
 
     where = f" ({e.filename})" if isinstance(e, OSError) and getattr(e, "filename", None) else ""
@@ -48,38 +50,33 @@ def fault_line(e: BaseException) -> str:
         return f"input nested too deeply to read ({_one_line(e)})"
     if isinstance(e, OSError):
         return f"{e.strerror or _one_line(e)}{where}"
-    return (f"internal error {e.__class__.__name__}: {_one_line(e)[:300]} — this is a bug; rerun with CIRCUITQ_DEBUG=1 "
-            "for the traceback and report it")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return_freed_memory()
     args._argv = list(argv) if argv is not None else sys.argv[1:]
-    from circuitq.circuits.compare import CompareError
-    from circuitq.data.readers import DataError
-    from circuitq.evals import TokenizerMismatch
-    from circuitq.model.arch import UnsupportedArchitecture
-    from circuitq.model.loading import ModelLoadError
-    from circuitq.quant.export import ExportError
-    from circuitq.quant.gptq import HessianError
-    from circuitq.saliency.masks import MaskError
-
     from circuitq.errors import CircuitqError
 
-    known = (CircuitqError, TokenizerMismatch, CompareError, UnsupportedArchitecture, DataError, ExportError,
-             HessianError, MaskError, ModelLoadError, FileExistsError, ValueError, FloatingPointError)
     t0 = time.perf_counter()
     try:
         rc = args.func(args)
-    except known as e:
+    except CircuitqError as e:       # bad input or a damaged file: the message says what to do
         print(f"circuitq {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        if os.environ.get("CIRCUITQ_DEBUG"):
+            raise
         return 2
     except KeyboardInterrupt:
         print("circuitq: interrupted; nothing half-written was left behind", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - a fault of the machine or a bug: one line, the traceback on request
-        print(f"circuitq {args.command}: error: {fault_line(e)}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - a fault of the machine (one line) or a bug (its traceback too)
+        line = fault_line(e)
+        if line is None:
+            traceback.print_exc()
+            line = (f"internal error {e.__class__.__name__}: {_one_line(e)[:300]} — this is a bug in circuitq; "
+                    "please report it with the traceback above")
+        print(f"circuitq {args.command}: error: {line}", file=sys.stderr)
         if os.environ.get("CIRCUITQ_DEBUG"):
             raise
         return 1

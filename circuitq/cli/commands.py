@@ -2,12 +2,14 @@
 its config and calls the library (``circuitq.pipeline``). No logic of its own beyond printing."""
 from __future__ import annotations
 
+from circuitq.errors import UsageError
+
 import argparse
 import sys
 from pathlib import Path
 
 from circuitq import __version__
-from circuitq.cli.flags import add_flags, build
+from circuitq.cli.flags import add_flags, build, given_flags
 from circuitq.config import (DEFAULT_MODEL, EvalJob, FaithfulnessJob, MaskConfig, QuantizeJob, RunConfig,
                              ScoreConfig)
 
@@ -54,7 +56,7 @@ def device_for(arg: str | None) -> str:
 
     if arg:
         if arg.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {arg} asked for, but no CUDA device is available")
+            raise UsageError(f"--device {arg} asked for, but no CUDA device is available")
         return arg
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -183,7 +185,7 @@ def cmd_mask(a) -> int:
     files = [load_scores(s) for s in a.scores]
     models = {f["meta"].get("model_source") for f in files}
     if len(models) > 1:
-        raise ValueError(f"the score directories come from different models: {sorted(map(str, models))}")
+        raise UsageError(f"the score directories come from different models: {sorted(map(str, models))}")
     m0 = files[0]["meta"]
     mask = select([f["scores"] for f in files], cfg, m0.get("bits"), m0.get("group_size"))
     meta = mask_metadata(mask, model=m0.get("model"), model_source=m0.get("model_source"),
@@ -282,10 +284,10 @@ def cmd_run(a) -> int:
 
     out = Path(a.out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} is a file, not a run directory; choose another --out")
+        raise UsageError(f"{out} is a file, not a run directory; choose another --out")
     if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()) and not (
             (out / "run.json").exists() or (out / "steps").is_dir()):
-        raise ValueError(f"{out} exists and is not a circuitq run directory; choose another --out")
+        raise UsageError(f"{out} exists and is not a circuitq run directory; choose another --out")
     cfg = build(RunConfig(), a, RUN_FLAGS)
     check_dir_writable(out)   # before the model is loaded: a read-only --out costs nothing
     check_run_config(cfg)
@@ -330,7 +332,7 @@ def cmd_app(a) -> int:
 
     script = Path(app_pkg.__file__).resolve().parent / "explorer.py"
     if importlib.util.find_spec("streamlit") is None:
-        raise ValueError("the explorer needs streamlit: pip install 'circuitq[app]' (or: pip install streamlit)")
+        raise UsageError("the explorer needs streamlit: pip install 'circuitq[app]' (or: pip install streamlit)")
     runs = Path(a.runs)
     if not runs.is_dir():
         print(f"[circuitq] {runs} does not exist yet; the explorer will say how to create a run")
@@ -372,8 +374,8 @@ def cmd_faithfulness(a) -> int:
     meta = sf["meta"]
     job = replace(job, task=job.task or meta.get("task"))
     if not job.task:
-        raise ValueError("the scores do not name their task; pass --task")
-    if "--bits" not in a._argv and meta.get("bits"):
+        raise UsageError("the scores do not name their task; pass --task")
+    if "--bits" not in given_flags(a._argv) and meta.get("bits"):   # --bits 3 and --bits=3 alike
         job = replace(job, quantize=replace(job.quantize, bits=int(meta["bits"])))
     torch.manual_seed(job.seed)
     lm = load_model(a.model or meta.get("model_source") or meta.get("model"), device=device_for(a.device))
@@ -399,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for add in (add_quantize, add_score, add_mask, add_compare, add_eval, add_run, add_faithfulness, add_app):
         add(sub)
+    for sp in [p, *sub.choices.values()]:   # no abbreviations: a flag means what the code checks for
+        sp.allow_abbrev = False
     return p
 
 

@@ -7,6 +7,8 @@ found next to the working directory or the repository.
 """
 from __future__ import annotations
 
+from circuitq.errors import CircuitqError
+
 import csv
 import json
 import os
@@ -14,7 +16,7 @@ import sys
 from pathlib import Path
 
 
-class DataError(ValueError):
+class DataError(CircuitqError, ValueError):
     pass
 
 

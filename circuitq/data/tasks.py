@@ -16,6 +16,8 @@ the MMLU paper's grouping (Hendrycks et al., 2021).
 """
 from __future__ import annotations
 
+from circuitq.errors import UsageError
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -294,7 +296,7 @@ def tokenize_examples(examples: list[Example], tokenizer, max_len: int, loss: st
     tokens are scored: the completion's; all (``scored_from`` 1); or all but the chat template's
     (``unscored`` lists those)."""
     if loss not in LOSS_SCOPES:
-        raise ValueError(f"loss must be one of {LOSS_SCOPES}, got {loss!r}")
+        raise UsageError(f"loss must be one of {LOSS_SCOPES}, got {loss!r}")
     ids, starts, skip, truncated = [], [], [], 0
     for ex in examples:
         p = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"] if ex.prompt else []
@@ -373,7 +375,7 @@ class Task:
         seq_len`` tokens, one item per sequence. Worked example: items of 300, 500, 400 tokens and a
         budget of 900 give the first two."""
         if self.tokenizer is None:
-            raise ValueError("a token budget needs the task's tokenizer: Task(name, data, tokenizer)")
+            raise UsageError("a token budget needs the task's tokenizer: Task(name, data, tokenizer)")
         out, used = [], 0
         for ex in self.calib_items(None, seed):
             n = len(self.tokenizer(ex.prompt + ex.completion, add_special_tokens=False)["input_ids"])

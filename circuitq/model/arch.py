@@ -17,6 +17,8 @@ MLP width); it is read from the model config.
 """
 from __future__ import annotations
 
+from circuitq.errors import CircuitqError, UsageError
+
 import re
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -99,7 +101,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 MODULE_TYPES = _LLAMA_LIKE.module_types   # the order of the layer × module maps
 
 
-class UnsupportedArchitecture(ValueError):
+class UnsupportedArchitecture(CircuitqError, ValueError):
     pass
 
 
@@ -132,7 +134,7 @@ def target_shapes(model) -> dict[str, tuple[int, int]]:
 def module_name(weight_name: str) -> str:
     """``...q_proj.weight`` -> ``...q_proj`` (the module that owns the weight)."""
     if not weight_name.endswith(".weight"):
-        raise ValueError(f"'{weight_name}' is not a weight name (it should end in .weight)")
+        raise UsageError(f"'{weight_name}' is not a weight name (it should end in .weight)")
     return weight_name[: -len(".weight")]
 
 

@@ -8,6 +8,8 @@ config without ``quantization_config`` and cached once as a plain HF directory.
 """
 from __future__ import annotations
 
+from circuitq.errors import CircuitqError
+
 import importlib.util
 import os
 import shutil
@@ -22,7 +24,7 @@ from circuitq.model.arch import arch_for
 from circuitq.config import DEFAULT_MODEL  # noqa: E402 (one home for every default)
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(CircuitqError, RuntimeError):
     pass
 
 

@@ -5,6 +5,8 @@ same functions ``circuitq run`` calls, so equal settings give equal scores.
 """
 from __future__ import annotations
 
+from circuitq.errors import UsageError
+
 import os
 import time
 from pathlib import Path
@@ -59,7 +61,7 @@ def _resume_state(ckpt: Path, meta: dict, device):
     state, cmeta = load_stats(ckpt, device)
     diff = [k for k in RESUME_KEYS if cmeta.get(k) != meta.get(k)]
     if diff:
-        raise ValueError(f"checkpoint {ckpt} was made with other settings ({', '.join(diff)} differ); "
+        raise UsageError(f"checkpoint {ckpt} was made with other settings ({', '.join(diff)} differ); "
                          "drop --resume or delete the checkpoint")
     print(f"[circuitq] resuming from {ckpt} after {cmeta['done']} samples")
     return state, cmeta["done"]

@@ -11,6 +11,8 @@ and file layout belong to the drivers (``pipeline.run``, ``pipeline.score``).
 """
 from __future__ import annotations
 
+from circuitq.errors import UsageError
+
 from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
@@ -114,12 +116,12 @@ def score_weights(method: str, model, stats=None, reference=None, seed: int = 0)
     m = saliency_method(method)
     if m.quantizer:
         if reference is None:
-            raise ValueError(f"method '{method}' needs Q(W) from {m.quantizer}: pass reference=quantized_reference(...)")
+            raise UsageError(f"method '{method}' needs Q(W) from {m.quantizer}: pass reference=quantized_reference(...)")
         if reference.config.method != m.quantizer:
-            raise ValueError(f"method '{method}' contrasts with {m.quantizer} but the given Q(W) came from "
+            raise UsageError(f"method '{method}' contrasts with {m.quantizer} but the given Q(W) came from "
                              f"{reference.config.method}; build it with reference_config('{method}', ...)")
         if m.hessian and not reference.hinv_diag:
-            raise ValueError(f"method '{method}' needs the inverse-Hessian diagonals: quantized_reference(need_hinv=True)")
+            raise UsageError(f"method '{method}' needs the inverse-Hessian diagonals: quantized_reference(need_hinv=True)")
     tensors = getattr(stats, "tensors", stats) or {}
     weights = {n: model.get_parameter(n).detach() for n in target_shapes(model)}
     ref_w = reference.weights if reference is not None and m.quantizer else None
@@ -140,12 +142,12 @@ def stream_scores(methods, model, stats=None, reference=None, seed: int = 0):
     ms = {m: saliency_method(m) for m in methods}
     quantizers = {m.quantizer for m in ms.values()}
     if len(quantizers) > 1:
-        raise ValueError(f"methods {list(methods)} contrast with different quantizers {quantizers}; stream them apart")
+        raise UsageError(f"methods {list(methods)} contrast with different quantizers {quantizers}; stream them apart")
     tensors = getattr(stats, "tensors", stats) or {}
     wanted = sorted({s for m in ms.values() for s in m.stats})
     if quantizers != {None}:
         if reference is None:
-            raise ValueError(f"methods {list(methods)} need Q(W): pass reference=reference_stream(...)")
+            raise UsageError(f"methods {list(methods)} need Q(W): pass reference=reference_stream(...)")
         items = ((r.name, r.weight, r.quantized, r.hinv_diag, r.errors) for r in reference)
     else:
         items = ((n, model.get_parameter(n).detach(), None, None, None) for n in target_shapes(model))
@@ -167,14 +169,14 @@ def select(scores, mask: MaskConfig = MaskConfig(), bits: int | None = None,
     many = scores if isinstance(scores, (list, tuple)) else [scores]
     if len(many) > 1 and mask.combine == "rank-max":
         if mask.target_bits is not None or mask.per_layer:
-            raise ValueError("rank-max combines at a global --fraction (no --target-bits or --per-layer)")
+            raise UsageError("rank-max combines at a global --fraction (no --target-bits or --per-layer)")
         return select_rank_max(list(many), mask.fraction)
     out = []
     for sc in many:
         frac = mask.fraction
         if mask.target_bits is not None:
             if bits is None or group_size is None:
-                raise ValueError("target_bits needs the base bits and group size of the quantizer")
+                raise UsageError("target_bits needs the base bits and group size of the quantizer")
             frac = fraction_for_bits(mask.target_bits, bits, group_size, {n: tuple(t.shape) for n, t in sc.items()})
         out.append((select_per_layer if mask.per_layer else select_topk)(sc, frac))
     return out[0] if len(out) == 1 else combine(out, mask.combine)
@@ -285,7 +287,7 @@ def compare(a, b, fraction: float = MaskConfig().fraction, top_n: int = 20, geom
         if "scores" in x and "meta" in x:
             return x
         if geometry is None:
-            raise ValueError("plain score dicts need geometry=Geometry.from_config(model.config)")
+            raise UsageError("plain score dicts need geometry=Geometry.from_config(model.config)")
         return {"scores": x, "meta": {"geometry": geometry.to_dict(), "task": label, "method": "?",
                                       "model_source": "in-memory"}}
 
@@ -303,7 +305,7 @@ def evaluate_task(lm, job, ref=None, say=print) -> tuple[dict, list[dict]]:
         check_same_vocab(lm.tokenizer, ref.tokenizer, lm.model, ref.model)
     task = Task(job.task, job.data, lm.tokenizer)
     if job.generate and task.kind != "gsm8k":
-        raise ValueError("--generate scores GSM8k final answers; use it with --task gsm8k")
+        raise UsageError("--generate scores GSM8k final answers; use it with --task gsm8k")
     items = task.split(job.split)
     if job.eval.samples is not None and job.eval.samples > len(items):
         say(f"[circuitq] --limit {job.eval.samples} is larger than the {job.split} split ({len(items)} items); "
@@ -353,7 +355,7 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
     names = list(target_shapes(model))
     missing = [n for n in names if n not in scores]
     if missing:
-        raise ValueError(f"the scores do not cover {len(missing)} weights of this model (e.g. {missing[0]}): "
+        raise UsageError(f"the scores do not cover {len(missing)} weights of this model (e.g. {missing[0]}): "
                          "score this model first")
     items = task.eval_items(job.eval.samples)
     calib_items = task.calib_for(job.calib)

@@ -18,6 +18,8 @@ to ``device``, so a model larger than GPU memory but within CPU RAM works.
 """
 from __future__ import annotations
 
+from circuitq.errors import UsageError, NumericError
+
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, NamedTuple
@@ -127,7 +129,7 @@ def _quantize_module(name, mod, H, spec, keep, cfg, method) -> tuple[QuantizedWe
     t0 = time.perf_counter()
     w = mod.weight.data
     if not torch.isfinite(w).all():
-        raise FloatingPointError(f"{name}.weight contains NaN/Inf: the model is corrupt; nothing was written")
+        raise NumericError(f"{name}.weight contains NaN/Inf: the model is corrupt; nothing was written")
     r = method.fn(w.float(), H.H if H is not None else None, spec, keep, cfg)
     q = r.qweight.dequantize()
     wf = w.float()
@@ -164,10 +166,10 @@ def quantize_model(model: torch.nn.Module, calib: Sequences | torch.Tensor | Non
     from tqdm.auto import tqdm
 
     if cfg.method not in METHODS:
-        raise ValueError(f"unknown method '{cfg.method}'; choose one of {sorted(METHODS)}")
+        raise UsageError(f"unknown method '{cfg.method}'; choose one of {sorted(METHODS)}")
     method = METHODS[cfg.method]
     if method.needs_hessian and calib is None and hessians is None:
-        raise ValueError(f"method '{cfg.method}' needs calibration data")
+        raise UsageError(f"method '{cfg.method}' needs calibration data")
     spec_arch = arch_for(model.config.model_type)
     shapes = target_shapes(model)
     masks = masks or {}
@@ -211,7 +213,7 @@ def quantize_model(model: torch.nn.Module, calib: Sequences | torch.Tensor | Non
             with torch.no_grad():
                 hidden = [first_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
             if not all(torch.isfinite(h).all() for h in hidden):
-                raise FloatingPointError(f"layer {i} produced NaN/Inf outputs after quantization")
+                raise NumericError(f"layer {i} produced NaN/Inf outputs after quantization")
         layer.to(home)
     return _finish(result, shapes, plan, cfg, t_start)
 
@@ -279,7 +281,7 @@ def gptq_stream(model, hessians, plan: PrecisionPlan, cfg: QuantizeConfig, masks
     names = [module_name(n) for n in target_shapes(model)]
     missing = [n for n in names if n not in hessians]
     if missing:
-        raise ValueError(f"no Hessian for {len(missing)} modules, e.g. {missing[0]}; collect them from this model")
+        raise UsageError(f"no Hessian for {len(missing)} modules, e.g. {missing[0]}; collect them from this model")
     todo = [n for n in names if plan.bits_for(weight_of(n)) < FULL_PRECISION]
     bar = tqdm(total=len(todo), desc=f"gptq {cfg.bits}-bit (shared H)", unit="module", disable=not progress)
     for shape, bits, chunk in _chunks(model, names, plan, max_elems):
@@ -287,7 +289,7 @@ def gptq_stream(model, hessians, plan: PrecisionPlan, cfg: QuantizeConfig, masks
         mods = [model.get_submodule(n) for n in chunk]
         for n, m in zip(chunk, mods):
             if not torch.isfinite(m.weight).all():
-                raise FloatingPointError(f"{n}.weight contains NaN/Inf: the model is corrupt; nothing was written")
+                raise NumericError(f"{n}.weight contains NaN/Inf: the model is corrupt; nothing was written")
         W = torch.stack([m.weight.detach().float() for m in mods]).to(device)
         fac = _factors(hessians, chunk, cfg)
         keep = None
@@ -349,7 +351,7 @@ def quantize_copy(model: torch.nn.Module, cfg: QuantizeConfig, calib: torch.Tens
     needs_h = METHODS[cfg.method].needs_hessian
     if needs_h and cfg.hessian == "shared" and hessians is None:
         if calib is None:
-            raise ValueError("shared-Hessian GPTQ needs calibration tokens or collected Hessians")
+            raise UsageError("shared-Hessian GPTQ needs calibration tokens or collected Hessians")
         hessians = collect_hessians(model, calib, cfg.batch_size, device, progress)
     res = quantize_model(twin, calib if needs_h and cfg.hessian == "sequential" else None,
                          PrecisionPlan(cfg.bits), cfg, masks, device, progress=progress, keep_hinv=keep_hinv,
@@ -400,7 +402,7 @@ def reference_stream(model: torch.nn.Module, cfg: QuantizeConfig, calib=None, he
         return
     if hessians is None:
         if calib is None:
-            raise ValueError("shared-Hessian GPTQ needs calibration tokens or collected Hessians")
+            raise UsageError("shared-Hessian GPTQ needs calibration tokens or collected Hessians")
         hessians = collect_hessians(model, calib, cfg.batch_size, device, progress)
     for mq in gptq_stream(model, hessians, PrecisionPlan(cfg.bits), cfg, None, device, progress, keep_errors=need_hinv):
         w = weight_of(mq.name)

@@ -31,6 +31,8 @@ both go through ``QuantizedWeight.dequantize``.
 """
 from __future__ import annotations
 
+from circuitq.errors import CircuitqError
+
 import json
 import math
 import re
@@ -50,7 +52,7 @@ SPARSE_DIR = "circuitq_sparse"
 SPARSE_FILE = "outliers.safetensors"
 
 
-class ExportError(ValueError):
+class ExportError(CircuitqError, ValueError):
     pass
 
 

@@ -17,6 +17,8 @@ column 0 to ``q0`` leaves error ``e = (w0 - q0) / U[0,0]``; column 1 becomes
 """
 from __future__ import annotations
 
+from circuitq.errors import CircuitqError
+
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -87,7 +89,7 @@ class GPTQResult(NamedTuple):
     errors: torch.Tensor | None = None   # [out, in] (w - q) / U_jj per weight, as GPTQ spread it (if asked)
 
 
-class HessianError(ValueError):
+class HessianError(CircuitqError, ValueError):
     """The Hessian cannot be factorised (NaN/Inf inputs, or singular even with max damping)."""
 
 

@@ -13,6 +13,8 @@ A 16-bit module costs ``16·out·in``. Average bits = total / number of weights.
 """
 from __future__ import annotations
 
+from circuitq.errors import UsageError
+
 import re
 from dataclasses import dataclass, field
 
@@ -29,13 +31,13 @@ class PrecisionPlan:
     def __post_init__(self) -> None:
         for pat, bits in ((None, self.default_bits), *self.rules):
             if bits not in (*SUPPORTED_BITS, FULL_PRECISION):
-                raise ValueError(f"unsupported bits {bits}{' for ' + pat if pat else ''}: "
+                raise UsageError(f"unsupported bits {bits}{' for ' + pat if pat else ''}: "
                                  f"use one of {SUPPORTED_BITS} or {FULL_PRECISION} (keep)")
             if pat is not None:
                 try:
                     re.compile(pat)
                 except re.error as e:
-                    raise ValueError(f"plan rule '{pat}' is not a valid regex: {e}") from None
+                    raise UsageError(f"plan rule '{pat}' is not a valid regex: {e}") from None
 
     def bits_for(self, name: str) -> int:
         for pat, bits in self.rules:
@@ -53,7 +55,7 @@ class PrecisionPlan:
         for s in specs or []:
             pat, sep, bits = s.rpartition("=")
             if not sep or not bits.isdigit():
-                raise ValueError(f"plan rule '{s}' must look like PATTERN=BITS, e.g. '.*down_proj.weight=4'")
+                raise UsageError(f"plan rule '{s}' must look like PATTERN=BITS, e.g. '.*down_proj.weight=4'")
             rules.append((pat, int(bits)))
         return cls(default_bits, tuple(rules))
 

@@ -19,6 +19,8 @@ codes ``round(x / 0.5) + 2 = [0, 2, 3, 7]``, dequantized ``[-1.0, 0.0, 0.5, 2.5]
 """
 from __future__ import annotations
 
+from circuitq.errors import UsageError
+
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -46,11 +48,11 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"unsupported bits={self.bits}: circuitq quantizes to one of "
+            raise UsageError(f"unsupported bits={self.bits}: circuitq quantizes to one of "
                              f"{SUPPORTED_BITS} bits (use 16 in a precision plan to keep a module "
                              "unquantized)")
         if self.group_size != -1 and self.group_size < 1:
-            raise ValueError(f"group_size must be -1 (per output channel) or a positive number "
+            raise UsageError(f"group_size must be -1 (per output channel) or a positive number "
                              f"of input columns, got {self.group_size}")
 
     @property
@@ -62,7 +64,7 @@ class QuantSpec:
         if self.group_size == -1:
             return 1
         if in_features % self.group_size:
-            raise ValueError(f"group size {self.group_size} does not divide the input dimension "
+            raise UsageError(f"group size {self.group_size} does not divide the input dimension "
                              f"{in_features}; choose a divisor of {in_features} or -1 "
                              "(per output channel)")
         return in_features // self.group_size

@@ -14,6 +14,8 @@ no weight processing, so the HF weights are untouched and names map one to one.
 """
 from __future__ import annotations
 
+from circuitq.errors import UsageError
+
 import contextlib
 import types
 from contextlib import contextmanager
@@ -38,7 +40,7 @@ class GradStats:
     tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     n_samples: int = 0
     n_tokens: int = 0
-    n_skipped: int = 0   # samples with a non-finite loss or gradient, never summed
+    n_skipped: int = 0   # samples with a non-finite loss or gradient, in no sum (``collect_stats``)
 
     @classmethod
     def zeros(cls, shapes: dict[str, tuple[int, int]], device, stats=STATS) -> "GradStats":
@@ -78,7 +80,7 @@ def finite_samples(t: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
 
 def accumulate(state: GradStats, name: str, x: torch.Tensor, g: torch.Tensor, token_mask: torch.Tensor,
                sample_ok: torch.Tensor, *, x_ok: torch.Tensor | None = None, lengths: list[int] | None = None,
-               per_sample: bool | None = None, scratch: dict | None = None) -> torch.Tensor:
+               per_sample: bool | None = None, scratch: dict | None = None, sign: float = 1.0) -> torch.Tensor:
     """Add one module's batch to ``state`` in place; returns the per-sample flags ``[B]`` of the
     samples summed.
 
@@ -92,7 +94,8 @@ def accumulate(state: GradStats, name: str, x: torch.Tensor, g: torch.Tensor, to
     Two equal ways to form ``G_s``: ``per_sample=True`` loops over samples with one ``[out, in]``
     scratch matrix that stays in cache and is added into the sums straight away (the CPU
     default); ``False`` forms the ``[B, out, in]`` batch with one batched matmul (the GPU
-    default).
+    default). ``sign=-1`` subtracts the same contributions (``collect_stats`` takes back a sample
+    whose gradient turned non-finite part-way through the backward pass).
     """
     ok = sample_ok & finite_samples(g, token_mask) & (finite_samples(x, token_mask) if x_ok is None else x_ok)
     t = state.tensors
@@ -120,24 +123,24 @@ def accumulate(state: GradStats, name: str, x: torch.Tensor, g: torch.Tensor, to
                     gs, xs = gf[s, idx], xf[s, idx]
                 torch.mm(gs.T, xs, out=buf)
                 if want_sum:
-                    t["sum"][name] += buf
+                    t["sum"][name].add_(buf, alpha=sign)
                 if want_sq:
-                    t["sum_sq"][name].addcmul_(buf, buf)
+                    t["sum_sq"][name].addcmul_(buf, buf, value=sign)
                 if want_abs:
-                    t["sum_abs"][name] += buf.abs_()
+                    t["sum_abs"][name].add_(buf.abs_(), alpha=sign)
         else:
             keep = (ok[:, None] & token_mask.bool())[..., None]
             G = torch.bmm(torch.where(keep, gf, 0.0).transpose(1, 2), torch.where(keep, xf, 0.0))
             if want_sum:
-                t["sum"][name] += G.sum(0)
+                t["sum"][name].add_(G.sum(0), alpha=sign)
             if want_sq:
-                t["sum_sq"][name] += (G * G).sum(0)
+                t["sum_sq"][name].add_((G * G).sum(0), alpha=sign)
             if want_abs:
-                t["sum_abs"][name] += G.abs_().sum(0)
+                t["sum_abs"][name].add_(G.abs_().sum(0), alpha=sign)
     if "act_sq" in t:
         keep = (ok[:, None] & token_mask.bool())[..., None]
         xm = torch.where(keep, x.float(), 0.0)
-        t["act_sq"][name] += (xm * xm).sum((0, 1))
+        t["act_sq"][name].add_((xm * xm).sum((0, 1)), alpha=sign)
     return ok
 
 
@@ -253,6 +256,7 @@ class HookCapture:
         self.acts: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
         self.token_mask = self.sample_ok = self.lengths = None
         self.bad = None
+        self.sign = 1.0
         self.scratch: dict = {}
         self._x_ok: dict = {}
         self.act_fns: dict[int, object] = {}
@@ -301,7 +305,7 @@ class HookCapture:
                 x = self._down_input(i).flatten(2)
                 del self._gate_up[(i, "gate")], self._gate_up[(i, "up")]
             ok = accumulate(self.state, hf, x, g.detach().flatten(2), self.token_mask, self.sample_ok, x_ok=x_ok,
-                            lengths=self.lengths, per_sample=self.per_sample, scratch=self.scratch)
+                            lengths=self.lengths, per_sample=self.per_sample, scratch=self.scratch, sign=self.sign)
             self.bad |= self.sample_ok & ~ok
         return hook
 
@@ -317,6 +321,24 @@ class HookCapture:
                     for i in self.act_fns for which, tl in self.gate_up_tl.items()]
         bwd = [(f"{name}.hook_out", self._bwd(hf, i, tl)) for name, hf, i, tl in self.targets]
         return self.bridge.hooks(fwd_hooks=fwd, bwd_hooks=bwd)
+
+
+def _take_back(bridge, cap: HookCapture, input_ids, attn, lmask, bad: torch.Tensor) -> None:
+    """Run the same batch again for the ``bad`` samples only, subtracting (``sign=-1``) what each
+    module added for them: their gradients are the same values, so they turn non-finite at the
+    same module and are taken back exactly where they were summed (to float rounding)."""
+    from circuitq.data.tasks import scored_positions
+
+    with cap.batch(attn, bad):
+        cap.sign = -1.0
+        try:
+            pos = scored_positions(lmask)
+            logits = bridge(input_ids, attention_mask=attn.long(), return_type="logits", logits_to_keep=pos)
+            losses = sample_losses(logits, input_ids, lmask, pos)
+            del logits
+            losses[bad].sum().backward()
+        finally:
+            cap.sign = 1.0
 
 
 class CollectResult(dict):
@@ -366,12 +388,12 @@ def collect_stats(model, tokenizer, examples, model_path: str, batch_size: int =
     from circuitq.data.tasks import collate, scored_positions, tokenize_examples
 
     if attention not in ("sdpa", "bridge", "eager"):
-        raise ValueError(f"attention must be 'sdpa', 'eager' or 'bridge', got '{attention}'")
+        raise UsageError(f"attention must be 'sdpa', 'eager' or 'bridge', got '{attention}'")
     device = next(model.parameters()).device
     shapes = target_shapes(model)
     state = state if state is not None else GradStats.zeros(shapes, device, stats)
     if loss not in LOSS_SCOPES:
-        raise ValueError(f"loss must be one of {LOSS_SCOPES}, got {loss!r}")
+        raise UsageError(f"loss must be one of {LOSS_SCOPES}, got {loss!r}")
     # "all": every next-token prediction of the text, as the official TaCQ code; "text": all but the chat template's
     tok = tokenize_examples(examples, tokenizer, seq_len, loss)
     order = sorted(range(len(tok.ids)), key=lambda i: -len(tok.ids[i]))  # longest first
@@ -406,7 +428,10 @@ def collect_stats(model, tokenizer, examples, model_path: str, batch_size: int =
                 cap.sample_ok = ok
                 if ok.any():
                     losses[ok].sum().backward()
-            n_bad = int((~ok | cap.bad).sum())
+            bad = cap.bad.clone()
+            if bad.any():   # finite loss, gradient non-finite part-way: take back what the later layers added
+                _take_back(bridge, cap, input_ids, attn, lmask, bad)
+            n_bad = int((~ok | bad).sum())
             state.n_samples += len(ids) - n_bad
             state.n_skipped += n_bad
             ntok = int(attn.sum())

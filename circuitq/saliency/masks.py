@@ -8,6 +8,8 @@ unpickled). TaCQ keys may name modules (``...q_proj``) instead of parameters; ``
 """
 from __future__ import annotations
 
+from circuitq.errors import CircuitqError
+
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,7 +24,7 @@ from circuitq.artifacts import atomic_file
 MASK_FORMAT = "circuitq.mask"
 
 
-class MaskError(ValueError):
+class MaskError(CircuitqError, ValueError):
     pass
 
 

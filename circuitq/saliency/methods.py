@@ -23,6 +23,8 @@ Worked example (``tacq``, one weight): ``Σ|G| = 2``, ``W = 0.5``, ``Q(W) = 0.25
 """
 from __future__ import annotations
 
+from circuitq.errors import UsageError
+
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable
@@ -99,10 +101,10 @@ RENAMED = {"awq": "wanda"}   # |W|·‖X_j‖ is Wanda's criterion, not AWQ's
 
 def method(name: str) -> SaliencyMethod:
     if name in RENAMED:
-        raise ValueError(f"saliency method '{name}' is now called '{RENAMED[name]}' (|W|·‖X_j‖ is Wanda's "
+        raise UsageError(f"saliency method '{name}' is now called '{RENAMED[name]}' (|W|·‖X_j‖ is Wanda's "
                          "criterion, not AWQ's)")
     if name not in METHODS:
-        raise ValueError(f"unknown saliency method '{name}'; choose one of {', '.join(METHODS)}")
+        raise UsageError(f"unknown saliency method '{name}'; choose one of {', '.join(METHODS)}")
     return METHODS[name]
 
 
@@ -111,7 +113,7 @@ def compute_scores(name: str, inp: SaliencyInputs) -> dict[str, torch.Tensor]:
     m = method(name)
     missing = [s for s in m.stats if s not in inp.stats]
     if missing or (m.quantizer and inp.quantized is None) or (m.hessian and inp.hinv_diag is None):
-        raise ValueError(f"method '{name}' needs statistics {list(m.stats)}, "
+        raise UsageError(f"method '{name}' needs statistics {list(m.stats)}, "
                          f"{'Q(W) from ' + m.quantizer if m.quantizer else 'no Q(W)'}"
                          f"{' and the GPTQ Hessian' if m.hessian else ''}")
     out = {}
