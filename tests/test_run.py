@@ -267,3 +267,74 @@ def test_run_that_will_not_fit_is_refused_before_any_work(tmp_path, tiny_dir, ca
     monkeypatch.setattr(budget, "free_disk", lambda p: 1e3)
     assert main(_args(d, task_data(tmp_path / "b"), out)) == 2
     assert "free there" in capsys.readouterr().err
+
+
+# ---- step keys: every setting a step depends on (issue 24) ------------------------------------
+def _format1(key, defaults):
+    """The key as circuitq <= 0.6.1 wrote it: calibration ``loss``/``tokens``/``template``, the
+    evaluation ``template`` and the quantizer's extra settings only when not the default (a
+    reference writer of the old format, independent of ``migrate_key``)."""
+    if isinstance(key, list):
+        return [_format1(k, defaults) for k in key]
+    if not isinstance(key, dict):
+        return key
+    out = {k: _format1(v, defaults) for k, v in key.items()}
+    if "seed" in out and "samples" in out:
+        for k, v in (("loss", "answer"), ("tokens", 0), ("template", "auto")):
+            if out.get(k) == v:
+                del out[k]
+    if "all_tokens" in out and out.get("template") == "auto":
+        del out["template"]
+    if "hessian_rows" in out or ("mask" in out and isinstance(out.get("hessian"), dict)):
+        for k, v in defaults.items():
+            if out.get(k) == v:
+                del out[k]
+    return out
+
+
+def test_old_step_keys_are_migrated_and_a_changed_default_recomputes(tmp_path, tiny_dir, capsys):
+    """A run directory written with format-1 keys (settings at their default left out) is reused
+    when today's settings are those defaults, and recomputed when a setting it left out differs:
+    before, a step keyed without a field matched whatever that field's default had become."""
+    from circuitq.config import QuantizeConfig
+    from circuitq.pipeline.run import QUANT_IN_KEY
+
+    d, _ = tiny_dir
+    data = task_data(tmp_path)
+    out = tmp_path / "run"
+    args = _args(d, data, out, "--bits", "3", "--no-transfer", "--baselines", "grad")
+    assert main(args) == 0
+    defaults = {k: getattr(QuantizeConfig(), f) for f, k in QUANT_IN_KEY.items()}
+    n_old = 0
+    for f in (out / "steps").glob("*/step.json"):          # rewrite every step as 0.6.1 wrote it
+        doc = json.loads(f.read_text())
+        old = _format1(doc["key"], defaults)
+        n_old += old != doc["key"]
+        doc = {**doc, "key": old, "circuitq_version": "0.6.1"}
+        doc.pop("key_format")
+        f.write_text(json.dumps(doc))
+    assert n_old >= 5
+    import shutil
+
+    from circuitq.pipeline import run as R
+
+    shutil.copytree(out, tmp_path / "older")                  # the same steps, as if written when ...
+    legacy = {**R.LEGACY_DEFAULTS, "calib": {**R.LEGACY_DEFAULTS["calib"], "loss": "all"}}
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(R, "LEGACY_DEFAULTS", legacy)              # ... the default loss was "all"
+    try:
+        older = _args(d, data, tmp_path / "older", "--bits", "3", "--no-transfer", "--baselines", "grad")
+        assert main(older) == 0                               # today's default differs: recomputed
+        log = json.loads((tmp_path / "older" / "run.json").read_text())["log"]
+        assert any("per-sample gradients" in line for line in log)
+    finally:
+        monkey.undo()
+    assert main(args) == 0                                    # same settings: every step reused
+    assert json.loads((out / "run.json").read_text())["steps"]["computed"] == 0
+    # a setting the old keys left out at its default now differs ("a default that changed")
+    assert main(args + ["--loss", "all"]) == 0
+    log = json.loads((out / "run.json").read_text())["log"]
+    assert any("per-sample gradients" in line for line in log)
+    assert main(args + ["--sym"]) == 0
+    assert any("Hessians" in line or "GPTQ" in line for line in json.loads((out / "run.json").read_text())["log"]) \
+        or json.loads((out / "run.json").read_text())["steps"]["computed"] > 0

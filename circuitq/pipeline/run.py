@@ -19,7 +19,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -46,12 +46,43 @@ def check_run_config(cfg: RunConfig) -> None:
         raise ConfigError(f"unknown baseline method(s) {bad}; choose from {', '.join(METHODS)}")
 
 
+# Settings that change only float rounding are left out of keys: batch sizes and token budgets
+# (the same sums in another order) and the attention kernel. Every other setting a step depends on
+# is in its key (key format 2). Format 1 (circuitq <= 0.6.1) wrote these only when they differed
+# from the default; their defaults never changed in those versions, so an old key is completed
+# with them (``migrate_key``).
+# (a score key's "method" is the saliency method, so the quantizer's is "quant_method")
+QUANT_IN_KEY = {"sym": "sym", "mse": "mse", "method": "quant_method", "block_size": "block_size",
+                "act_order": "act_order"}
+LEGACY_DEFAULTS = {"calib": {"loss": "answer", "tokens": 0, "template": "auto"},
+                   "eval": {"template": "auto"},
+                   "quantizer": {k: getattr(QuantizeConfig(), f) for f, k in QUANT_IN_KEY.items()}}
+_CALIB_SIGNATURE = {"model", "task", "samples", "seq_len", "seed", "split_seed", "shots", "data"}
+
+
+def migrate_key(key):
+    """A format-1 step key (and the keys nested in it) in format 2: the fields format 1 left out
+    at their default get that default. Pure; the input is not changed."""
+    if isinstance(key, list):
+        return [migrate_key(k) for k in key]
+    if not isinstance(key, dict):
+        return key
+    out = {k: migrate_key(v) for k, v in key.items()}
+    if _CALIB_SIGNATURE <= set(out):                       # calibration items (stats, scores, Hessians)
+        out = {**out, **{k: v for k, v in LEGACY_DEFAULTS["calib"].items() if k not in out}}
+    if "all_tokens" in out and "reference" in out:          # evaluation items (eval steps, jobs)
+        out.setdefault("template", LEGACY_DEFAULTS["eval"]["template"])
+    if "mask" in out and isinstance(out.get("hessian"), dict) and "method" in out:   # a job's quantizer method
+        out["quant_method"] = out.pop("method")
+    if "hessian_rows" in out or ("mask" in out and isinstance(out.get("hessian"), dict)):   # scores, jobs
+        out = {**out, **{k: v for k, v in LEGACY_DEFAULTS["quantizer"].items() if k not in out}}
+    return out
+
+
 @dataclass(frozen=True)
 class StepKeys:
     """The keys of a run's steps (pure functions of the settings, the model fingerprint ``fp``
-    and the items' content digests). Quantizer settings beyond group size, Hessian mode and
-    damping enter a key only when they differ from the default, so run directories made before
-    those settings existed are still reused."""
+    and the items' content digests): every setting a step depends on, whatever its default."""
 
     cfg: RunConfig
     fp: str
@@ -60,24 +91,15 @@ class StepKeys:
 
     def calib(self, task: str) -> dict:
         c, d = self.cfg.calib, self.cfg.data
-        key = {"model": self.fp, "task": task, "samples": c.samples, "seq_len": c.seq_len, "seed": c.seed,
-               "split_seed": d.split_seed, "shots": d.shots, "data": self.calib_digest[task]}
-        if c.loss != "answer":   # only when not the default, so older run directories stay readable
-            key["loss"] = c.loss
-        if c.tokens:
-            key["tokens"] = c.tokens
-        if d.template != "auto":
-            key["template"] = d.template
-        return key
+        return {"model": self.fp, "task": task, "samples": c.samples, "seq_len": c.seq_len, "seed": c.seed,
+                "split_seed": d.split_seed, "shots": d.shots, "data": self.calib_digest[task], "loss": c.loss,
+                "tokens": c.tokens, "template": d.template}
 
     def quantizer(self) -> dict:
-        q, base = self.cfg.quantize, QuantizeConfig()
-        extra = {f.name: getattr(q, f.name) for f in fields(q)
-                 if f.name not in ("bits", "group_size", "hessian", "damp", "batch_size")
-                 and getattr(q, f.name) != getattr(base, f.name)}
+        q = self.cfg.quantize
         # since 0.3 the Hessians see one calibration item per sequence (before: EOS-joined windows)
         return {"group_size": q.group_size, "hessian": q.hessian, "damp": q.damp, "hessian_rows": "one-item-each",
-                **extra}
+                **{k: getattr(q, f) for f, k in QUANT_IN_KEY.items()}}
 
     def score(self, task: str, bits: int, method: str) -> dict:
         key = {**self.calib(task), "method": method, "bits": bits, **self.quantizer()}
@@ -100,11 +122,9 @@ class StepKeys:
 
     def eval(self, task: str) -> dict:
         e, d = self.cfg.eval, self.cfg.data
-        key = {"task": task, "samples": e.samples, "seq_len": e.seq_len, "split_seed": d.split_seed,
-               "shots": d.shots, "reference": self.fp, "data": self.eval_digest[task], "all_tokens": e.all_tokens}
-        if d.template != "auto":
-            key["template"] = d.template
-        return key
+        return {"task": task, "samples": e.samples, "seq_len": e.seq_len, "split_seed": d.split_seed,
+                "shots": d.shots, "reference": self.fp, "data": self.eval_digest[task], "all_tokens": e.all_tokens,
+                "template": d.template}
 
     def job(self, job: Job) -> dict:
         q = self.quantizer()
@@ -136,7 +156,7 @@ class Runner:
 
         self.log: list[str] = []
         self.lm, self.cfg, self.dir, self.device, self.progress = lm, cfg, Path(run_dir), device, progress
-        self.store = StepStore(self.dir, self.say)
+        self.store = StepStore(self.dir, self.say, migrate=migrate_key)
         self.tasks = {t: Task(t, cfg.data, lm.tokenizer) for t in cfg.tasks}
         self._items = {}
         for t in cfg.tasks:   # fail early on data problems

@@ -22,11 +22,17 @@ from circuitq import __version__
 from circuitq.artifacts import atomic_dir, file_sha256
 
 
-class StepStore:
-    """Artifacts under ``root/steps/NAME/`` with ``step.json`` = ``{"kind", "key", ...}``. Lookup
-    compares ``kind`` and ``key`` (the settings the step depends on); names are only for people."""
+KEY_FORMAT = 2   # 2: every setting a step depends on is in its key (1: some only when not the default)
 
-    def __init__(self, root: Path, say=print):
+
+class StepStore:
+    """Artifacts under ``root/steps/NAME/`` with ``step.json`` = ``{"kind", "key", "key_format",
+    ...}``. Lookup compares ``kind`` and ``key`` (the settings the step depends on); names are only
+    for people. ``migrate(key)`` turns a key of an older ``key_format`` into today's, so that a
+    step written by an older version is found exactly when today's settings equal its own."""
+
+    def __init__(self, root: Path, say=print, migrate=None):
+        self.migrate = migrate
         self.root = Path(root) / "steps"
         self._index: dict[str, Path] | None = None
         self._verified: set[Path] = set()
@@ -42,7 +48,12 @@ class StepStore:
             for f in sorted(self.root.glob("*/step.json")):
                 try:
                     d = json.loads(f.read_text())
-                    self._index[self._digest(d["kind"], d["key"])] = f.parent
+                    key = d["key"]
+                    if d.get("key_format", 1) < KEY_FORMAT:
+                        if self.migrate is None:
+                            continue
+                        key = self.migrate(key)
+                    self._index[self._digest(d["kind"], key)] = f.parent
                 except (OSError, ValueError, KeyError):
                     continue  # a foreign or damaged entry is never reused
         return self._index
@@ -71,7 +82,8 @@ class StepStore:
         with atomic_dir(out, overwrite=True) as tmp:
             yield tmp
             files = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name != "step.json"}
-            (tmp / "step.json").write_text(json.dumps({"kind": kind, "key": key, "circuitq_version": __version__,
+            (tmp / "step.json").write_text(json.dumps({"kind": kind, "key": key, "key_format": KEY_FORMAT,
+                                                       "circuitq_version": __version__,
                                                        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                                        "files": files}, indent=2) + "\n")
         self._scan()[digest] = out
