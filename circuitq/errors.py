@@ -48,3 +48,19 @@ def human_bytes(x: float) -> str:
     if x >= 1e3:
         return f"{x / 1e3:.0f} kB"
     return f"{int(x)} bytes"
+
+
+EXTRAS = {"plots": ("plotly", "matplotlib"), "app": ("streamlit",)}
+
+
+class MissingExtra(CircuitqError):
+    """An optional part of circuitq whose packages are not installed."""
+
+
+def require_extra(extra: str, what: str) -> None:
+    """Refuse, before any work, ``what`` when the packages of the optional ``extra`` are missing."""
+    import importlib.util
+
+    missing = [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingExtra(f"{what} needs {', '.join(missing)}: pip install 'circuitq[{extra}]'")

@@ -524,3 +524,42 @@ def test_flags_are_never_abbreviated_and_the_equals_form_counts_as_given():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["faithfulness", "--scores", "s", "--bit", "3", "--out", "o"])
     assert "--bits" in given_flags(["faithfulness", "--bits=3"]) and "--bits" in given_flags(["--bits", "3"])
+
+
+# ---- a package that installs like one (issue 24) -----------------------------------------------
+def test_every_import_the_core_needs_is_a_dependency():
+    """Third-party imports outside the optional parts (the explorer, figures, the hub fallback)
+    are declared dependencies in pyproject.toml; the optional ones belong to an extra."""
+    import ast
+    import sys
+    import tomllib
+
+    from circuitq.errors import EXTRAS
+
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[<>=!~ ;\[]", d)[0].lower().replace("-", "_") for d in project["dependencies"]}
+    optional = {m for mods in EXTRAS.values() for m in mods} | {"datasets"}   # datasets: the hub fallback only
+    extras = {re.split(r"[<>=!~ ;\[]", d)[0].lower().replace("-", "_")
+              for ds in project["optional-dependencies"].values() for d in ds}
+    used = set()
+    for f in (root / "circuitq").rglob("*.py"):
+        for n in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in n.names] if isinstance(n, ast.Import) else \
+                [n.module] if isinstance(n, ast.ImportFrom) and n.level == 0 and n.module else []
+            used |= {x.split(".")[0] for x in names}
+    third = used - set(sys.stdlib_module_names) - {"circuitq"}
+    assert "transformer_lens" in declared
+    assert third - optional <= declared, third - optional - declared
+    assert (optional - {"datasets"}) <= extras
+
+
+def test_a_missing_extra_is_one_line_naming_it(monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "plotly" else real(name, *a))
+    rc = main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "r.html")])
+    lines = _one_line_error(capsys.readouterr().err)
+    assert rc == 2 and lines == ["circuitq compare: error: circuitq compare (an HTML report with figures) needs "
+                                 "plotly: pip install 'circuitq[plots]'"]

@@ -213,9 +213,11 @@ def add_compare(sub) -> None:
 
 def cmd_compare(a) -> int:
     from circuitq.circuits.compare import write_compare_report
+    from circuitq.errors import require_extra
     from circuitq.pipeline.stages import compare
     from circuitq.saliency.files import load_scores
 
+    require_extra("plots", "circuitq compare (an HTML report with figures)")
     res = compare(load_scores(a.dir_a), load_scores(a.dir_b), a.fraction, a.top_n)
     out = write_compare_report(res, a.out, a.overwrite)
     g = res["masks"]["global"]
@@ -324,15 +326,15 @@ def app_command(script, runs, host: str, port: int | None) -> list[str]:
 
 
 def cmd_app(a) -> int:
-    import importlib.util
     import os
     import subprocess
 
     from circuitq import app as app_pkg
 
+    from circuitq.errors import require_extra
+
     script = Path(app_pkg.__file__).resolve().parent / "explorer.py"
-    if importlib.util.find_spec("streamlit") is None:
-        raise UsageError("the explorer needs streamlit: pip install 'circuitq[app]' (or: pip install streamlit)")
+    require_extra("app", "the explorer")
     runs = Path(a.runs)
     if not runs.is_dir():
         print(f"[circuitq] {runs} does not exist yet; the explorer will say how to create a run")
