@@ -182,15 +182,17 @@ def test_quantize_calibrates_only_on_the_tasks_calibration_items(tmp_path, tiny_
     assert not set(seen) & {e.prompt for e in task.eval_items()}
 
 
-def test_loss_scope_enters_step_keys_only_when_not_the_default():
+def test_loss_scope_is_in_every_step_key_and_old_keys_migrate():
     from dataclasses import replace
 
     from circuitq.config import CalibConfig
-    from circuitq.pipeline.run import StepKeys
+    from circuitq.pipeline.run import StepKeys, migrate_key
 
     cfg = RunConfig()
     keys = StepKeys(cfg, "fp", {"mmlu": "x"}, {"mmlu": "y"})
-    assert "loss" not in keys.calib("mmlu")          # keys of older run directories are unchanged
+    assert keys.calib("mmlu")["loss"] == "answer"    # at its default too (key format 2)
+    old = {k: v for k, v in keys.calib("mmlu").items() if k not in ("loss", "tokens", "template")}
+    assert migrate_key(old) == keys.calib("mmlu")    # a format-1 key (defaults left out) completed
     all_tokens = StepKeys(replace(cfg, calib=CalibConfig(samples=32, loss="all")), "fp", {"mmlu": "x"}, {"mmlu": "y"})
     assert all_tokens.calib("mmlu")["loss"] == "all" and all_tokens.score("mmlu", 3, "tacq") != keys.score("mmlu", 3, "tacq")
     with pytest.raises(ConfigError, match="loss"):

@@ -45,7 +45,7 @@ def aggregate(values: dict[str, torch.Tensor], geo: Geometry) -> CircuitMap:
     head = torch.zeros(L, H, dtype=torch.float64)
     neuron = torch.zeros(L, geo.d_mlp, dtype=torch.float64)
     per_kv = H // KV
-    spec = arch_for("llama")   # the Llama-like row: rows/cols say which axis is a head or a neuron
+    spec = arch_for(geo.model_type)   # its rows/cols say which axis of a weight is a head or a neuron
     for name, v in values.items():
         parsed = parse_name(name, spec)
         if parsed is None:

@@ -6,8 +6,6 @@ so evaluation items never enter calibration.
 * ``calibration_sequences``: one item per sequence, right-padded, with a mask of the real tokens
   (what ``circuitq run``, ``score`` and ``quantize`` give GPTQ's Hessians, as the official TaCQ
   code does: no window spans two items and no token is an EOS the items never had);
-* ``calibration_windows``: consecutive windows of the items joined with EOS (the 0.2 recipe,
-  kept for comparison);
 * ``random_windows``: seeded random windows (GPTQ's C4 recipe; the speed benchmark uses it);
 * ``heldout_windows``: consecutive windows of the evaluation items, for perplexity.
 """
@@ -93,15 +91,6 @@ def consecutive_windows(stream: torch.Tensor, seq_len: int, limit: int | None = 
 def example_texts(examples) -> list[str]:
     """The text of each example: prompt followed by completion."""
     return [e.prompt + e.completion for e in examples]
-
-
-def calibration_windows(examples, tokenizer, seq_len: int) -> torch.Tensor:
-    """The calibration items as consecutive windows of their EOS-joined token stream:
-    ``[k, L]`` with ``L = min(seq_len, tokens // 2)`` (at least 8), so even a few short items give
-    two windows. Worked example: 3 items of 100 tokens (+3 EOS) and ``seq_len`` 512 give
-    ``L = 151`` and 2 windows."""
-    stream = token_stream(example_texts(examples), tokenizer)
-    return consecutive_windows(stream, min(seq_len, max(stream.numel() // 2, 8)))
 
 
 def heldout_windows(examples, tokenizer, seq_len: int, limit: int) -> torch.Tensor:

@@ -116,12 +116,6 @@ def arch_for(model_type: str) -> ArchSpec:
         ) from None
 
 
-def linear_weight_names(model_type: str, num_layers: int) -> list[str]:
-    """HF parameter names of every targeted linear weight, in quantization order."""
-    spec = arch_for(model_type)
-    return [spec.weight_name(i, n) for i in range(num_layers) for n in spec.linear_names]
-
-
 def target_shapes(model) -> dict[str, tuple[int, int]]:
     """``{HF weight name: (out, in)}`` of every targeted linear weight of ``model``, in
     quantization order."""
@@ -160,19 +154,22 @@ def parse_name(name: str, spec: ArchSpec = _LLAMA_LIKE) -> tuple[int, str] | Non
 @dataclass(frozen=True)
 class Geometry:
     """The numbers a circuit map needs: ``n_layers``, query heads ``n_heads``, ``n_kv_heads``,
-    ``head_dim`` and the MLP width ``d_mlp``."""
+    ``head_dim``, the MLP width ``d_mlp`` and the ``model_type`` whose row (``arch_for``) says
+    which axis of each weight is a head or a neuron (files from before 0.6.2 lack it: Llama-like)."""
 
     n_layers: int
     n_heads: int
     n_kv_heads: int
     head_dim: int
     d_mlp: int
+    model_type: str = "llama"
 
     @classmethod
     def from_config(cls, cfg) -> "Geometry":
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return cls(cfg.num_hidden_layers, cfg.num_attention_heads,
-                   getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, hd, cfg.intermediate_size)
+                   getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, hd, cfg.intermediate_size,
+                   cfg.model_type)
 
     @classmethod
     def infer(cls, shapes: dict[str, tuple[int, int]], n_heads: int) -> "Geometry":

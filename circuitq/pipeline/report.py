@@ -13,7 +13,6 @@ from pathlib import Path
 
 from circuitq.artifacts import atomic_file, write_csv, write_json
 
-LEAD = ("kl", "top1_agreement", "nll_per_token")
 COLUMNS = ("method", "average_bits", "kl", "top1_agreement", "nll_per_token", "kl_all", "top1_all",
            "task_metric", "task_metric_value", "accuracy",
            "flips_lost", "flips_gained", "n_16bit")

@@ -227,11 +227,6 @@ def fused_attention(bridge, model, impl: str = "sdpa"):
             c._attn_implementation = before[k]
 
 
-def hf_param_name(bridge_name: str) -> str:
-    """Bridge parameter name -> HF parameter name (drop ``._original_component`` segments)."""
-    return bridge_name.replace("._original_component", "")
-
-
 class HookCapture:
     """Registers the forward/backward hooks on a bridge for the targeted modules of every layer
     and feeds ``accumulate``. Use as a context manager around forward + backward of a batch.
