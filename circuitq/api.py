@@ -14,7 +14,7 @@ qcfg = circuitq.QuantizeConfig(bits=3, group_size=64, hessian="shared")
 windows = circuitq.calibration_tokens(items, lm.tokenizer, calib)
 ref = circuitq.quantized_reference(lm.model, qcfg, windows)          # Q(W)
 scores = circuitq.score_weights("tacq", lm.model, stats, ref)            # {HF weight name: [out, in]}
-mask = circuitq.select(scores, circuitq.MaskConfig()   # 0.35% (circuitq.DEFAULT_FRACTION))
+mask = circuitq.select(scores, circuitq.MaskConfig())    # 0.35% (circuitq.DEFAULT_FRACTION)
 qmodel, report = circuitq.quantize(lm.model, qcfg, windows, masks=mask)
 result = circuitq.evaluate(qmodel, lm.tokenizer, task.eval_items(48), task.kind, reference=lm.model)
 result.metrics["kl"], report.bits.average_bits

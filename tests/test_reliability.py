@@ -563,3 +563,19 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch, capsys, tmp_path):
     lines = _one_line_error(capsys.readouterr().err)
     assert rc == 2 and lines == ["circuitq compare: error: circuitq compare (an HTML report with figures) needs "
                                  "plotly: pip install 'circuitq[plots]'"]
+
+
+def test_every_python_example_in_the_docs_parses():
+    """The README's, docs/'s and the API docstring's ```python blocks are valid Python (the API's
+    example did not parse: a comment swallowed a closing parenthesis)."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    files = [root / "README.md", root / "circuitq" / "api.py", *sorted((root / "docs").glob("*.md"))]
+    blocks = [(f.name, b) for f in files for b in re.findall(r"```python\n(.*?)```", f.read_text(), re.S)]
+    assert blocks
+    for name, code in blocks:
+        try:
+            ast.parse(code)
+        except SyntaxError as e:
+            pytest.fail(f"{name}: {e}")
