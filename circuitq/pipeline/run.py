@@ -168,7 +168,6 @@ class Runner:
         self.fp = self.keys.fp
         self._windows: dict = {}
         self._backup = None
-        self.counts = {"reused": 0, "computed": 0}
         self.meter = budget.PeakMeter()
         self.estimate: dict = {}
 
@@ -225,17 +224,10 @@ class Runner:
             self._items[(task, split)] = ex
         return self._items[(task, split)]
 
-    def _step(self, kind: str, key: dict, name: str, compute) -> Path:
-        """The step directory of ``(kind, key)``: found in the store, else made by
-        ``compute(tmp_dir)`` under ``name``."""
-        found = self.store.find(kind, key)
-        if found:
-            self.counts["reused"] += 1
-            return found
-        with self.store.create(kind, key, name) as tmp:
-            compute(tmp)
-        self.counts["computed"] += 1
-        return self.store.find(kind, key)
+    @property
+    def counts(self) -> dict:
+        """``{"reused": n, "computed": n}`` steps so far."""
+        return self.store.counts
 
     # ---- gradients, Hessians --------------------------------------------------------------------
     def grad_stats(self, task: str):
@@ -252,7 +244,7 @@ class Runner:
                                                model_path=self.lm.source)
                     save_stats(tmp / "stats.safetensors", res["stats"], {**key, "truncated": res["truncated"],
                                                                       "tokens_per_s": res["tokens_per_s"]})
-        return open_stats(self._step("stats", key, f"stats-{_slug(task)}", compute) / "stats.safetensors")
+        return open_stats(self.store.step("stats", key, f"stats-{_slug(task)}", compute) / "stats.safetensors")
 
     def windows(self, task: str):
         """The task's calibration items as GPTQ sees them (one per sequence, padding masked)."""
@@ -274,7 +266,7 @@ class Runner:
             self.say(f"{task}: Hessians of every linear input, layer by layer to disk (shared by every mask)")
             with self.meter.stage("Hessians"):
                 stages.write_hessians(self.lm.model, self.windows(task), tmp, q, self.device, self.progress)
-        return HessianFile(self._step("hessians", key, f"hessians-{_slug(task)}", compute))
+        return HessianFile(self.store.step("hessians", key, f"hessians-{_slug(task)}", compute))
 
     def _shared(self, qcfg: QuantizeConfig) -> bool:
         return qcfg.hessian == "shared" and qcfg.method == "gptq"
@@ -368,7 +360,6 @@ class Runner:
             raise
         if ctx:
             ctx.__exit__(None, None, None)
-            self.counts["computed"] += 1
         for m in methods:
             recipe = MaskRecipe(m, None if task is None else task)
             self._save_mask(recipe, bits, sel.pop(m).masks())
@@ -384,9 +375,8 @@ class Runner:
                              method=recipe.method, bits=bits, group_size=c.quantize.group_size,
                              requested_fraction=c.mask.fraction, samples=c.calib.samples, seq_len=c.calib.seq_len,
                              seed=c.calib.seed)
-        with self.store.create("mask", key, f"mask-{recipe.method}-{_slug(recipe.source or 'all')}-{bits}bit") as tmp:
-            save_masks(tmp / "mask.safetensors", masks, meta)
-        self.counts["computed"] += 1
+        self.store.step("mask", key, f"mask-{recipe.method}-{_slug(recipe.source or 'all')}-{bits}bit",
+                        lambda tmp: save_masks(tmp / "mask.safetensors", masks, meta))
 
     def tacq_scores(self, task: str, bits: int) -> Path:
         """The step directory of ``task``'s TaCQ scores at ``bits`` (computed when missing)."""
@@ -405,7 +395,7 @@ class Runner:
         if recipe.method == "none":
             return None
         key = self.keys.mask(recipe, bits)
-        found = self._reuse("mask", key)
+        found = self.store.reuse("mask", key)
         if found:
             return open_masks(found / "mask.safetensors")
         if recipe.source == "union":
@@ -423,12 +413,6 @@ class Runner:
             self._stream_masks(recipe.source, bits, [recipe.method])
         return open_masks(self.store.find("mask", key) / "mask.safetensors")
 
-    def _reuse(self, kind: str, key: dict):
-        found = self.store.find(kind, key)
-        if found:
-            self.counts["reused"] += 1
-        return found
-
     # ---- evaluation -----------------------------------------------------------------------------
     def _reference_step(self, task: str) -> Path:
         """The unquantized model's evaluation step, with its logits at the scored tokens on disk
@@ -436,9 +420,6 @@ class Runner:
         from circuitq.storage import TensorWriter
 
         key = {**self.keys.eval(task), "model": "reference"}
-        found = self.store.find("eval", key)
-        if found and (found / "logits.safetensors").is_file():
-            return found
 
         def compute(tmp):
             self.say(f"{task}: evaluating the unquantized model on {len(self.items(task, 'eval'))} held-out items")
@@ -448,27 +429,26 @@ class Runner:
                 sink.close({"format": "circuitq.reference-logits"})
             write_json(tmp / "eval.json", {"metrics": res.metrics})
             write_csv(tmp / "items.csv", res.items)
-        if found:   # a step from before 0.6 kept its logits in memory only: make it again, with them
-            self.say(f"{task}: the reference evaluation step has no stored logits; computing it again")
-            with self.store.create("eval", key, f"eval-reference-{_slug(task)}") as tmp:
-                compute(tmp)
-            self.counts["computed"] += 1
-            return self.store.find("eval", key)
-        return self._step("eval", key, f"eval-reference-{_slug(task)}", compute)
+        # a step from before 0.6 kept its logits in memory only: it is made again, with them
+        return self.store.step("eval", key, f"eval-reference-{_slug(task)}", compute,
+                               valid=lambda p: (p / "logits.safetensors").is_file())
 
     def reference_eval(self, task: str) -> dict:
         """Metrics of the unquantized model."""
         return json.loads((self._reference_step(task) / "eval.json").read_text())
 
     def run_job(self, job: Job) -> dict:
+        """The evaluation document of ``job`` (a step: quantize, evaluate, restore)."""
+        return json.loads((self.store.step("eval", self.keys.job(job), f"eval-{_slug(job.label)}-{_slug(job.task)}-"
+                                           f"{job.bits}bit", lambda tmp: self._job(job, tmp)) / "eval.json").read_text())
+
+    def _job(self, job: Job, tmp: Path) -> None:
+        """Quantize the model in place with ``job``'s mask, evaluate it, restore it; the result
+        into the step directory ``tmp``."""
         from circuitq.quant.driver import quantize_model
         from circuitq.quant.plan import PrecisionPlan
         from circuitq.storage import LazyTensors
 
-        key = self.keys.job(job)
-        found = self._reuse("eval", key)
-        if found:
-            return json.loads((found / "eval.json").read_text())
         masks = self.mask(job.recipe, job.bits)
         ref_logits = LazyTensors(self._reference_step(job.task) / "logits.safetensors")
         qcfg = self.cfg.quantize_at(job.bits)
@@ -492,11 +472,8 @@ class Runner:
         doc = {"metrics": res.metrics, "average_bits": qres.bits.average_bits, "n_16bit": qres.bits.nnz,
                "quantize_seconds": tq, "eval_seconds": time.perf_counter() - t0,
                "item_kl": [r.get("kl") for r in res.items], "item_tokens": [r.get("tokens") for r in res.items]}
-        with self.store.create("eval", key, f"eval-{_slug(job.label)}-{_slug(job.task)}-{job.bits}bit") as tmp:
-            write_json(tmp / "eval.json", doc)
-            write_csv(tmp / "items.csv", res.items)
-        self.counts["computed"] += 1
-        return doc
+        write_json(tmp / "eval.json", doc)
+        write_csv(tmp / "items.csv", res.items)
 
     def faithfulness(self, task: str) -> dict:
         """``circuitq faithfulness`` of ``task``'s TaCQ circuit at the largest bit width (a step)."""
@@ -507,19 +484,16 @@ class Runner:
         key = {"scores": self.keys.score(task, bits, "tacq"), "eval": self.keys.eval(task),
                "units": job.units, "top": job.top, "random": job.random, "ablation": job.ablation,
                "fraction": job.fraction, "seed": job.seed}
-        found = self._reuse("faithfulness", key)
-        if found:
-            return json.loads((found / "faithfulness.json").read_text())
-        scores = load_scores(self.tacq_scores(task, bits))["scores"]
-        self.say(f"{task}: faithfulness of the {bits}-bit circuit ({job.units}, {job.top} top + {job.random} random "
-                 f"units, {job.ablation})")
-        torch.manual_seed(job.seed)
-        rep = stages.faithfulness(self.lm, scores, job, say=self.say, progress=self.progress)
-        rep.update(model=self.lm.name, model_note=self.lm.note, bits=bits)
-        with self.store.create("faithfulness", key, f"faithfulness-{_slug(task)}-{job.units}-{bits}bit") as tmp:
+        def compute(tmp):
+            scores = load_scores(self.tacq_scores(task, bits))["scores"]
+            self.say(f"{task}: faithfulness of the {bits}-bit circuit ({job.units}, {job.top} top + {job.random} "
+                     f"random units, {job.ablation})")
+            torch.manual_seed(job.seed)
+            rep = stages.faithfulness(self.lm, scores, job, say=self.say, progress=self.progress)
+            rep.update(model=self.lm.name, model_note=self.lm.note, bits=bits)
             write_json(tmp / "faithfulness.json", rep)
-        self.counts["computed"] += 1
-        return rep
+        step = self.store.step("faithfulness", key, f"faithfulness-{_slug(task)}-{job.units}-{bits}bit", compute)
+        return json.loads((step / "faithfulness.json").read_text())
 
 
 def _slug(s: str) -> str:

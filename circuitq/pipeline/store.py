@@ -33,6 +33,7 @@ class StepStore:
 
     def __init__(self, root: Path, say=print, migrate=None):
         self.migrate = migrate
+        self.counts = {"reused": 0, "computed": 0}
         self.root = Path(root) / "steps"
         self._index: dict[str, Path] | None = None
         self._verified: set[Path] = set()
@@ -73,6 +74,27 @@ class StepStore:
         self.say(f"step {path.name} is damaged ({problem}); moved aside to {aside.name}, computing it again")
         return None
 
+    def step(self, kind: str, key: dict, name: str, compute, valid=None) -> Path:
+        """The one find -> compute -> store of every step: the directory of ``(kind, key)`` when it
+        is stored (and ``valid(path)``, when given, accepts it), else ``compute(tmp)`` fills a new
+        one under ``name``. ``counts`` records which happened."""
+        found = self.find(kind, key)
+        if found and (valid is None or valid(found)):
+            self.counts["reused"] += 1
+            return found
+        if found:
+            self.say(f"step {found.name} lacks what this version needs; computing it again")
+        with self.create(kind, key, name) as tmp:
+            compute(tmp)
+        return self.find(kind, key)
+
+    def reuse(self, kind: str, key: dict) -> Path | None:
+        """``find``, counting a hit as reused (for callers that compute several steps at once)."""
+        found = self.find(kind, key)
+        if found:
+            self.counts["reused"] += 1
+        return found
+
     @contextmanager
     def create(self, kind: str, key: dict, name: str):
         """Yield a temporary directory that becomes the step once the block succeeds."""
@@ -88,6 +110,7 @@ class StepStore:
                                                        "files": files}, indent=2) + "\n")
         self._scan()[digest] = out
         self._verified.add(out)
+        self.counts["computed"] += 1
 
 
 def _sha256(path: Path) -> str:
