@@ -20,9 +20,9 @@ on a CPU). Construction is by keyword only. This module imports no other circuit
 """
 from __future__ import annotations
 
-from circuitq.errors import CircuitqError
-
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+
+from circuitq.errors import CircuitqError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_FRACTION = 0.0035          # TaCQ's budget: 0.35% of the weights stay 16-bit (about +0.1 bit)

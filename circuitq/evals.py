@@ -16,8 +16,6 @@ MMLU flips are added. Worked example: identical logits give KL 0 and agreement 1
 """
 from __future__ import annotations
 
-from circuitq.errors import CircuitqError, UsageError
-
 import math
 import re
 from dataclasses import dataclass, field
@@ -26,7 +24,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-LETTERS = "ABCD"
+from circuitq.data.prompts import LETTERS
+from circuitq.errors import CircuitqError, UsageError
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,8 +12,6 @@ every file they write loads with ``safetensors.safe_open`` and ``load_file``.
 """
 from __future__ import annotations
 
-from circuitq.errors import UsageError
-
 import json
 import os
 import shutil
@@ -22,6 +20,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
+from circuitq.errors import UsageError
 
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",

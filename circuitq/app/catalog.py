@@ -8,11 +8,11 @@ A run that cannot be read is listed with the reason; the others still work.
 """
 from __future__ import annotations
 
-from circuitq.errors import CircuitqError, UsageError
-
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from circuitq.errors import CircuitqError, UsageError
 
 
 class PathOutsideRuns(CircuitqError, ValueError):

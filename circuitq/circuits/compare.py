@@ -2,8 +2,6 @@
 metrics, circuit maps and plots -> one standalone HTML report (+ JSON metrics and PNG)."""
 from __future__ import annotations
 
-from circuitq.errors import CircuitqError
-
 from collections.abc import Mapping
 
 import json
@@ -13,6 +11,7 @@ from circuitq import __version__
 from circuitq.artifacts import atomic_file, check_writable
 from circuitq.circuits.maps import aggregate, compare_circuits, compare_masks
 from circuitq.config import DEFAULT_FRACTION
+from circuitq.errors import CircuitqError
 from circuitq.model.arch import MODULE_TYPES, Geometry
 from circuitq.saliency.masks import select_topk
 from circuitq.saliency.files import load_scores

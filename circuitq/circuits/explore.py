@@ -8,8 +8,6 @@ rank as flat indices ``[0, 2, 1]``; the top 2/3 keep ``a[0, 0]`` and ``b[0, 0]``
 """
 from __future__ import annotations
 
-from circuitq.errors import UsageError
-
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 import torch
 
 from circuitq.config import DEFAULT_FRACTION
+from circuitq.errors import UsageError
 from circuitq.model.arch import MODULE_TYPES, Geometry, parse_name
 from circuitq.quant.plan import PrecisionPlan, bit_report
 

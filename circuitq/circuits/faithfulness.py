@@ -18,14 +18,13 @@ the same size, and everything but the circuit vs everything but a random set.
 """
 from __future__ import annotations
 
-from circuitq.errors import UsageError
-
 import math
 from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
 
+from circuitq.errors import UsageError
 from circuitq.model.arch import Geometry, arch_for, parse_name
 
 UNIT_KINDS = ("heads", "kv-heads", "neurons", "modules")

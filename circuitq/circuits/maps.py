@@ -18,12 +18,11 @@ correlation of the head maps.
 """
 from __future__ import annotations
 
-from circuitq.errors import UsageError
-
 from dataclasses import dataclass
 
 import torch
 
+from circuitq.errors import UsageError
 from circuitq.model.arch import MODULE_TYPES, Geometry, arch_for, parse_name  # noqa: F401 (re-exported)
 
 

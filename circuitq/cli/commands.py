@@ -2,8 +2,6 @@
 its config and calls the library (``circuitq.pipeline``). No logic of its own beyond printing."""
 from __future__ import annotations
 
-from circuitq.errors import UsageError
-
 import argparse
 import sys
 from pathlib import Path
@@ -12,6 +10,7 @@ from circuitq import __version__
 from circuitq.cli.flags import add_flags, build, given_flags
 from circuitq.config import (DEFAULT_MODEL, EvalJob, FaithfulnessJob, MaskConfig, QuantizeJob, RunConfig,
                              ScoreConfig)
+from circuitq.errors import UsageError
 
 QUANT = [("--bits", "quantize.bits"), ("--group-size", "quantize.group_size"), ("--sym", "quantize.sym"),
          ("--mse", "quantize.mse"), ("--act-order", "quantize.act_order"), ("--hessian", "quantize.hessian"),

@@ -54,13 +54,16 @@ def resolve_shots(kind: str, shots: int) -> int:
     return STANDARD_SHOTS.get(kind, 0) if shots == -1 else shots
 
 
+LETTERS = "ABCD"   # MMLU's answer letters, in choice order: the one home of this fact
+
+
 def mmlu_header(subject: str) -> str:
     return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
 
 
 def mmlu_question(q: dict, with_answer: bool) -> str:
     """``QUESTION\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer:`` (+ `` X\\n\\n`` for a solved shot)."""
-    lines = [q["question"].strip()] + [f"{l}. {c}" for l, c in zip("ABCD", q["choices"])]
+    lines = [q["question"].strip()] + [f"{l}. {c}" for l, c in zip(LETTERS, q["choices"])]
     return "\n".join(lines) + "\nAnswer:" + (f" {q['answer']}\n\n" if with_answer else "")
 
 

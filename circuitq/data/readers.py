@@ -7,13 +7,13 @@ found next to the working directory or the repository.
 """
 from __future__ import annotations
 
-from circuitq.errors import CircuitqError
-
 import csv
 import json
 import os
 import sys
 from pathlib import Path
+
+from circuitq.errors import CircuitqError
 
 
 class DataError(CircuitqError, ValueError):
@@ -45,11 +45,13 @@ def _from_hub(kind: str, split: str) -> list[dict]:
     try:
         from datasets import load_dataset
 
+        from circuitq.data.prompts import LETTERS
+
         if kind == "gsm8k":
             return [dict(r) for r in load_dataset("openai/gsm8k", "main", split=split)]
         ds = load_dataset("cais/mmlu", "all", split={"val": "validation", "dev": "dev"}.get(split, split))
         return [{"subject": r["subject"], "question": r["question"], "choices": list(r["choices"]),
-                 "answer": "ABCD"[int(r["answer"])]} for r in ds]
+                 "answer": LETTERS[int(r["answer"])]} for r in ds]
     except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear error
         raise DataError(f"no task data directory was found and the hub could not provide {kind} "
                         f"({e.__class__.__name__}); pass --data-dir pointing at a folder with mmlu/ "

@@ -16,8 +16,6 @@ the MMLU paper's grouping (Hendrycks et al., 2021).
 """
 from __future__ import annotations
 
-from circuitq.errors import UsageError
-
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -26,9 +24,10 @@ import torch
 
 from circuitq.config import LOSS_SCOPES
 from circuitq.data.circuit_tasks import CIRCUIT_TASKS, GENERATORS
-from circuitq.data.prompts import (GSM8K_COT_EXEMPLARS, gsm8k_completion, gsm8k_prompt, mmlu_header, mmlu_question,
-                                   resolve_shots)
+from circuitq.data.prompts import (GSM8K_COT_EXEMPLARS, LETTERS, gsm8k_completion, gsm8k_prompt, mmlu_header,
+                                   mmlu_question, resolve_shots)
 from circuitq.data.readers import DataError, read_gsm8k, read_mmlu, read_prompt_completion, read_text_corpus
+from circuitq.errors import UsageError
 
 _SUBCATEGORY = {
     "abstract_algebra": "math", "anatomy": "health", "astronomy": "physics", "business_ethics": "business",
@@ -59,7 +58,6 @@ _CATEGORY_OF_SUB = {
 }
 MMLU_CATEGORY = {s: next(c for c, subs in _CATEGORY_OF_SUB.items() if sub in subs) for s, sub in _SUBCATEGORY.items()}
 MMLU_CATEGORIES = tuple(_CATEGORY_OF_SUB)
-LETTERS = "ABCD"
 
 
 @dataclass(frozen=True)

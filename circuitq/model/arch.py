@@ -17,11 +17,11 @@ MLP width); it is read from the model config.
 """
 from __future__ import annotations
 
-from circuitq.errors import CircuitqError, UsageError
-
 import re
 from dataclasses import dataclass
 from typing import NamedTuple
+
+from circuitq.errors import CircuitqError, UsageError
 
 
 class Linear(NamedTuple):

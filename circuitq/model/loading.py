@@ -8,8 +8,6 @@ config without ``quantization_config`` and cached once as a plain HF directory.
 """
 from __future__ import annotations
 
-from circuitq.errors import CircuitqError
-
 import importlib.util
 import os
 import shutil
@@ -19,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from circuitq.errors import CircuitqError
 from circuitq.model.arch import arch_for
 
 from circuitq.config import DEFAULT_MODEL  # noqa: E402 (one home for every default)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from circuitq.config import RunConfig
+from circuitq.saliency.methods import method
 
 
 @dataclass(frozen=True)
@@ -33,9 +34,6 @@ class Job:
         return self.recipe.label(self.task)
 
 
-_TASK_FREE = ("magnitude", "random")
-
-
 def plan_jobs(cfg: RunConfig) -> list[Job]:
     """Every (bits, task, mask) to quantize and evaluate. Worked example: tasks (mmlu, gsm8k),
     bits (3,), baselines (magnitude,) and transfer give per task: gptq, tacq, magnitude, the other
@@ -44,7 +42,7 @@ def plan_jobs(cfg: RunConfig) -> list[Job]:
     for bits in cfg.bits:
         for task in cfg.tasks:
             recipes = [MaskRecipe("none"), MaskRecipe("tacq", task)]
-            recipes += [MaskRecipe(b, None if b in _TASK_FREE else task) for b in cfg.baselines if b != "tacq"]
+            recipes += [MaskRecipe(b, None if method(b).task_free else task) for b in cfg.baselines if b != "tacq"]
             if cfg.transfer and len(cfg.tasks) > 1:
                 recipes += [MaskRecipe("tacq", t) for t in cfg.tasks if t != task] + [MaskRecipe("tacq", "union")]
             jobs += [Job(bits, task, r) for r in recipes]

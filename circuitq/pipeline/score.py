@@ -5,8 +5,6 @@ same functions ``circuitq run`` calls, so equal settings give equal scores.
 """
 from __future__ import annotations
 
-from circuitq.errors import UsageError
-
 import os
 import time
 from pathlib import Path
@@ -15,6 +13,7 @@ import torch
 
 from circuitq import __version__
 from circuitq.config import ScoreConfig, to_dict
+from circuitq.errors import UsageError
 from circuitq.pipeline import stages
 
 # the settings a checkpoint must share with the run that resumes it

@@ -11,8 +11,6 @@ and file layout belong to the drivers (``pipeline.run``, ``pipeline.score``).
 """
 from __future__ import annotations
 
-from circuitq.errors import UsageError
-
 from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
@@ -21,6 +19,7 @@ import torch
 
 from circuitq import __version__
 from circuitq.config import CalibConfig, EvalConfig, MaskConfig, QuantizeConfig, QuantizeJob
+from circuitq.errors import UsageError
 from circuitq.model.arch import Geometry, target_shapes
 
 

@@ -18,8 +18,6 @@ to ``device``, so a model larger than GPU memory but within CPU RAM works.
 """
 from __future__ import annotations
 
-from circuitq.errors import UsageError, NumericError
-
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, NamedTuple
@@ -28,6 +26,7 @@ import torch
 
 from circuitq.config import QuantizeConfig
 from circuitq.data.calib import Sequences, as_sequences
+from circuitq.errors import UsageError, NumericError
 from circuitq.model.arch import arch_for, module_name, target_shapes, weight_of
 from circuitq.quant.gptq import (Factor, GPTQConfig, GPTQResult, HessianState, gptq_quantize, gptq_quantize_batch,
                                  hessian_error, hessian_factor, hessian_update, hinv_diag_from_factor, inverse_hessian_diag)

@@ -31,8 +31,6 @@ both go through ``QuantizedWeight.dequantize``.
 """
 from __future__ import annotations
 
-from circuitq.errors import CircuitqError
-
 import json
 import math
 import re
@@ -44,6 +42,7 @@ from safetensors.torch import save_file
 
 from circuitq import __version__
 from circuitq.artifacts import atomic_dir
+from circuitq.errors import CircuitqError
 from circuitq.quant.quantizer import QuantizedWeight
 
 SPARSE_FORMAT = "circuitq.sparse16"

@@ -17,13 +17,12 @@ column 0 to ``q0`` leaves error ``e = (w0 - q0) / U[0,0]``; column 1 becomes
 """
 from __future__ import annotations
 
-from circuitq.errors import CircuitqError
-
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
+from circuitq.errors import CircuitqError
 from circuitq.quant.quantizer import QuantSpec, QuantizedWeight, fit_params, quantize_codes, dequantize, sparse_residual
 
 

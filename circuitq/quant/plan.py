@@ -13,11 +13,10 @@ A 16-bit module costs ``16·out·in``. Average bits = total / number of weights.
 """
 from __future__ import annotations
 
-from circuitq.errors import UsageError
-
 import re
 from dataclasses import dataclass, field
 
+from circuitq.errors import UsageError
 from circuitq.quant.quantizer import SUPPORTED_BITS
 
 FULL_PRECISION = 16

@@ -19,14 +19,13 @@ codes ``round(x / 0.5) + 2 = [0, 2, 3, 7]``, dequantized ``[-1.0, 0.0, 0.5, 2.5]
 """
 from __future__ import annotations
 
-from circuitq.errors import UsageError
-
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
 
 from circuitq.config import SUPPORTED_BITS  # noqa: E402 (one home for the supported widths)
+from circuitq.errors import UsageError
 FP16_TINY = 2.0 ** -24  # smallest positive float16 (subnormal): scales never go below it
 
 

@@ -14,8 +14,6 @@ no weight processing, so the HF weights are untouched and names map one to one.
 """
 from __future__ import annotations
 
-from circuitq.errors import UsageError
-
 import contextlib
 import types
 from contextlib import contextmanager
@@ -24,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from circuitq.config import LOSS_SCOPES
+from circuitq.errors import UsageError
 from circuitq.model.arch import ArchSpec, arch_for, target_shapes
 
 STATS = ("sum_abs", "sum", "sum_sq", "act_sq")

@@ -8,8 +8,6 @@ unpickled). TaCQ keys may name modules (``...q_proj``) instead of parameters; ``
 """
 from __future__ import annotations
 
-from circuitq.errors import CircuitqError
-
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from circuitq.artifacts import atomic_file
+from circuitq.errors import CircuitqError
 
 MASK_FORMAT = "circuitq.mask"
 

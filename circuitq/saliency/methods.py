@@ -23,13 +23,13 @@ Worked example (``tacq``, one weight): ``Σ|G| = 2``, ``W = 0.5``, ``Q(W) = 0.25
 """
 from __future__ import annotations
 
-from circuitq.errors import UsageError
-
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+from circuitq.errors import UsageError
 
 
 @dataclass
@@ -51,6 +51,11 @@ class SaliencyMethod:
     quantizer: str | None         # "gptq", "rtn" or None: which Q(W) it needs
     hessian: bool                 # needs the GPTQ inverse-Hessian diagonal
     fn: Callable[[str, SaliencyInputs], torch.Tensor]
+
+    @property
+    def task_free(self) -> bool:
+        """Reads neither calibration statistics nor a calibrated Q(W): the same for every task."""
+        return not self.stats and self.quantizer is None and not self.hessian
 
 
 def _w(inp: SaliencyInputs, n: str) -> torch.Tensor:
