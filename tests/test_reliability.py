@@ -462,7 +462,8 @@ def test_readme_names_only_what_exists():
     """Every dotted ``circuitq.x.y`` the README names resolves (it named ``circuitq.masks.load_masks``)."""
     import importlib
 
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    root = Path(__file__).resolve().parent.parent
+    text = "\n".join(p.read_text() for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))])
     names = sorted(set(re.findall(r"`(circuitq(?:\.[A-Za-z_]\w*)+)", text)))
     assert "circuitq.load_masks" in names
     for dotted in names:
@@ -579,3 +580,34 @@ def test_every_python_example_in_the_docs_parses():
             ast.parse(code)
         except SyntaxError as e:
             pytest.fail(f"{name}: {e}")
+
+
+# ---- docs a newcomer can follow (issue 24) -----------------------------------------------------
+def test_the_cli_reference_is_generated_from_the_parsers():
+    from circuitq.cli.reference import markdown
+
+    page = Path(__file__).resolve().parent.parent / "docs" / "cli-reference.md"
+    assert page.read_text() == markdown(), "regenerate: python -m circuitq.cli.reference > docs/cli-reference.md"
+
+
+def test_the_docs_site_builds_with_warnings_as_errors(tmp_path):
+    import shutil
+    import sys
+
+    exe = Path(sys.executable).with_name("mkdocs")
+    if not exe.exists() and shutil.which("mkdocs") is None:
+        pytest.skip("mkdocs is not installed (pip install 'circuitq[dev]')")
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([str(exe if exe.exists() else "mkdocs"), "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+                       cwd=root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "site" / "index.html").exists() and (tmp_path / "site" / "cli-reference" / "index.html").exists()
+
+
+def test_the_front_page_stays_a_front_page():
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert len(text.splitlines()) <= 200
+    for cmd in ("bash setup.sh && .venv/bin/circuitq run --out runs/main", "bash setup.sh && .venv/bin/python -m pytest -q"):
+        assert cmd in text
+    for link in re.findall(r"\]\((docs/[^)]+|analyses/[^)]+)\)", text):
+        assert (Path(__file__).resolve().parent.parent / link).exists(), link
