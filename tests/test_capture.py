@@ -338,3 +338,28 @@ def test_a_gradient_turning_nan_mid_backward_is_in_no_sum(tiny_dir):
         for n, t in want.tensors[s].items():
             err = float((got.tensors[s][n] - t).norm() / t.norm().clamp(min=1e-12))
             assert err <= 1e-5, (s, n, err)
+
+
+def test_every_hook_point_the_capture_uses_exists_in_the_bridge(tmp_path, model_type):
+    """The TransformerLens hook names circuitq hooks (``blocks.N.attn.q.hook_in`` ...; the MLP's
+    gate/up ``hook_out`` for the recomputed down-projection input) exist in the bridge of each
+    supported family: a TransformerLens release that renames them fails here, not mid-run."""
+    from conftest import tiny_model, tiny_tokenizer
+
+    from circuitq.model.arch import arch_for
+    from circuitq.saliency.capture import HookCapture, bridged
+
+    d = tmp_path / model_type
+    tiny_model(model_type).save_pretrained(d)
+    tok = tiny_tokenizer()
+    tok.save_pretrained(d)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(d)
+    with bridged(model, tok, str(d)) as bridge:
+        cap = HookCapture(bridge, model.config.num_hidden_layers, GradStats(), arch_for(model_type))
+        names = [f"{n}.{h}" for n, *_ in cap.targets for h in ("hook_in", "hook_out")]
+        names += [f"blocks.{i}.{tl}.hook_out" for i in cap.act_fns for tl in cap.gate_up_tl.values()]
+        missing = [n for n in names if n not in bridge.hook_dict]
+        assert not missing, missing
+        assert len(names) == model.config.num_hidden_layers * (2 * 7 + 2)
