@@ -135,3 +135,21 @@ def test_top_weights_name_their_head_or_neuron_under_gqa():
     rows = top_weights("model.layers.0.self_attn.q_proj.weight", s, w, w - 0.5, geo, 2)
     assert [(r["row"], r["col"], r["unit"]) for r in rows] == [(6, 1, "L0.H3"), (2, 3, "L0.H1")]
     assert rows[0]["value"] == 49.0 and rows[0]["quant_error"] == 0.5
+
+
+def test_maps_and_units_follow_the_models_architecture_row(monkeypatch):
+    """Which axis of a weight is a head or a neuron comes from ``model/arch.py``'s row for the
+    model type, not from HF module names (a family with other names maps the same way)."""
+    from circuitq.circuits.explore import unit_of
+    from circuitq.model import arch as A
+
+    toy = A.ArchSpec(linears=(A.Linear("attn.c_q", "attn.q", "q_heads", None),
+                              A.Linear("attn.c_o", "attn.o", None, "q_heads"),
+                              A.Linear("mlp.c_fc", "mlp.in", "neurons", None),
+                              A.Linear("mlp.c_proj", "mlp.out", None, "neurons")),
+                     groups=(("attn.c_q",), ("attn.c_o",), ("mlp.c_fc",), ("mlp.c_proj",)))
+    monkeypatch.setitem(A.ARCHITECTURES, "toy", toy)
+    geo = Geometry(n_layers=2, n_heads=4, n_kv_heads=4, head_dim=2, d_mlp=6, model_type="toy")
+    assert unit_of("model.layers.1.mlp.c_proj.weight", 3, 5, geo) == "L1.N5"
+    assert unit_of("model.layers.0.attn.c_o.weight", 1, 7, geo) == "L0.H3"
+    assert unit_of("model.layers.0.attn.c_q.weight", 7, 1, geo) == "L0.H3"

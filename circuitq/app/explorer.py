@@ -21,7 +21,7 @@ from circuitq.circuits import explore as X
 from circuitq.app import catalog as R
 from circuitq.circuits.maps import aggregate, top_units
 from circuitq.config import DEFAULT_FRACTION
-from circuitq.model.arch import MODULE_TYPES, Geometry
+from circuitq.model.arch import MODULE_TYPES, Geometry, arch_for, parse_name
 
 BUDGETS = sorted({0.0005, 0.001, 0.002, DEFAULT_FRACTION, 0.005, 0.01, 0.02})
 
@@ -50,7 +50,8 @@ def load_scores(path: str, mtime: float):
 
 @st.cache_resource(max_entries=4, show_spinner="Ranking weights…")
 def ranking(path: str, mtime: float) -> X.TopIndex:
-    return X.top_index(load_scores(path, mtime)["scores"], max(BUDGETS))
+    f = load_scores(path, mtime)
+    return X.top_index(f["scores"], max(BUDGETS), Geometry(**f["meta"]["geometry"]).model_type)
 
 
 @st.cache_resource(max_entries=8)
@@ -140,8 +141,8 @@ def page_explore(run: R.RunEntry) -> None:
     c1, c2 = st.columns(2)
     layer = c1.number_input("Layer", 0, geo.n_layers - 1, 0, key="layer")
     mod = c2.selectbox("Module", MODULE_TYPES, key="module")
-    name = next((n for n in f["scores"] if n.endswith(f".{layer}.self_attn.{mod}.weight") or
-                 n.endswith(f".{layer}.mlp.{mod}.weight")), None)
+    spec = arch_for(geo.model_type)
+    name = next((n for n in f["scores"] if parse_name(n, spec) == (layer, mod)), None)
     if name is None:
         st.warning(f"No scores for layer {layer} {R.md(mod)}.")
         return

@@ -16,7 +16,7 @@ import torch
 
 from circuitq.config import DEFAULT_FRACTION
 from circuitq.errors import UsageError
-from circuitq.model.arch import MODULE_TYPES, Geometry, parse_name
+from circuitq.model.arch import MODULE_TYPES, Geometry, arch_for, parse_name
 from circuitq.quant.plan import PrecisionPlan, bit_report
 
 
@@ -28,6 +28,7 @@ class TopIndex:
     order: torch.Tensor        # [k] int64 flat indices, best first
     scores: torch.Tensor       # [k] float32 their scores
     total: int                 # number of weights ranked over
+    model_type: str = "llama"  # its architecture row says which modules are attention
 
     def count(self, fraction: float) -> int:
         k = int(fraction * self.total)
@@ -36,14 +37,15 @@ class TopIndex:
         return k
 
 
-def top_index(scores: dict[str, torch.Tensor], max_fraction: float = 0.02) -> TopIndex:
+def top_index(scores: dict[str, torch.Tensor], max_fraction: float = 0.02, model_type: str = "llama") -> TopIndex:
     """Rank the top ``max_fraction`` of all weights of ``scores`` (``{name: [out, in]}``)."""
     names = list(scores)
     sizes = torch.tensor([0] + [scores[n].numel() for n in names], dtype=torch.int64)
     flat = torch.cat([scores[n].detach().float().flatten() for n in names])
     k = max(1, int(max_fraction * flat.numel()))
     vals, idx = torch.topk(flat, k, sorted=True)
-    return TopIndex(names, [tuple(scores[n].shape) for n in names], torch.cumsum(sizes, 0), idx, vals, flat.numel())
+    return TopIndex(names, [tuple(scores[n].shape) for n in names], torch.cumsum(sizes, 0), idx, vals, flat.numel(),
+                    model_type)
 
 
 def _split(ti: TopIndex, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +92,8 @@ def budget_table(ti: TopIndex, fractions: list[float], bits: int, group_size: in
     """Per budget: weights kept, exact average bits, share in attention, overlap with the
     circuit at ``reference`` (the paper's 0.35%): a nested prefix, so IoU = min/max of sizes."""
     shapes = dict(zip(ti.names, ti.shapes))
-    attn = torch.tensor([".self_attn." in n for n in ti.names])
+    spec = arch_for(ti.model_type)
+    attn = torch.tensor([bool(p) and spec.linear(p[1]).attention for p in (parse_name(n, spec) for n in ti.names)])
     k_ref = min(ti.count(min(reference, ti.order.numel() / ti.total)), ti.order.numel())
     rows = []
     for f in fractions:
@@ -126,21 +129,22 @@ def tile_density(mask: torch.Tensor, tile: int = 32) -> torch.Tensor:
 
 def unit_of(name: str, row: int, col: int, geo: Geometry) -> str:
     """The attention head(s) or MLP neuron that weight ``[row, col]`` of ``name`` belongs to."""
-    p = parse_name(name)
+    spec = arch_for(geo.model_type)
+    p = parse_name(name, spec)
     if p is None:
         return "-"
     layer, mod = p
+    lin = spec.linear(mod)     # which axis indexes heads or neurons, as the architecture row says
     d, per_kv = geo.head_dim, geo.n_heads // geo.n_kv_heads
-    if mod == "q_proj":
-        return f"L{layer}.H{row // d}"
-    if mod == "o_proj":
-        return f"L{layer}.H{col // d}"
-    if mod in ("k_proj", "v_proj"):
-        g = row // d
+    axis, i = (lin.rows, row) if lin.rows else (lin.cols, col)
+    if axis == "q_heads":
+        return f"L{layer}.H{i // d}"
+    if axis == "kv_heads":
+        g = i // d
         return f"L{layer}.KV{g} (H{g * per_kv}-H{(g + 1) * per_kv - 1})"
-    if mod in ("gate_proj", "up_proj"):
-        return f"L{layer}.N{row}"
-    return f"L{layer}.N{col}"
+    if axis == "neurons":
+        return f"L{layer}.N{i}"
+    return "-"
 
 
 def top_weights(name: str, scores: torch.Tensor, weight: torch.Tensor, quantized: torch.Tensor | None,

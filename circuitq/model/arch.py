@@ -38,6 +38,11 @@ class Linear(NamedTuple):
         """Short module type, e.g. ``q_proj``."""
         return self.path.rsplit(".", 1)[-1]
 
+    @property
+    def attention(self) -> bool:
+        """Whether the module belongs to attention (an axis indexes heads)."""
+        return "heads" in f"{self.rows}{self.cols}"
+
 
 _LLAMA_LINEARS = (
     Linear("self_attn.q_proj", "attn.q", "q_heads", None),

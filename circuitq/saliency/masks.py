@@ -231,12 +231,14 @@ def select_topk(scores: dict[str, torch.Tensor], fraction: float) -> dict[str, t
 
 
 def select_per_layer(scores: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
-    """The same ``fraction`` inside every decoder layer (names ``...layers.{i}...``)."""
-    groups: dict[str, dict[str, torch.Tensor]] = {}
+    """The same ``fraction`` inside every decoder layer (``model.arch.parse_name`` gives the layer;
+    a name it cannot place is a group of its own)."""
+    from circuitq.model.arch import parse_name
+
+    groups: dict[object, dict[str, torch.Tensor]] = {}
     for n, s in scores.items():
-        parts = n.split(".")
-        key = ".".join(parts[: parts.index("layers") + 2]) if "layers" in parts else n
-        groups.setdefault(key, {})[n] = s
+        p = parse_name(n)
+        groups.setdefault(p[0] if p else n, {})[n] = s
     out = {}
     for g in groups.values():
         out.update(select_topk(g, fraction))
