@@ -276,12 +276,10 @@ def cmd_run(a) -> int:
 
     import torch
 
-    from circuitq.model.arch import target_shapes
+    from circuitq.artifacts import LOCK_NAME, check_dir_writable
     from circuitq.model.loading import load_model
     from circuitq.pipeline.run import check_run_config, run
-    from circuitq.quant.driver import quant_spec
-
-    from circuitq.artifacts import LOCK_NAME, check_dir_writable
+    from circuitq.quant.driver import check_group_size
 
     out = Path(a.out)
     if out.exists() and not out.is_dir():
@@ -295,8 +293,7 @@ def cmd_run(a) -> int:
     torch.manual_seed(cfg.calib.seed)
     device = device_for(a.device)
     lm = load_model(cfg.model, device=device)
-    for _, (_, in_f) in target_shapes(lm.model).items():
-        quant_spec(cfg.quantize).n_groups(in_f)
+    check_group_size(lm.model, cfg.quantize)
     res = run(lm, cfg, out, device, command="circuitq " + shlex.join(a._argv))
     print(f"[circuitq] {len(res.rows)} result rows; report: {out / 'report.html'}; tables: {out / 'results.csv'}, "
           f"{out / 'transfer.csv'}")

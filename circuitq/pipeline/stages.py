@@ -224,15 +224,14 @@ def quantize_and_export(lm, job: QuantizeJob, out, masks=None, mask_meta: dict |
     from circuitq.data.calib import heldout_windows
     from circuitq.data.tasks import Task
     from circuitq.evals import perplexity
-    from circuitq.quant.driver import quantize_model, quant_spec
+    from circuitq.quant.driver import check_group_size, quantize_model
     from circuitq.quant.plan import PrecisionPlan
     from circuitq.saliency.masks import mask_fraction, validate_masks
 
     check_writable(out, overwrite)
     q = job.quantize
     shapes = target_shapes(lm.model)
-    for _, (_, in_f) in shapes.items():
-        quant_spec(q).n_groups(in_f)
+    check_group_size(lm.model, q)
     if masks is not None:
         missing = validate_masks(masks, shapes)
         if missing:

@@ -41,6 +41,13 @@ def quant_spec(cfg: QuantizeConfig, bits: int | None = None) -> QuantSpec:
     return QuantSpec(bits=cfg.bits if bits is None else bits, group_size=cfg.group_size, sym=cfg.sym, mse=cfg.mse)
 
 
+def check_group_size(model, cfg: QuantizeConfig) -> None:
+    """Refuse, before any work, a group size that does not divide every targeted input dimension."""
+    spec = quant_spec(cfg)
+    for _, in_f in target_shapes(model).values():
+        spec.n_groups(in_f)
+
+
 def gptq_config(cfg: QuantizeConfig) -> GPTQConfig:
     return GPTQConfig(block_size=cfg.block_size, damp=cfg.damp, act_order=cfg.act_order)
 
