@@ -73,6 +73,21 @@ class Example:
 
 
 @dataclass(frozen=True)
+class TaskKind:
+    """What the rest of circuitq needs to know about a kind of task: ``chance``, the accuracy of
+    guessing (None where the task has no accuracy)."""
+
+    name: str
+    chance: float | None = None
+
+
+TASK_KINDS = {k.name: k for k in (TaskKind("mmlu", 0.25), TaskKind("gsm8k"), TaskKind("text"), TaskKind("jsonl"),
+                                  TaskKind("ioi", 0.5), TaskKind("greater-than", 0.5), TaskKind("induction", 0.0),
+                                  TaskKind("capitals", 0.0))}
+assert set(CIRCUIT_TASKS) <= set(TASK_KINDS), "every circuit task needs its TaskKind"
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     """A parsed task name. ``kind``: mmlu, gsm8k, text or jsonl; ``arg``: category, subject or path."""
 
@@ -82,7 +97,7 @@ class TaskSpec:
     @classmethod
     def parse(cls, name: str) -> "TaskSpec":
         kind, _, arg = name.partition(":")
-        if kind not in ("mmlu", "gsm8k", "text", "jsonl", *CIRCUIT_TASKS):
+        if kind not in TASK_KINDS:
             raise DataError(f"unknown task '{name}': use mmlu, mmlu:CATEGORY ({', '.join(MMLU_CATEGORIES)}), "
                             f"mmlu:SUBJECT, gsm8k, {', '.join(CIRCUIT_TASKS)}, text:PATH or jsonl:PATH")
         if kind in CIRCUIT_TASKS and arg:

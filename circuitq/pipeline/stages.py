@@ -335,7 +335,6 @@ def write_eval(out, doc: dict, items: list[dict], overwrite: bool = False) -> No
 # ---------------------------------------------------------------------------------------------
 # faithfulness
 # ---------------------------------------------------------------------------------------------
-CHANCE_ACCURACY = {"mmlu": 0.25, "ioi": 0.5, "greater-than": 0.5, "capitals": 0.0, "induction": 0.0}
 
 
 def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dict:
@@ -346,7 +345,7 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
     entries by their round-to-nearest value at ``job.quantize``'s bits and group size (elementwise,
     so a subset can be quantized alone; GPTQ's values are a joint solution)."""
     from circuitq.circuits.faithfulness import faithfulness_report, replacement, units
-    from circuitq.data.tasks import Task
+    from circuitq.data.tasks import TASK_KINDS, Task
 
     task = Task(job.task, job.data, lm.tokenizer)
     model = lm.model
@@ -373,7 +372,7 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
         return r["nll_per_token"], r.get(r.get("task_metric") or "accuracy")
 
     base = evaluate(model, lm.tokenizer, items, task.kind, None, job.eval, progress=False).metrics
-    chance = CHANCE_ACCURACY.get(task.kind)
+    chance = TASK_KINDS[task.kind].chance
     if chance is not None and base.get("accuracy") is not None and base["accuracy"] <= chance + 0.05:
         say(f"[circuitq] warning: the unquantized model is at chance on {job.task} (accuracy {base['accuracy']:.3f}, "
             f"chance {chance:.2f}); the measured changes are still reported, but a circuit of a task the model "
