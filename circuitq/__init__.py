@@ -23,9 +23,9 @@ __version__ = "0.6.2"
 
 _API = ("CalibConfig", "DataConfig", "EvalConfig", "MaskConfig", "QuantizeConfig", "QuantizeJob", "RunConfig",
         "ScoreConfig", "DEFAULT_FRACTION", "Task", "Geometry", "target_shapes", "load_model", "calibration_tokens",
-        "collect_gradients", "collect_hessians", "compare", "evaluate", "export", "quantize", "quantized_reference",
-        "reference_config", "score_weights", "select", "run", "circuit_map", "apply_preset", "PRESETS", "load_masks",
-        "save_masks", "CircuitqError")
+        "collect_gradients", "collect_hessians", "compare", "evaluate", "export", "quantize", "quantized_weights",
+        "qw_config", "score_weights", "select", "run", "circuit_map", "apply_preset", "PRESETS", "load_masks",
+        "save_masks", "CircuitqError", "quantized_reference", "reference_config")
 
 
 def __getattr__(name):

@@ -12,7 +12,7 @@ items = task.calib_items(calib.samples, calib.seed)
 stats = circuitq.collect_gradients(lm.model, lm.tokenizer, items, calib)["stats"]
 qcfg = circuitq.QuantizeConfig(bits=3, group_size=64, hessian="shared")
 windows = circuitq.calibration_tokens(items, lm.tokenizer, calib)
-ref = circuitq.quantized_reference(lm.model, qcfg, windows)          # Q(W)
+ref = circuitq.quantized_weights(lm.model, qcfg, windows)          # Q(W)
 scores = circuitq.score_weights("tacq", lm.model, stats, ref)            # {HF weight name: [out, in]}
 mask = circuitq.select(scores, circuitq.MaskConfig())    # 0.35% (circuitq.DEFAULT_FRACTION)
 qmodel, report = circuitq.quantize(lm.model, qcfg, windows, masks=mask)
@@ -33,7 +33,13 @@ from circuitq.model.loading import load_model
 from circuitq.errors import CircuitqError
 from circuitq.saliency.masks import load_masks, save_masks
 from circuitq.pipeline.stages import (calibration_tokens, collect_gradients, collect_hessians, compare, evaluate,
-                                      export, quantize, quantized_reference, reference_config, score_weights, select)
+                                      export, quantize, quantized_weights, qw_config, score_weights, select)
+
+
+# Names before 0.6.2, where "reference" meant Q(W) here and the unquantized model elsewhere:
+# "reference" now always means the unquantized model, and Q(W) is "quantized weights".
+quantized_reference = quantized_weights
+reference_config = qw_config
 
 
 def run(cfg: RunConfig, out, lm=None, device: str = "cpu", progress: bool = True):
@@ -56,5 +62,6 @@ def circuit_map(values: dict, model_or_geometry):
 
 __all__ = ["CalibConfig", "DataConfig", "EvalConfig", "MaskConfig", "QuantizeConfig", "QuantizeJob", "RunConfig",
            "ScoreConfig", "DEFAULT_FRACTION", "Task", "Geometry", "target_shapes", "load_model", "calibration_tokens",
-           "collect_gradients", "collect_hessians", "compare", "evaluate", "export", "quantize", "quantized_reference",
-           "reference_config", "score_weights", "select", "run", "circuit_map", "apply_preset", "PRESETS"]
+           "collect_gradients", "collect_hessians", "compare", "evaluate", "export", "quantize", "quantized_weights",
+           "qw_config", "score_weights", "select", "run", "circuit_map", "apply_preset", "PRESETS", "load_masks",
+           "save_masks", "CircuitqError", "quantized_reference", "reference_config"]

@@ -59,8 +59,8 @@ def test_tacq_rtn_uses_rtn_and_tacq_uses_gptq(calib_ids):
 
     model = tiny_model()
     q = QuantizeConfig(bits=3, group_size=32)
-    rtn = stages.quantized_reference(model, stages.reference_config("tacq-rtn", q), calib_ids)
-    gptq = stages.quantized_reference(model, stages.reference_config("tacq", q), calib_ids, need_hinv=True)
+    rtn = stages.quantized_weights(model, stages.qw_config("tacq-rtn", q), calib_ids)
+    gptq = stages.quantized_weights(model, stages.qw_config("tacq", q), calib_ids, need_hinv=True)
     assert rtn.config.method == "rtn" and gptq.config.method == "gptq"
     n_diff = 0
     for n, w in rtn.weights.items():
@@ -135,7 +135,7 @@ def test_python_api_on_a_model_in_memory(tmp_path, tiny_dir):
     stats = circuitq.collect_gradients(model, tok, items, calib, progress=False)["stats"]
     q = circuitq.QuantizeConfig(bits=3, group_size=32, hessian="shared")
     windows = circuitq.calibration_tokens(items, tok, calib)
-    ref = circuitq.quantized_reference(model, q, windows)
+    ref = circuitq.quantized_weights(model, q, windows)
     scores = circuitq.score_weights("tacq", model, stats, ref)
     mask = circuitq.select(scores, circuitq.MaskConfig(fraction=0.02))
     kept = sum(int(m.sum()) for m in mask.values())

@@ -87,7 +87,7 @@ def test_tacq_circuit_hurts_more_than_random_set_of_same_size(real):
     items = task.calib_items(calib.samples, calib.seed)
     stats = stages.collect_gradients(lm.model, lm.tokenizer, items, calib, progress=False)["stats"]
     q = QuantizeConfig(bits=3, group_size=64, hessian="shared")
-    ref = stages.quantized_reference(lm.model, q, stages.calibration_tokens(items, lm.tokenizer, calib))
+    ref = stages.quantized_weights(lm.model, q, stages.calibration_tokens(items, lm.tokenizer, calib))
     circuit = stages.select(stages.score_weights("tacq", lm.model, stats, ref), MaskConfig())
     rand = stages.select(stages.score_weights("random", lm.model), MaskConfig())
     held = task.eval_items(32)

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from circuitq.config import QuantizeConfig
 from circuitq.model.arch import module_name, target_shapes
 from circuitq.pipeline import stages
-from circuitq.quant.driver import gptq_stream, quantize_model, reference_quantization, reference_stream
+from circuitq.quant.driver import gptq_stream, quantize_model, qw_quantization, qw_stream
 from circuitq.quant.hessians import HessianFile, collect_hessians, write_hessians
 from circuitq.quant.plan import PrecisionPlan
 from circuitq.saliency.masks import (TopK, rank_normalize, select_rank_max, select_rank_max_stream, select_topk,
@@ -117,8 +117,8 @@ def test_reference_stream_equals_reference_and_leaves_the_model_alone(calib_ids)
     before = {n: p.clone() for n, p in model.named_parameters()}
     for cfg in (QuantizeConfig(bits=3, group_size=16, hessian="shared"), QuantizeConfig(bits=3, group_size=16),
                 QuantizeConfig(bits=2, method="rtn")):
-        ref = reference_quantization(model, cfg, calib_ids, need_hinv=cfg.method == "gptq")
-        for r in reference_stream(model, cfg, calib_ids, need_hinv=cfg.method == "gptq"):
+        ref = qw_quantization(model, cfg, calib_ids, need_hinv=cfg.method == "gptq")
+        for r in qw_stream(model, cfg, calib_ids, need_hinv=cfg.method == "gptq"):
             assert torch.equal(r.quantized, ref.weights[r.name]), (cfg, r.name)
             if cfg.method == "gptq":
                 assert torch.equal(r.hinv_diag, ref.hinv_diag[r.name]) and torch.equal(r.errors, ref.errors[r.name])
@@ -130,10 +130,10 @@ def test_stream_scores_equal_score_weights(calib_ids):
     cfg = QuantizeConfig(bits=3, group_size=16, hessian="shared")
     g = torch.Generator().manual_seed(0)
     stats = {"sum_abs": {n: torch.rand(s, generator=g) for n, s in target_shapes(model).items()}}
-    ref = stages.quantized_reference(model, cfg, calib_ids, need_hinv=True)
+    ref = stages.quantized_weights(model, cfg, calib_ids, need_hinv=True)
     whole = {m: stages.score_weights(m, model, stats, ref) for m in ("tacq", "spqr")}
     for n, sc in stages.stream_scores(["tacq", "spqr"], model, stats,
-                                      stages.reference_stream(model, cfg, calib_ids, need_hinv=True)):
+                                      stages.qw_stream(model, cfg, calib_ids, need_hinv=True)):
         for m in sc:
             assert torch.equal(sc[m], whole[m][n]), (m, n)
 

@@ -166,7 +166,7 @@ class Runner:
                              {t: examples_digest(self.items(t, "calib")) for t in cfg.tasks},
                              {t: examples_digest(self.items(t, "eval")) for t in cfg.tasks})
         self.fp = self.keys.fp
-        self._windows: dict = {}
+        self._sequences: dict = {}
         self._backup = None
         self.meter = budget.PeakMeter()
         self.estimate: dict = {}
@@ -177,7 +177,7 @@ class Runner:
         from circuitq.config import ConfigError
 
         c = self.cfg
-        tokens = {t: budget.task_tokens(self.windows(t), self.items(t, "eval"), self.lm.tokenizer, c) for t in c.tasks}
+        tokens = {t: budget.task_tokens(self.calib_sequences(t), self.items(t, "eval"), self.lm.tokenizer, c) for t in c.tasks}
         nums = budget.ModelNumbers.from_model(self.lm.model)
         stages_ = budget.run_stages(nums, tokens, len(c.bits), c.calib.batch_tokens, 2 + len(c.baselines),
                                     c.mask.fraction)
@@ -246,13 +246,13 @@ class Runner:
                                                                       "tokens_per_s": res["tokens_per_s"]})
         return open_stats(self.store.step("stats", key, f"stats-{_slug(task)}", compute) / "stats.safetensors")
 
-    def windows(self, task: str):
+    def calib_sequences(self, task: str):
         """The task's calibration items as GPTQ sees them (one per sequence, padding masked)."""
-        if task not in self._windows:
+        if task not in self._sequences:
             w = stages.calibration_tokens(self.items(task, "calib"), self.lm.tokenizer, self.cfg.calib)
             self.say(f"{task}: GPTQ calibration: {w.tokens} tokens in {w.ids.shape[0]} items, one per sequence")
-            self._windows[task] = w
-        return self._windows[task]
+            self._sequences[task] = w
+        return self._sequences[task]
 
     def hessians(self, task: str):
         """The task's shared Hessians and their GPTQ factors, on disk (``quant.hessians``)."""
@@ -265,7 +265,7 @@ class Runner:
         def compute(tmp):
             self.say(f"{task}: Hessians of every linear input, layer by layer to disk (shared by every mask)")
             with self.meter.stage("Hessians"):
-                stages.write_hessians(self.lm.model, self.windows(task), tmp, q, self.device, self.progress)
+                stages.write_hessians(self.lm.model, self.calib_sequences(task), tmp, q, self.device, self.progress)
         return HessianFile(self.store.step("hessians", key, f"hessians-{_slug(task)}", compute))
 
     def _shared(self, qcfg: QuantizeConfig) -> bool:
@@ -291,10 +291,10 @@ class Runner:
         """The run's mask methods that contrast with the same ``Q(W)`` as ``method`` on ``task``."""
         from circuitq.saliency.methods import method as saliency_method
 
-        mine = stages.reference_config(method, self.cfg.quantize_at(bits))
+        mine = stages.qw_config(method, self.cfg.quantize_at(bits))
         wanted = ["tacq", *self.cfg.baselines]
         return [m for m in dict.fromkeys(wanted) if saliency_method(m).quantizer
-                and stages.reference_config(m, self.cfg.quantize_at(bits)) == mine]
+                and stages.qw_config(m, self.cfg.quantize_at(bits)) == mine]
 
     def _score_meta(self, task: str, key: dict) -> dict:
         from circuitq.model.arch import Geometry
@@ -310,7 +310,7 @@ class Runner:
         if any(saliency_method(m).stats for m in methods):
             self.grad_stats(src)
         if saliency_method(methods[0]).quantizer and self._shared(
-                stages.reference_config(methods[0], self.cfg.quantize_at(bits))):
+                stages.qw_config(methods[0], self.cfg.quantize_at(bits))):
             self.hessians(src)
         with self.meter.stage("Q(W), scores and masks"):
             self._stream_masks_once(task, bits, methods)
@@ -328,12 +328,12 @@ class Runner:
         m0 = saliency_method(methods[0])
         shapes = target_shapes(self.lm.model)
         src = task or self.cfg.tasks[0]
-        ref = None
+        qw = None
         if m0.quantizer:
-            qcfg = stages.reference_config(methods[0], self.cfg.quantize_at(bits))
+            qcfg = stages.qw_config(methods[0], self.cfg.quantize_at(bits))
             self.say(f"{src}: mask-free {bits}-bit {qcfg.method.upper()} for Q(W), streamed into {', '.join(methods)}")
             shared = self._shared(qcfg)
-            ref = stages.reference_stream(self.lm.model, qcfg, None if shared else self.windows(src),
+            qw = stages.qw_stream(self.lm.model, qcfg, None if shared else self.calib_sequences(src),
                                           self.hessians(src) if shared else None,
                                           need_hinv=any(saliency_method(m).hessian for m in methods),
                                           device=self.device, progress=self.progress)
@@ -345,7 +345,7 @@ class Runner:
         tmp = ctx.__enter__() if ctx else None
         try:
             writer = TensorWriter(tmp / "scores.safetensors") if tmp else None
-            for name, sc in stages.stream_scores(methods, self.lm.model, stats, ref, self.cfg.calib.seed):
+            for name, sc in stages.stream_scores(methods, self.lm.model, stats, qw, self.cfg.calib.seed):
                 for m, s in sc.items():
                     sel[m].add(name, s)
                 if writer is not None:
@@ -414,7 +414,7 @@ class Runner:
         return open_masks(self.store.find("mask", key) / "mask.safetensors")
 
     # ---- evaluation -----------------------------------------------------------------------------
-    def _reference_step(self, task: str) -> Path:
+    def _original_step(self, task: str) -> Path:
         """The unquantized model's evaluation step, with its logits at the scored tokens on disk
         (float32 at the task's positions, float16 at every MMLU token) for comparing every job."""
         from circuitq.storage import TensorWriter
@@ -433,9 +433,9 @@ class Runner:
         return self.store.step("eval", key, f"eval-reference-{_slug(task)}", compute,
                                valid=lambda p: (p / "logits.safetensors").is_file())
 
-    def reference_eval(self, task: str) -> dict:
+    def original_eval(self, task: str) -> dict:
         """Metrics of the unquantized model."""
-        return json.loads((self._reference_step(task) / "eval.json").read_text())
+        return json.loads((self._original_step(task) / "eval.json").read_text())
 
     def run_job(self, job: Job) -> dict:
         """The evaluation document of ``job`` (a step: quantize, evaluate, restore)."""
@@ -450,7 +450,7 @@ class Runner:
         from circuitq.storage import LazyTensors
 
         masks = self.mask(job.recipe, job.bits)
-        ref_logits = LazyTensors(self._reference_step(job.task) / "logits.safetensors")
+        ref_logits = LazyTensors(self._original_step(job.task) / "logits.safetensors")
         qcfg = self.cfg.quantize_at(job.bits)
         shared = self._shared(qcfg)
         hessians = self.hessians(job.task) if shared else None
@@ -458,7 +458,7 @@ class Runner:
         with self.meter.stage("quantize + evaluate"):
             try:
                 t0 = time.perf_counter()
-                qres = quantize_model(self.lm.model, None if shared else self.windows(job.task),
+                qres = quantize_model(self.lm.model, None if shared else self.calib_sequences(job.task),
                                       PrecisionPlan(qcfg.bits), qcfg, masks, self.device, self.progress,
                                       hessians=hessians, output_error=False, pack=False)
                 tq = time.perf_counter() - t0
@@ -553,7 +553,7 @@ def _run_jobs(r: Runner, jobs, cfg: RunConfig, run_dir: Path, lm, device, comman
 
     rows, item_kl = [], {}
     for task in cfg.tasks:
-        ref = r.reference_eval(task)
+        ref = r.original_eval(task)
         rows += [result_row(None, task, bits, ref) for bits in cfg.bits]
     for i, job in enumerate(jobs, 1):
         tj = time.perf_counter()

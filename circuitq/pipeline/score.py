@@ -126,9 +126,9 @@ def stream_examples(model, tokenizer, examples, cfg: ScoreConfig, stats, device=
     m = saliency_method(cfg.method)
     ref = None
     if m.quantizer:
-        qcfg = stages.reference_config(cfg.method, cfg.quantize)
+        qcfg = stages.qw_config(cfg.method, cfg.quantize)
         windows = stages.calibration_tokens(examples, tokenizer, cfg.calib) if qcfg.method == "gptq" else None
-        ref = stages.reference_stream(model, qcfg, windows, None, m.hessian, device, progress)
+        ref = stages.qw_stream(model, qcfg, windows, None, m.hessian, device, progress)
     for name, sc in stages.stream_scores([cfg.method], model, stats, ref, cfg.calib.seed):
         yield name, sc[cfg.method]
 

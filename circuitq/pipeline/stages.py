@@ -74,16 +74,16 @@ def write_hessians(model, windows, dest, qcfg: QuantizeConfig, device=None, prog
     return _write(model, windows, dest, qcfg.batch_size, qcfg.damp, device=device, progress=progress)
 
 
-def reference_stream(model, qcfg: QuantizeConfig, windows=None, hessians=None, need_hinv: bool = False, device=None,
+def qw_stream(model, qcfg: QuantizeConfig, windows=None, hessians=None, need_hinv: bool = False, device=None,
                      progress: bool = False):
-    """``Q(W)`` one module at a time (``quant.driver.reference_stream``): what ``quantized_reference``
+    """``Q(W)`` one module at a time (``quant.driver.qw_stream``): what ``quantized_weights``
     returns, without holding it."""
-    from circuitq.quant.driver import reference_stream as _stream
+    from circuitq.quant.driver import qw_stream as _stream
 
     return _stream(model, qcfg, windows, hessians, need_hinv, device, progress)
 
 
-def reference_config(method: str, qcfg: QuantizeConfig) -> QuantizeConfig:
+def qw_config(method: str, qcfg: QuantizeConfig) -> QuantizeConfig:
     """The quantizer whose ``Q(W)`` ``method`` contrasts with: the final quantizer's settings,
     with GPTQ or RTN as the method names it (``tacq-rtn`` -> RTN)."""
     from circuitq.saliency.methods import method as saliency_method
@@ -92,13 +92,13 @@ def reference_config(method: str, qcfg: QuantizeConfig) -> QuantizeConfig:
     return replace(qcfg, method=q) if q else qcfg
 
 
-def quantized_reference(model, qcfg: QuantizeConfig, windows: torch.Tensor | None = None, hessians=None,
+def quantized_weights(model, qcfg: QuantizeConfig, windows: torch.Tensor | None = None, hessians=None,
                         need_hinv: bool = False, device=None, progress: bool = False):
-    """``Q(W)`` of every targeted weight (``quant.driver.reference_quantization``): the one
+    """``Q(W)`` of every targeted weight (``quant.driver.qw_quantization``): the one
     function ``score``, ``run`` and the API use."""
-    from circuitq.quant.driver import reference_quantization
+    from circuitq.quant.driver import qw_quantization
 
-    return reference_quantization(model, qcfg, windows, hessians, need_hinv, device, progress)
+    return qw_quantization(model, qcfg, windows, hessians, need_hinv, device, progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,19 +108,19 @@ def score_weights(method: str, model, stats=None, reference=None, seed: int = 0)
     """Scores ``{HF weight name: [out, in] float32}`` of every targeted weight of ``model``.
 
     ``stats``: a ``GradStats`` (or its ``tensors`` dict) with what the method reads;
-    ``reference``: the ``Q(W)`` from ``quantized_reference``, made by the quantizer the method
+    ``reference``: the ``Q(W)`` from ``quantized_weights``, made by the quantizer the method
     names (a GPTQ reference given to ``tacq-rtn`` is an error, not a silent substitution)."""
     from circuitq.saliency.methods import SaliencyInputs, compute_scores, method as saliency_method
 
     m = saliency_method(method)
     if m.quantizer:
         if reference is None:
-            raise UsageError(f"method '{method}' needs Q(W) from {m.quantizer}: pass reference=quantized_reference(...)")
+            raise UsageError(f"method '{method}' needs Q(W) from {m.quantizer}: pass reference=quantized_weights(...)")
         if reference.config.method != m.quantizer:
             raise UsageError(f"method '{method}' contrasts with {m.quantizer} but the given Q(W) came from "
-                             f"{reference.config.method}; build it with reference_config('{method}', ...)")
+                             f"{reference.config.method}; build it with qw_config('{method}', ...)")
         if m.hessian and not reference.hinv_diag:
-            raise UsageError(f"method '{method}' needs the inverse-Hessian diagonals: quantized_reference(need_hinv=True)")
+            raise UsageError(f"method '{method}' needs the inverse-Hessian diagonals: quantized_weights(need_hinv=True)")
     tensors = getattr(stats, "tensors", stats) or {}
     weights = {n: model.get_parameter(n).detach() for n in target_shapes(model)}
     ref_w = reference.weights if reference is not None and m.quantizer else None
@@ -132,7 +132,7 @@ def score_weights(method: str, model, stats=None, reference=None, seed: int = 0)
 def stream_scores(methods, model, stats=None, reference=None, seed: int = 0):
     """Scores of several methods, one weight matrix at a time: yields ``(HF weight name, {method:
     [out, in] float32})``; equal to ``score_weights`` per method. ``reference``: an iterable of
-    ``quant.driver.RefModule`` (``reference_stream``: one ``Q(W)`` for every method given, so they
+    ``quant.driver.QWModule`` (``qw_stream``: one ``Q(W)`` for every method given, so they
     must share their quantizer) or None when no method needs ``Q(W)``. ``stats``: a ``GradStats``
     or ``{stat: {name: tensor}}`` mapping (read one matrix at a time when lazy). Memory: one
     module's weight, ``Q(W)``, statistics and scores."""
@@ -146,7 +146,7 @@ def stream_scores(methods, model, stats=None, reference=None, seed: int = 0):
     wanted = sorted({s for m in ms.values() for s in m.stats})
     if quantizers != {None}:
         if reference is None:
-            raise UsageError(f"methods {list(methods)} need Q(W): pass reference=reference_stream(...)")
+            raise UsageError(f"methods {list(methods)} need Q(W): pass reference=qw_stream(...)")
         items = ((r.name, r.weight, r.quantized, r.hinv_diag, r.errors) for r in reference)
     else:
         items = ((n, model.get_parameter(n).detach(), None, None, None) for n in target_shapes(model))
@@ -362,7 +362,7 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
         # entry by entry: round-to-nearest at the same bits and group size. GPTQ's Q(W) is a joint
         # solution (its updates compensate other entries' errors), so putting GPTQ values into a
         # subset of entries is not the effect of quantizing that subset.
-        quantized = quantized_reference(model, replace(job.quantize, method="rtn"), progress=progress).weights
+        quantized = quantized_weights(model, replace(job.quantize, method="rtn"), progress=progress).weights
     values = replacement(weights, job.ablation, quantized)
     grads = collect_gradients(model, lm.tokenizer, calib_items, job.calib, ("sum",), progress=progress)["stats"].tensors
     first = {n: grads["sum"][n].float() * (values[n].float() - weights[n].float()) for n in names}

@@ -378,8 +378,8 @@ class Reference(NamedTuple):
     errors: dict[str, torch.Tensor] | None = None   # {HF weight name: [out, in]} GPTQ's scaled errors (need_hinv)
 
 
-class RefModule(NamedTuple):
-    """``Q(W)`` of one module from ``reference_stream``: ``name`` (HF weight name), ``weight`` and
+class QWModule(NamedTuple):
+    """``Q(W)`` of one module from ``qw_stream``: ``name`` (HF weight name), ``weight`` and
     ``quantized`` ``[out, in]`` in the model's dtype, ``hinv_diag`` ``[in]`` and ``errors``
     ``[out, in]`` (GPTQ only, when asked; else None)."""
 
@@ -390,21 +390,21 @@ class RefModule(NamedTuple):
     errors: torch.Tensor | None
 
 
-def reference_stream(model: torch.nn.Module, cfg: QuantizeConfig, calib=None, hessians=None, need_hinv: bool = False,
+def qw_stream(model: torch.nn.Module, cfg: QuantizeConfig, calib=None, hessians=None, need_hinv: bool = False,
                      device=None, progress: bool = False):
-    """``Q(W)`` module by module (``RefModule``), never modifying ``model``: shared-Hessian GPTQ
+    """``Q(W)`` module by module (``QWModule``), never modifying ``model``: shared-Hessian GPTQ
     and RTN hold one chunk of modules at a time (``gptq_stream``); sequential GPTQ needs the partly
     quantized model, so it quantizes a copy (``+4P`` bytes) and yields from it."""
     needs_h = METHODS[cfg.method].needs_hessian
     if needs_h and cfg.hessian == "sequential" and hessians is None:
-        yield from _sequential_reference(model, cfg, calib, need_hinv, device, progress)
+        yield from _sequential_qw(model, cfg, calib, need_hinv, device, progress)
         return
     if not needs_h:
         spec = quant_spec(cfg)
         for w in target_shapes(model):
             W = model.get_parameter(w).detach()
             q = rtn_quantize(W.float(), spec, None).dequantize().to(W.dtype)
-            yield RefModule(w, W, q, None, None)
+            yield QWModule(w, W, q, None, None)
         return
     if hessians is None:
         if calib is None:
@@ -413,12 +413,12 @@ def reference_stream(model: torch.nn.Module, cfg: QuantizeConfig, calib=None, he
     for mq in gptq_stream(model, hessians, PrecisionPlan(cfg.bits), cfg, None, device, progress, keep_errors=need_hinv):
         w = weight_of(mq.name)
         W = model.get_parameter(w).detach()
-        yield RefModule(w, W, mq.result.weight.to(W.device, W.dtype),
+        yield QWModule(w, W, mq.result.weight.to(W.device, W.dtype),
                         hinv_diag_from_factor(mq.factor.U).cpu() if need_hinv else None,
                         mq.result.errors.cpu() if need_hinv else None)
 
 
-def _sequential_reference(model, cfg, calib, need_hinv, device, progress):
+def _sequential_qw(model, cfg, calib, need_hinv, device, progress):
     """Sequential GPTQ needs the partly quantized model: quantize ``model`` in place (its
     weights saved to a temporary file first, ``storage.ParameterBackup``), yield, restore."""
     import os
@@ -434,23 +434,23 @@ def _sequential_reference(model, cfg, calib, need_hinv, device, progress):
         res = quantize_model(model, calib, PrecisionPlan(cfg.bits), cfg, None, device, progress, keep_hinv=need_hinv,
                              pack=False)
         for w in names:
-            yield RefModule(w, backup.saved(w).to(model.get_parameter(w).device),
+            yield QWModule(w, backup.saved(w).to(model.get_parameter(w).device),
                             model.get_parameter(w).detach().clone(), res.hinv_diag.get(w), res.gptq_errors.get(w))
     finally:
         backup.restore()
         backup.close()
 
 
-def reference_quantization(model: torch.nn.Module, cfg: QuantizeConfig, calib: torch.Tensor | None = None,
+def qw_quantization(model: torch.nn.Module, cfg: QuantizeConfig, calib: torch.Tensor | None = None,
                            hessians: dict[str, HessianState] | None = None, need_hinv: bool = False,
                            device: str | torch.device | None = None, progress: bool = False) -> Reference:
     """The one definition of ``Q(W)`` for every saliency method and entry point: mask-free
     quantization of ``model``'s weights with exactly the final quantizer's settings ``cfg`` (bits,
     group size, grid, GPTQ settings, Hessian mode). ``cfg.method`` picks GPTQ or RTN. Holds every
-    ``Q(W)`` (``4 · P_lin`` bytes, ``+8 · P_lin`` with ``need_hinv``); ``reference_stream`` gives
+    ``Q(W)`` (``4 · P_lin`` bytes, ``+8 · P_lin`` with ``need_hinv``); ``qw_stream`` gives
     them one module at a time."""
     q, hinv, err = {}, {}, {}
-    for r in reference_stream(model, cfg, calib, hessians, need_hinv, device, progress):
+    for r in qw_stream(model, cfg, calib, hessians, need_hinv, device, progress):
         q[r.name] = r.quantized
         if r.hinv_diag is not None:
             hinv[r.name], err[r.name] = r.hinv_diag, r.errors
