@@ -38,7 +38,7 @@ def main() -> int:
     for kind in CIRCUIT_TASKS:
         task = Task(kind, DataConfig(split_seed=a.seed), lm.tokenizer)
         items = task.eval_items(a.items)
-        m = evaluate(lm.model, lm.tokenizer, items, kind, None, EvalConfig(samples=a.items), progress=False).metrics
+        m = evaluate(lm.model, lm.tokenizer, items, kind, cfg=EvalConfig(samples=a.items), progress=False).metrics
         res[kind] = {"items": m["items"], "metric": m["task_metric"], "value": m[m["task_metric"]],
                      "accuracy": m["accuracy"], "nll_per_token": m["nll_per_token"], "chance": CHANCE[kind]}
         print(kind, res[kind], flush=True)

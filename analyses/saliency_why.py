@@ -146,7 +146,7 @@ def evaluate_seed(lm, prepared: dict, seed: int, a) -> list[dict]:
         task = P["task"]
         evitems = task.eval_items(a.eval_samples)
         cache: dict = {}
-        stages.evaluate(lm.model, lm.tokenizer, evitems, task.kind, None, ev, False, logits_out=cache)
+        stages.evaluate(lm.model, lm.tokenizer, evitems, task.kind, cfg=ev, progress=False, logits_out=cache)
         jobs = [("gptq", None)] + [(c, P["masks"][c]) for c in a.candidates]
         jobs += [(f"{c}[{o}]", prepared[o]["masks"][c]) for o in prepared if o != name
                  for c in a.cross if c in prepared[o]["masks"]]
@@ -155,7 +155,8 @@ def evaluate_seed(lm, prepared: dict, seed: int, a) -> list[dict]:
                 twin, res = P["gptq"]
             else:
                 twin, res = stages.quantize(lm.model, P["q"], hessians=P["H"], masks=mask, progress=False)
-            m = stages.evaluate(twin, lm.tokenizer, evitems, task.kind, None, ev, False, reference_logits=cache).metrics
+            m = stages.evaluate(twin, lm.tokenizer, evitems, task.kind, cfg=ev, progress=False,
+                                reference_logits=cache).metrics
             rows.append({"task": name, "seed": seed, "method": label, "kl": m["kl"], "kl_all": m.get("kl_all"),
                          "top1": m["top1_agreement"], "nll": m["nll_per_token"],
                          "average_bits": res.bits.average_bits})

@@ -169,7 +169,7 @@ def _all_token_record(q: _Head, hq, r: _Head | None, hr, ref_cache, out_cache, b
     return rec
 
 
-def evaluate(model, tokenizer, examples, kind: str, reference=None, batch_size: int = 8, seq_len: int = 1024,
+def evaluate(model, tokenizer, examples, kind: str, *, reference=None, batch_size: int = 8, seq_len: int = 1024,
              progress: bool = True, logits_out=None, reference_logits=None, all_tokens: bool = False) -> EvalResult:
     """Evaluate ``model`` (and compare to ``reference``) on ``examples`` of task ``kind``
     (``mmlu``, ``gsm8k``, ``jsonl``, ``text`` or a circuit task). Items run in order of length for

@@ -70,7 +70,7 @@ def test_eval_reports_each_tasks_metric(kind, tiny_dir):
     tok = AutoTokenizer.from_pretrained(tiny_dir[0])
     model = AutoModelForCausalLM.from_pretrained(tiny_dir[0]).eval()
     items = Task(kind).eval_items(6)
-    m = evaluate(model, tok, items, kind, model, batch_size=3, progress=False).metrics
+    m = evaluate(model, tok, items, kind, reference=model, batch_size=3, progress=False).metrics
     assert m["task_metric"] == CIRCUIT_METRIC[kind] and 0 <= m["accuracy"] <= 1
     assert m["kl"] == pytest.approx(0.0, abs=1e-6) and m["top1_agreement"] == 1.0
 

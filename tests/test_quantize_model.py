@@ -131,7 +131,7 @@ def test_shared_hessians_equal_per_module_gptq_on_original_inputs(model_type, ca
     Hs = collect_hessians(model, calib_ids, batch_size=3, progress=False)
     assert Hs[names[0]] is Hs[names[1]]  # q and k share one input
     cfg = QuantizeConfig(bits=3, group_size=32, hessian="shared")
-    res = quantize_model(model, calib_ids, PrecisionPlan(3), cfg, masks, progress=False)
+    res = quantize_model(model, calib_ids, PrecisionPlan(3), cfg, masks=masks, progress=False)
     assert [r.name for r in res.records] == names
     for n in names:
         H = hessian_update(HessianState.zeros(X[n].shape[1]), X[n]).H
@@ -140,7 +140,7 @@ def test_shared_hessians_equal_per_module_gptq_on_original_inputs(model_type, ca
         assert res.qweights[n].nnz == int(masks[n + ".weight"].sum()) if n + ".weight" in masks else res.qweights[n].nnz == 0
     # a second model quantized from the same collected Hessians gives the same weights
     twin = tiny_model(model_type)
-    quantize_model(twin, None, PrecisionPlan(3), cfg, masks, progress=False, hessians=Hs)
+    quantize_model(twin, None, PrecisionPlan(3), cfg, masks=masks, progress=False, hessians=Hs)
     for n in names:
         differ = (twin.get_submodule(n).weight - model.get_submodule(n).weight).abs() > 1e-5
         assert differ.float().mean() < 0.01, n  # summation order of the Hessian may flip a rare rounding

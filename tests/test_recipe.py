@@ -189,10 +189,10 @@ def test_all_token_evaluation_matches_a_direct_computation(tmp_path, tiny_dir):
         for p in q.parameters():
             p.add_(0.02 * torch.randn_like(p))
     ex = load_examples("mmlu", "eval", 5, data_dir=task_data(tmp_path), template="raw")
-    direct = evaluate(q, tok, ex, "mmlu", ref, batch_size=2, progress=False, all_tokens=True).metrics
+    direct = evaluate(q, tok, ex, "mmlu", reference=ref, batch_size=2, progress=False, all_tokens=True).metrics
     cache: dict = {}
-    evaluate(ref, tok, ex, "mmlu", None, batch_size=2, progress=False, logits_out=cache, all_tokens=True)
-    cached = evaluate(q, tok, ex, "mmlu", None, batch_size=2, progress=False, reference_logits=cache,
+    evaluate(ref, tok, ex, "mmlu", batch_size=2, progress=False, logits_out=cache, all_tokens=True)
+    cached = evaluate(q, tok, ex, "mmlu", batch_size=2, progress=False, reference_logits=cache,
                       all_tokens=True).metrics
     ids = tokenize_examples(ex, tok, 1024).ids
     num = den = 0.0

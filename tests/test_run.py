@@ -127,10 +127,10 @@ def test_reference_logits_cache_gives_the_same_metrics(tiny_dir):
         for p in q.parameters():
             p.add_(0.05 * torch.randn_like(p))
     ex = [Example(f"the fox {i}", f" jumps over the lazy dog {i}") for i in range(7)]
-    direct = evaluate(q, tok, ex, "jsonl", ref, 3, 64, progress=False).metrics
+    direct = evaluate(q, tok, ex, "jsonl", reference=ref, batch_size=3, seq_len=64, progress=False).metrics
     cache: dict = {}
-    evaluate(ref, tok, ex, "jsonl", None, 3, 64, progress=False, logits_out=cache)
-    cached = evaluate(q, tok, ex, "jsonl", None, 3, 64, progress=False, reference_logits=cache).metrics
+    evaluate(ref, tok, ex, "jsonl", batch_size=3, seq_len=64, progress=False, logits_out=cache)
+    cached = evaluate(q, tok, ex, "jsonl", batch_size=3, seq_len=64, progress=False, reference_logits=cache).metrics
     assert direct["kl"] > 0
     assert cached["kl"] == pytest.approx(direct["kl"], rel=1e-6)
     assert cached["top1_agreement"] == direct["top1_agreement"]

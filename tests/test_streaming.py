@@ -104,8 +104,8 @@ def test_stored_factors_give_the_same_gptq(calib_ids, tmp_path):
     g = torch.Generator().manual_seed(0)
     masks = {n: torch.rand(s, generator=g) < 0.05 for n, s in target_shapes(model).items()}
     a, b = tiny_model(), tiny_model()
-    ra = quantize_model(a, None, PrecisionPlan(3), cfg, masks, progress=False, hessians=mem)
-    rb = quantize_model(b, None, PrecisionPlan(3), cfg, masks, progress=False, hessians=disk, output_error=False,
+    ra = quantize_model(a, None, PrecisionPlan(3), cfg, masks=masks, progress=False, hessians=mem)
+    rb = quantize_model(b, None, PrecisionPlan(3), cfg, masks=masks, progress=False, hessians=disk, output_error=False,
                         pack=False)
     for n in target_shapes(model):
         assert torch.equal(a.get_parameter(n), b.get_parameter(n)), n

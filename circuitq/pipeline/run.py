@@ -425,7 +425,8 @@ class Runner:
             self.say(f"{task}: evaluating the unquantized model on {len(self.items(task, 'eval'))} held-out items")
             with self.meter.stage("reference evaluation"), TensorWriter(tmp / "logits.safetensors") as sink:
                 res = stages.evaluate(self.lm.model, self.lm.tokenizer, self.items(task, "eval"),
-                                      self.tasks[task].kind, None, self.cfg.eval, self.progress, logits_out=sink)
+                                      self.tasks[task].kind, cfg=self.cfg.eval, progress=self.progress,
+                                      logits_out=sink)
                 sink.close({"format": "circuitq.reference-logits"})
             write_json(tmp / "eval.json", {"metrics": res.metrics})
             write_csv(tmp / "items.csv", res.items)
@@ -459,13 +460,13 @@ class Runner:
             try:
                 t0 = time.perf_counter()
                 qres = quantize_model(self.lm.model, None if shared else self.calib_sequences(job.task),
-                                      PrecisionPlan(qcfg.bits), qcfg, masks, self.device, self.progress,
-                                      hessians=hessians, output_error=False, pack=False)
+                                      PrecisionPlan(qcfg.bits), qcfg, masks=masks, device=self.device,
+                                      progress=self.progress, hessians=hessians, output_error=False, pack=False)
                 tq = time.perf_counter() - t0
                 del masks
                 t0 = time.perf_counter()
                 res = stages.evaluate(self.lm.model, self.lm.tokenizer, self.items(job.task, "eval"),
-                                      self.tasks[job.task].kind, None, self.cfg.eval, self.progress,
+                                      self.tasks[job.task].kind, cfg=self.cfg.eval, progress=self.progress,
                                       reference_logits=ref_logits)
             finally:
                 backup.restore()

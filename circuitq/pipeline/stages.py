@@ -194,8 +194,8 @@ def quantize(model, qcfg: QuantizeConfig, windows: torch.Tensor | None = None, h
 
     if not inplace:
         return quantize_copy(model, qcfg, windows, hessians, masks, device, progress)
-    return model, quantize_model(model, windows, PrecisionPlan(qcfg.bits), qcfg, masks, device, progress,
-                                 hessians=hessians)
+    return model, quantize_model(model, windows, PrecisionPlan(qcfg.bits), qcfg, masks=masks, device=device,
+                                 progress=progress, hessians=hessians)
 
 
 def export(out, model, tokenizer, result, meta: dict, summary: dict | None = None, overwrite: bool = False) -> Path:
@@ -243,7 +243,8 @@ def quantize_and_export(lm, job: QuantizeJob, out, masks=None, mask_meta: dict |
     held = heldout_windows(task.eval_items(), lm.tokenizer, job.calib.seq_len, job.eval.ppl_windows) \
         if job.eval.ppl_windows else None
     ppl_before = perplexity(lm.model, held, job.eval.batch_size) if held is not None else None
-    res = quantize_model(lm.model, windows, plan or PrecisionPlan(q.bits), q, masks, device, progress)
+    res = quantize_model(lm.model, windows, plan or PrecisionPlan(q.bits), q, masks=masks, device=device,
+                         progress=progress)
     ppl_after = perplexity(lm.model, held, job.eval.batch_size) if held is not None else None
     from circuitq.config import to_dict
 
@@ -263,7 +264,7 @@ def quantize_and_export(lm, job: QuantizeJob, out, masks=None, mask_meta: dict |
 # ---------------------------------------------------------------------------------------------
 # evaluate, compare
 # ---------------------------------------------------------------------------------------------
-def evaluate(model, tokenizer, examples, kind: str, reference=None, cfg: EvalConfig = EvalConfig(),
+def evaluate(model, tokenizer, examples, kind: str, *, reference=None, cfg: EvalConfig = EvalConfig(),
              progress: bool = True, logits_out: dict | None = None, reference_logits: dict | None = None):
     """KL(reference ‖ model), top-1 agreement, task NLL, MMLU accuracy and flips on ``examples``
     (``evals.evaluate``), and for MMLU with ``cfg.all_tokens`` the same over every token
@@ -271,8 +272,9 @@ def evaluate(model, tokenizer, examples, kind: str, reference=None, cfg: EvalCon
     from circuitq.evals import evaluate as _evaluate
 
     items = list(examples)[: cfg.samples] if cfg.samples else list(examples)
-    return _evaluate(model, tokenizer, items, kind, reference, cfg.batch_size, cfg.seq_len, progress,
-                     logits_out, reference_logits, cfg.all_tokens)
+    return _evaluate(model, tokenizer, items, kind, reference=reference, batch_size=cfg.batch_size,
+                     seq_len=cfg.seq_len, progress=progress, logits_out=logits_out, reference_logits=reference_logits,
+                     all_tokens=cfg.all_tokens)
 
 
 def compare(a, b, fraction: float = MaskConfig().fraction, top_n: int = 20, geometry: Geometry | None = None) -> dict:
@@ -308,7 +310,7 @@ def evaluate_task(lm, job, ref=None, say=print) -> tuple[dict, list[dict]]:
     if job.eval.samples is not None and job.eval.samples > len(items):
         say(f"[circuitq] --limit {job.eval.samples} is larger than the {job.split} split ({len(items)} items); "
             "using all of it")
-    res = evaluate(lm.model, lm.tokenizer, items, task.kind, ref.model if ref else None, job.eval)
+    res = evaluate(lm.model, lm.tokenizer, items, task.kind, reference=ref.model if ref else None, cfg=job.eval)
     if job.generate:
         gen = generate_exact_match(lm.model, lm.tokenizer, list(items)[: job.eval.samples], job.max_new_tokens,
                                    job.eval.batch_size)
@@ -368,10 +370,10 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
     first = {n: grads["sum"][n].float() * (values[n].float() - weights[n].float()) for n in names}
 
     def loss_fn(m):
-        r = evaluate(m, lm.tokenizer, items, task.kind, None, job.eval, progress=False).metrics
+        r = evaluate(m, lm.tokenizer, items, task.kind, cfg=job.eval, progress=False).metrics
         return r["nll_per_token"], r.get(r.get("task_metric") or "accuracy")
 
-    base = evaluate(model, lm.tokenizer, items, task.kind, None, job.eval, progress=False).metrics
+    base = evaluate(model, lm.tokenizer, items, task.kind, cfg=job.eval, progress=False).metrics
     chance = TASK_KINDS[task.kind].chance
     if chance is not None and base.get("accuracy") is not None and base["accuracy"] <= chance + 0.05:
         say(f"[circuitq] warning: the unquantized model is at chance on {job.task} (accuracy {base['accuracy']:.3f}, "

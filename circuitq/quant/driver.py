@@ -151,7 +151,7 @@ def _quantize_module(name, mod, H, spec, keep, cfg, method) -> tuple[QuantizedWe
 
 
 def quantize_model(model: torch.nn.Module, calib: Sequences | torch.Tensor | None, plan: PrecisionPlan,
-                   cfg: QuantizeConfig = QuantizeConfig(), masks: dict[str, torch.Tensor] | None = None,
+                   cfg: QuantizeConfig = QuantizeConfig(), *, masks: dict[str, torch.Tensor] | None = None,
                    device: str | torch.device | None = None, progress: bool = True,
                    keep_hinv: bool = False, hessians: dict[str, HessianState] | HessianFile | None = None,
                    output_error: bool = True, pack: bool = True) -> QuantizeResult:
@@ -360,7 +360,7 @@ def quantize_copy(model: torch.nn.Module, cfg: QuantizeConfig, calib: torch.Tens
             raise UsageError("shared-Hessian GPTQ needs calibration tokens or collected Hessians")
         hessians = collect_hessians(model, calib, cfg.batch_size, device, progress)
     res = quantize_model(twin, calib if needs_h and cfg.hessian == "sequential" else None,
-                         PrecisionPlan(cfg.bits), cfg, masks, device, progress=progress, keep_hinv=keep_hinv,
+                         PrecisionPlan(cfg.bits), cfg, masks=masks, device=device, progress=progress, keep_hinv=keep_hinv,
                          hessians=hessians if needs_h and cfg.hessian == "shared" else None)
     return twin, res
 
@@ -431,8 +431,8 @@ def _sequential_qw(model, cfg, calib, need_hinv, device, progress):
     os.close(fd)
     backup = ParameterBackup(model, names, path)
     try:
-        res = quantize_model(model, calib, PrecisionPlan(cfg.bits), cfg, None, device, progress, keep_hinv=need_hinv,
-                             pack=False)
+        res = quantize_model(model, calib, PrecisionPlan(cfg.bits), cfg, device=device, progress=progress,
+                             keep_hinv=need_hinv, pack=False)
         for w in names:
             yield QWModule(w, backup.saved(w).to(model.get_parameter(w).device),
                             model.get_parameter(w).detach().clone(), res.hinv_diag.get(w), res.gptq_errors.get(w))
