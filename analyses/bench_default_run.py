@@ -30,53 +30,28 @@ import argparse
 import csv
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, machine, measure_child, worktree  # noqa: E402
 REDUCED = ["--tasks", "mmlu", "gsm8k", "--bits", "3", "--calib-samples", "32", "--eval-samples", "16",
            "--baselines", "grad", "--batch-tokens", "512"]
-
-
-def worktree(rev: str) -> tuple[Path, str]:
-    """A detached worktree of REV in a temporary folder, and REV's full hash."""
-    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", rev], check=True, capture_output=True,
-                         text=True).stdout.strip()
-    dest = Path(tempfile.mkdtemp(prefix=f"circuitq-{sha[:7]}-")) / "src"
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-f", str(dest), sha],
-                   check=True, capture_output=True)
-    return dest, sha
 
 
 def run_child(src: Path, args: list[str], out: Path, log: Path) -> dict:
     """``python -m circuitq run ARGS --out OUT`` with SRC's code; peak RSS (bytes), wall seconds, rc."""
     env = {**os.environ, "PYTHONPATH": str(src), "TQDM_DISABLE": "1",
            "CIRCUITQ_DATA_DIR": os.environ.get("CIRCUITQ_DATA_DIR", str(REPO.parent / "shared" / "data"))}
-    t0 = time.perf_counter()
-    with log.open("w") as fh:
-        p = subprocess.Popen([sys.executable, "-m", "circuitq", "run", *args, "--out", str(out)],
-                             cwd=tempfile.mkdtemp(prefix="bench-cwd-"), env=env, stdout=fh, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(p.pid, 0)
-    seconds = time.perf_counter() - t0
-    row = {"rc": os.waitstatus_to_exitcode(status), "seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024,
-           "log": str(log)}
+    row = measure_child(["-m", "circuitq", "run", *args, "--out", str(out)], env, tempfile.mkdtemp(prefix="bench-cwd-"),
+                        log)
     rj = out / "run.json"
     if rj.exists():
         mem = json.loads(rj.read_text()).get("memory", {})
         row["run_json_memory"] = mem
         row["peak_rss_bytes"] = max(row["peak_rss_bytes"], mem.get("process_peak_bytes") or 0)
     return row
-
-
-def machine() -> dict:
-    import torch
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 def results(run: Path) -> dict[tuple, dict]:

@@ -23,17 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, machine, measure_child, worktree  # noqa: E402
 
 COMMANDS = {
     "runtime": ["-c", "import sys, circuitq.cli.commands, transformer_lens; from circuitq.model.loading import load_model; "
@@ -50,24 +47,12 @@ COMMANDS = {
 
 def measure(args: list[str], env: dict, cwd: str, log: Path) -> dict:
     """Run ``python ARGS`` in a child; its peak RSS (bytes) and wall seconds."""
-    t0 = time.perf_counter()
-    with log.open("w") as fh:
-        p = subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    peak = usage.ru_maxrss * 1024
+    r = measure_child(args, env, cwd, log)
     run_json = Path(cwd) / "run" / "run.json"
     if run_json.exists():   # a run resets the kernel's peak per stage and keeps the process's peak itself
         own = json.loads(run_json.read_text()).get("memory", {}).get("process_peak_bytes")
-        peak = max(peak, own or 0)
-    return {"peak_rss_bytes": peak, "seconds": time.perf_counter() - t0, "rc": p.returncode, "log": str(log)}
-
-
-def worktree(rev: str) -> Path:
-    dest = Path(tempfile.mkdtemp(prefix="circuitq-before-"))
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-f", str(dest / "src"), rev],
-                   check=True, capture_output=True)
-    return dest / "src"
+        r["peak_rss_bytes"] = max(r["peak_rss_bytes"], own or 0)
+    return r
 
 
 def main() -> None:
@@ -81,7 +66,7 @@ def main() -> None:
     a = ap.parse_args()
     variants = {"after": str(REPO)}
     if a.before:
-        variants = {"before": str(worktree(a.before)), **variants}
+        variants = {"before": str(worktree(a.before)[0]), **variants}
     if a.only:
         variants = {a.only: variants[a.only]}
     rows = []
@@ -111,7 +96,7 @@ def main() -> None:
         summary[stage] = s
     doc = {"model": a.model, "model_note": "weights dequantized from a 4-bit GGUF file", "before": a.before,
            "commands": {k: " ".join(COMMANDS[k]) for k in a.stages}, "repeats": a.repeats,
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+           "machine": machine(),
            "summary": summary, "rows": rows}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(doc, indent=2) + "\n")

@@ -68,7 +68,7 @@ def _child(cfg: dict) -> dict:
         secs = time.perf_counter() - t0
         sum_abs = bufs
     else:
-        res = collect_stats(lm.model, lm.tokenizer, ex, lm.source, cfg["batch_size"], cfg["seq_len"],
+        res = collect_stats(lm.model, lm.tokenizer, ex, lm.source, batch_size=cfg["batch_size"], seq_len=cfg["seq_len"],
                             stats=("sum_abs",), progress=False, batch_tokens=cfg["batch_tokens"],
                             attention=cfg["attention"])
         secs, tokens = res["seconds"], res["stats"].n_tokens

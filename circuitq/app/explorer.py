@@ -17,8 +17,8 @@ from pathlib import Path
 import streamlit as st
 import torch
 
-from circuitq.circuits import explore as X
-from circuitq.app import catalog as R
+from circuitq.circuits import explore
+from circuitq.app import catalog as runs_catalog
 from circuitq.circuits.maps import aggregate, top_units
 from circuitq.config import DEFAULT_FRACTION
 from circuitq.model.arch import MODULE_TYPES, Geometry, arch_for, parse_name
@@ -49,9 +49,9 @@ def load_scores(path: str, mtime: float):
 
 
 @st.cache_resource(max_entries=4, show_spinner="Ranking weights…")
-def ranking(path: str, mtime: float) -> X.TopIndex:
+def ranking(path: str, mtime: float) -> explore.TopIndex:
     f = load_scores(path, mtime)
-    return X.top_index(f["scores"], max(BUDGETS), Geometry(**f["meta"]["geometry"]).model_type)
+    return explore.top_index(f["scores"], max(BUDGETS), Geometry(**f["meta"]["geometry"]).model_type)
 
 
 @st.cache_resource(max_entries=8)
@@ -62,16 +62,16 @@ def score_map(path: str, mtime: float):
 
 @st.cache_data(max_entries=16)
 def budget_rows(path: str, mtime: float, bits: int, group_size: int) -> list[dict]:
-    return X.budget_table(ranking(path, mtime), BUDGETS, bits, group_size)
+    return explore.budget_table(ranking(path, mtime), BUDGETS, bits, group_size)
 
 
 @st.cache_resource(max_entries=16)
 def circuit(path: str, mtime: float, fraction: float):
-    return X.mask_at(ranking(path, mtime), fraction)
+    return explore.mask_at(ranking(path, mtime), fraction)
 
 
-def catalog(root: Path) -> list[R.RunEntry]:
-    return R.scan_runs(root)
+def catalog(root: Path) -> list[runs_catalog.RunEntry]:
+    return runs_catalog.scan_runs(root)
 
 
 def pct(f: float) -> str:
@@ -81,13 +81,13 @@ def pct(f: float) -> str:
 # ---------------------------------------------------------------------------------------------
 # pages
 # ---------------------------------------------------------------------------------------------
-def pick_run(runs: list[R.RunEntry], key: str) -> R.RunEntry | None:
+def pick_run(runs: list[runs_catalog.RunEntry], key: str) -> runs_catalog.RunEntry | None:
     ok = [r for r in runs if r.ok]
     bad = [r for r in runs if not r.ok]
     if bad:
         with st.sidebar.expander(f"{len(bad)} unreadable run(s)"):
             for r in bad:
-                st.write(f"**{R.md(r.name)}**: {R.md(r.error)}")
+                st.write(f"**{runs_catalog.md(r.name)}**: {runs_catalog.md(r.error)}")
     if not ok:
         st.info("No runs yet. Create one with `circuitq run --out runs/main` (the whole pipeline) or "
                 "`circuitq score --task mmlu --out runs/mmlu` (scores only), then reload.")
@@ -96,7 +96,7 @@ def pick_run(runs: list[R.RunEntry], key: str) -> R.RunEntry | None:
     return next(r for r in ok if r.name == name)
 
 
-def page_explore(run: R.RunEntry) -> None:
+def page_explore(run: runs_catalog.RunEntry) -> None:
     st.header("Explore a circuit")
     if not run.scores:
         st.warning("This run has no score directories.")
@@ -117,7 +117,7 @@ def page_explore(run: R.RunEntry) -> None:
     c2.metric("Average bits", f"{row['average_bits']:.3f}", help=f"{bits}-bit base, group size {gs}, exact accounting")
     c3.metric("In attention", pct(row["attention_share"]))
     if meta.get("model_note"):
-        st.caption(f"Model: {R.md(meta.get('model'))} — {R.md(meta['model_note'])}")
+        st.caption(f"Model: {runs_catalog.md(meta.get('model'))} — {runs_catalog.md(meta['model_note'])}")
 
     import plotly.graph_objects as go
 
@@ -128,7 +128,7 @@ def page_explore(run: R.RunEntry) -> None:
                       yaxis_title="layer", height=480)
     st.plotly_chart(fig, key="heads_heatmap")
 
-    counts = X.layer_module_counts(ti, budget, geo.n_layers)
+    counts = explore.layer_module_counts(ti, budget, geo.n_layers)
     bars = go.Figure([go.Bar(name=t, x=list(range(geo.n_layers)), y=counts[:, j].tolist())
                       for j, t in enumerate(MODULE_TYPES)])
     bars.update_layout(barmode="stack", title=f"Circuit at {pct(budget)}: 16-bit weights by layer and module",
@@ -144,25 +144,25 @@ def page_explore(run: R.RunEntry) -> None:
     spec = arch_for(geo.model_type)
     name = next((n for n in f["scores"] if parse_name(n, spec) == (layer, mod)), None)
     if name is None:
-        st.warning(f"No scores for layer {layer} {R.md(mod)}.")
+        st.warning(f"No scores for layer {layer} {runs_catalog.md(mod)}.")
         return
-    mask = X.mask_for(ti, budget, name)
-    dens = X.tile_density(mask, 32)
+    mask = explore.mask_for(ti, budget, name)
+    dens = explore.tile_density(mask, 32)
     hm = go.Figure(go.Heatmap(z=dens.tolist(), colorscale="Magma", hovertemplate="rows %{y}·32, cols %{x}·32: %{z:.3%}<extra></extra>"))
     hm.update_layout(title=f"{name}: share kept in 16-bit per 32×32 tile ({int(mask.sum())} of {mask.numel()})",
                      xaxis_title="input tile", yaxis_title="output tile", height=420)
     st.plotly_chart(hm, key="tile_heatmap")
     weight = q = None
-    src = R.model_dir(runs_dir(), meta.get("model_source"))
+    src = runs_catalog.model_dir(runs_dir(), meta.get("model_source"))
     try:
-        weight = X.load_weight(src, name).float() if src is not None else None
+        weight = explore.load_weight(src, name).float() if src is not None else None
     except (KeyError, OSError):
         weight = None
     if weight is not None:
         from circuitq.quant.quantizer import QuantSpec, rtn_quantize
 
         q = rtn_quantize(weight, QuantSpec(bits=bits, group_size=gs)).dequantize()
-    rows = X.top_weights(name, f["scores"][name], weight if weight is not None else torch.full_like(f["scores"][name], float("nan")),
+    rows = explore.top_weights(name, f["scores"][name], weight if weight is not None else torch.full_like(f["scores"][name], float("nan")),
                          q, geo, 100)
     st.caption("Top weights of this matrix (click a column to sort). quant_error = w − RTN(w) at the run's bits"
                + ("" if weight is not None else " (value is empty: the model directory is not inside the runs "
@@ -170,14 +170,14 @@ def page_explore(run: R.RunEntry) -> None:
     st.dataframe(rows, hide_index=True, key="top_weights")
 
 
-def _pair_defaults(scores: list[R.ScoreEntry]) -> tuple[int, int]:
+def _pair_defaults(scores: list[runs_catalog.ScoreEntry]) -> tuple[int, int]:
     mm = next((i for i, s in enumerate(scores) if s.task.startswith("mmlu")), 0)
     gs = next((i for i, s in enumerate(scores) if s.task.startswith("gsm8k") and s.bits == scores[mm].bits),
               1 if len(scores) > 1 else 0)
     return mm, gs
 
 
-def page_compare(runs: list[R.RunEntry], run: R.RunEntry) -> None:
+def page_compare(runs: list[runs_catalog.RunEntry], run: runs_catalog.RunEntry) -> None:
     from circuitq.circuits.maps import compare_circuits, compare_masks
     from circuitq.circuits.compare import same_model
     from circuitq.circuits.plots import head_heatmaps, overlap_by_layer
@@ -199,7 +199,7 @@ def page_compare(runs: list[R.RunEntry], run: R.RunEntry) -> None:
     ea, eb = pool[ia][1], pool[ib][1]
     fa, fb = load_scores(str(ea.path), _mtime(ea.path)), load_scores(str(eb.path), _mtime(eb.path))
     if not same_model(fa["meta"], fb["meta"]):
-        st.error(f"These circuits come from different models ({R.md(fa['meta'].get('model'))} vs {R.md(fb['meta'].get('model'))}); "
+        st.error(f"These circuits come from different models ({runs_catalog.md(fa['meta'].get('model'))} vs {runs_catalog.md(fb['meta'].get('model'))}); "
                  "comparing them would be meaningless. Pick two circuits of one model.")
         return
     ma, mb = circuit(str(ea.path), _mtime(ea.path), budget), circuit(str(eb.path), _mtime(eb.path), budget)
@@ -234,8 +234,8 @@ def page_compare(runs: list[R.RunEntry], run: R.RunEntry) -> None:
         st.dataframe(tr, hide_index=True)
 
 
-def page_export(root: Path, run: R.RunEntry) -> None:
-    from circuitq.app import jobs as J
+def page_export(root: Path, run: runs_catalog.RunEntry) -> None:
+    from circuitq.app import jobs as background_jobs
     from circuitq.saliency.masks import combine, mask_fraction, mask_metadata, save_masks
     from circuitq.app.catalog import confine
 
@@ -258,11 +258,11 @@ def page_export(root: Path, run: R.RunEntry) -> None:
     shapes = {n: tuple(t.shape) for n, t in mask.items()}
     nnz = {n: int(t.sum()) for n, t in mask.items()}
     try:
-        avg = X.predicted_bits(shapes, bits, gs, nnz)
+        avg = explore.predicted_bits(shapes, bits, gs, nnz)
         st.metric("Predicted average bits", f"{avg:.4f}", help=f"{sum(nnz.values()):,} weights in 16-bit "
                   f"({pct(mask_fraction(mask))})")
     except ValueError as e:
-        st.error(R.md(e))
+        st.error(runs_catalog.md(e))
         return
     c1, c2, c3 = st.columns(3)
     calib = c1.selectbox("Calibration", ["gsm8k", "mmlu"], key="exp_calib")
@@ -272,9 +272,9 @@ def page_export(root: Path, run: R.RunEntry) -> None:
     default_name = f"{a.task}-{how if b is not None else 'only'}-{bits}bit-{budget:.4%}".replace("%", "pct").replace(":", "-")
     name = "".join(ch if ch.isalnum() or ch in "-._" else "-" for ch in st.text_input("Name", default_name, key="exp_name"))
     out = confine(root, run.path / "models" / name)
-    model = R.model_dir(root, a.model_source)
+    model = runs_catalog.model_dir(root, a.model_source)
     if model is None:
-        st.error(f"The model of these scores ({R.md(a.model_source)}) is not inside the runs directory or circuitq's model "
+        st.error(f"The model of these scores ({runs_catalog.md(a.model_source)}) is not inside the runs directory or circuitq's model "
                  "cache; the explorer only reads models from there. Quantize it with `circuitq quantize` instead.")
         return
     if st.button("Quantize in the background", key="exp_go", disabled=out.exists()):
@@ -285,7 +285,7 @@ def page_export(root: Path, run: R.RunEntry) -> None:
                              combine=how if b is not None else None,
                              sources=[str(a.path)] + ([str(b.path)] if b else []))
         if mpath.exists():
-            st.error(f"A mask named {R.md(mpath.name)} already exists in this run; choose another name.")
+            st.error(f"A mask named {runs_catalog.md(mpath.name)} already exists in this run; choose another name.")
             return
         save_masks(mpath, mask, meta)
         from circuitq.config import CalibConfig, DataConfig, EvalConfig, QuantizeConfig, QuantizeJob
@@ -295,28 +295,28 @@ def page_export(root: Path, run: R.RunEntry) -> None:
                           calib=CalibConfig(samples=int(samples), seq_len=256),
                           quantize=QuantizeConfig(bits=bits, group_size=gs, hessian="shared"),
                           eval=EvalConfig(ppl_windows=4))
-        spec = J.export_spec(str(model), mpath, out, job, sorted({a.task, b.task} if b else {a.task}), int(limit))
-        J.start_job(name, out, spec)
-        st.success(f"Started: {R.md(name)}")
+        spec = background_jobs.export_spec(str(model), mpath, out, job, sorted({a.task, b.task} if b else {a.task}), int(limit))
+        background_jobs.start_job(name, out, spec)
+        st.success(f"Started: {runs_catalog.md(name)}")
     if out.exists():
-        st.caption(f"{R.md(out.name)} exists; choose another name to export again.")
+        st.caption(f"{runs_catalog.md(out.name)} exists; choose another name to export again.")
     jobs_panel(run)
 
 
 @st.fragment(run_every=2)
-def jobs_panel(run: R.RunEntry) -> None:
-    from circuitq.app import jobs as J
+def jobs_panel(run: runs_catalog.RunEntry) -> None:
+    from circuitq.app import jobs as background_jobs
 
-    jobs = J.list_jobs(run.path / "models")
+    jobs = background_jobs.list_jobs(run.path / "models")
     st.subheader("Jobs and models")
     for j in jobs:
-        s = J.job_status(j)
-        st.write(f"**{R.md(j.name)}** — {R.md(s['state'])}" + (f" · {R.md(s['step'])}" if s["step"] else ""))
+        s = background_jobs.job_status(j)
+        st.write(f"**{runs_catalog.md(j.name)}** — {runs_catalog.md(s['state'])}" + (f" · {runs_catalog.md(s['step'])}" if s["step"] else ""))
         if s["state"] == "running":
             st.progress((s["percent"] or 0) / 100, text=s["step"][-120:])
         elif s["state"] == "failed":
-            st.error(R.md(s["last"]))
-    models = R.read_run(run.path).models if run.path.exists() else []
+            st.error(runs_catalog.md(s["last"]))
+    models = runs_catalog.read_run(run.path).models if run.path.exists() else []
     rows = []
     for m in models:
         for e in m.evals or [{}]:
@@ -331,7 +331,7 @@ def jobs_panel(run: R.RunEntry) -> None:
         st.caption("No exported models yet.")
 
 
-def page_faithfulness(run: R.RunEntry) -> None:
+def page_faithfulness(run: runs_catalog.RunEntry) -> None:
     """Measured vs predicted change per unit, and the circuit against random sets."""
     import plotly.graph_objects as go
 

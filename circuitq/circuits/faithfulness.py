@@ -175,7 +175,7 @@ def measure(model, loss_fn, entries: dict, values: dict) -> tuple[float, float |
         return loss_fn(model)
 
 
-def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], values: dict, estimators: dict,
+def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], values: dict, estimators: dict, *,
                         top: int, n_random: int, fraction: float, seed: int = 0, progress: bool = True) -> dict:
     """The faithfulness measurements (``loss_fn`` runs the task's evaluation items).
 

@@ -43,9 +43,9 @@ def collect_gradients(model, tokenizer, examples, calib: CalibConfig = CalibConf
     from circuitq.saliency.capture import collect_stats
 
     path = model_path or getattr(model.config, "_name_or_path", "") or "model"
-    return collect_stats(model, tokenizer, examples, path, calib.batch_size, calib.seq_len, stats or ("sum_abs",),
-                         state, start, progress=progress, on_batch=on_batch, batch_tokens=calib.batch_tokens,
-                         attention=calib.attention, loss=calib.loss)
+    return collect_stats(model, tokenizer, examples, path, batch_size=calib.batch_size, seq_len=calib.seq_len,
+                         stats=stats or ("sum_abs",), state=state, start=start, progress=progress, on_batch=on_batch,
+                         batch_tokens=calib.batch_tokens, attention=calib.attention, loss=calib.loss)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,7 +382,8 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
     unit_list = units({n: tuple(w.shape) for n, w in weights.items()}, Geometry.from_config(model.config), job.units)
     rep = faithfulness_report(model, loss_fn, {n: scores[n].float() for n in names}, unit_list, values,
                               {"score": {n: scores[n].float() for n in names}, "first-order": first},
-                              job.top, job.random, job.fraction, job.seed, progress)
+                              top=job.top, n_random=job.random, fraction=job.fraction, seed=job.seed,
+                              progress=progress)
     rep.update(format="circuitq.faithfulness", task=job.task, units_kind=job.units, ablation=job.ablation, items=len(items),
                base_accuracy=base.get("accuracy"), circuitq_version=__version__)
     return rep

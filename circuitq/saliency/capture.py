@@ -357,7 +357,7 @@ def plan_batches(lengths: list[int], batch_size: int, batch_tokens: int = 0, sta
     return out
 
 
-def collect_stats(model, tokenizer, examples, model_path: str, batch_size: int = 8, seq_len: int = 512,
+def collect_stats(model, tokenizer, examples, model_path: str, *, batch_size: int = 8, seq_len: int = 512,
                   stats=STATS, state: GradStats | None = None, start: int = 0, progress: bool = True,
                   on_batch=None, batch_tokens: int = DEFAULT_BATCH_TOKENS, attention: str = "sdpa",
                   per_sample: bool | None = None, loss: str = "answer") -> CollectResult:
