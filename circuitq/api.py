@@ -31,6 +31,7 @@ from circuitq.presets import PRESETS, apply_preset
 from circuitq.model.arch import Geometry, target_shapes
 from circuitq.model.loading import load_model
 from circuitq.errors import CircuitqError
+from circuitq.saliency.attribution import integrated_gradients
 from circuitq.saliency.masks import load_masks, save_masks
 from circuitq.pipeline.stages import (calibration_tokens, collect_gradients, collect_hessians, compare, evaluate,
                                       export, quantize, quantized_weights, qw_config, score_weights, select)
@@ -64,4 +65,4 @@ __all__ = ["CalibConfig", "DataConfig", "EvalConfig", "MaskConfig", "QuantizeCon
            "ScoreConfig", "DEFAULT_FRACTION", "Task", "Geometry", "target_shapes", "load_model", "calibration_tokens",
            "collect_gradients", "collect_hessians", "compare", "evaluate", "export", "quantize", "quantized_weights",
            "qw_config", "score_weights", "select", "run", "circuit_map", "apply_preset", "PRESETS", "load_masks",
-           "save_masks", "CircuitqError", "quantized_reference", "reference_config"]
+           "save_masks", "CircuitqError", "quantized_reference", "reference_config", "integrated_gradients"]

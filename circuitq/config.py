@@ -201,14 +201,18 @@ class ScoreConfig:
 
     model: str = field(default=DEFAULT_MODEL, metadata=_help("alias, a local HF directory or a hub id"))
     task: str = field(default="mmlu", metadata=_help("mmlu, mmlu:CATEGORY, mmlu:SUBJECT, gsm8k, ioi, greater-than, induction, capitals, text:PATH, jsonl:PATH"))
-    method: str = field(default="tacq", metadata=_help("saliency method"))
+    method: str = field(default="tacq", metadata=_help(
+        "saliency method, or ig (integrated gradients between W and Q(W), --ig-steps passes)"))
     data: DataConfig = field(default_factory=DataConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     checkpoint_every: int = field(default=0, metadata=_help("samples between checkpoints (0 = none)"))
+    ig_steps: int = field(default=8, metadata=_help(
+        "method ig: Gauss-Legendre nodes on the path W -> Q(W), one gradient pass each"))
 
     def __post_init__(self) -> None:
         _at_least(self, ("checkpoint_every",), 0)
+        _at_least(self, ("ig_steps",), 1)
 
 
 @dataclass(frozen=True, kw_only=True)

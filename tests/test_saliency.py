@@ -27,6 +27,7 @@ def test_every_method_equals_its_direct_formula():
         "tacq": S["sum_abs"] * (W - Q).abs() * W.abs(),
         "tacq-rtn": S["sum_abs"] * (W - Q).abs() * W.abs(),
         "taylor": (S["sum"] * (Q - W)).abs(),
+        "atp": S["sum"] * (Q - W), "atp-abs": S["sum_abs"] * (Q - W).abs(),
         "grad": S["sum_abs"], "fisher": S["sum_sq"], "magnitude": W.abs(),
         "spqr": ((W - Q) ** 2 / h[None, :]) / ((W - Q) ** 2 / h[None, :]).mean(),
         "wanda": W.abs() * S["act_sq"].sqrt()[None, :],

@@ -22,7 +22,7 @@ SCORE_FLAGS = [("--model", "model"), ("--task", "task"), ("--method", "method"),
                ("--samples", "calib.samples"), ("--seq-len", "calib.seq_len"),
                ("--batch-size", ("calib.batch_size", "quantize.batch_size")), ("--batch-tokens", "calib.batch_tokens"),
                ("--calib-tokens", "calib.tokens"), ("--attention", "calib.attention"), ("--loss", "calib.loss"),
-               ("--seed", "calib.seed"), *DATA, ("--checkpoint-every", "checkpoint_every")]
+               ("--seed", "calib.seed"), *DATA, ("--checkpoint-every", "checkpoint_every"), ("--ig-steps", "ig_steps")]
 QUANTIZE_FLAGS = [("--model", "model"), ("--calib", "task"), *QUANT, ("--method", "quantize.method"),
                   ("--samples", "calib.samples"), ("--seq-len", "calib.seq_len"), ("--calib-tokens", "calib.tokens"),
                   ("--seed", "calib.seed"), *DATA,
@@ -134,7 +134,7 @@ def add_score(sub) -> None:
     _preset(p)
     for act in p._actions:
         if act.dest == "cfg__method":
-            act.choices = list(METHODS)
+            act.choices = [*METHODS, "ig"]   # ig: integrated gradients (pipeline.score.run_ig)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     _common(p)
     p.set_defaults(func=cmd_score)

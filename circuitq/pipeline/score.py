@@ -75,6 +75,8 @@ def run_score(lm, cfg: ScoreConfig, out: str | Path, resume: bool = False, overw
     from circuitq.saliency.files import save_stats, write_scores_dir
 
     out = Path(out)
+    if cfg.method == "ig":
+        return run_ig(lm, cfg, out, overwrite, progress, device)
     stages.needed_stats(cfg.method)  # an unknown method fails before any work
     dist = _dist()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
@@ -115,6 +117,39 @@ def run_score(lm, cfg: ScoreConfig, out: str | Path, resume: bool = False, overw
             p = out.parent / f".{out.name}.ckpt-rank{r}.safetensors"
             if rank == 0 and p.exists():
                 p.unlink()
+    return out
+
+
+def run_ig(lm, cfg: ScoreConfig, out: Path, overwrite: bool = False, progress: bool = True, device=None) -> Path:
+    """``circuitq score --method ig``: integrated gradients between ``W`` and ``Q(W)`` (the final
+    quantizer's, GPTQ made on the task's calibration items) as a scores directory, signed, with
+    their completeness in ``score.json`` (``saliency.attribution``; ``--ig-steps`` gradient passes)."""
+    from circuitq.artifacts import check_writable
+    from circuitq.data.tasks import Task
+    from circuitq.pipeline.store import model_fingerprint
+    from circuitq.saliency.attribution import integrated_gradients
+    from circuitq.saliency.files import write_scores_dir
+
+    if _dist() is not None:
+        raise UsageError("--method ig runs in one process; start it without torchrun")
+    check_writable(out, overwrite)
+    examples = Task(cfg.task, cfg.data, lm.tokenizer).calib_for(cfg.calib)
+    meta = score_metadata(lm, cfg, model_fingerprint(lm.model), len(examples), 1)
+    qcfg = cfg.quantize
+    windows = stages.calibration_tokens(examples, lm.tokenizer, cfg.calib) if qcfg.method == "gptq" else None
+    t0 = time.perf_counter()
+    qw = stages.quantized_weights(lm.model, qcfg, windows, device=device, progress=progress).weights
+    print(f"[circuitq] integrated gradients over {cfg.ig_steps} points of the path W -> Q(W) "
+          f"({cfg.ig_steps} gradient passes over {len(examples)} items)")
+    attr, comp = integrated_gradients(lm.model, lm.tokenizer, examples, qw, cfg.calib, cfg.ig_steps,
+                                      model_path=lm.source, progress=progress)
+    del qw
+    meta.update(ig_steps=cfg.ig_steps, quadrature="gauss-legendre", signed=True,
+                completeness={"attributed": comp.attributed, "measured": comp.measured, "gap": comp.gap},
+                seconds=time.perf_counter() - t0, n_samples=len(examples))
+    print(f"[circuitq] completeness: attributions sum to {comp.attributed:.4f}, L(Q(W)) - L(W) = "
+          f"{comp.measured:.4f} (gap {comp.gap:.1%})")
+    write_scores_dir(out, attr, None, meta, overwrite=overwrite)
     return out
 
 

@@ -442,8 +442,8 @@ def _sequential_qw(model, cfg, calib, need_hinv, device, progress):
 
 
 def qw_quantization(model: torch.nn.Module, cfg: QuantizeConfig, calib: torch.Tensor | None = None,
-                           hessians: dict[str, HessianState] | None = None, need_hinv: bool = False,
-                           device: str | torch.device | None = None, progress: bool = False) -> Reference:
+                    hessians: dict[str, HessianState] | None = None, need_hinv: bool = False,
+                    device: str | torch.device | None = None, progress: bool = False) -> Reference:
     """The one definition of ``Q(W)`` for every saliency method and entry point: mask-free
     quantization of ``model``'s weights with exactly the final quantizer's settings ``cfg`` (bits,
     group size, grid, GPTQ settings, Hessian mode). ``cfg.method`` picks GPTQ or RTN. Holds every

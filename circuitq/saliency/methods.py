@@ -92,6 +92,10 @@ METHODS: dict[str, SaliencyMethod] = {
     "tacq": SaliencyMethod(("sum_abs",), "gptq", False, _tacq),
     "tacq-rtn": SaliencyMethod(("sum_abs",), "rtn", False, _tacq),
     "taylor": SaliencyMethod(("sum",), "gptq", False, lambda n, i: (i.stats["sum"][n] * _dq(i, n)).abs()),
+    # attribution patching between W and Q(W): the predicted loss change of quantizing the weight,
+    # signed (a weight whose quantization helps ranks last), and its per-sample absolute bound
+    "atp": SaliencyMethod(("sum",), "gptq", False, lambda n, i: i.stats["sum"][n] * _dq(i, n)),
+    "atp-abs": SaliencyMethod(("sum_abs",), "gptq", False, lambda n, i: i.stats["sum_abs"][n] * _dq(i, n).abs()),
     "grad": SaliencyMethod(("sum_abs",), None, False, lambda n, i: i.stats["sum_abs"][n].clone()),
     "fisher": SaliencyMethod(("sum_sq",), None, False, lambda n, i: i.stats["sum_sq"][n].clone()),
     "magnitude": SaliencyMethod((), None, False, lambda n, i: _w(i, n).abs()),
