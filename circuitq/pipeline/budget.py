@@ -85,6 +85,7 @@ class Tokens(NamedTuple):
     eval_batch: int
     scored: int
     every: int
+    calib_longest: int = 0   # the longest calibration item: alone in its gradient batch when over --batch-tokens
 
 
 def task_tokens(windows, eval_items, tokenizer, cfg) -> Tokens:
@@ -100,7 +101,7 @@ def task_tokens(windows, eval_items, tokenizer, cfg) -> Tokens:
     eb = cfg.eval.batch_size
     batch = max(lens[i:i + eb][-1] * len(lens[i:i + eb]) for i in range(0, len(lens), eb))
     return Tokens(calib, batch, sum(len(x) - s for x, s in zip(ev.ids, ev.scored_from)),
-                  sum(len(x) - 1 for x in ev.ids) if cfg.eval.all_tokens else 0)
+                  sum(len(x) - 1 for x in ev.ids) if cfg.eval.all_tokens else 0, int(m.sum(1).max()))
 
 
 def run_stages(m: ModelNumbers, tokens: dict[str, Tokens], n_bits: int, batch_tokens: int, n_methods: int,
@@ -110,8 +111,9 @@ def run_stages(m: ModelNumbers, tokens: dict[str, Tokens], n_bits: int, batch_to
     t = list(tokens.values())
     n_tasks = len(t)
     ev = max(4 * x.eval_batch * (m.d + m.d_ff) for x in t) + 4 * 4 * EVAL_CHUNK * m.V
+    in_flight = max(batch_tokens, *(x.calib_longest for x in t))   # an item longer than the budget runs alone
     return [
-        Stage("gradients", 4 * m.P_lin + batch_tokens * 4 * (m.L * (12 * m.d + 4 * m.d_ff) + 3 * m.V),
+        Stage("gradients", 4 * m.P_lin + in_flight * 4 * (m.L * (12 * m.d + 4 * m.d_ff) + 3 * m.V),
               4 * m.P_lin * n_tasks),
         Stage("Hessians", max(4 * m.d * x.calib for x in t) + 8 * m.S, 8 * m.L * m.S * n_tasks),
         Stage("Q(W), scores and masks", 32 * GPTQ_CHUNK + 12 * k * n_methods, 4 * m.P_lin * n_tasks * n_bits),
