@@ -159,12 +159,12 @@ def stream_examples(model, tokenizer, examples, cfg: ScoreConfig, stats, device=
     from circuitq.saliency.methods import method as saliency_method
 
     m = saliency_method(cfg.method)
-    ref = None
+    qw = None
     if m.quantizer:
         qcfg = stages.qw_config(cfg.method, cfg.quantize)
         windows = stages.calibration_tokens(examples, tokenizer, cfg.calib) if qcfg.method == "gptq" else None
-        ref = stages.qw_stream(model, qcfg, windows, None, m.hessian, device, progress)
-    for name, sc in stages.stream_scores([cfg.method], model, stats, ref, cfg.calib.seed):
+        qw = stages.qw_stream(model, qcfg, windows, None, m.hessian, device, progress)
+    for name, sc in stages.stream_scores([cfg.method], model, stats, qw, cfg.calib.seed):
         yield name, sc[cfg.method]
 
 

@@ -104,34 +104,37 @@ def quantized_weights(model, qcfg: QuantizeConfig, windows: torch.Tensor | None 
 # ---------------------------------------------------------------------------------------------
 # scores and masks
 # ---------------------------------------------------------------------------------------------
-def score_weights(method: str, model, stats=None, reference=None, seed: int = 0) -> dict[str, torch.Tensor]:
+def score_weights(method: str, model, stats=None, quantized=None, seed: int = 0, *,
+                  reference=None) -> dict[str, torch.Tensor]:
     """Scores ``{HF weight name: [out, in] float32}`` of every targeted weight of ``model``.
 
     ``stats``: a ``GradStats`` (or its ``tensors`` dict) with what the method reads;
-    ``reference``: the ``Q(W)`` from ``quantized_weights``, made by the quantizer the method
-    names (a GPTQ reference given to ``tacq-rtn`` is an error, not a silent substitution)."""
+    ``quantized``: the ``Q(W)`` from ``quantized_weights``, made by the quantizer the method
+    names (a GPTQ ``Q(W)`` given to ``tacq-rtn`` is an error, not a silent substitution);
+    ``reference=`` is its name before 0.6.2, still accepted."""
     from circuitq.saliency.methods import SaliencyInputs, compute_scores, method as saliency_method
 
+    qw = quantized if quantized is not None else reference   # Q(W), whichever name it came by
     m = saliency_method(method)
     if m.quantizer:
-        if reference is None:
-            raise UsageError(f"method '{method}' needs Q(W) from {m.quantizer}: pass reference=quantized_weights(...)")
-        if reference.config.method != m.quantizer:
+        if qw is None:
+            raise UsageError(f"method '{method}' needs Q(W) from {m.quantizer}: pass quantized=quantized_weights(...)")
+        if qw.config.method != m.quantizer:
             raise UsageError(f"method '{method}' contrasts with {m.quantizer} but the given Q(W) came from "
-                             f"{reference.config.method}; build it with qw_config('{method}', ...)")
-        if m.hessian and not reference.hinv_diag:
+                             f"{qw.config.method}; build it with qw_config('{method}', ...)")
+        if m.hessian and not qw.hinv_diag:
             raise UsageError(f"method '{method}' needs the inverse-Hessian diagonals: quantized_weights(need_hinv=True)")
     tensors = getattr(stats, "tensors", stats) or {}
     weights = {n: model.get_parameter(n).detach() for n in target_shapes(model)}
-    ref_w = reference.weights if reference is not None and m.quantizer else None
-    hinv = reference.hinv_diag if reference is not None and m.hessian else None
-    errors = reference.errors if reference is not None and m.hessian else None
+    ref_w = qw.weights if qw is not None and m.quantizer else None
+    hinv = qw.hinv_diag if qw is not None and m.hessian else None
+    errors = qw.errors if qw is not None and m.hessian else None
     return compute_scores(method, SaliencyInputs(weights, ref_w, tensors if m.stats else {}, hinv, seed, errors))
 
 
-def stream_scores(methods, model, stats=None, reference=None, seed: int = 0):
+def stream_scores(methods, model, stats=None, qw=None, seed: int = 0):
     """Scores of several methods, one weight matrix at a time: yields ``(HF weight name, {method:
-    [out, in] float32})``; equal to ``score_weights`` per method. ``reference``: an iterable of
+    [out, in] float32})``; equal to ``score_weights`` per method. ``qw``: an iterable of
     ``quant.driver.QWModule`` (``qw_stream``: one ``Q(W)`` for every method given, so they
     must share their quantizer) or None when no method needs ``Q(W)``. ``stats``: a ``GradStats``
     or ``{stat: {name: tensor}}`` mapping (read one matrix at a time when lazy). Memory: one
@@ -145,9 +148,9 @@ def stream_scores(methods, model, stats=None, reference=None, seed: int = 0):
     tensors = getattr(stats, "tensors", stats) or {}
     wanted = sorted({s for m in ms.values() for s in m.stats})
     if quantizers != {None}:
-        if reference is None:
-            raise UsageError(f"methods {list(methods)} need Q(W): pass reference=qw_stream(...)")
-        items = ((r.name, r.weight, r.quantized, r.hinv_diag, r.errors) for r in reference)
+        if qw is None:
+            raise UsageError(f"methods {list(methods)} need Q(W): pass qw=qw_stream(...)")
+        items = ((r.name, r.weight, r.quantized, r.hinv_diag, r.errors) for r in qw)
     else:
         items = ((n, model.get_parameter(n).detach(), None, None, None) for n in target_shapes(model))
     for n, w, q, hinv, err in items:
