@@ -174,7 +174,7 @@ class Geometry:
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return cls(cfg.num_hidden_layers, cfg.num_attention_heads,
                    getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, hd, cfg.intermediate_size,
-                   cfg.model_type)
+                   getattr(cfg, "model_type", "llama"))
 
     @classmethod
     def infer(cls, shapes: dict[str, tuple[int, int]], n_heads: int) -> "Geometry":
