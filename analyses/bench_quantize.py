@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 
 def _child(cfg: dict) -> dict:
     """One configuration, run inside a child process."""
-    from circuitq.quant.export import load_packed
+    from circuitq.model.packed import load_packed
     from circuitq.quant.plan import PrecisionPlan
     from circuitq.config import QuantizeConfig
     from circuitq.model.arch import target_shapes

@@ -74,7 +74,8 @@ def main() -> int:
     from circuitq.config import MaskConfig, QuantizeConfig
     from circuitq.pipeline import stages
     from circuitq.quant.driver import quantize_model
-    from circuitq.quant.export import export_all, format_of, unpack_gptq
+    from circuitq.quant.export import export_all
+    from circuitq.model.packed import format_of, unpack_gptq
     from circuitq.quant.plan import PrecisionPlan
 
     t_all = time.perf_counter()

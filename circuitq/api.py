@@ -24,18 +24,39 @@ Every name here is the function the CLI, the run driver and the explorer call.
 """
 from __future__ import annotations
 
-from circuitq.config import (CalibConfig, DataConfig, EvalConfig, MaskConfig, QuantizeConfig, QuantizeJob,
-                             RunConfig, ScoreConfig, DEFAULT_FRACTION)
+from circuitq.circuits.maps import aggregate
+from circuitq.config import (
+    DEFAULT_FRACTION,
+    CalibConfig,
+    DataConfig,
+    EvalConfig,
+    MaskConfig,
+    QuantizeConfig,
+    QuantizeJob,
+    RunConfig,
+    ScoreConfig,
+)
 from circuitq.data.tasks import Task
-from circuitq.presets import PRESETS, apply_preset
+from circuitq.errors import CircuitqError
 from circuitq.model.arch import Geometry, target_shapes
 from circuitq.model.loading import load_model
-from circuitq.errors import CircuitqError
+from circuitq.pipeline.run import run as _run
+from circuitq.pipeline.stages import (
+    calibration_tokens,
+    collect_gradients,
+    collect_hessians,
+    compare,
+    evaluate,
+    export,
+    quantize,
+    quantized_weights,
+    qw_config,
+    score_weights,
+    select,
+)
+from circuitq.presets import PRESETS, apply_preset
 from circuitq.saliency.attribution import integrated_gradients
 from circuitq.saliency.masks import load_masks, save_masks
-from circuitq.pipeline.stages import (calibration_tokens, collect_gradients, collect_hessians, compare, evaluate,
-                                      export, quantize, quantized_weights, qw_config, score_weights, select)
-
 
 # Names before 0.6.2, where "reference" meant Q(W) here and the unquantized model elsewhere:
 # "reference" now always means the unquantized model, and Q(W) is "quantized weights".
@@ -45,8 +66,6 @@ reference_config = qw_config
 
 def run(cfg: RunConfig, out, lm=None, device: str = "cpu", progress: bool = True):
     """The whole main job (``circuitq run``) on ``lm`` (loaded from ``cfg.model`` when None)."""
-    from circuitq.pipeline.run import run as _run
-
     lm = lm or load_model(cfg.model, device=device)
     return _run(lm, cfg, out, device, progress)
 
@@ -55,8 +74,6 @@ def circuit_map(values: dict, model_or_geometry):
     """Per layer × module, per attention head and per MLP neuron sums of ``values`` (scores, or
     a mask as 0/1): a ``CircuitMap``. Pass the model (its config gives the geometry) or a
     ``Geometry``."""
-    from circuitq.circuits.maps import aggregate
-
     geo = model_or_geometry if isinstance(model_or_geometry, Geometry) else Geometry.from_config(model_or_geometry.config)
     return aggregate({k: v.float() for k, v in values.items()}, geo)
 

@@ -10,8 +10,12 @@ files and an exclusive ``mkdir`` for folders). A full disk ends in :class:`OutOf
 that names the output and the sizes."""
 from __future__ import annotations
 
+import csv
 import ctypes
 import errno
+import fcntl
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -20,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from circuitq.errors import CircuitqError, OutOfSpace, human_bytes, is_out_of_space
+from circuitq.errors import Busy, CircuitqError, OutOfSpace, human_bytes, is_out_of_space
 
 
 class OutputExists(CircuitqError, FileExistsError):
@@ -157,8 +161,6 @@ def _probe(folder: Path) -> None:
 
 def file_sha256(path: Path) -> str:
     """SHA-256 of a file, read 4 MB at a time."""
-    import hashlib
-
     h = hashlib.sha256()
     with Path(path).open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
@@ -231,9 +233,6 @@ def write_json(path: str | Path, obj, overwrite: bool = True) -> None:
 
 def csv_text(rows: list[dict]) -> str:
     """Rows as CSV text; the columns are the union of the rows' keys, in first-seen order."""
-    import csv
-    import io
-
     cols: list[str] = []
     for r in rows:
         cols += [k for k in r if k not in cols]
@@ -276,8 +275,6 @@ LOCK_NAME = ".circuitq.lock"
 def exclusive(folder: str | Path, what: str = "run") -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` (``flock`` on ``FOLDER/.circuitq.lock``, released when
     the block ends or the process dies) so that two processes never write one run at once."""
-    import fcntl
-
     folder = check_dir_writable(folder, create=True)
     fh = open(folder / LOCK_NAME, "a+")
     try:
@@ -286,7 +283,6 @@ def exclusive(folder: str | Path, what: str = "run") -> Iterator[None]:
         except BlockingIOError:
             fh.seek(0)
             pid = fh.read().strip() or "?"
-            from circuitq.errors import Busy
 
             raise Busy(f"another circuitq process (pid {pid}) is writing the {what} in {folder}; wait for it to "
                        "finish, or choose another --out") from None
@@ -303,8 +299,6 @@ def safe_name(text: str, limit: int = 60) -> str:
     """A file-name part made from user text (a task name, a job name): letters, digits, ``-``, ``_``
     and ``.`` only, no leading dot, at most ``limit`` characters. Text that had to change gets a
     short hash of the original, so two different names never share a file."""
-    import hashlib
-
     slug = "".join(ch if (ch.isascii() and ch.isalnum()) or ch in "-_." else "-" for ch in text)
     slug = "-".join(p for p in slug.split("-") if p).lstrip(".")[:limit] or "x"
     if slug != text:

@@ -4,6 +4,7 @@ exits with 2; a notebook user catches :class:`CircuitqError`."""
 from __future__ import annotations
 
 import errno
+import importlib.util
 
 
 class CircuitqError(Exception):
@@ -59,8 +60,6 @@ class MissingExtra(CircuitqError):
 
 def require_extra(extra: str, what: str) -> None:
     """Refuse, before any work, ``what`` when the packages of the optional ``extra`` are missing."""
-    import importlib.util
-
     missing = [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
     if missing:
         raise MissingExtra(f"{what} needs {', '.join(missing)}: pip install 'circuitq[{extra}]'")

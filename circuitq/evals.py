@@ -23,8 +23,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from circuitq.data.prompts import LETTERS
+from circuitq.data.tasks import Batch, collate, tokenize_examples
 from circuitq.errors import CircuitqError, UsageError
 
 
@@ -58,8 +60,6 @@ def mean_nll(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8,
     """Mean next-token NLL (nats) over all predicted tokens of ``windows`` (``[k, L]``), from the
     final hidden states ``CHUNK`` positions at a time (memory: a ``[CHUNK, V]`` block, never the
     ``[b, L, V]`` logits of a batch)."""
-    from circuitq.data.tasks import Batch
-
     device = device or next(model.parameters()).device
     head = _Head(model)
     total, count = 0.0, 0
@@ -187,10 +187,6 @@ def evaluate(model, tokenizer, examples, kind: str, *, reference=None, batch_siz
 
     ``all_tokens`` (MMLU): also compare at every token of each item (``kl_all``, ``top1_all``,
     ``nll_all``), not only at the answer letter; the cached reference logits for that are float16."""
-    from tqdm.auto import tqdm
-
-    from circuitq.data.tasks import collate, tokenize_examples
-
     device = next(model.parameters()).device
     tok = tokenize_examples(examples, tokenizer, seq_len)
     order = sorted(range(len(tok.ids)), key=lambda i: len(tok.ids[i]))
@@ -396,8 +392,6 @@ def generate_exact_match(model, tokenizer, examples, max_new_tokens: int = 256, 
     """Greedy generation after each prompt, the final number parsed and compared with the
     reference answer (``meta["final"]``). Returns accuracy over the parseable outputs, the count of
     outputs with no number (reported, never an error) and per-item records."""
-    from tqdm.auto import tqdm
-
     device = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"

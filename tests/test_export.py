@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from circuitq.quant.export import export_all, load_packed, pack_rows, unpack_rows, pack_gptq_v1, unpack_gptq_v1
+from circuitq.quant.export import export_all
+from circuitq.model.packed import load_packed, pack_rows, unpack_rows, pack_gptq_v1, unpack_gptq_v1
 from circuitq.quant.plan import PrecisionPlan
 from circuitq.config import QuantizeConfig
 from circuitq.model.arch import target_shapes
@@ -88,7 +89,7 @@ def test_existing_output_is_refused_without_overwrite(tmp_path):
 def test_v2_zero_points_are_the_zeros_packed_plainly(bits):
     """gptq_v2 stores zero points as they are: field j of word w of a row is zero[w·per + j]
     (for 2/4/8 bits), so a zero point of 0 is a 0 field and neighbours are untouched."""
-    from circuitq.quant.export import pack_zeros_v2, unpack_zeros_v2
+    from circuitq.model.packed import pack_zeros_v2, unpack_zeros_v2
 
     maxq = 2 ** bits - 1
     z = torch.randint(0, maxq + 1, (3, 64), generator=torch.Generator().manual_seed(bits)).to(torch.uint8)
@@ -125,7 +126,7 @@ def test_gptq_format_choice_is_written_and_read_back(tmp_path, fmt, sym, expect,
 
 
 def test_unknown_checkpoint_format_is_refused(tmp_path):
-    from circuitq.quant.export import ExportError, format_of, resolve_gptq_format
+    from circuitq.model.packed import ExportError, format_of, resolve_gptq_format
 
     with pytest.raises(ExportError, match="gptq_v2"):
         format_of("marlin")

@@ -72,7 +72,7 @@ def _hf_logits(out: Path, ids, dtype=torch.float16):
 def _grid(out: Path, name: str) -> torch.Tensor:
     from safetensors import safe_open
 
-    from circuitq.quant.export import format_of, unpack_gptq
+    from circuitq.model.packed import format_of, unpack_gptq
 
     q = json.loads((out / "gptq" / "config.json").read_text())["quantization_config"]
     with safe_open(str(out / "gptq" / "model.safetensors"), "pt") as fh:

@@ -44,7 +44,7 @@ def _ref_read_v1(qzeros: list[list[int]], bits: int) -> list[list[int]]:
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_zero_point_zero_round_trips_the_runtimes_v1_convention(bits):
-    from circuitq.quant.export import pack_zeros_v1, unpack_zeros_v1
+    from circuitq.model.packed import pack_zeros_v1, unpack_zeros_v1
 
     maxq = 2 ** bits - 1
     g = torch.Generator().manual_seed(bits)
@@ -62,7 +62,7 @@ def test_zero_point_zero_round_trips_the_runtimes_v1_convention(bits):
 
 
 def test_three_bit_zero_points_round_trip():
-    from circuitq.quant.export import pack_zeros_v1, unpack_zeros_v1
+    from circuitq.model.packed import pack_zeros_v1, unpack_zeros_v1
 
     z = torch.randint(0, 8, (2, 64), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
     z[:, ::2] = 0
@@ -122,7 +122,7 @@ def test_export_refuses_nan_in_an_untargeted_weight(tmp_path):
 
     from circuitq.config import QuantizeConfig
     from circuitq.pipeline.stages import export, quantize
-    from circuitq.quant.export import ExportError
+    from circuitq.model.packed import ExportError
 
     model = tiny_model(seed=4)
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))

@@ -150,7 +150,7 @@ def test_python_api_on_a_model_in_memory(tmp_path, tiny_dir):
                            geometry=circuitq.Geometry.from_config(model.config))
     assert 0 <= cmp["masks"]["global"]["iou"] <= 1
     assert circuitq.circuit_map(mask, model).total == kept
-    from circuitq.quant.export import load_packed
+    from circuitq.model.packed import load_packed
 
     out = circuitq.export(tmp_path / "q", qmodel, tok, report, {"bits": 3, "group_size": 32})
     packed = load_packed(out)
@@ -162,6 +162,7 @@ def test_quantize_calibrates_only_on_the_tasks_calibration_items(tmp_path, tiny_
     """`circuitq quantize --calib TASK` (and the explorer's export, which calls the same function)
     never calibrates on an item that `circuitq eval --task TASK` scores."""
     import circuitq.data.calib as C
+    import circuitq.pipeline.stages as S
     from circuitq.data.tasks import Task
 
     d, _ = tiny_dir
@@ -172,7 +173,7 @@ def test_quantize_calibrates_only_on_the_tasks_calibration_items(tmp_path, tiny_
         seen.extend(e.prompt for e in examples)
         return real(examples, tokenizer, seq_len)
 
-    monkeypatch.setattr(C, "calibration_sequences", spy)
+    monkeypatch.setattr(S, "calibration_sequences", spy)   # where the quantize stage looks it up
     assert main(["quantize", "--model", str(d), "--calib", "gsm8k", "--data-dir", str(data), "--samples", "100",
                  "--seq-len", "32", "--group-size", "32", "--ppl-windows", "2", "--out", str(tmp_path / "q")]) == 0
     from circuitq.config import DataConfig

@@ -145,7 +145,8 @@ def test_shared_hessians_equal_per_module_gptq_on_original_inputs(model_type, ca
         differ = (twin.get_submodule(n).weight - model.get_submodule(n).weight).abs() > 1e-5
         assert differ.float().mean() < 0.01, n  # summation order of the Hessian may flip a rare rounding
     # the packed export of the shared-Hessian result round-trips to the same weights
-    from circuitq.quant.export import export_all, load_packed
+    from circuitq.quant.export import export_all
+    from circuitq.model.packed import load_packed
 
     export_all(tmp_path / "q", model, None, res.qweights, {"bits": 3, "group_size": 32}, res.summary())
     packed = load_packed(tmp_path / "q")

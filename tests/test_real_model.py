@@ -53,7 +53,8 @@ def test_gptq_3bit_beats_rtn_3bit_on_heldout_perplexity(real):
 def test_packed_export_of_real_model_roundtrips(real, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from circuitq.quant.export import export_all, load_packed
+    from circuitq.quant.export import export_all
+    from circuitq.model.packed import load_packed
     from circuitq.model.loading import load_model
     from circuitq.quant.plan import PrecisionPlan
     from circuitq.config import QuantizeConfig

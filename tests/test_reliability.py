@@ -490,7 +490,7 @@ def test_every_domain_error_is_a_circuitq_error():
     from circuitq.evals import TokenizerMismatch
     from circuitq.model.arch import UnsupportedArchitecture
     from circuitq.model.loading import ModelLoadError
-    from circuitq.quant.export import ExportError
+    from circuitq.model.packed import ExportError
     from circuitq.quant.gptq import HessianError
     from circuitq.saliency.masks import MaskError
 

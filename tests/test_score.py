@@ -42,7 +42,7 @@ def test_score_then_mask_cli(tmp_path, tiny_dir, method):
 
 
 def test_resume_after_interruption_equals_uninterrupted(tmp_path, tiny_dir, monkeypatch):
-    import circuitq.saliency.files as score
+    import circuitq.pipeline.score as score   # the driver that calls save_stats
 
     d, _ = tiny_dir
     task = _task(tmp_path)

@@ -12,7 +12,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from safetensors import safe_open
+
 from circuitq.errors import CircuitqError, UsageError
+from circuitq.model.loading import cache_dir
 
 
 class PathOutsideRuns(CircuitqError, ValueError):
@@ -42,8 +45,6 @@ def confine(root: str | Path, path: str | Path) -> Path:
 def model_dir(root: str | Path, source: str | None) -> Path | None:
     """The model directory an artifact names, only when it lies inside the runs directory or
     circuitq's own model cache (a foreign file cannot point the app at other paths)."""
-    from circuitq.model.loading import cache_dir
-
     if not source:
         return None
     for base in (Path(root), cache_dir()):
@@ -124,8 +125,6 @@ def _json(p: Path) -> dict:
 
 
 def _score_entry(d: Path) -> ScoreEntry:
-    from safetensors import safe_open
-
     meta = _json(d / "score.json")
     if meta.get("format") != "circuitq.scores":
         raise UsageError(f"{d.name}/score.json is not a circuitq scores file")
@@ -143,8 +142,6 @@ def _score_entry(d: Path) -> ScoreEntry:
 
 
 def _mask_entry(f: Path) -> MaskEntry:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(f), framework="pt") as fh:
             meta = dict(fh.metadata() or {})

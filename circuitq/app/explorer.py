@@ -17,11 +17,18 @@ from pathlib import Path
 import streamlit as st
 import torch
 
-from circuitq.circuits import explore
 from circuitq.app import catalog as runs_catalog
-from circuitq.circuits.maps import aggregate, top_units
-from circuitq.config import DEFAULT_FRACTION
+from circuitq.app import jobs as background_jobs
+from circuitq.app.catalog import confine
+from circuitq.circuits import explore
+from circuitq.circuits.compare import same_model
+from circuitq.circuits.maps import aggregate, compare_circuits, compare_masks, top_units
+from circuitq.circuits.plots import head_heatmaps, overlap_by_layer
+from circuitq.config import DEFAULT_FRACTION, CalibConfig, DataConfig, EvalConfig, QuantizeConfig, QuantizeJob
 from circuitq.model.arch import MODULE_TYPES, Geometry, arch_for, parse_name
+from circuitq.quant.quantizer import QuantSpec, rtn_quantize
+from circuitq.saliency.files import load_scores as _load
+from circuitq.saliency.masks import combine, mask_fraction, mask_metadata, save_masks
 
 BUDGETS = sorted({0.0005, 0.001, 0.002, DEFAULT_FRACTION, 0.005, 0.01, 0.02})
 
@@ -43,8 +50,6 @@ def _mtime(p: Path) -> float:
 
 @st.cache_resource(max_entries=4, show_spinner="Loading scores…")
 def load_scores(path: str, mtime: float):
-    from circuitq.saliency.files import load_scores as _load
-
     return _load(path)
 
 
@@ -159,8 +164,6 @@ def page_explore(run: runs_catalog.RunEntry) -> None:
     except (KeyError, OSError):
         weight = None
     if weight is not None:
-        from circuitq.quant.quantizer import QuantSpec, rtn_quantize
-
         q = rtn_quantize(weight, QuantSpec(bits=bits, group_size=gs)).dequantize()
     rows = explore.top_weights(name, f["scores"][name], weight if weight is not None else torch.full_like(f["scores"][name], float("nan")),
                          q, geo, 100)
@@ -178,10 +181,6 @@ def _pair_defaults(scores: list[runs_catalog.ScoreEntry]) -> tuple[int, int]:
 
 
 def page_compare(runs: list[runs_catalog.RunEntry], run: runs_catalog.RunEntry) -> None:
-    from circuitq.circuits.maps import compare_circuits, compare_masks
-    from circuitq.circuits.compare import same_model
-    from circuitq.circuits.plots import head_heatmaps, overlap_by_layer
-
     st.header("Compare two circuits")
     pool = [(r, s) for r in runs if r.ok for s in r.scores]
     if len(pool) < 2:
@@ -235,10 +234,6 @@ def page_compare(runs: list[runs_catalog.RunEntry], run: runs_catalog.RunEntry) 
 
 
 def page_export(root: Path, run: runs_catalog.RunEntry) -> None:
-    from circuitq.app import jobs as background_jobs
-    from circuitq.saliency.masks import combine, mask_fraction, mask_metadata, save_masks
-    from circuitq.app.catalog import confine
-
     st.header("Export a quantized model")
     if not run.scores:
         st.warning("This run has no score directories to build a mask from.")
@@ -288,7 +283,6 @@ def page_export(root: Path, run: runs_catalog.RunEntry) -> None:
             st.error(f"A mask named {runs_catalog.md(mpath.name)} already exists in this run; choose another name.")
             return
         save_masks(mpath, mask, meta)
-        from circuitq.config import CalibConfig, DataConfig, EvalConfig, QuantizeConfig, QuantizeJob
 
         job = QuantizeJob(model=str(model), task=calib,
                           data=DataConfig(data_dir=os.environ.get("CIRCUITQ_DATA_DIR")),
@@ -305,8 +299,6 @@ def page_export(root: Path, run: runs_catalog.RunEntry) -> None:
 
 @st.fragment(run_every=2)
 def jobs_panel(run: runs_catalog.RunEntry) -> None:
-    from circuitq.app import jobs as background_jobs
-
     jobs = background_jobs.list_jobs(run.path / "models")
     st.subheader("Jobs and models")
     for j in jobs:

@@ -17,6 +17,12 @@ import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from circuitq.artifacts import inside, safe_name, write_json
+from circuitq.config import EvalConfig, EvalJob, QuantizeJob, from_dict, to_dict
+from circuitq.model.loading import load_model
+from circuitq.pipeline.stages import evaluate_task, quantize_and_export, write_eval
+from circuitq.saliency.masks import load_masks
+
 
 @dataclass
 class JobInfo:
@@ -39,8 +45,6 @@ class JobInfo:
 def export_spec(model: str, mask: Path, out: Path, job, eval_tasks: list[str], eval_limit: int) -> dict:
     """A job's spec: the model, the mask file, the output folder, the ``QuantizeJob`` settings (as
     data) and the tasks to evaluate on (their evaluation items, at most ``eval_limit``)."""
-    from circuitq.config import to_dict
-
     return {"model": model, "mask": str(mask), "out": str(out), "job": to_dict(job), "eval_tasks": list(eval_tasks),
             "eval_limit": int(eval_limit)}
 
@@ -48,8 +52,6 @@ def export_spec(model: str, mask: Path, out: Path, job, eval_tasks: list[str], e
 def start_job(name: str, out: Path, spec: dict, env: dict | None = None) -> JobInfo:
     """Start ``python -m circuitq.app.jobs SPEC`` in a new session; returns at once. ``name`` becomes
     part of file names beside ``out``: anything but letters, digits, ``-_.`` is replaced."""
-    from circuitq.artifacts import safe_name
-
     name = safe_name(name)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -105,19 +107,11 @@ def _alive(pid: int) -> bool:
 
 
 def _event(path: Path, **kw) -> None:
-    from circuitq.artifacts import write_json
-
     write_json(path, {**kw, "time": time.time()})
 
 
 def run_spec(spec: dict, status: Path) -> None:
     """Execute a job spec through the library, writing status events to ``status``."""
-    from circuitq.artifacts import inside, safe_name
-    from circuitq.config import EvalJob, QuantizeJob, from_dict
-    from circuitq.model.loading import load_model
-    from circuitq.pipeline.stages import evaluate_task, quantize_and_export, write_eval
-    from circuitq.saliency.masks import load_masks
-
     tasks = spec["eval_tasks"]
     total = 2 + len(tasks)
     _event(status, state="running", step="loading the model", done=0, total=total)
@@ -131,7 +125,6 @@ def run_spec(spec: dict, status: Path) -> None:
     qm = load_model(str(out / "hf"), device="cpu")
     for i, t in enumerate(tasks):
         _event(status, state="running", step=f"evaluating on {t}", done=2 + i, total=total)
-        from circuitq.config import EvalConfig
 
         ej = EvalJob(task=t, data=job.data, eval=EvalConfig(samples=spec["eval_limit"]))
         doc, items = evaluate_task(qm, ej, ref)

@@ -2,19 +2,26 @@
 metrics, circuit maps and plots -> one standalone HTML report (+ JSON metrics and PNG)."""
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from circuitq import __version__
 from circuitq.artifacts import atomic_file, check_writable
-from circuitq.circuits.maps import aggregate, compare_circuits, compare_masks
+from circuitq.circuits.maps import aggregate, compare_circuits, compare_masks, top_units
+from circuitq.circuits.plots import (
+    circuits_png,
+    head_heatmaps,
+    heatmap_png,
+    module_layer_bars,
+    overlap_by_layer,
+    write_report,
+)
 from circuitq.config import DEFAULT_FRACTION
 from circuitq.errors import CircuitqError
 from circuitq.model.arch import MODULE_TYPES, Geometry
-from circuitq.saliency.masks import select_topk
 from circuitq.saliency.files import load_scores
+from circuitq.saliency.masks import select_topk, select_topk_stream
 
 
 class CompareError(CircuitqError, ValueError):
@@ -52,8 +59,6 @@ def compare_scores(fa, fb, fraction: float = DEFAULT_FRACTION, top_n: int = 20, 
 
 def _select(scores, fraction: float) -> dict:
     """The circuit of ``scores`` (a dict, or a ``LazyTensors`` streamed through a running top-k)."""
-    from circuitq.saliency.masks import select_topk_stream
-
     if isinstance(scores, dict):
         return select_topk(scores, fraction)
     return select_topk_stream(((n, scores[n]) for n in scores), {n: scores.shape(n) for n in scores}, fraction)
@@ -77,8 +82,6 @@ class _AsFloat(Mapping):
 
 def write_pngs(res: dict, out: Path, overwrite: bool = True) -> None:
     """``OUT.heads.png`` (head heatmaps) and ``OUT.circuits.png`` (composition and overlap)."""
-    from circuitq.circuits.plots import circuits_png, heatmap_png
-
     la, lb = res["labels"]
     sa, sb = res["score_maps"]
     ca, cb = res["mask_maps"]
@@ -90,8 +93,6 @@ def write_pngs(res: dict, out: Path, overwrite: bool = True) -> None:
 
 
 def write_compare_report(res: dict, out: str | Path, overwrite: bool = False) -> Path:
-    from circuitq.circuits.plots import head_heatmaps, module_layer_bars, overlap_by_layer, write_report
-
     out = check_writable(Path(out), overwrite)
     for sibling in (".json", ".heads.png", ".circuits.png"):   # every file it writes, refused before any is
         check_writable(out.with_suffix(sibling), overwrite)
@@ -108,7 +109,6 @@ def write_compare_report(res: dict, out: str | Path, overwrite: bool = False) ->
         (f"shared top-{c['top_n']} heads", c["n_shared_heads"]), (f"shared top-{c['top_n']} neurons", c["n_shared_neurons"]))]
     by_type = [{"module": t, **{k: v for k, v in m["per_module_type"][t].items()}} for t in MODULE_TYPES
                if t in m["per_module_type"]]
-    from circuitq.circuits.maps import top_units
 
     heads = [{"rank": r + 1, f"{la} head": f"L{l}.H{u}", f"{la} share": v / max(sa.total, 1e-30),
               f"{lb} head": f"L{l2}.H{u2}", f"{lb} share": v2 / max(sb.total, 1e-30)}

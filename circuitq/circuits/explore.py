@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from circuitq.config import DEFAULT_FRACTION
 from circuitq.errors import UsageError
@@ -166,8 +167,6 @@ def top_weights(name: str, scores: torch.Tensor, weight: torch.Tensor, quantized
 
 def load_weight(model_dir: str | Path, name: str) -> torch.Tensor:
     """One tensor from a Hugging Face model directory's safetensors files (no model load)."""
-    from safetensors import safe_open
-
     d = Path(model_dir)
     index = d / "model.safetensors.index.json"
     files = [d / json.loads(index.read_text())["weight_map"][name]] if index.exists() else sorted(d.glob("*.safetensors"))

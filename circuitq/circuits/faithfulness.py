@@ -23,9 +23,11 @@ from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
+from tqdm.auto import tqdm
 
 from circuitq.errors import UsageError
-from circuitq.model.arch import Geometry, arch_for, parse_name
+from circuitq.model.arch import Geometry, parse_name
+from circuitq.saliency.masks import select_topk
 
 UNIT_KINDS = ("heads", "kv-heads", "neurons", "modules")
 ABLATIONS = ("quantize", "zero", "mean")
@@ -183,10 +185,6 @@ def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], val
     [out, in]}}`` whose unit sums are the predicted changes (e.g. ``tacq`` = the scores,
     ``first-order`` = ``ΣG·ΔW``); ``values``: what replaced entries take. Units: the ``top`` by
     summed score plus ``n_random`` others (seeded)."""
-    from tqdm.auto import tqdm
-
-    from circuitq.saliency.masks import select_topk
-
     base_loss, base_metric = loss_fn(model)
     by_score = sorted(unit_list, key=lambda u: -unit_sum(u, scores))
     rest = by_score[top:]

@@ -12,7 +12,7 @@ import time
 import traceback
 
 from circuitq.cli.commands import build_parser
-
+from circuitq.errors import CircuitqError, is_out_of_space
 
 M_MMAP_THRESHOLD = -3     # glibc mallopt parameter
 
@@ -36,8 +36,6 @@ def _one_line(e: BaseException) -> str:
 def fault_line(e: BaseException) -> str | None:
     """One line for a fault of the machine that no circuitq code anticipated (full disk,
     permissions, memory, a file that vanished); None for anything else, which is a bug."""
-    from circuitq.errors import is_out_of_space
-
     where = f" ({e.filename})" if isinstance(e, OSError) and getattr(e, "filename", None) else ""
     if is_out_of_space(e):
         return f"no space left on device{where}; nothing half-written was left behind: free some space or choose an " \
@@ -57,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return_freed_memory()
     args._argv = list(argv) if argv is not None else sys.argv[1:]
-    from circuitq.errors import CircuitqError
 
     t0 = time.perf_counter()
     try:

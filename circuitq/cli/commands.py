@@ -8,8 +8,7 @@ from pathlib import Path
 
 from circuitq import __version__
 from circuitq.cli.flags import add_flags, build, given_flags
-from circuitq.config import (DEFAULT_MODEL, EvalJob, FaithfulnessJob, MaskConfig, QuantizeJob, RunConfig,
-                             ScoreConfig)
+from circuitq.config import DEFAULT_MODEL, EvalJob, FaithfulnessJob, MaskConfig, QuantizeJob, RunConfig, ScoreConfig
 from circuitq.errors import UsageError
 
 QUANT = [("--bits", "quantize.bits"), ("--group-size", "quantize.group_size"), ("--sym", "quantize.sym"),
@@ -115,7 +114,7 @@ def cmd_quantize(a) -> int:
     print(f"[circuitq] {job.quantize.method} {job.quantize.bits}-bit in {res.seconds:.1f}s, average "
           f"{res.average_bits:.4f} bits/weight, {res.n_16bit} weights in 16-bit"
           + (f"; held-out perplexity {ppl['original']:.3f} -> {ppl['quantized']:.3f}" if ppl["quantized"] else ""))
-    from circuitq.quant.export import GPTQ_FORMATS, resolve_gptq_format
+    from circuitq.model.packed import GPTQ_FORMATS, resolve_gptq_format
 
     fmt = resolve_gptq_format(job.gptq_format, job.quantize.sym)
     print(f"[circuitq] wrote {res.out}/hf (HF model), {res.out}/gptq (packed GPTQ {fmt}, checkpoint_format "
@@ -326,7 +325,6 @@ def cmd_app(a) -> int:
     import subprocess
 
     from circuitq import app as app_pkg
-
     from circuitq.errors import require_extra
 
     script = Path(app_pkg.__file__).resolve().parent / "explorer.py"

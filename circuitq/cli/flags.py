@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields, is_dataclass, replace
 
+from circuitq.presets import apply_preset, get_preset
+
 
 def _field(cfg, path: str):
     *parents, leaf = path.split(".")
@@ -80,13 +82,10 @@ def build(defaults, args: argparse.Namespace, table):
                 raise type(e)(str(e).replace(leaf, flag)) from None
     preset = getattr(args, "preset", None)
     if preset:
-        from circuitq.presets import apply_preset
-
         written = given_flags(getattr(args, "_argv", []) or [])
         given = {p: flag for flag, paths in table for p in ((paths,) if isinstance(paths, str) else paths)
                  if flag in written}
         cfg = apply_preset(cfg, preset, given)
-        from circuitq.presets import get_preset
 
         kept = [f"{given[p]} (the preset's {v})" for p, v in get_preset(preset).scale.items() if p in given]
         print(f"[circuitq] --preset {preset}: {get_preset(preset).doc}"

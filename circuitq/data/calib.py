@@ -11,11 +11,12 @@ so evaluation items never enter calibration.
 """
 from __future__ import annotations
 
-import torch
-
 from typing import NamedTuple
 
+import torch
+
 from circuitq.data.readers import DataError
+from circuitq.data.tasks import tokenize_examples
 
 
 class Sequences(NamedTuple):
@@ -42,8 +43,6 @@ def calibration_sequences(examples, tokenizer, seq_len: int) -> Sequences:
     """Each calibration item as its own sequence (prompt + completion, at most ``seq_len`` tokens,
     keeping the end), sorted longest first so that batches carry little padding. Worked example:
     items of 5, 3 and 4 tokens give ``ids`` ``[3, 5]`` with masks of 5, 4 and 3 True."""
-    from circuitq.data.tasks import tokenize_examples
-
     if not examples:
         raise DataError("no calibration items")
     ids = sorted(tokenize_examples(list(examples), tokenizer, seq_len).ids, key=len, reverse=True)

@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from circuitq.data.prompts import LETTERS
 from circuitq.errors import CircuitqError
 
 
@@ -45,7 +46,6 @@ def _from_hub(kind: str, split: str) -> list[dict]:
     try:
         from datasets import load_dataset
 
-        from circuitq.data.prompts import LETTERS
 
         if kind == "gsm8k":
             return [dict(r) for r in load_dataset("openai/gsm8k", "main", split=split)]

@@ -22,11 +22,25 @@ from typing import NamedTuple
 
 import torch
 
-from circuitq.config import LOSS_SCOPES
+from circuitq.config import LOSS_SCOPES, DataConfig
 from circuitq.data.circuit_tasks import CIRCUIT_TASKS, GENERATORS
-from circuitq.data.prompts import (GSM8K_COT_EXEMPLARS, LETTERS, gsm8k_completion, gsm8k_prompt, mmlu_header,
-                                   mmlu_question, resolve_shots)
-from circuitq.data.readers import DataError, read_gsm8k, read_mmlu, read_prompt_completion, read_text_corpus
+from circuitq.data.prompts import (
+    GSM8K_COT_EXEMPLARS,
+    LETTERS,
+    gsm8k_completion,
+    gsm8k_prompt,
+    mmlu_header,
+    mmlu_question,
+    resolve_shots,
+)
+from circuitq.data.readers import (
+    DataError,
+    default_data_dir,
+    read_gsm8k,
+    read_mmlu,
+    read_prompt_completion,
+    read_text_corpus,
+)
 from circuitq.errors import UsageError
 
 _SUBCATEGORY = {
@@ -181,8 +195,6 @@ TEST_PATHS = {"mmlu": "mmlu/test/SUBJECT_test.csv", "gsm8k": "gsm8k/test.jsonl"}
 
 def has_test_split(kind: str, data_dir) -> bool:
     """Whether the standard test split of ``kind`` is present in the data directory."""
-    from circuitq.data.readers import default_data_dir
-
     d = Path(data_dir) if data_dir else default_data_dir()
     if kind not in TEST_PATHS or d is None:
         return False
@@ -357,8 +369,6 @@ class Task:
     ``eval_items(n)`` is the first ``n`` of the evaluation split."""
 
     def __init__(self, name: str, data=None, tokenizer=None):
-        from circuitq.config import DataConfig
-
         self.spec = TaskSpec.parse(name)
         self.name = name
         self.data = data if data is not None else DataConfig()

@@ -9,6 +9,7 @@ config without ``quantization_config`` and cached once as a plain HF directory.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -16,11 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from circuitq.artifacts import file_sha256
+from circuitq.config import DEFAULT_MODEL
 from circuitq.errors import CircuitqError
 from circuitq.model.arch import arch_for
-
-from circuitq.config import DEFAULT_MODEL  # noqa: E402 (one home for every default)
+from circuitq.model.packed import ExportError, load_packed
 
 
 class ModelLoadError(CircuitqError, RuntimeError):
@@ -104,8 +107,6 @@ EMBEDDED = {
 
 def _convert_gguf(gguf: Path, dest: Path) -> None:
     """Dequantize the GGUF file and write a plain HF directory at ``dest`` (atomically)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     kw = dict(gguf_file=gguf.name)
     tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
     src = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
@@ -132,15 +133,11 @@ MANIFEST = "circuitq-cache.json"
 
 
 def _sha256(path: Path) -> str:
-    from circuitq.artifacts import file_sha256
-
     return file_sha256(path)
 
 
 def write_manifest(folder: Path, source: str) -> None:
     """Record every file's size, SHA-256 and modification time in ``FOLDER/circuitq-cache.json``."""
-    import json
-
     files = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f), "mtime_ns": f.stat().st_mtime_ns}
              for f in sorted(folder.iterdir()) if f.is_file() and f.name != MANIFEST}
     (folder / MANIFEST).write_text(json.dumps({"source": source, "files": files}, indent=2) + "\n")
@@ -149,8 +146,6 @@ def write_manifest(folder: Path, source: str) -> None:
 def cache_damage(folder: Path) -> str | None:
     """Why a converted model in the cache cannot be trusted, or None. Sizes are checked on every
     load; a file whose modification time changed since conversion is hashed again."""
-    import json
-
     try:
         files = json.loads((folder / MANIFEST).read_text())["files"]
     except FileNotFoundError:
@@ -245,8 +240,6 @@ def refuse_pickled(path: str, name: str) -> None:
 def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> LoadedModel:
     """Load a causal LM and its tokenizer; checks that its architecture is supported."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     path, note = resolve_model(name)
     try:
         cfg = AutoConfig.from_pretrained(path)
@@ -260,8 +253,6 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
     if qc and qc.get("quant_method") == "gptq":
         # a packed GPTQ directory (circuitq's gptq/ or another tool's, v1 or v2): decoded by circuitq,
         # the 16-bit sidecar merged when present; no GPTQ runtime needed
-        from circuitq.quant.export import ExportError, load_packed
-
         try:
             model = load_packed(path, dtype, str(device))
         except (ExportError, KeyError) as e:

@@ -26,8 +26,13 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
+
+from circuitq.data.tasks import tokenize_examples
+from circuitq.errors import human_bytes
+from circuitq.model.arch import Geometry, target_shapes
 
 GPTQ_CHUNK = 2 ** 23        # quant.driver.gptq_stream's default max_elems
 EVAL_CHUNK = 256            # evals.CHUNK
@@ -49,8 +54,6 @@ class ModelNumbers:
 
     @classmethod
     def from_model(cls, model) -> "ModelNumbers":
-        from circuitq.model.arch import Geometry, target_shapes
-
         cfg, g = model.config, Geometry.from_config(model.config)
         p0 = next(model.parameters())
         shapes = target_shapes(model)
@@ -61,8 +64,6 @@ class ModelNumbers:
     @classmethod
     def from_config(cls, cfg, s: int = 4) -> "ModelNumbers":
         """From a Hugging Face config alone (a projection for a model not loaded), Llama-shaped."""
-        from circuitq.model.arch import Geometry
-
         g = Geometry.from_config(cfg)
         d, qd, kvd = cfg.hidden_size, g.n_heads * g.head_dim, g.n_kv_heads * g.head_dim
         per_layer = d * qd * 2 + d * kvd * 2 + 3 * d * g.d_mlp
@@ -92,8 +93,6 @@ def task_tokens(windows, eval_items, tokenizer, cfg) -> Tokens:
     """The token counts of one task in a run (``cfg``: a ``RunConfig``): ``windows`` are its GPTQ
     calibration ``Sequences`` (padded per batch of ``quantize.batch_size``, longest first),
     ``eval_items`` its evaluation items (batched shortest first, as ``evals.evaluate`` does)."""
-    from circuitq.data.tasks import tokenize_examples
-
     bs, m = cfg.quantize.batch_size, windows.mask
     calib = sum(int(m[i:i + bs].sum(1).max()) * len(m[i:i + bs]) for i in range(0, len(m), bs))
     ev = tokenize_examples(eval_items, tokenizer, cfg.eval.seq_len)
@@ -160,8 +159,6 @@ def free_disk(path) -> float:
 
 def gb(x: float) -> str:
     """Bytes for people: GB with two decimals, or MB / kB below a gigabyte."""
-    from circuitq.errors import human_bytes
-
     return human_bytes(x)
 
 
@@ -184,8 +181,6 @@ class PeakMeter:
         return None if now is None else max(now, self._before, *self.peaks.values())
 
     def stage(self, name: str):
-        from contextlib import contextmanager
-
         @contextmanager
         def cm():
             if self.ok:

@@ -11,7 +11,14 @@ import importlib.util
 import json
 from pathlib import Path
 
+import torch
+
 from circuitq.artifacts import atomic_file, write_csv, write_json
+from circuitq.circuits.compare import _AsFloat, _select, compare_dirs, write_pngs
+from circuitq.circuits.maps import aggregate
+from circuitq.circuits.plots import head_heatmaps, module_layer_bars, overlap_by_layer, write_report
+from circuitq.model.arch import Geometry
+from circuitq.saliency.files import load_scores
 
 COLUMNS = ("method", "average_bits", "kl", "top1_agreement", "nll_per_token", "kl_all", "top1_all",
            "task_metric", "task_metric_value", "accuracy",
@@ -49,8 +56,6 @@ def weighted_mean_diff_ci(a: list[float], b: list[float], w: list[float], n_boot
     """Token-weighted mean of ``b - a`` over paired items, and its 95% bootstrap interval
     (items resampled with replacement). Worked example: ``a=[1, 1]``, ``b=[2, 2]``, any weights:
     ``(1.0, 1.0, 1.0)``."""
-    import torch
-
     A, B, W = (torch.tensor(x, dtype=torch.float64) for x in (a, b, w))
     est = float(((B - A) * W).sum() / W.sum())
     g = torch.Generator().manual_seed(seed)
@@ -171,9 +176,6 @@ def _intro(doc: dict, res) -> str:
 
 
 def _circuit_sections(run_dir: Path, res, fraction: float) -> list:
-    from circuitq.circuits.compare import compare_dirs
-    from circuitq.circuits.plots import head_heatmaps, module_layer_bars, overlap_by_layer
-
     out = []
     by_bits: dict[int, dict] = {}
     for (task, bits), p in res.score_dirs.items():
@@ -183,12 +185,6 @@ def _circuit_sections(run_dir: Path, res, fraction: float) -> list:
     bits = max(by_bits)
     tasks = sorted(by_bits[bits])
     if len(tasks) < 2:
-        from circuitq.circuits.maps import aggregate
-        from circuitq.model.arch import Geometry
-        from circuitq.saliency.files import load_scores
-
-        from circuitq.circuits.compare import _AsFloat, _select
-
         f = load_scores(by_bits[bits][tasks[0]], lazy=True)
         m = _select(f["scores"], fraction)
         cmap = aggregate(_AsFloat(m), Geometry(**f["meta"]["geometry"]))
@@ -232,8 +228,6 @@ def write_run_outputs(run_dir: Path, doc: dict, res) -> None:
     """``results.csv``, ``transfer.csv``, ``results.json``, ``run.json``, ``report.html`` and PNGs.
     The tables and ``run.json`` come first; without plotly/matplotlib (the ``plots`` extra) the
     report is written without figures and says so."""
-    from circuitq.circuits.plots import write_report
-
     run_dir = Path(run_dir)
     for name, rows in (("results.csv", res.rows), ("transfer.csv", res.transfer)):
         write_csv(run_dir / name, rows)
@@ -284,6 +278,4 @@ def write_run_outputs(run_dir: Path, doc: dict, res) -> None:
         kl_png(res.rows, tmp.with_suffix(".png"))
         tmp.with_suffix(".png").replace(tmp)
     if png:
-        from circuitq.circuits.compare import write_pngs
-
         write_pngs(png[0], run_dir / "report.html")

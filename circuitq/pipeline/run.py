@@ -19,17 +19,35 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from circuitq import __version__
-from circuitq.artifacts import write_csv, write_json
-from circuitq.config import QuantizeConfig, RunConfig, to_dict
+from circuitq.artifacts import exclusive, write_csv, write_json
+from circuitq.config import ConfigError, QuantizeConfig, RunConfig, to_dict
+from circuitq.data.tasks import Task
+from circuitq.model.arch import Geometry, target_shapes
 from circuitq.pipeline import budget, stages
 from circuitq.pipeline.plan import Job, MaskRecipe, plan_jobs
+from circuitq.pipeline.report import write_run_outputs
 from circuitq.pipeline.store import StepStore, examples_digest, model_fingerprint
+from circuitq.quant.driver import quantize_model
+from circuitq.quant.hessians import HessianFile
+from circuitq.quant.plan import PrecisionPlan
+from circuitq.saliency.files import SCORES_FORMAT, load_scores, open_stats, save_stats
+from circuitq.saliency.masks import (
+    TopK,
+    mask_metadata,
+    open_masks,
+    save_masks,
+    select_rank_max_stream,
+    select_topk_stream,
+)
+from circuitq.saliency.methods import METHODS
+from circuitq.saliency.methods import method as saliency_method
+from circuitq.storage import LazyTensors, ParameterBackup, TensorWriter
 
 RUN_FORMAT = "circuitq.run"
 # methods whose scores changed definition since 0.1 (their older steps must not be reused)
@@ -38,9 +56,6 @@ REDEFINED = {"spqr": "gptq-scaled-errors-layer-relative"}
 
 def check_run_config(cfg: RunConfig) -> None:
     """What a ``RunConfig`` cannot check alone: the baselines name saliency methods."""
-    from circuitq.config import ConfigError
-    from circuitq.saliency.methods import METHODS
-
     bad = [b for b in cfg.baselines if b not in METHODS]
     if bad:
         raise ConfigError(f"unknown baseline method(s) {bad}; choose from {', '.join(METHODS)}")
@@ -152,8 +167,6 @@ class Runner:
     a disk backup (``storage.ParameterBackup``). The memory of each stage: ``docs/memory.md``."""
 
     def __init__(self, lm, cfg: RunConfig, run_dir: Path, device="cpu", progress=True):
-        from circuitq.data.tasks import Task
-
         self.log: list[str] = []
         self.lm, self.cfg, self.dir, self.device, self.progress = lm, cfg, Path(run_dir), device, progress
         self.store = StepStore(self.dir, self.say, migrate=migrate_key)
@@ -174,8 +187,6 @@ class Runner:
     def preflight(self) -> None:
         """Estimate the run's peak memory and disk (``pipeline.budget``) before any work; refuse a
         run that will not fit, in one line with the figures and the flags that lower them."""
-        from circuitq.config import ConfigError
-
         c = self.cfg
         tokens = {t: budget.task_tokens(self.calib_sequences(t), self.items(t, "eval"), self.lm.tokenizer, c) for t in c.tasks}
         nums = budget.ModelNumbers.from_model(self.lm.model)
@@ -232,8 +243,6 @@ class Runner:
     # ---- gradients, Hessians --------------------------------------------------------------------
     def grad_stats(self, task: str):
         """``Σ|G_s|`` of the task's calibration items, read from its step one matrix at a time."""
-        from circuitq.saliency.files import open_stats, save_stats
-
         key = self.keys.calib(task)
 
         def compute(tmp):
@@ -256,8 +265,6 @@ class Runner:
 
     def hessians(self, task: str):
         """The task's shared Hessians and their GPTQ factors, on disk (``quant.hessians``)."""
-        from circuitq.quant.hessians import HessianFile
-
         q = self.cfg.quantize
         key = {**self.keys.calib(task), "mode": "shared", "damp": q.damp, "batch_size": q.batch_size,
                "hessian_rows": "one-item-each"}
@@ -273,9 +280,6 @@ class Runner:
 
     def backup(self):
         """The unquantized values of every targeted weight, on disk, made once per run."""
-        from circuitq.model.arch import target_shapes
-        from circuitq.storage import ParameterBackup
-
         if self._backup is None:
             self._backup = ParameterBackup(self.lm.model, target_shapes(self.lm.model),
                                            self.dir / "steps" / f".originals-{os.getpid()}.safetensors")
@@ -289,23 +293,17 @@ class Runner:
     # ---- scores and masks -----------------------------------------------------------------------
     def _qw_methods(self, task: str, bits: int, method: str) -> list[str]:
         """The run's mask methods that contrast with the same ``Q(W)`` as ``method`` on ``task``."""
-        from circuitq.saliency.methods import method as saliency_method
-
         mine = stages.qw_config(method, self.cfg.quantize_at(bits))
         wanted = ["tacq", *self.cfg.baselines]
         return [m for m in dict.fromkeys(wanted) if saliency_method(m).quantizer
                 and stages.qw_config(m, self.cfg.quantize_at(bits)) == mine]
 
     def _score_meta(self, task: str, key: dict) -> dict:
-        from circuitq.model.arch import Geometry
-
         return {**key, "model": self.lm.name, "model_fingerprint": self.fp, "model_source": self.lm.source,
                 "model_note": self.lm.note, "n_samples": len(self.items(task, "calib")), "settings": to_dict(self.cfg),
                 "geometry": Geometry.from_config(self.lm.model.config).to_dict(), "circuitq_version": __version__}
 
     def _stream_masks(self, task: str | None, bits: int, methods: list[str]) -> None:
-        from circuitq.saliency.methods import method as saliency_method
-
         src = task or self.cfg.tasks[0]   # the steps it reads are made first, each measured as its own stage
         if any(saliency_method(m).stats for m in methods):
             self.grad_stats(src)
@@ -319,12 +317,6 @@ class Runner:
         """One pass over the modules that scores ``methods`` (all sharing one ``Q(W)``, or none),
         selects each one's mask with a running top-k and stores the masks; ``tacq``'s scores are
         written to their step file as they come. Memory: one module (``stages.stream_scores``)."""
-        from circuitq.model.arch import target_shapes
-        from circuitq.saliency.files import SCORES_FORMAT
-        from circuitq.saliency.masks import TopK
-        from circuitq.saliency.methods import method as saliency_method
-        from circuitq.storage import TensorWriter
-
         m0 = saliency_method(methods[0])
         shapes = target_shapes(self.lm.model)
         src = task or self.cfg.tasks[0]
@@ -365,8 +357,6 @@ class Runner:
             self._save_mask(recipe, bits, sel.pop(m).masks())
 
     def _save_mask(self, recipe: MaskRecipe, bits: int, masks: dict) -> None:
-        from circuitq.saliency.masks import mask_metadata, save_masks
-
         key = self.keys.mask(recipe, bits)
         if self.store.find("mask", key):
             return
@@ -388,10 +378,6 @@ class Runner:
         return self.store.find("scores", key)
 
     def mask(self, recipe: MaskRecipe, bits: int) -> dict | None:
-        from circuitq.saliency.masks import open_masks, select_rank_max_stream
-        from circuitq.saliency.methods import method as saliency_method
-        from circuitq.storage import LazyTensors
-
         if recipe.method == "none":
             return None
         key = self.keys.mask(recipe, bits)
@@ -402,8 +388,6 @@ class Runner:
             sources = [LazyTensors(self.tacq_scores(t, bits) / "scores.safetensors") for t in self.cfg.tasks]
             self._save_mask(recipe, bits, select_rank_max_stream(sources, self.cfg.mask.fraction))
         elif recipe.method == "tacq" and self.store.find("scores", self.keys.score(recipe.source, bits, "tacq")):
-            from circuitq.saliency.masks import select_topk_stream
-
             sc = LazyTensors(self.tacq_scores(recipe.source, bits) / "scores.safetensors")
             self._save_mask(recipe, bits, select_topk_stream(((n, sc[n]) for n in sc),
                                                              {n: sc.shape(n) for n in sc}, self.cfg.mask.fraction))
@@ -417,8 +401,6 @@ class Runner:
     def _original_step(self, task: str) -> Path:
         """The unquantized model's evaluation step, with its logits at the scored tokens on disk
         (float32 at the task's positions, float16 at every MMLU token) for comparing every job."""
-        from circuitq.storage import TensorWriter
-
         key = {**self.keys.eval(task), "model": "reference"}
 
         def compute(tmp):
@@ -446,10 +428,6 @@ class Runner:
     def _job(self, job: Job, tmp: Path) -> None:
         """Quantize the model in place with ``job``'s mask, evaluate it, restore it; the result
         into the step directory ``tmp``."""
-        from circuitq.quant.driver import quantize_model
-        from circuitq.quant.plan import PrecisionPlan
-        from circuitq.storage import LazyTensors
-
         masks = self.mask(job.recipe, job.bits)
         ref_logits = LazyTensors(self._original_step(job.task) / "logits.safetensors")
         qcfg = self.cfg.quantize_at(job.bits)
@@ -478,8 +456,6 @@ class Runner:
 
     def faithfulness(self, task: str) -> dict:
         """``circuitq faithfulness`` of ``task``'s TaCQ circuit at the largest bit width (a step)."""
-        from circuitq.saliency.files import load_scores
-
         job = self.cfg.faithfulness_job(task)
         bits = max(self.cfg.bits)
         key = {"scores": self.keys.score(task, bits, "tacq"), "eval": self.keys.eval(task),
@@ -530,10 +506,6 @@ def transfer_rows(rows: list[dict]) -> list[dict]:
 
 def run(lm, cfg: RunConfig, run_dir: str | Path, device="cpu", progress: bool = True, command: str = "") -> RunResult:
     """Execute (or resume) a run in ``run_dir`` and write its report. Returns the tables."""
-    from circuitq.pipeline.report import write_run_outputs
-
-    from circuitq.artifacts import exclusive
-
     check_run_config(cfg)
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
@@ -550,8 +522,6 @@ def run(lm, cfg: RunConfig, run_dir: str | Path, device="cpu", progress: bool = 
 
 
 def _run_jobs(r: Runner, jobs, cfg: RunConfig, run_dir: Path, lm, device, command: str, t0: float) -> RunResult:
-    from circuitq.pipeline.report import write_run_outputs
-
     rows, item_kl = [], {}
     for task in cfg.tasks:
         ref = r.original_eval(task)
@@ -592,8 +562,6 @@ def _run_jobs(r: Runner, jobs, cfg: RunConfig, run_dir: Path, lm, device, comman
 
 
 def machine_info(device) -> dict:
-    import os
-
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}
     if str(device).startswith("cuda") and torch.cuda.is_available():

@@ -10,11 +10,19 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from circuitq import __version__
+from circuitq.artifacts import check_writable
 from circuitq.config import ScoreConfig, to_dict
+from circuitq.data.tasks import Task
 from circuitq.errors import UsageError
+from circuitq.model.arch import Geometry
 from circuitq.pipeline import stages
+from circuitq.pipeline.store import model_fingerprint
+from circuitq.saliency.attribution import integrated_gradients
+from circuitq.saliency.files import load_stats, save_stats, write_scores_dir
+from circuitq.saliency.methods import method as saliency_method
 
 # the settings a checkpoint must share with the run that resumes it
 RESUME_KEYS = ("model_fingerprint", "task", "method", "loss", "seed", "split_seed", "samples", "seq_len", "shots",
@@ -23,8 +31,6 @@ RESUME_KEYS = ("model_fingerprint", "task", "method", "loss", "seed", "split_see
 
 def _dist():
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch.distributed as dist
-
         if not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         return dist
@@ -33,8 +39,6 @@ def _dist():
 
 def score_metadata(lm, cfg: ScoreConfig, fingerprint: str, n_examples: int, world: int) -> dict:
     """The metadata a scores directory carries: flat keys readers use, plus the settings tree."""
-    from circuitq.model.arch import Geometry
-
     q, c, d = cfg.quantize, cfg.calib, cfg.data
     return {"model": lm.name, "model_source": lm.source, "model_note": lm.note, "model_fingerprint": fingerprint,
             "task": cfg.task, "method": cfg.method, "bits": q.bits, "group_size": q.group_size, "hessian": q.hessian,
@@ -55,8 +59,6 @@ def _reduce(dist, st, truncated: int) -> int:
 
 
 def _resume_state(ckpt: Path, meta: dict, device):
-    from circuitq.saliency.files import load_stats
-
     state, cmeta = load_stats(ckpt, device)
     diff = [k for k in RESUME_KEYS if cmeta.get(k) != meta.get(k)]
     if diff:
@@ -69,11 +71,6 @@ def _resume_state(ckpt: Path, meta: dict, device):
 def run_score(lm, cfg: ScoreConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
               progress: bool = True, device=None) -> Path:
     """Score ``lm`` (a ``LoadedModel``) on ``cfg.task`` and write the scores directory ``out``."""
-    from circuitq.artifacts import check_writable
-    from circuitq.data.tasks import Task
-    from circuitq.pipeline.store import model_fingerprint
-    from circuitq.saliency.files import save_stats, write_scores_dir
-
     out = Path(out)
     if cfg.method == "ig":
         return run_ig(lm, cfg, out, overwrite, progress, device)
@@ -124,12 +121,6 @@ def run_ig(lm, cfg: ScoreConfig, out: Path, overwrite: bool = False, progress: b
     """``circuitq score --method ig``: integrated gradients between ``W`` and ``Q(W)`` (the final
     quantizer's, GPTQ made on the task's calibration items) as a scores directory, signed, with
     their completeness in ``score.json`` (``saliency.attribution``; ``--ig-steps`` gradient passes)."""
-    from circuitq.artifacts import check_writable
-    from circuitq.data.tasks import Task
-    from circuitq.pipeline.store import model_fingerprint
-    from circuitq.saliency.attribution import integrated_gradients
-    from circuitq.saliency.files import write_scores_dir
-
     if _dist() is not None:
         raise UsageError("--method ig runs in one process; start it without torchrun")
     check_writable(out, overwrite)
@@ -156,8 +147,6 @@ def run_ig(lm, cfg: ScoreConfig, out: Path, overwrite: bool = False, progress: b
 def stream_examples(model, tokenizer, examples, cfg: ScoreConfig, stats, device=None, progress: bool = False):
     """``(name, [out, in] scores)`` one module at a time: ``score_examples`` without holding
     ``Q(W)`` or the scores (``stages.stream_scores``)."""
-    from circuitq.saliency.methods import method as saliency_method
-
     m = saliency_method(cfg.method)
     qw = None
     if m.quantizer:

@@ -18,9 +18,34 @@ from typing import NamedTuple
 import torch
 
 from circuitq import __version__
-from circuitq.config import CalibConfig, EvalConfig, MaskConfig, QuantizeConfig, QuantizeJob
+from circuitq.artifacts import check_writable, write_csv, write_json
+from circuitq.circuits.compare import compare_scores
+from circuitq.circuits.faithfulness import faithfulness_report, replacement, units
+from circuitq.config import CalibConfig, EvalConfig, MaskConfig, QuantizeConfig, QuantizeJob, to_dict
+from circuitq.data.calib import calibration_sequences, heldout_windows
+from circuitq.data.tasks import TASK_KINDS, Task
 from circuitq.errors import UsageError
+from circuitq.evals import check_same_vocab, generate_exact_match, perplexity
+from circuitq.evals import evaluate as _evaluate
 from circuitq.model.arch import Geometry, target_shapes
+from circuitq.quant.driver import check_group_size, quantize_copy, quantize_model, qw_quantization
+from circuitq.quant.driver import collect_hessians as _collect
+from circuitq.quant.driver import qw_stream as _stream
+from circuitq.quant.export import export_all
+from circuitq.quant.hessians import write_hessians as _write
+from circuitq.quant.plan import PrecisionPlan
+from circuitq.saliency.capture import STATS, collect_stats
+from circuitq.saliency.masks import (
+    combine,
+    fraction_for_bits,
+    mask_fraction,
+    select_per_layer,
+    select_rank_max,
+    select_topk,
+    validate_masks,
+)
+from circuitq.saliency.methods import SaliencyInputs, compute_scores
+from circuitq.saliency.methods import method as saliency_method
 
 
 # ---------------------------------------------------------------------------------------------
@@ -28,9 +53,6 @@ from circuitq.model.arch import Geometry, target_shapes
 # ---------------------------------------------------------------------------------------------
 def needed_stats(method: str) -> tuple[str, ...]:
     """The gradient statistics a saliency method reads (``()`` for task-free methods)."""
-    from circuitq.saliency.capture import STATS
-    from circuitq.saliency.methods import method as saliency_method
-
     return tuple(s for s in STATS if s in saliency_method(method).stats)
 
 
@@ -40,8 +62,6 @@ def collect_gradients(model, tokenizer, examples, calib: CalibConfig = CalibConf
     name: [out, in]}}`` in a ``GradStats``) through TransformerLens hooks on a bridge booted
     around ``model`` for the call. Returns ``CollectResult`` (``stats``, ``truncated``,
     ``seconds``, ``tokens_per_s``). ``state``/``start``/``on_batch`` continue and checkpoint."""
-    from circuitq.saliency.capture import collect_stats
-
     path = model_path or getattr(model.config, "_name_or_path", "") or "model"
     return collect_stats(model, tokenizer, examples, path, batch_size=calib.batch_size, seq_len=calib.seq_len,
                          stats=stats or ("sum_abs",), state=state, start=start, progress=progress, on_batch=on_batch,
@@ -54,23 +74,17 @@ def collect_gradients(model, tokenizer, examples, calib: CalibConfig = CalibConf
 def calibration_tokens(examples, tokenizer, calib: CalibConfig):
     """The calibration items as GPTQ's Hessians see them: one item per sequence, right-padded,
     with a mask of the real tokens (``data.calib.Sequences``: ``ids``/``mask`` ``[N, L]``)."""
-    from circuitq.data.calib import calibration_sequences
-
     return calibration_sequences(examples, tokenizer, calib.seq_len)
 
 
 def collect_hessians(model, windows: torch.Tensor, qcfg: QuantizeConfig, device=None, progress: bool = True):
     """Every linear input's Hessian from one pass of the unquantized model (shared mode)."""
-    from circuitq.quant.driver import collect_hessians as _collect
-
     return _collect(model, windows, qcfg.batch_size, device, progress)
 
 
 def write_hessians(model, windows, dest, qcfg: QuantizeConfig, device=None, progress: bool = True):
     """Every linear input's Hessian and GPTQ factor, layer by layer into the directory ``dest``
     (``quant.hessians.write_hessians``; read back with ``HessianFile``)."""
-    from circuitq.quant.hessians import write_hessians as _write
-
     return _write(model, windows, dest, qcfg.batch_size, qcfg.damp, device=device, progress=progress)
 
 
@@ -78,16 +92,12 @@ def qw_stream(model, qcfg: QuantizeConfig, windows=None, hessians=None, need_hin
                      progress: bool = False):
     """``Q(W)`` one module at a time (``quant.driver.qw_stream``): what ``quantized_weights``
     returns, without holding it."""
-    from circuitq.quant.driver import qw_stream as _stream
-
     return _stream(model, qcfg, windows, hessians, need_hinv, device, progress)
 
 
 def qw_config(method: str, qcfg: QuantizeConfig) -> QuantizeConfig:
     """The quantizer whose ``Q(W)`` ``method`` contrasts with: the final quantizer's settings,
     with GPTQ or RTN as the method names it (``tacq-rtn`` -> RTN)."""
-    from circuitq.saliency.methods import method as saliency_method
-
     q = saliency_method(method).quantizer
     return replace(qcfg, method=q) if q else qcfg
 
@@ -96,8 +106,6 @@ def quantized_weights(model, qcfg: QuantizeConfig, windows: torch.Tensor | None 
                         need_hinv: bool = False, device=None, progress: bool = False):
     """``Q(W)`` of every targeted weight (``quant.driver.qw_quantization``): the one
     function ``score``, ``run`` and the API use."""
-    from circuitq.quant.driver import qw_quantization
-
     return qw_quantization(model, qcfg, windows, hessians, need_hinv, device, progress)
 
 
@@ -112,8 +120,6 @@ def score_weights(method: str, model, stats=None, quantized=None, seed: int = 0,
     ``quantized``: the ``Q(W)`` from ``quantized_weights``, made by the quantizer the method
     names (a GPTQ ``Q(W)`` given to ``tacq-rtn`` is an error, not a silent substitution);
     ``reference=`` is its name before 0.6.2, still accepted."""
-    from circuitq.saliency.methods import SaliencyInputs, compute_scores, method as saliency_method
-
     qw = quantized if quantized is not None else reference   # Q(W), whichever name it came by
     m = saliency_method(method)
     if m.quantizer:
@@ -139,8 +145,6 @@ def stream_scores(methods, model, stats=None, qw=None, seed: int = 0):
     must share their quantizer) or None when no method needs ``Q(W)``. ``stats``: a ``GradStats``
     or ``{stat: {name: tensor}}`` mapping (read one matrix at a time when lazy). Memory: one
     module's weight, ``Q(W)``, statistics and scores."""
-    from circuitq.saliency.methods import SaliencyInputs, compute_scores, method as saliency_method
-
     ms = {m: saliency_method(m) for m in methods}
     quantizers = {m.quantizer for m in ms.values()}
     if len(quantizers) > 1:
@@ -166,8 +170,6 @@ def select(scores, mask: MaskConfig = MaskConfig(), bits: int | None = None,
 
     ``scores``: one ``{name: [out, in]}`` dict or a list of them (combined by ``mask.combine``).
     ``mask.target_bits`` needs the base ``bits`` and ``group_size`` for the exact accounting."""
-    from circuitq.saliency.masks import combine, fraction_for_bits, select_per_layer, select_rank_max, select_topk
-
     many = scores if isinstance(scores, (list, tuple)) else [scores]
     if len(many) > 1 and mask.combine == "rank-max":
         if mask.target_bits is not None or mask.per_layer:
@@ -192,9 +194,6 @@ def quantize(model, qcfg: QuantizeConfig, windows: torch.Tensor | None = None, h
     """Mask-aware quantization: ``(quantized model, QuantizeResult)``. ``masks`` keep weights in
     16-bit; ``windows`` (``[N, L]`` token ids) or shared ``hessians`` calibrate GPTQ. The
     original is untouched unless ``inplace``."""
-    from circuitq.quant.driver import quantize_copy, quantize_model
-    from circuitq.quant.plan import PrecisionPlan
-
     if not inplace:
         return quantize_copy(model, qcfg, windows, hessians, masks, device, progress)
     return model, quantize_model(model, windows, PrecisionPlan(qcfg.bits), qcfg, masks=masks, device=device,
@@ -205,8 +204,6 @@ def export(out, model, tokenizer, result, meta: dict, summary: dict | None = Non
     """Write ``out/hf`` (plain HF model), ``out/gptq`` (packed GPTQ, layout ``meta["gptq_format"]``
     auto/v1/v2, default v1, + 16-bit sidecar) and
     ``out/circuitq.json``, atomically."""
-    from circuitq.quant.export import export_all
-
     return export_all(out, model, tokenizer, result.qweights, meta, summary or result.summary(), overwrite)
 
 
@@ -223,14 +220,6 @@ def quantize_and_export(lm, job: QuantizeJob, out, masks=None, mask_meta: dict |
     """``circuitq quantize`` as a function: calibrate on ``job.task``'s calibration items,
     quantize ``lm.model`` in place with ``masks`` kept 16-bit, measure held-out perplexity on the
     task's evaluation items before and after, and export to ``out``."""
-    from circuitq.artifacts import check_writable
-    from circuitq.data.calib import heldout_windows
-    from circuitq.data.tasks import Task
-    from circuitq.evals import perplexity
-    from circuitq.quant.driver import check_group_size, quantize_model
-    from circuitq.quant.plan import PrecisionPlan
-    from circuitq.saliency.masks import mask_fraction, validate_masks
-
     check_writable(out, overwrite)
     q = job.quantize
     shapes = target_shapes(lm.model)
@@ -249,7 +238,6 @@ def quantize_and_export(lm, job: QuantizeJob, out, masks=None, mask_meta: dict |
     res = quantize_model(lm.model, windows, plan or PrecisionPlan(q.bits), q, masks=masks, device=device,
                          progress=progress)
     ppl_after = perplexity(lm.model, held, job.eval.batch_size) if held is not None else None
-    from circuitq.config import to_dict
 
     meta = {"model": lm.name, "model_source": lm.source, "model_note": lm.note, "settings": to_dict(job),
             "method": q.method, "bits": q.bits, "group_size": q.group_size, "sym": q.sym, "mse": q.mse,
@@ -272,8 +260,6 @@ def evaluate(model, tokenizer, examples, kind: str, *, reference=None, cfg: Eval
     """KL(reference ‖ model), top-1 agreement, task NLL, MMLU accuracy and flips on ``examples``
     (``evals.evaluate``), and for MMLU with ``cfg.all_tokens`` the same over every token
     (``kl_all``, ``top1_all``, ``nll_all``); ``cfg.samples`` limits the items."""
-    from circuitq.evals import evaluate as _evaluate
-
     items = list(examples)[: cfg.samples] if cfg.samples else list(examples)
     return _evaluate(model, tokenizer, items, kind, reference=reference, batch_size=cfg.batch_size,
                      seq_len=cfg.seq_len, progress=progress, logits_out=logits_out, reference_logits=reference_logits,
@@ -284,8 +270,6 @@ def compare(a, b, fraction: float = MaskConfig().fraction, top_n: int = 20, geom
     """Two circuits at one budget: overlap (IoU, intersection/min, per layer and module type),
     head and neuron maps, Spearman of the head maps. ``a``, ``b``: loaded score files
     (``{"scores", "meta"}``), or plain ``{name: [out, in]}`` score dicts with ``geometry``."""
-    from circuitq.circuits.compare import compare_scores
-
     def wrap(x, label):
         if "scores" in x and "meta" in x:
             return x
@@ -300,10 +284,6 @@ def compare(a, b, fraction: float = MaskConfig().fraction, top_n: int = 20, geom
 def evaluate_task(lm, job, ref=None, say=print) -> tuple[dict, list[dict]]:
     """``circuitq eval`` as a function: ``lm`` (a ``LoadedModel``) on ``job.task``'s ``job.split``
     items, against ``ref`` when given. Returns the evaluation document and per-item records."""
-    from circuitq.config import to_dict
-    from circuitq.data.tasks import Task
-    from circuitq.evals import check_same_vocab, generate_exact_match
-
     if ref is not None:
         check_same_vocab(lm.tokenizer, ref.tokenizer, lm.model, ref.model)
     task = Task(job.task, job.data, lm.tokenizer)
@@ -329,8 +309,6 @@ def evaluate_task(lm, job, ref=None, say=print) -> tuple[dict, list[dict]]:
 
 def write_eval(out, doc: dict, items: list[dict], overwrite: bool = False) -> None:
     """``OUT`` (the evaluation document, JSON) and ``OUT`` with ``.csv`` (one row per item)."""
-    from circuitq.artifacts import check_writable, write_csv, write_json
-
     out = Path(out)
     check_writable(out.with_suffix(".csv"), overwrite)   # both refused before either is written
     write_json(out, doc, overwrite=overwrite)
@@ -349,9 +327,6 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
     circuit-vs-random contrasts (``circuits.faithfulness``). ``ablation="quantize"`` replaces
     entries by their round-to-nearest value at ``job.quantize``'s bits and group size (elementwise,
     so a subset can be quantized alone; GPTQ's values are a joint solution)."""
-    from circuitq.circuits.faithfulness import faithfulness_report, replacement, units
-    from circuitq.data.tasks import TASK_KINDS, Task
-
     task = Task(job.task, job.data, lm.tokenizer)
     model = lm.model
     names = list(target_shapes(model))

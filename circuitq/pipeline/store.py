@@ -21,7 +21,6 @@ import torch
 from circuitq import __version__
 from circuitq.artifacts import atomic_dir, file_sha256
 
-
 KEY_FORMAT = 2   # 2: every setting a step depends on is in its key (1: some only when not the default)
 
 

@@ -18,22 +18,45 @@ to ``device``, so a model larger than GPU memory but within CPU RAM works.
 """
 from __future__ import annotations
 
+import copy
+import os
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Callable, NamedTuple
 
 import torch
+from tqdm.auto import tqdm
 
 from circuitq.config import QuantizeConfig
-from circuitq.data.calib import Sequences, as_sequences
-from circuitq.errors import UsageError, NumericError
+from circuitq.data.calib import Sequences
+from circuitq.errors import NumericError, UsageError
 from circuitq.model.arch import arch_for, module_name, target_shapes, weight_of
-from circuitq.quant.gptq import (Factor, GPTQConfig, GPTQResult, HessianState, gptq_quantize, gptq_quantize_batch,
-                                 hessian_error, hessian_factor, hessian_update, hinv_diag_from_factor, inverse_hessian_diag)
-from circuitq.quant.hessians import (HessianFile, _Stop, batches, capture_first_inputs, collect_hessians,  # noqa: F401
-                                     first_output, write_hessians)
+from circuitq.quant.gptq import (
+    Factor,
+    GPTQConfig,
+    GPTQResult,
+    HessianState,
+    gptq_quantize,
+    gptq_quantize_batch,
+    hessian_error,
+    hessian_factor,
+    hessian_update,
+    hinv_diag_from_factor,
+    inverse_hessian_diag,
+)
+from circuitq.quant.hessians import (  # noqa: F401
+    HessianFile,
+    _Stop,
+    batches,
+    capture_first_inputs,
+    collect_hessians,
+    first_output,
+    write_hessians,
+)
 from circuitq.quant.plan import FULL_PRECISION, BitReport, PrecisionPlan, bit_report
 from circuitq.quant.quantizer import QuantizedWeight, QuantSpec, rtn_quantize
+from circuitq.storage import ParameterBackup
 
 
 def quant_spec(cfg: QuantizeConfig, bits: int | None = None) -> QuantSpec:
@@ -169,8 +192,6 @@ def quantize_model(model: torch.nn.Module, calib: Sequences | torch.Tensor | Non
     weights in ``result.qweights`` for an export (``P_lin`` bytes of codes and more; a run that
     only evaluates passes False). Memory in shared mode: one ``gptq_stream`` chunk.
     """
-    from tqdm.auto import tqdm
-
     if cfg.method not in METHODS:
         raise UsageError(f"unknown method '{cfg.method}'; choose one of {sorted(METHODS)}")
     method = METHODS[cfg.method]
@@ -280,8 +301,6 @@ def gptq_stream(model, hessians, plan: PrecisionPlan, cfg: QuantizeConfig, masks
     weight + Hessian entries. Memory: one chunk, about ``4 · (7 + keep_errors) · max_elems`` bytes
     (235 MB at the default) plus what the consumer keeps. ``hessians``: ``{module name:
     HessianState}`` or a ``HessianFile`` (read a chunk at a time, factors reused)."""
-    from tqdm.auto import tqdm
-
     masks = masks or {}
     device = torch.device(device) if device is not None else next(model.parameters()).device
     names = [module_name(n) for n in target_shapes(model)]
@@ -351,8 +370,6 @@ def quantize_copy(model: torch.nn.Module, cfg: QuantizeConfig, calib: torch.Tens
     ``cfg.hessian == "shared"`` uses ``hessians`` (from ``collect_hessians``; collected from
     ``calib`` when not given); ``sequential`` runs GPTQ layer by layer on ``calib`` (``[N, L]``
     token ids). RTN needs neither."""
-    import copy
-
     twin = copy.deepcopy(model)
     needs_h = METHODS[cfg.method].needs_hessian
     if needs_h and cfg.hessian == "shared" and hessians is None:
@@ -421,11 +438,6 @@ def qw_stream(model: torch.nn.Module, cfg: QuantizeConfig, calib=None, hessians=
 def _sequential_qw(model, cfg, calib, need_hinv, device, progress):
     """Sequential GPTQ needs the partly quantized model: quantize ``model`` in place (its
     weights saved to a temporary file first, ``storage.ParameterBackup``), yield, restore."""
-    import os
-    import tempfile
-
-    from circuitq.storage import ParameterBackup
-
     names = list(target_shapes(model))
     fd, path = tempfile.mkstemp(prefix="circuitq-originals-", suffix=".safetensors")
     os.close(fd)

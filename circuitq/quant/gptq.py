@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 from circuitq.errors import CircuitqError
-from circuitq.quant.quantizer import QuantSpec, QuantizedWeight, fit_params, quantize_codes, dequantize, sparse_residual
+from circuitq.quant.quantizer import QuantizedWeight, QuantSpec, dequantize, fit_params, quantize_codes, sparse_residual
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from circuitq.data.calib import Sequences, as_sequences
 from circuitq.model.arch import arch_for
@@ -102,8 +103,6 @@ def collect_hessians(model: torch.nn.Module, calib: Sequences | torch.Tensor, ba
 
     ``calib``: ``Sequences`` (only real tokens count) or ``[N, L]`` token ids. Returns ``{module
     name: HessianState}``; modules that share an input (q/k/v, gate/up) share one state object."""
-    from tqdm.auto import tqdm
-
     seqs = as_sequences(calib)
     spec = arch_for(model.config.model_type)
     layers = model.get_submodule(spec.layers)
@@ -135,8 +134,6 @@ def write_hessians(model: torch.nn.Module, calib: Sequences | torch.Tensor, dest
     """``collect_hessians``, layer by layer, into the existing directory ``dest``
     (``hessians.safetensors`` + ``factors.safetensors``); returns ``dest``. Only one layer's
     Hessians are in memory at a time (module docstring)."""
-    from tqdm.auto import tqdm
-
     dest = Path(dest)
     spec = arch_for(model.config.model_type)
     layers = model.get_submodule(spec.layers)

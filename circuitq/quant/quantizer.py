@@ -24,8 +24,9 @@ from typing import NamedTuple
 
 import torch
 
-from circuitq.config import SUPPORTED_BITS  # noqa: E402 (one home for the supported widths)
+from circuitq.config import SUPPORTED_BITS
 from circuitq.errors import UsageError
+
 FP16_TINY = 2.0 ** -24  # smallest positive float16 (subnormal): scales never go below it
 
 

@@ -24,9 +24,13 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from circuitq.data.tasks import collate, scored_positions, tokenize_examples
 from circuitq.errors import UsageError
+from circuitq.saliency.capture import collect_stats, sample_losses
 
 
 def gauss_legendre(k: int) -> tuple[list[float], list[float]]:
@@ -34,7 +38,6 @@ def gauss_legendre(k: int) -> tuple[list[float], list[float]]:
     Worked example: ``k = 1`` is the midpoint rule, ``([0.5], [1.0])``."""
     if not isinstance(k, int) or k < 1:
         raise UsageError(f"--ig-steps must be a whole number ≥ 1, got {k!r}")
-    import numpy as np
 
     x, w = np.polynomial.legendre.leggauss(k)
     return [float((xi + 1) / 2) for xi in x], [float(wi / 2) for wi in w]
@@ -71,9 +74,6 @@ def _set_path(model, names: list[str], base: dict, delta: dict, alpha: float) ->
 def summed_loss(model, tokenizer, examples, calib) -> float:
     """``Σ_s`` mean next-token NLL of each item over its scored positions: the loss whose
     gradient the statistics sum (``capture.sample_losses``, the same collation)."""
-    from circuitq.data.tasks import collate, scored_positions, tokenize_examples
-    from circuitq.saliency.capture import sample_losses
-
     device = next(model.parameters()).device
     tok = tokenize_examples(examples, tokenizer, calib.seq_len, loss=calib.loss)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -96,11 +96,8 @@ def integrated_gradients(model, tokenizer, examples, quantized: dict[str, torch.
     (``Q(W)``, e.g. ``stages.quantized_weights(...).weights``) on ``examples``, and their
     completeness. The model's weights are moved along the path and restored at the end, also on
     an error. ``calib``: a ``CalibConfig`` (batching, sequence length, loss scope)."""
-    from tqdm.auto import tqdm
-
-    from circuitq.pipeline.stages import collect_gradients
-
     nodes, weights = gauss_legendre(steps)
+    path = model_path or getattr(model.config, "_name_or_path", "") or "model"
     names = list(quantized)
     base = {n: model.get_parameter(n).detach().clone() for n in names}
     delta = {n: quantized[n].float().to(base[n].device) - base[n].float() for n in names}
@@ -111,8 +108,9 @@ def integrated_gradients(model, tokenizer, examples, quantized: dict[str, torch.
         loss_q = summed_loss(model, tokenizer, examples, calib)
         for a, wt in tqdm(list(zip(nodes, weights)), desc="ig", unit="step", disable=not progress):
             _set_path(model, names, base, delta, a)
-            st = collect_gradients(model, tokenizer, examples, calib, ("sum",), progress=False,
-                                   model_path=model_path)["stats"]
+            st = collect_stats(model, tokenizer, examples, path, batch_size=calib.batch_size,
+                               seq_len=calib.seq_len, stats=("sum",), progress=False, batch_tokens=calib.batch_tokens,
+                               attention=calib.attention, loss=calib.loss)["stats"]
             for n in names:
                 integral[n].add_(st.tensors["sum"][n].to(integral[n].device), alpha=wt)
             del st

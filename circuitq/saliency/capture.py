@@ -15,13 +15,18 @@ no weight processing, so the HF weights are untouched and names map one to one.
 from __future__ import annotations
 
 import contextlib
+import time
 import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
 from circuitq.config import LOSS_SCOPES
+from circuitq.data.tasks import collate, scored_positions, tokenize_examples
 from circuitq.errors import UsageError
 from circuitq.model.arch import ArchSpec, arch_for, target_shapes
 
@@ -162,8 +167,6 @@ def boot_bridge(model, tokenizer, name_or_path: str):
 
     Booting rewires ``model`` in place (its submodules become bridge components, and the
     attention implementation is forced to eager); ``bridged`` undoes that afterwards."""
-    from transformer_lens.model_bridge import TransformerBridge
-
     return TransformerBridge.boot_transformers(name_or_path, hf_model=model, tokenizer=tokenizer)
 
 
@@ -204,8 +207,6 @@ def fused_attention(bridge, model, impl: str = "sdpa"):
     before; only the attention-internal hooks (``hook_attn_scores``, ``hook_pattern``, ...) are
     silent, which scoring never uses. The same math, without the ``[B, heads, T, T]`` pattern
     kept for the backward pass. Restores the forwards and the attention implementation after."""
-    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
-
     swapped = []
     for m in bridge.modules():
         if isinstance(m, AttentionBridge) and type(m).forward is not AttentionBridge.forward \
@@ -321,8 +322,6 @@ def _take_back(bridge, cap: HookCapture, input_ids, attn, lmask, bad: torch.Tens
     """Run the same batch again for the ``bad`` samples only, subtracting (``sign=-1``) what each
     module added for them: their gradients are the same values, so they turn non-finite at the
     same module and are taken back exactly where they were summed (to float rounding)."""
-    from circuitq.data.tasks import scored_positions
-
     with cap.batch(attn, bad):
         cap.sign = -1.0
         try:
@@ -375,12 +374,6 @@ def collect_stats(model, tokenizer, examples, model_path: str, *, batch_size: in
     ``state`` continues an earlier accumulation (resume); ``on_batch(state, n_done)`` is called
     after every batch (checkpointing). Parameters are frozen during the run and restored after.
     """
-    import time
-
-    from tqdm.auto import tqdm
-
-    from circuitq.data.tasks import collate, scored_positions, tokenize_examples
-
     if attention not in ("sdpa", "bridge", "eager"):
         raise UsageError(f"attention must be 'sdpa', 'eager' or 'bridge', got '{attention}'")
     device = next(model.parameters()).device

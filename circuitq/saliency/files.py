@@ -16,6 +16,8 @@ from safetensors import safe_open
 
 from circuitq.artifacts import atomic_dir
 from circuitq.saliency.capture import GradStats
+from circuitq.saliency.masks import MaskError
+from circuitq.storage import LazyTensors, TensorWriter
 
 SCORES_FORMAT = "circuitq.scores"
 
@@ -27,8 +29,6 @@ class ScoreFile(dict):
 def save_stats(path: Path, st: GradStats, meta: dict) -> None:
     """Write the statistics one tensor at a time (``storage.TensorWriter``; safetensors'
     ``save_file`` would first copy all of them, ``4 · P_lin`` bytes per statistic, into memory)."""
-    from circuitq.storage import TensorWriter
-
     m = {**{k: json.dumps(v) for k, v in meta.items()}, "n_samples": str(st.n_samples),
          "n_tokens": str(st.n_tokens), "n_skipped": str(st.n_skipped)}
     tmp = path.with_name(path.name + ".tmp")
@@ -54,8 +54,6 @@ def load_stats(path: Path, device="cpu") -> tuple[GradStats, dict]:
 def open_stats(path: Path, device=None) -> GradStats:
     """A stats file as a ``GradStats`` whose tensors are read from disk one at a time when
     indexed (``storage.LazyTensors``): memory is what the caller holds, not ``4 · P_lin`` per stat."""
-    from circuitq.storage import LazyTensors
-
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         stats = sorted({k.split("/", 1)[0] for k in f.keys()})
@@ -67,8 +65,6 @@ def write_scores_files(dest: Path, scores, stats: GradStats | None, meta: dict) 
     """Write ``scores.safetensors`` (+ ``stats.safetensors``) and ``score.json`` into the existing
     directory ``dest`` (the caller makes it atomic). ``scores``: ``{name: [out, in]}`` or an
     iterable of ``(name, [out, in])`` pairs, written as they come."""
-    from circuitq.storage import TensorWriter
-
     smeta = {"format": SCORES_FORMAT, **{k: json.dumps(v) for k, v in meta.items()}}
     with TensorWriter(dest / "scores.safetensors") as w:   # one matrix in memory at a time when streamed
         for n, s in (scores.items() if isinstance(scores, dict) else scores):
@@ -90,9 +86,6 @@ def write_scores_dir(out: str | Path, scores, stats: GradStats | None, meta: dic
 def load_scores(path: str | Path, lazy: bool = False) -> ScoreFile:
     """Read a scores directory (or its ``scores.safetensors``). ``lazy``: the scores are a
     ``storage.LazyTensors`` read one matrix at a time (memory: what the caller holds)."""
-    from circuitq.saliency.masks import MaskError
-    from circuitq.storage import LazyTensors
-
     p = Path(path)
     f = p / "scores.safetensors" if p.is_dir() else p
     if not f.exists():

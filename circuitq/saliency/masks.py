@@ -17,8 +17,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from circuitq import __version__
 from circuitq.artifacts import atomic_file
 from circuitq.errors import CircuitqError
+from circuitq.model.arch import parse_name
+from circuitq.quant.plan import PrecisionPlan, bit_report
+from circuitq.storage import LazyTensors
 
 MASK_FORMAT = "circuitq.mask"
 
@@ -45,8 +49,6 @@ def mask_metadata(masks: dict[str, torch.Tensor], **facts) -> dict:
     ``bits``, ``group_size``, ``requested_fraction``, ``samples``, ``seq_len``, ``seed`` (and any
     other facts given), plus the measured ``fraction`` and the circuitq version. Missing facts are
     recorded as None, so every mask has the same keys."""
-    from circuitq import __version__
-
     keys = ("model", "model_source", "task", "method", "bits", "group_size", "requested_fraction", "samples",
             "seq_len", "seed")
     return {**{k: facts.pop(k, None) for k in keys}, **facts, "fraction": mask_fraction(masks),
@@ -118,8 +120,6 @@ class LazyMasks(Mapping):
     ``load_masks`` has accepted (``open_masks`` checks)."""
 
     def __init__(self, path: Path, meta: dict):
-        from circuitq.storage import LazyTensors
-
         self.path, self._raw = Path(path), LazyTensors(path)
         self._names = {_normalize(k): k for k in self._raw}
         self._meta = meta
@@ -233,8 +233,6 @@ def select_topk(scores: dict[str, torch.Tensor], fraction: float) -> dict[str, t
 def select_per_layer(scores: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
     """The same ``fraction`` inside every decoder layer (``model.arch.parse_name`` gives the layer;
     a name it cannot place is a group of its own)."""
-    from circuitq.model.arch import parse_name
-
     groups: dict[object, dict[str, torch.Tensor]] = {}
     for n, s in scores.items():
         p = parse_name(n)
@@ -251,8 +249,6 @@ def fraction_for_bits(target_bits: float, bits: int, group_size: int, shapes: di
     Each 16-bit weight replaces ``bits`` with 32 bits (value + index), so
     ``avg = base + f · (32 − bits)``.
     """
-    from circuitq.quant.plan import PrecisionPlan, bit_report
-
     base = bit_report(shapes, PrecisionPlan(bits), group_size).average_bits
     if not base <= target_bits <= 16:   # also refuses NaN
         raise MaskError(f"--target-bits must be between {base:.4f} (what {bits}-bit quantization with group size "
