@@ -67,7 +67,7 @@ def bench_score(lm, n: int, seq_len: int, devices: dict[str, int]) -> dict:
     from circuitq.data.tasks import load_examples
     from circuitq.saliency.capture import collect_stats
 
-    ex = load_examples("mmlu", "calib", n, 0, 0, None, lm.tokenizer)
+    ex = load_examples("mmlu", "calib", n, seed=0, shots=0, data_dir=None, tokenizer=lm.tokenizer)
     out, sums = {}, {}
     for dev, reps in devices.items():
         lm.model.to(dev)

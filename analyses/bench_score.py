@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 def _examples(n: int, tokenizer):
     from circuitq.data.tasks import load_examples
 
-    return load_examples("mmlu", "calib", n, 0, 0, None, tokenizer)
+    return load_examples("mmlu", "calib", n, seed=0, shots=0, data_dir=None, tokenizer=tokenizer)
 
 
 def _child(cfg: dict) -> dict:

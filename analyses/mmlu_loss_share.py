@@ -73,7 +73,7 @@ def main() -> int:
     t0 = time.perf_counter()
     lm = load_model("smollm2-135m-instruct")
     model, tok = lm.model, lm.tokenizer
-    ex = load_examples("mmlu", "calib", a.samples, a.seed, 0, None, tok)
+    ex = load_examples("mmlu", "calib", a.samples, seed=a.seed, shots=0, data_dir=None, tokenizer=tok)
     shapes = target_shapes(model)
     params = dict(model.named_parameters())
     tokens = {p: 0 for p in PARTS}

@@ -112,7 +112,7 @@ def prepare_task(lm, task_name: str, seed: int, a) -> dict:
                                      progress=False)["stats"].tensors
     H = stages.collect_hessians(lm.model, stages.calibration_tokens(items, lm.tokenizer, calib), q, progress=False)
     # the mask-free GPTQ model is both the gptq baseline and Q(W) (with the errors SpQR reads)
-    twin, res = quantize_copy(lm.model, q, None, H, None, None, False, keep_hinv=True)
+    twin, res = quantize_copy(lm.model, q, None, hessians=H, masks=None, device=None, progress=False, keep_hinv=True)
     ref = Reference({n: twin.get_parameter(n).detach() for n in circuitq.target_shapes(lm.model)},
                     res.hinv_diag, q, res.gptq_errors)
     weights = {n: lm.model.get_parameter(n).detach().float() for n in circuitq.target_shapes(lm.model)}

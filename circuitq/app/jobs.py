@@ -120,7 +120,7 @@ def run_spec(spec: dict, status: Path) -> None:
     mf = load_masks(spec["mask"])
     _event(status, state="running", step=f"quantizing to {job.quantize.bits} bits", done=1, total=total)
     out = Path(spec["out"])
-    quantize_and_export(lm, job, out, mf.masks, {**mf.metadata, "path": spec["mask"]})
+    quantize_and_export(lm, job, out, masks=mf.masks, mask_meta={**mf.metadata, "path": spec["mask"]})
     ref = load_model(spec["model"], device="cpu")
     qm = load_model(str(out / "hf"), device="cpu")
     for i, t in enumerate(tasks):

@@ -109,7 +109,8 @@ def cmd_quantize(a) -> int:
     if a.mask:
         mf = load_masks(a.mask)
         masks, meta = mf.masks, {**mf.metadata, "path": a.mask}
-    res = quantize_and_export(lm, job, a.out, masks, meta, plan, a.overwrite, device)
+    res = quantize_and_export(lm, job, a.out, masks=masks, mask_meta=meta, plan=plan, overwrite=a.overwrite,
+                              device=device)
     ppl = res.perplexity
     print(f"[circuitq] {job.quantize.method} {job.quantize.bits}-bit in {res.seconds:.1f}s, average "
           f"{res.average_bits:.4f} bits/weight, {res.n_16bit} weights in 16-bit"
@@ -148,7 +149,7 @@ def cmd_score(a) -> int:
     cfg = build(ScoreConfig(), a, SCORE_FLAGS)
     torch.manual_seed(cfg.calib.seed)
     lm = load_model(cfg.model, device=device_for(a.device))
-    out = run_score(lm, cfg, a.out, a.resume, a.overwrite)
+    out = run_score(lm, cfg, a.out, resume=a.resume, overwrite=a.overwrite)
     print(f"[circuitq] wrote scores to {out}")
     return 0
 

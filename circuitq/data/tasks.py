@@ -229,7 +229,7 @@ def split_description(task: str, eval_split: str, data_dir, split_seed: int, cal
             if kind in TEST_PATHS else "custom task: disjoint halves"}
 
 
-def load_examples(task: str, split: str = "calib", n: int | None = None, seed: int = 0, shots: int = 0,
+def load_examples(task: str, split: str = "calib", n: int | None = None, *, seed: int = 0, shots: int = 0,
                   data_dir: str | Path | None = None, tokenizer=None, calib_fraction: float = 0.5,
                   template: str = "auto", eval_split: str = "halves") -> list[Example]:
     """Examples of ``task`` for ``split`` (``calib`` or ``eval``, disjoint by construction).
@@ -383,8 +383,10 @@ class Task:
     def split(self, which: str) -> "Examples":
         if which not in self._splits:
             d = self.data
-            self._splits[which] = load_examples(self.name, which, None, d.split_seed, d.shots, d.data_dir,
-                                                self.tokenizer, d.calib_fraction, d.template, d.eval_split)
+            self._splits[which] = load_examples(self.name, which, None, seed=d.split_seed, shots=d.shots,
+                                                data_dir=d.data_dir, tokenizer=self.tokenizer,
+                                                calib_fraction=d.calib_fraction, template=d.template,
+                                                eval_split=d.eval_split)
         return self._splits[which]
 
     def calib_items(self, n: int | None = None, seed: int = 0) -> list[Example]:

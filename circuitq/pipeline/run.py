@@ -326,7 +326,7 @@ class Runner:
             self.say(f"{src}: mask-free {bits}-bit {qcfg.method.upper()} for Q(W), streamed into {', '.join(methods)}")
             shared = self._shared(qcfg)
             qw = stages.qw_stream(self.lm.model, qcfg, None if shared else self.calib_sequences(src),
-                                          self.hessians(src) if shared else None,
+                                          hessians=self.hessians(src) if shared else None,
                                           need_hinv=any(saliency_method(m).hessian for m in methods),
                                           device=self.device, progress=self.progress)
         stats = self.grad_stats(src) if any(saliency_method(m).stats for m in methods) else None
@@ -516,12 +516,12 @@ def run(lm, cfg: RunConfig, run_dir: str | Path, device="cpu", progress: bool = 
         r.say(f"{len(jobs)} quantize+evaluate jobs on {', '.join(cfg.tasks)} at {', '.join(map(str, cfg.bits))} bits "
               f"(model fingerprint {r.fp})")
         try:
-            return _run_jobs(r, jobs, cfg, run_dir, lm, device, command, t0)
+            return _run_jobs(r, jobs, cfg=cfg, run_dir=run_dir, lm=lm, device=device, command=command, t0=t0)
         finally:
             r.close()
 
 
-def _run_jobs(r: Runner, jobs, cfg: RunConfig, run_dir: Path, lm, device, command: str, t0: float) -> RunResult:
+def _run_jobs(r: Runner, jobs, *, cfg: RunConfig, run_dir: Path, lm, device, command: str, t0: float) -> RunResult:
     rows, item_kl = [], {}
     for task in cfg.tasks:
         ref = r.original_eval(task)

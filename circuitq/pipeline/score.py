@@ -68,7 +68,7 @@ def _resume_state(ckpt: Path, meta: dict, device):
     return state, cmeta["done"]
 
 
-def run_score(lm, cfg: ScoreConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
+def run_score(lm, cfg: ScoreConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
               progress: bool = True, device=None) -> Path:
     """Score ``lm`` (a ``LoadedModel``) on ``cfg.task`` and write the scores directory ``out``."""
     out = Path(out)
@@ -99,7 +99,7 @@ def run_score(lm, cfg: ScoreConfig, out: str | Path, resume: bool = False, overw
     st = res["stats"]
     truncated = _reduce(dist, st, res["truncated"]) if dist else res["truncated"]
     if rank == 0:
-        scores = stream_examples(lm.model, lm.tokenizer, examples, cfg, st, device, progress)
+        scores = stream_examples(lm.model, lm.tokenizer, examples, cfg, st, device=device, progress=progress)
         meta.update(n_samples=st.n_samples, n_tokens=st.n_tokens, n_skipped=st.n_skipped, truncated=truncated,
                     seconds=time.perf_counter() - t0, tokens_per_s=res["tokens_per_s"] * world)
         if truncated:
@@ -132,7 +132,7 @@ def run_ig(lm, cfg: ScoreConfig, out: Path, overwrite: bool = False, progress: b
     qw = stages.quantized_weights(lm.model, qcfg, windows, device=device, progress=progress).weights
     print(f"[circuitq] integrated gradients over {cfg.ig_steps} points of the path W -> Q(W) "
           f"({cfg.ig_steps} gradient passes over {len(examples)} items)")
-    attr, comp = integrated_gradients(lm.model, lm.tokenizer, examples, qw, cfg.calib, cfg.ig_steps,
+    attr, comp = integrated_gradients(lm.model, lm.tokenizer, examples, qw, cfg.calib, steps=cfg.ig_steps,
                                       model_path=lm.source, progress=progress)
     del qw
     meta.update(ig_steps=cfg.ig_steps, quadrature="gauss-legendre", signed=True,
@@ -144,7 +144,7 @@ def run_ig(lm, cfg: ScoreConfig, out: Path, overwrite: bool = False, progress: b
     return out
 
 
-def stream_examples(model, tokenizer, examples, cfg: ScoreConfig, stats, device=None, progress: bool = False):
+def stream_examples(model, tokenizer, examples, cfg: ScoreConfig, stats, *, device=None, progress: bool = False):
     """``(name, [out, in] scores)`` one module at a time: ``score_examples`` without holding
     ``Q(W)`` or the scores (``stages.stream_scores``)."""
     m = saliency_method(cfg.method)
@@ -152,12 +152,13 @@ def stream_examples(model, tokenizer, examples, cfg: ScoreConfig, stats, device=
     if m.quantizer:
         qcfg = stages.qw_config(cfg.method, cfg.quantize)
         windows = stages.calibration_tokens(examples, tokenizer, cfg.calib) if qcfg.method == "gptq" else None
-        qw = stages.qw_stream(model, qcfg, windows, None, m.hessian, device, progress)
+        qw = stages.qw_stream(model, qcfg, windows, hessians=None, need_hinv=m.hessian, device=device,
+                              progress=progress)
     for name, sc in stages.stream_scores([cfg.method], model, stats, qw, cfg.calib.seed):
         yield name, sc[cfg.method]
 
 
-def score_examples(model, tokenizer, examples, cfg: ScoreConfig, stats, device=None, progress: bool = False):
+def score_examples(model, tokenizer, examples, cfg: ScoreConfig, stats, *, device=None, progress: bool = False):
     """Q(W) (when the method needs it) and the scores, from already collected ``stats``: the
     ``{name: [out, in]}`` dict of ``stream_examples``."""
-    return dict(stream_examples(model, tokenizer, examples, cfg, stats, device, progress))
+    return dict(stream_examples(model, tokenizer, examples, cfg, stats, device=device, progress=progress))

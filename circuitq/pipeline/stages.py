@@ -85,14 +85,14 @@ def collect_hessians(model, windows: torch.Tensor, qcfg: QuantizeConfig, device=
 def write_hessians(model, windows, dest, qcfg: QuantizeConfig, device=None, progress: bool = True):
     """Every linear input's Hessian and GPTQ factor, layer by layer into the directory ``dest``
     (``quant.hessians.write_hessians``; read back with ``HessianFile``)."""
-    return _write(model, windows, dest, qcfg.batch_size, qcfg.damp, device=device, progress=progress)
+    return _write(model, windows, dest, batch_size=qcfg.batch_size, damp=qcfg.damp, device=device, progress=progress)
 
 
-def qw_stream(model, qcfg: QuantizeConfig, windows=None, hessians=None, need_hinv: bool = False, device=None,
-                     progress: bool = False):
+def qw_stream(model, qcfg: QuantizeConfig, windows=None, *, hessians=None, need_hinv: bool = False, device=None,
+              progress: bool = False):
     """``Q(W)`` one module at a time (``quant.driver.qw_stream``): what ``quantized_weights``
     returns, without holding it."""
-    return _stream(model, qcfg, windows, hessians, need_hinv, device, progress)
+    return _stream(model, qcfg, windows, hessians=hessians, need_hinv=need_hinv, device=device, progress=progress)
 
 
 def qw_config(method: str, qcfg: QuantizeConfig) -> QuantizeConfig:
@@ -102,11 +102,12 @@ def qw_config(method: str, qcfg: QuantizeConfig) -> QuantizeConfig:
     return replace(qcfg, method=q) if q else qcfg
 
 
-def quantized_weights(model, qcfg: QuantizeConfig, windows: torch.Tensor | None = None, hessians=None,
-                        need_hinv: bool = False, device=None, progress: bool = False):
+def quantized_weights(model, qcfg: QuantizeConfig, windows: torch.Tensor | None = None, *, hessians=None,
+                      need_hinv: bool = False, device=None, progress: bool = False):
     """``Q(W)`` of every targeted weight (``quant.driver.qw_quantization``): the one
     function ``score``, ``run`` and the API use."""
-    return qw_quantization(model, qcfg, windows, hessians, need_hinv, device, progress)
+    return qw_quantization(model, qcfg, windows, hessians=hessians, need_hinv=need_hinv, device=device,
+                           progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,22 +190,22 @@ def select(scores, mask: MaskConfig = MaskConfig(), bits: int | None = None,
 # ---------------------------------------------------------------------------------------------
 # quantize, export
 # ---------------------------------------------------------------------------------------------
-def quantize(model, qcfg: QuantizeConfig, windows: torch.Tensor | None = None, hessians=None, masks=None,
+def quantize(model, qcfg: QuantizeConfig, windows: torch.Tensor | None = None, *, hessians=None, masks=None,
              device=None, progress: bool = True, inplace: bool = False):
     """Mask-aware quantization: ``(quantized model, QuantizeResult)``. ``masks`` keep weights in
     16-bit; ``windows`` (``[N, L]`` token ids) or shared ``hessians`` calibrate GPTQ. The
     original is untouched unless ``inplace``."""
     if not inplace:
-        return quantize_copy(model, qcfg, windows, hessians, masks, device, progress)
+        return quantize_copy(model, qcfg, windows, hessians=hessians, masks=masks, device=device, progress=progress)
     return model, quantize_model(model, windows, PrecisionPlan(qcfg.bits), qcfg, masks=masks, device=device,
                                  progress=progress, hessians=hessians)
 
 
-def export(out, model, tokenizer, result, meta: dict, summary: dict | None = None, overwrite: bool = False) -> Path:
+def export(out, model, tokenizer, result, meta: dict, summary: dict | None = None, *, overwrite: bool = False) -> Path:
     """Write ``out/hf`` (plain HF model), ``out/gptq`` (packed GPTQ, layout ``meta["gptq_format"]``
     auto/v1/v2, default v1, + 16-bit sidecar) and
     ``out/circuitq.json``, atomically."""
-    return export_all(out, model, tokenizer, result.qweights, meta, summary or result.summary(), overwrite)
+    return export_all(out, model, tokenizer, result.qweights, meta, summary or result.summary(), overwrite=overwrite)
 
 
 class QuantizeOutcome(NamedTuple):
@@ -215,7 +216,7 @@ class QuantizeOutcome(NamedTuple):
     perplexity: dict
 
 
-def quantize_and_export(lm, job: QuantizeJob, out, masks=None, mask_meta: dict | None = None, plan=None,
+def quantize_and_export(lm, job: QuantizeJob, out, *, masks=None, mask_meta: dict | None = None, plan=None,
                         overwrite: bool = False, device=None, progress: bool = True, say=print) -> QuantizeOutcome:
     """``circuitq quantize`` as a function: calibrate on ``job.task``'s calibration items,
     quantize ``lm.model`` in place with ``masks`` kept 16-bit, measure held-out perplexity on the
@@ -248,7 +249,8 @@ def quantize_and_export(lm, job: QuantizeJob, out, masks=None, mask_meta: dict |
             "average_bits": res.bits.average_bits, "gptq_format": job.gptq_format}
     ppl = {"original": ppl_before, "quantized": ppl_after, "windows": int(held.shape[0]) if held is not None else 0,
            "source": f"{job.task} evaluation split"}
-    path = export(out, lm.model, lm.tokenizer, res, meta, {**res.summary(), "heldout_perplexity": ppl}, overwrite)
+    path = export(out, lm.model, lm.tokenizer, res, meta, {**res.summary(), "heldout_perplexity": ppl},
+                  overwrite=overwrite)
     return QuantizeOutcome(Path(path), res.bits.average_bits, res.bits.nnz, res.seconds, ppl)
 
 

@@ -206,7 +206,8 @@ def quantize_model(model: torch.nn.Module, calib: Sequences | torch.Tensor | Non
     if method.needs_hessian and (hessians is not None or cfg.hessian == "shared"):
         if hessians is None:
             hessians = collect_hessians(model, calib, cfg.batch_size, device, progress)
-        _quantize_shared(model, hessians, plan, cfg, masks, device, result, keep_hinv, progress, output_error, pack)
+        _quantize_shared(model, hessians, plan, cfg, masks=masks, device=device, result=result, keep_hinv=keep_hinv,
+                         progress=progress, output_error=output_error, pack=pack)
         return _finish(result, shapes, plan, cfg, t_start)
     layers = model.get_submodule(spec_arch.layers)
     hidden = kwargs = tmask = None
@@ -293,7 +294,7 @@ def _factors(hessians, chunk, cfg) -> list[Factor]:
     return out
 
 
-def gptq_stream(model, hessians, plan: PrecisionPlan, cfg: QuantizeConfig, masks=None, device=None,
+def gptq_stream(model, hessians, plan: PrecisionPlan, cfg: QuantizeConfig, *, masks=None, device=None,
                 progress: bool = True, keep_errors: bool = False, max_elems: int = 2 ** 23):
     """Mask-aware GPTQ of every targeted module of ``model`` against given Hessians (shared
     mode), yielding one ``ModuleQuant`` per module; the model is not modified. Modules of one shape
@@ -334,13 +335,14 @@ def gptq_stream(model, hessians, plan: PrecisionPlan, cfg: QuantizeConfig, masks
     bar.close()
 
 
-def _quantize_shared(model, hessians, plan, cfg, masks, device, result: QuantizeResult, keep_hinv, progress,
+def _quantize_shared(model, hessians, plan, cfg, *, masks, device, result: QuantizeResult, keep_hinv, progress,
                      output_error: bool = True, pack: bool = True) -> None:
     """``gptq_stream`` written into ``model`` (each weight becomes its dequantized value) and
     ``result`` (packed weights, records; with ``keep_hinv`` also ``diag(H⁻¹)`` and GPTQ's scaled
     errors). ``output_error``: measure ``tr(ΔW H ΔWᵀ)`` per module (reads each Hessian again)."""
     names = [module_name(n) for n in target_shapes(model)]
-    for mq in gptq_stream(model, hessians, plan, cfg, masks, device, progress, keep_errors=keep_hinv):
+    for mq in gptq_stream(model, hessians, plan, cfg, masks=masks, device=device, progress=progress,
+                          keep_errors=keep_hinv):
         n, r, wf, q = mq.name, mq.result, mq.weight, mq.result.weight
         out_err = None
         if output_error:
@@ -362,7 +364,7 @@ def _quantize_shared(model, hessians, plan, cfg, masks, device, result: Quantize
 
 
 def quantize_copy(model: torch.nn.Module, cfg: QuantizeConfig, calib: torch.Tensor | None = None,
-                  hessians: dict[str, HessianState] | None = None, masks: dict[str, torch.Tensor] | None = None,
+                  *, hessians: dict[str, HessianState] | None = None, masks: dict[str, torch.Tensor] | None = None,
                   device: str | torch.device | None = None, progress: bool = True,
                   keep_hinv: bool = False) -> tuple[torch.nn.Module, QuantizeResult]:
     """A quantized deep copy of ``model`` (the original is untouched) and its ``QuantizeResult``.
@@ -407,8 +409,8 @@ class QWModule(NamedTuple):
     errors: torch.Tensor | None
 
 
-def qw_stream(model: torch.nn.Module, cfg: QuantizeConfig, calib=None, hessians=None, need_hinv: bool = False,
-                     device=None, progress: bool = False):
+def qw_stream(model: torch.nn.Module, cfg: QuantizeConfig, calib=None, *, hessians=None, need_hinv: bool = False,
+              device=None, progress: bool = False):
     """``Q(W)`` module by module (``QWModule``), never modifying ``model``: shared-Hessian GPTQ
     and RTN hold one chunk of modules at a time (``gptq_stream``); sequential GPTQ needs the partly
     quantized model, so it quantizes a copy (``+4P`` bytes) and yields from it."""
@@ -427,7 +429,8 @@ def qw_stream(model: torch.nn.Module, cfg: QuantizeConfig, calib=None, hessians=
         if calib is None:
             raise UsageError("shared-Hessian GPTQ needs calibration tokens or collected Hessians")
         hessians = collect_hessians(model, calib, cfg.batch_size, device, progress)
-    for mq in gptq_stream(model, hessians, PrecisionPlan(cfg.bits), cfg, None, device, progress, keep_errors=need_hinv):
+    for mq in gptq_stream(model, hessians, PrecisionPlan(cfg.bits), cfg, masks=None, device=device, progress=progress,
+                          keep_errors=need_hinv):
         w = weight_of(mq.name)
         W = model.get_parameter(w).detach()
         yield QWModule(w, W, mq.result.weight.to(W.device, W.dtype),
@@ -454,7 +457,7 @@ def _sequential_qw(model, cfg, calib, need_hinv, device, progress):
 
 
 def qw_quantization(model: torch.nn.Module, cfg: QuantizeConfig, calib: torch.Tensor | None = None,
-                    hessians: dict[str, HessianState] | None = None, need_hinv: bool = False,
+                    *, hessians: dict[str, HessianState] | None = None, need_hinv: bool = False,
                     device: str | torch.device | None = None, progress: bool = False) -> Reference:
     """The one definition of ``Q(W)`` for every saliency method and entry point: mask-free
     quantization of ``model``'s weights with exactly the final quantizer's settings ``cfg`` (bits,
@@ -462,7 +465,7 @@ def qw_quantization(model: torch.nn.Module, cfg: QuantizeConfig, calib: torch.Te
     ``Q(W)`` (``4 · P_lin`` bytes, ``+8 · P_lin`` with ``need_hinv``); ``qw_stream`` gives
     them one module at a time."""
     q, hinv, err = {}, {}, {}
-    for r in qw_stream(model, cfg, calib, hessians, need_hinv, device, progress):
+    for r in qw_stream(model, cfg, calib, hessians=hessians, need_hinv=need_hinv, device=device, progress=progress):
         q[r.name] = r.quantized
         if r.hinv_diag is not None:
             hinv[r.name], err[r.name] = r.hinv_diag, r.errors

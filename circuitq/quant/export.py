@@ -140,7 +140,7 @@ def export_bytes(model, qweights: dict[str, QuantizedWeight]) -> int:
 
 
 def export_all(out: str | Path, model, tokenizer, qweights: dict[str, QuantizedWeight], meta: dict,
-               summary: dict, overwrite: bool = False) -> Path:
+               summary: dict, *, overwrite: bool = False) -> Path:
     """Write ``hf/``, ``gptq/`` and ``circuitq.json`` into ``out`` atomically. Every tensor of
     the model must be finite (a NaN in a weight the quantizer does not touch, such as
     ``embed_tokens``, is refused before anything is written)."""

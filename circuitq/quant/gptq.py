@@ -154,7 +154,8 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, keep: torch
     ``w``'s device. Group parameters are fitted when a group starts, on the error-updated
     weights; under act-order groups follow the permuted order and ``g_idx`` records them.
     """
-    return gptq_quantize_batch(w[None], H[None], spec, None if keep is None else keep[None], cfg, keep_errors)[0]
+    return gptq_quantize_batch(w[None], H[None], spec, None if keep is None else keep[None], cfg,
+                               keep_errors=keep_errors)[0]
 
 
 def _gather_cols(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
@@ -163,7 +164,7 @@ def _gather_cols(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 
 
 def gptq_quantize_batch(w: torch.Tensor, H: torch.Tensor | None, spec: QuantSpec, keep: torch.Tensor | None = None,
-                        cfg: GPTQConfig = GPTQConfig(), keep_errors: bool = False,
+                        cfg: GPTQConfig = GPTQConfig(), *, keep_errors: bool = False,
                         factors: list[Factor] | None = None) -> list[GPTQResult]:
     """GPTQ on a batch of independent matrices of one shape: ``w``: ``[B, out, in]``, ``H``:
     ``[B, in, in]`` (each matrix its own Hessian), ``keep``: ``[B, out, in]`` bool or None.

@@ -129,7 +129,7 @@ def collect_hessians(model: torch.nn.Module, calib: Sequences | torch.Tensor, ba
             for i in range(len(layers)) for group in spec.groups for n in group}
 
 
-def write_hessians(model: torch.nn.Module, calib: Sequences | torch.Tensor, dest: str | Path, batch_size: int = 8,
+def write_hessians(model: torch.nn.Module, calib: Sequences | torch.Tensor, dest: str | Path, *, batch_size: int = 8,
                    damp: float = 0.01, damp_max: float = 10.0, device=None, progress: bool = True) -> Path:
     """``collect_hessians``, layer by layer, into the existing directory ``dest``
     (``hessians.safetensors`` + ``factors.safetensors``); returns ``dest``. Only one layer's

@@ -90,7 +90,7 @@ def summed_loss(model, tokenizer, examples, calib) -> float:
     return total
 
 
-def integrated_gradients(model, tokenizer, examples, quantized: dict[str, torch.Tensor], calib, steps: int = 8,
+def integrated_gradients(model, tokenizer, examples, quantized: dict[str, torch.Tensor], calib, *, steps: int = 8,
                          model_path: str | None = None, progress: bool = True) -> tuple[dict, Completeness]:
     """``{HF weight name: [out, in]}`` IG attributions of replacing each weight by ``quantized``
     (``Q(W)``, e.g. ``stages.quantized_weights(...).weights``) on ``examples``, and their
