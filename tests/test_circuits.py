@@ -102,7 +102,7 @@ def test_budget_ranking_prefixes_equal_topk_selection():
 
     g = torch.Generator().manual_seed(0)
     scores = {f"model.layers.{i}.mlp.down_proj.weight": torch.rand(8, 16, generator=g) for i in range(3)}
-    ti = top_index(scores, 0.5)
+    ti = top_index(scores, "llama", 0.5)
     for f in (0.05, 0.2, 0.5):
         a, b = mask_at(ti, f), select_topk(scores, f)
         assert all(torch.equal(a[n], b[n]) for n in scores)

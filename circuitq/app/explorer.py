@@ -56,7 +56,7 @@ def load_scores(path: str, mtime: float):
 @st.cache_resource(max_entries=4, show_spinner="Ranking weights…")
 def ranking(path: str, mtime: float) -> explore.TopIndex:
     f = load_scores(path, mtime)
-    return explore.top_index(f["scores"], max(BUDGETS), Geometry(**f["meta"]["geometry"]).model_type)
+    return explore.top_index(f["scores"], Geometry(**f["meta"]["geometry"]).model_type, max(BUDGETS))
 
 
 @st.cache_resource(max_entries=8)

@@ -29,7 +29,7 @@ class TopIndex:
     order: torch.Tensor        # [k] int64 flat indices, best first
     scores: torch.Tensor       # [k] float32 their scores
     total: int                 # number of weights ranked over
-    model_type: str = "llama"  # its architecture row says which modules are attention
+    model_type: str            # its architecture row (model.arch) says which modules are attention
 
     def count(self, fraction: float) -> int:
         k = int(fraction * self.total)
@@ -38,8 +38,9 @@ class TopIndex:
         return k
 
 
-def top_index(scores: dict[str, torch.Tensor], max_fraction: float = 0.02, model_type: str = "llama") -> TopIndex:
-    """Rank the top ``max_fraction`` of all weights of ``scores`` (``{name: [out, in]}``)."""
+def top_index(scores: dict[str, torch.Tensor], model_type: str, max_fraction: float = 0.02) -> TopIndex:
+    """Rank the top ``max_fraction`` of all weights of ``scores`` (``{name: [out, in]}``) of a model of
+    ``model_type`` (its row in ``model.arch`` names the attention and MLP modules)."""
     names = list(scores)
     sizes = torch.tensor([0] + [scores[n].numel() for n in names], dtype=torch.int64)
     flat = torch.cat([scores[n].detach().float().flatten() for n in names])

@@ -240,10 +240,9 @@ class HookCapture:
     input in the backward hook. The first forward checks that the recomputation equals the real
     input bit for bit; where it does not (another MLP form), the input is kept as usual."""
 
-    def __init__(self, bridge, n_layers: int, state: GradStats, spec: ArchSpec | None = None,
+    def __init__(self, bridge, n_layers: int, state: GradStats, spec: ArchSpec,
                  per_sample: bool | None = None, recompute_mlp: bool = True):
         self.bridge, self.state, self.per_sample = bridge, state, per_sample
-        spec = spec or arch_for("llama")
         self.targets = [(f"blocks.{i}.{lin.tl}", spec.weight_name(i, lin.path), i, lin.tl)
                         for i in range(n_layers) for lin in spec.linears]
         self.down_tl = spec.linear("down_proj").tl
