@@ -295,8 +295,20 @@ class FaithfulnessJob:
         "what a replaced weight becomes: quantize = round-to-nearest at --bits and --group-size (entry by "
         "entry), zero, or mean = its row's mean",
         choices=("quantize", "zero", "mean")))
+    all_units: bool = field(default=False, metadata=_help(
+        "measure every unit of --units (e.g. all query heads) instead of --top + --random"))
+    estimators: tuple[str, ...] = field(default=("score", "atp"), metadata=_help(
+        "what predicts each unit's change: score (the scores file), atp (attribution patching ΣG·ΔW), ig "
+        "(integrated gradients, --ig-steps passes), or any saliency method (tacq, grad, fisher, magnitude, ...); "
+        "ΔW is the replacement of --ablation"))
+    ig_steps: int = field(default=4, metadata=_help("estimator ig: Gauss-Legendre nodes, one gradient pass each"))
+    curve: bool = field(default=False, metadata=_help(
+        "also faithfulness curves: units ordered by each estimator and at random; keep the top k in 16-bit and "
+        "replace the rest (and the converse) for k along --curve-grid"))
+    curve_grid: tuple[float, ...] = field(default=(0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0), metadata=_help(
+        "fractions of the units kept (or replaced) along a faithfulness curve"))
     fraction: float = field(default=DEFAULT_FRACTION, metadata=_help("the circuit for the circuit-vs-random contrasts"))
-    seed: int = field(default=0, metadata=_help("random units and random sets"))
+    seed: int = field(default=0, metadata=_help("random units, random sets and the random ordering"))
     data: DataConfig = field(default_factory=DataConfig)
     calib: CalibConfig = field(default_factory=lambda: CalibConfig(samples=32))
     quantize: QuantizeConfig = field(default_factory=lambda: QuantizeConfig(hessian="shared"))
@@ -304,7 +316,12 @@ class FaithfulnessJob:
 
     def __post_init__(self) -> None:
         _at_least(self, ("top", "random"), 0)
-        if self.top + self.random < 3:
+        _at_least(self, ("ig_steps",), 1)
+        if not self.estimators or len(set(self.estimators)) != len(self.estimators):
+            raise ConfigError(f"--estimators needs distinct names, got {' '.join(self.estimators) or 'none'}")
+        if not self.curve_grid or any(not 0 <= f <= 1 for f in self.curve_grid):
+            raise ConfigError(f"--curve-grid takes fractions in [0, 1], got {' '.join(map(str, self.curve_grid))}")
+        if not self.all_units and self.top + self.random < 3:
             raise ConfigError("--top plus --random must be at least 3 units (a rank correlation needs them)")
         if not 0 < self.fraction < 1:
             raise ConfigError(f"--fraction must be in (0, 1), got {self.fraction}")

@@ -227,7 +227,7 @@ def test_faithfulness_page(runs, monkeypatch):
     at.sidebar.selectbox(key="run").set_value("other").run()
     assert not at.exception, at.exception
     labels = [m.label for m in at.metric]
-    assert "Spearman: score" in labels and "Spearman: first-order" in labels
+    assert "Spearman: score" in labels and "Spearman: atp" in labels
     assert len(at.get("plotly_chart")) == 2
     at.sidebar.selectbox(key="run").set_value("small").run()
     assert any("circuitq faithfulness --scores" in i.value for i in at.info)

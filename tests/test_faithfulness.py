@@ -3,6 +3,7 @@ for bit, and for a small change the first-order prediction equals the measured c
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -103,8 +104,91 @@ def test_faithfulness_cli_end_to_end(tmp_path, tiny_dir):
                  "--calib-samples", "6", "--eval-samples", "6", "--group-size", "32", "--fraction", "0.05",
                  "--out", str(out)]) == 0
     rep = json.loads(out.read_text())
-    assert len(rep["units"]) == 4 and set(rep["spearman"]) == {"score", "first-order"}
+    assert len(rep["units"]) == 4 and set(rep["spearman"]) == {"score", "atp"}
     assert set(rep["contrasts"]) == {"only circuit", "only random", "all but circuit", "all but random"}
     assert rep["contrasts"]["all but random"]["loss_change"] != 0
     assert main(["faithfulness", "--scores", str(tmp_path / "s"), "--top", "1", "--random", "1",
                  "--out", str(tmp_path / "g.json")]) == 2   # too few units for a rank correlation
+
+
+def test_curve_helpers_worked_examples():
+    from circuitq.circuits.faithfulness import curve_area, recovery, unit_order, Unit
+
+    assert curve_area([0, 0.5, 1], [0, 1, 1]) == 0.75
+    assert recovery("keep-top", 3.0, 4.0, 0.0) == 0.75 and recovery("replace-top", 3.0, 4.0, 0.0) == 0.25
+    assert math.isnan(recovery("keep-top", 1.0, 2.0, 2.0))
+    us = [Unit(f"u{i}", {"w": torch.arange(3)[:, None].expand(3, 3) == i}) for i in range(3)]   # row i
+    vals = {"w": torch.tensor([[1.0, 1, 1], [-5, -5, -5], [2, 2, 2]])}
+    assert unit_order(us, vals) == [2, 0, 1]     # signed: the unit predicted to help comes last
+    assert sorted(unit_order(us, None, seed=3)) == [0, 1, 2]
+
+
+def test_curves_reach_both_ends_and_order_by_the_estimator():
+    """On a model whose loss is a weighted sum of its units' replacement, the exact estimator's
+    ordering recovers fastest, and both modes end at 0 and 1."""
+    from circuitq.circuits.faithfulness import Unit, faithfulness_curves
+
+    w = torch.nn.Parameter(torch.ones(1, 6))
+    model = torch.nn.Module()
+    model.register_parameter("w", w)
+    importance = torch.tensor([5.0, 0.1, 3.0, 0.2, 1.0, 0.3])
+
+    def loss_fn(m):
+        loss = float(((1 - m.w.detach()[0]) * importance).sum())
+        return loss, -loss
+
+    us = [Unit(f"u{i}", {"w": torch.nn.functional.one_hot(torch.tensor([i]), 6).bool()}) for i in range(6)]
+    values = {"w": torch.zeros(1, 6)}
+    exact = importance.argsort(descending=True).tolist()
+    rep = faithfulness_curves(model, loss_fn, us, values, {"exact": exact, "reverse": exact[::-1]},
+                              (0, 1 / 3, 2 / 3, 1), progress=False)
+    for name in ("exact", "reverse"):
+        for mode in ("keep-top", "replace-top"):
+            pts = rep["orderings"][name][mode]["points"]
+            assert pts[0]["recovery"] == pytest.approx(0) and pts[-1]["recovery"] == pytest.approx(1)
+    assert rep["orderings"]["exact"]["keep-top"]["area"] > rep["orderings"]["reverse"]["keep-top"]["area"]
+    assert rep["orderings"]["exact"]["keep-top"]["points"][1]["recovery"] == pytest.approx(8 / 9.6)
+    assert torch.equal(model.w.detach(), torch.ones(1, 6))     # restored
+
+
+def test_faithfulness_all_heads_estimators_and_curves_end_to_end(tmp_path, tiny_dir):
+    from circuitq.cli import main
+    from test_score import _score, _task
+
+    d, _ = tiny_dir
+    task = _task(tmp_path)
+    assert _score(d, task, tmp_path / "s", "--group-size", "32") == 0
+    out = tmp_path / "f.json"
+    assert main(["faithfulness", "--scores", str(tmp_path / "s"), "--units", "heads", "--all-units",
+                 "--estimators", "score", "atp", "ig", "grad", "--ig-steps", "2", "--curve", "--curve-grid", "0", "0.5", "1",
+                 "--calib-samples", "6", "--eval-samples", "6", "--group-size", "32", "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    cfg = json.loads((d / "config.json").read_text())
+    assert len(rep["units"]) == cfg["num_hidden_layers"] * cfg["num_attention_heads"]   # every query head
+    assert set(rep["spearman"]) == {"score", "atp", "ig", "grad"} and rep["units_measured"] == "all"
+    assert rep["completeness"]["ig_steps"] == 2 and math.isfinite(rep["completeness"]["ig"]["gap"])
+    assert set(rep["curves"]["orderings"]) == {"score", "atp", "ig", "grad", "random"}
+    rows = (tmp_path / "f.curves.csv").read_text().splitlines()
+    assert len(rows) == 1 + 5 * 2 * 3
+    for o in rep["curves"]["orderings"].values():
+        for mode in ("keep-top", "replace-top"):
+            assert [p["units"] for p in o[mode]["points"]] == [0, len(rep["units"]) // 2, len(rep["units"])]
+
+
+def test_faithfulness_bad_input_is_one_line(tmp_path, tiny_dir, capsys):
+    from circuitq.cli import main
+    from test_score import _score, _task
+
+    d, _ = tiny_dir
+    task = _task(tmp_path)
+    assert _score(d, task, tmp_path / "s", "--group-size", "32") == 0
+    base = ["faithfulness", "--scores", str(tmp_path / "s"), "--out", str(tmp_path / "x.json")]
+    for extra, needle in ((["--estimators", "atp", "nope"], "unknown estimator nope for --estimators; choose from score, ig"),
+                          (["--ig-steps", "0"], "--ig-steps"),
+                          (["--estimators", "spqr"], "unknown estimator spqr"),
+                          (["--curve-grid", "0", "1.5"], "--curve-grid takes fractions in [0, 1]")):
+        capsys.readouterr()
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], (extra, err)
+    assert not (tmp_path / "x.json").exists()

@@ -8,13 +8,24 @@ head (its rows of ``k_proj`` and ``v_proj``; GQA-aware: one KV head serves
 and columns of ``down_proj``), or one layer × module. A unit is ``{HF weight name: [out, in]
 bool}``.
 
-For each unit the *predicted* change is the sum of a score over its entries (the TaCQ score, or
-the signed first-order estimate ``Σ_s G_s · ΔW`` when the ``sum`` statistic is given); the
-*measured* change is the task loss (mean NLL of the completion tokens) with only that unit's
+For each unit the *predicted* change is the sum of an estimator over its entries (the TaCQ
+selection score, attribution patching ``Σ_s G_s · ΔW``, integrated gradients, any saliency method);
+the *measured* change is the task loss (mean NLL of the completion tokens) with only that unit's
 weights replaced (by ``Q(W)``, zero, or each row's mean), everything else at 16 bits. Reported:
-the Spearman correlation of predicted and measured changes over the units (top-k by score plus
-random ones), and circuit-vs-random contrasts: replacing only the circuit vs only a random set of
-the same size, and everything but the circuit vs everything but a random set.
+the Spearman correlation of predicted and measured changes over the units (every unit of the kind,
+or the top-k by score plus random ones), and circuit-vs-random contrasts: replacing only the circuit
+vs only a random set of the same size, and everything but the circuit vs everything but a random set.
+
+Faithfulness curves (``faithfulness_curves``), the standard test of a circuit: order the units by
+an estimator; keep the top ``k`` in 16-bit and replace every other unit of the kind (``keep-top``),
+or replace only the top ``k`` (``replace-top``); measure the task metric for ``k`` along a grid of
+fractions. Recovery at ``k`` is ``(m_k − m_none) / (m_full − m_none)`` for ``keep-top`` (1 = the
+16-bit model's metric with only the kept units; 0 = every unit replaced) and
+``(m_full − m_k) / (m_full − m_none)`` for ``replace-top`` (the share of the whole effect that the
+top ``k`` carry). The area is the trapezoid mean of recovery over the grid's fractions.
+
+Cost: one evaluation pass of the task's items per unit measured, four for the contrasts, and
+``2 · len(grid) · orderings`` for the curves (``evaluation_passes``).
 """
 from __future__ import annotations
 
@@ -60,8 +71,14 @@ def units(shapes: dict[str, tuple[int, int]], geometry: Geometry, kind: str, blo
             m[:, cols] = True
         return m
 
+    need = {"heads": ("q_proj", "o_proj"), "kv-heads": ("k_proj", "v_proj"),
+            "neurons": ("gate_proj", "up_proj", "down_proj")}.get(kind, ())
     for layer in sorted(by_layer):
         mods = by_layer[layer]
+        lacking = [m for m in need if m not in mods]
+        if lacking:
+            raise UsageError(f"--units {kind} needs {', '.join(need)} in every layer, but layer {layer} has no "
+                             f"{', '.join(lacking)}; choose another --units ({', '.join(UNIT_KINDS)})")
         if kind == "modules":
             out += [Unit(f"L{layer}.{t}", {n: torch.ones(shapes[n], dtype=torch.bool)}) for t, n in mods.items()]
         elif kind == "heads":
@@ -177,19 +194,29 @@ def measure(model, loss_fn, entries: dict, values: dict) -> tuple[float, float |
         return loss_fn(model)
 
 
+def evaluation_passes(n_units: int, *, all_units: bool, top: int, n_random: int, curve_points: int,
+                      orderings: int) -> int:
+    """How many evaluation passes of the task's items a faithfulness check makes: one per unit
+    measured, four contrasts, one base, and ``2 · curve_points · orderings`` for the curves."""
+    measured = n_units if all_units else min(n_units, top + n_random)
+    return 1 + measured + 4 + 2 * curve_points * orderings
+
+
 def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], values: dict, estimators: dict, *,
-                        top: int, n_random: int, fraction: float, seed: int = 0, progress: bool = True) -> dict:
+                        top: int, n_random: int, fraction: float, seed: int = 0, all_units: bool = False,
+                        progress: bool = True) -> dict:
     """The faithfulness measurements (``loss_fn`` runs the task's evaluation items).
 
     ``scores``: the circuit's scores ``{name: [out, in]}``; ``estimators``: ``{name: {weight name:
-    [out, in]}}`` whose unit sums are the predicted changes (e.g. ``tacq`` = the scores,
-    ``first-order`` = ``ΣG·ΔW``); ``values``: what replaced entries take. Units: the ``top`` by
-    summed score plus ``n_random`` others (seeded)."""
+    [out, in]}}`` whose unit sums are the predicted changes (e.g. ``score`` = the selection scores,
+    ``atp`` = ``ΣG·ΔW``); ``values``: what replaced entries take. Units: every unit when
+    ``all_units``, else the ``top`` by summed score plus ``n_random`` others (seeded)."""
     base_loss, base_metric = loss_fn(model)
     by_score = sorted(unit_list, key=lambda u: -unit_sum(u, scores))
     rest = by_score[top:]
     g = torch.Generator().manual_seed(seed)
-    picked = by_score[:top] + [rest[i] for i in torch.randperm(len(rest), generator=g)[:n_random].tolist()]
+    picked = by_score if all_units else \
+        by_score[:top] + [rest[i] for i in torch.randperm(len(rest), generator=g)[:n_random].tolist()]
     rows = []
     for u in tqdm(picked, desc="units", disable=not progress):
         loss, metric = measure(model, loss_fn, u.entries, values)
@@ -209,6 +236,82 @@ def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], val
     ratio = contrasts["only circuit"]["loss_change"] / contrasts["only random"]["loss_change"] \
         if contrasts["only random"]["loss_change"] else float("inf")
     return {"base": {"loss": base_loss, "metric": base_metric}, "units": [r._asdict() for r in rows],
+            "units_measured": "all" if all_units else f"top {top} by score + {n_random} random (seed {seed})",
             "spearman": rho, "best_estimator": max(rho, key=lambda k: -1 if math.isnan(rho[k]) else rho[k]),
             "contrasts": contrasts, "only_circuit_over_only_random": ratio,
             "circuit_entries": int(sum(int(m.sum()) for m in circuit.values()))}
+
+
+CURVE_MODES = ("keep-top", "replace-top")
+
+
+def unit_order(unit_list: list[Unit], values: dict[str, torch.Tensor] | None, seed: int = 0) -> list[int]:
+    """Indices of ``unit_list`` from most to least important: by the unit sum of ``values``
+    (signed: a unit predicted to *help* when replaced comes last), or a seeded random order when
+    ``values`` is None."""
+    if values is None:
+        return torch.randperm(len(unit_list), generator=torch.Generator().manual_seed(seed)).tolist()
+    sums = [unit_sum(u, values) for u in unit_list]
+    return sorted(range(len(unit_list)), key=lambda i: -sums[i])
+
+
+def recovery(mode: str, m_k: float, m_full: float, m_none: float) -> float:
+    """Recovery at one point of a faithfulness curve (see the module docstring); NaN when
+    replacing every unit changes nothing."""
+    span = m_full - m_none
+    if span == 0 or not math.isfinite(span):
+        return float("nan")
+    return (m_k - m_none) / span if mode == "keep-top" else (m_full - m_k) / span
+
+
+def curve_area(fractions: list[float], rec: list[float]) -> float:
+    """Trapezoid mean of ``rec`` over ``fractions`` (sorted, distinct): the area under the curve
+    divided by the fractions' range. Worked example: fractions ``[0, 0.5, 1]``, recovery
+    ``[0, 1, 1]`` give 0.75."""
+    if len(fractions) < 2:
+        return float("nan")
+    area = sum((fractions[i + 1] - fractions[i]) * (rec[i] + rec[i + 1]) / 2 for i in range(len(fractions) - 1))
+    return area / (fractions[-1] - fractions[0])
+
+
+def faithfulness_curves(model, loss_fn, unit_list: list[Unit], values: dict, orderings: dict[str, list[int]],
+                        grid: tuple[float, ...], progress: bool = True) -> dict:
+    """Faithfulness curves of each ordering (``{name: unit indices, most important first}``) at the
+    fractions ``grid`` of units, in both ``CURVE_MODES``. ``loss_fn(model) -> (loss, metric)``; a task
+    without a metric is scored by ``−loss``. Memory: one union mask per point (the weights' size in
+    bool)."""
+    n = len(unit_list)
+    fr = sorted({float(f) for f in grid})
+
+    def metric_of(loss, metric):
+        return -loss if metric is None else metric
+
+    seen: dict = {}
+
+    def run(idx: list[int]):
+        key = tuple(sorted(idx))
+        if key not in seen:   # k = 0 and k = n of the two modes are the same two models
+            ent = union([unit_list[i].entries for i in idx]) if idx else {}
+            seen[key] = measure(model, loss_fn, ent, values) if ent else loss_fn(model)
+        return seen[key]
+
+    full_loss, full_metric = run([])
+    none_loss, none_metric = run(list(range(n)))
+    m_full, m_none = metric_of(full_loss, full_metric), metric_of(none_loss, none_metric)
+    out = {"units": n, "grid": fr, "full": {"loss": full_loss, "metric": full_metric},
+           "none": {"loss": none_loss, "metric": none_metric}, "orderings": {}}
+    steps = [(name, mode, f) for name in orderings for mode in CURVE_MODES for f in fr]
+    points: dict = {}
+    for name, mode, f in tqdm(steps, desc="curves", disable=not progress):
+        order = orderings[name]
+        k = round(f * n)
+        idx = order[k:] if mode == "keep-top" else order[:k]
+        loss, metric = run(idx)
+        m = metric_of(loss, metric)
+        points.setdefault(name, {}).setdefault(mode, []).append(
+            {"fraction": f, "units": k, "loss": loss, "metric": metric, "recovery": recovery(mode, m, m_full, m_none)})
+    for name, modes in points.items():
+        out["orderings"][name] = {mode: {"points": pts, "area": curve_area([p["fraction"] for p in pts],
+                                                                           [p["recovery"] for p in pts])}
+                                  for mode, pts in modes.items()}
+    return out

@@ -40,8 +40,9 @@ RUN_FLAGS = [("--model", "model"), ("--tasks", "tasks"), ("--bits", "bits"), ("-
              ("--batch-size", ("calib.batch_size", "quantize.batch_size", "eval.batch_size")),
              ("--batch-tokens", "calib.batch_tokens"), ("--attention", "calib.attention"), ("--loss", "calib.loss"),
              ("--seed", "calib.seed"), *DATA]
-FAITH_FLAGS = [("--task", "task"), ("--units", "units"), ("--top", "top"), ("--random", "random"),
-               ("--ablation", "ablation"), ("--fraction", "fraction"), ("--seed", "seed"),
+FAITH_FLAGS = [("--task", "task"), ("--units", "units"), ("--all-units", "all_units"), ("--top", "top"),
+               ("--random", "random"), ("--estimators", "estimators"), ("--ig-steps", "ig_steps"), ("--curve", "curve"),
+               ("--curve-grid", "curve_grid"), ("--ablation", "ablation"), ("--fraction", "fraction"), ("--seed", "seed"),
                ("--calib-samples", "calib.samples"), ("--eval-samples", "eval.samples"), ("--bits", "quantize.bits"),
                ("--group-size", "quantize.group_size"), *DATA]
 # command -> (default config, flag table): what the CLI-defaults test walks
@@ -346,8 +347,10 @@ def add_faithfulness(sub) -> None:
     p = sub.add_parser("faithfulness", help="does the circuit's attribution predict what replacing its parts does?",
                        description="Replace one unit at a time (head, KV head, neuron block, module) by Q(W), zero or "
                                    "its row mean, measure the task loss on the evaluation items, and compare with the "
-                                   "predicted change; then the circuit vs a random set of the same size. Writes OUT "
-                                   "(JSON) and OUT with .csv (one row per unit).")
+                                   "predicted change of each --estimators; then the circuit vs a random set of the same "
+                                   "size; with --curve, faithfulness curves (keep the top k units in 16-bit, replace the "
+                                   "rest, and the converse). Writes OUT (JSON), OUT with .csv (one row per unit) and, "
+                                   "with --curve, OUT with .curves.csv (one row per point).")
     add_flags(p, FaithfulnessJob(), FAITH_FLAGS)
     p.add_argument("--scores", required=True, help="a scores directory (circuitq score or a run's scores step)")
     p.add_argument("--model", default=None, help="default: the model the scores were made on")
@@ -362,11 +365,14 @@ def cmd_faithfulness(a) -> int:
 
     from circuitq.artifacts import check_writable, write_csv, write_json
     from circuitq.model.loading import load_model
-    from circuitq.pipeline.stages import faithfulness
+    from circuitq.pipeline.stages import check_estimators, faithfulness
     from circuitq.saliency.files import load_scores
 
     job = build(FaithfulnessJob(), a, FAITH_FLAGS)
+    check_estimators(job.estimators)
     out = check_writable(a.out, a.overwrite)
+    for sibling in (".csv",) + ((".curves.csv",) if job.curve else ()):   # refused before the work, not after
+        check_writable(out.with_suffix(sibling), a.overwrite)
     sf = load_scores(a.scores)
     meta = sf["meta"]
     job = replace(job, task=job.task or meta.get("task"))
@@ -382,13 +388,25 @@ def cmd_faithfulness(a) -> int:
     write_csv(out.with_suffix(".csv"), [{"unit": u["label"], "size": u["size"], **{f"predicted_{k}": v for k, v in
                                          u["predicted"].items()}, "measured_loss": u["measured_loss"],
                                          "measured_metric": u["measured_metric"]} for u in rep["units"]], a.overwrite)
+    if "curves" in rep:
+        write_csv(out.with_suffix(".curves.csv"), [
+            {"ordering": o, "mode": mode, **pt} for o, modes in rep["curves"]["orderings"].items()
+            for mode, c in modes.items() for pt in c["points"]], a.overwrite)
+        print("[circuitq] faithfulness curves (area = mean recovery over the grid): " + "; ".join(
+            f"{o} keep-top {m['keep-top']['area']:.3f}, replace-top {m['replace-top']['area']:.3f}"
+            for o, m in rep["curves"]["orderings"].items()))
+    if "completeness" in rep:
+        ig = rep["completeness"]["ig"]
+        print(f"[circuitq] ig completeness: Σ attributions {ig['attributed']:+.4f} vs measured {ig['measured']:+.4f} "
+              f"(gap {ig['gap']:.1%}, {rep['completeness']['ig_steps']} steps)")
     c = rep["contrasts"]
     print(f"[circuitq] {len(rep['units'])} {job.units} units on {job.task} ({job.ablation}): Spearman(predicted, "
           f"measured) " + ", ".join(f"{k} {v:.3f}" for k, v in rep["spearman"].items())
           + f"; only the circuit {c['only circuit']['loss_change']:+.4f} vs only random "
             f"{c['only random']['loss_change']:+.4f} nats; all but the circuit {c['all but circuit']['loss_change']:+.4f} "
             f"vs all but random {c['all but random']['loss_change']:+.4f}")
-    print(f"[circuitq] wrote {out} and {out.with_suffix('.csv')}")
+    print(f"[circuitq] wrote {out}, {out.with_suffix('.csv')}" + (f" and {out.with_suffix('.curves.csv')}"
+                                                                 if "curves" in rep else ""))
     return 0
 
 

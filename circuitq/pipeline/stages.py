@@ -20,7 +20,14 @@ import torch
 from circuitq import __version__
 from circuitq.artifacts import check_writable, write_csv, write_json
 from circuitq.circuits.compare import compare_scores
-from circuitq.circuits.faithfulness import faithfulness_report, replacement, units
+from circuitq.circuits.faithfulness import (
+    evaluation_passes,
+    faithfulness_curves,
+    faithfulness_report,
+    replacement,
+    unit_order,
+    units,
+)
 from circuitq.config import CalibConfig, EvalConfig, MaskConfig, QuantizeConfig, QuantizeJob, to_dict
 from circuitq.data.calib import calibration_sequences, heldout_windows
 from circuitq.data.tasks import TASK_KINDS, Task
@@ -34,6 +41,7 @@ from circuitq.quant.driver import qw_stream as _stream
 from circuitq.quant.export import export_all
 from circuitq.quant.hessians import write_hessians as _write
 from circuitq.quant.plan import PrecisionPlan
+from circuitq.saliency.attribution import integrated_gradients
 from circuitq.saliency.capture import STATS, collect_stats
 from circuitq.saliency.masks import (
     combine,
@@ -44,7 +52,7 @@ from circuitq.saliency.masks import (
     select_topk,
     validate_masks,
 )
-from circuitq.saliency.methods import SaliencyInputs, compute_scores
+from circuitq.saliency.methods import METHODS, SaliencyInputs, compute_scores
 from circuitq.saliency.methods import method as saliency_method
 
 
@@ -322,13 +330,36 @@ def write_eval(out, doc: dict, items: list[dict], overwrite: bool = False) -> No
 # ---------------------------------------------------------------------------------------------
 
 
+BUILTIN_ESTIMATORS = ("score", "ig")   # the scores file; integrated gradients (saliency.attribution)
+
+
+def faithfulness_estimators() -> tuple[str, ...]:
+    """What ``--estimators`` accepts: ``score``, ``ig`` and every saliency method that needs no
+    GPTQ factors (their ``Q(W)`` is the faithfulness check's replacement)."""
+    return BUILTIN_ESTIMATORS + tuple(m for m in METHODS if not saliency_method(m).hessian)
+
+
+def check_estimators(estimators) -> None:
+    """One line naming the allowed values for an unknown estimator (before any work)."""
+    allowed = faithfulness_estimators()
+    bad = [e for e in estimators if e not in allowed]
+    if bad:
+        raise UsageError(f"unknown estimator {', '.join(bad)} for --estimators; choose from {', '.join(allowed)}")
+
+
 def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dict:
-    """``circuitq faithfulness`` as a function: per unit, the predicted change (the summed score,
-    and the first-order ``ΣG·ΔW`` from gradients of the calibration items) against the measured
-    change of the task loss on the evaluation items when only that unit is replaced; and the
-    circuit-vs-random contrasts (``circuits.faithfulness``). ``ablation="quantize"`` replaces
-    entries by their round-to-nearest value at ``job.quantize``'s bits and group size (elementwise,
-    so a subset can be quantized alone; GPTQ's values are a joint solution)."""
+    """``circuitq faithfulness`` as a function: per unit, the predicted change (the unit sum of each
+    of ``job.estimators``: the scores, attribution patching ``ΣG·ΔW``, integrated gradients, any
+    saliency method; gradients from the calibration items) against the measured change of the task
+    loss on the evaluation items when only that unit is replaced; the circuit-vs-random contrasts;
+    with ``job.curve``, faithfulness curves per estimator and a random ordering
+    (``circuits.faithfulness``). ``ablation="quantize"`` replaces entries by their round-to-nearest
+    value at ``job.quantize``'s bits and group size (elementwise, so a subset can be quantized
+    alone; GPTQ's values are a joint solution), and that is the ``Q(W)`` every estimator sees.
+    Memory: the model, ``W`` views, the replacement (``4 · P_lin``), one gradient pass's statistics
+    (``4 · P_lin`` per statistic), each estimator's values (``4 · P_lin`` each; ``ig`` adds
+    ``12 · P_lin`` while it runs) and the units' masks (``P_lin`` bytes per unit kind's cover)."""
+    check_estimators(job.estimators)
     task = Task(job.task, job.data, lm.tokenizer)
     model = lm.model
     names = list(target_shapes(model))
@@ -339,6 +370,15 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
     items = task.eval_items(job.eval.samples)
     calib_items = task.calib_for(job.calib)
     weights = {n: model.get_parameter(n).detach() for n in names}
+    unit_list = units({n: tuple(w.shape) for n, w in weights.items()}, Geometry.from_config(model.config), job.units)
+    methods = [e for e in job.estimators if e not in BUILTIN_ESTIMATORS]
+    passes = evaluation_passes(len(unit_list), all_units=job.all_units, top=job.top, n_random=job.random,
+                               curve_points=len(set(job.curve_grid)) if job.curve else 0,
+                               orderings=len(job.estimators) + 1)
+    say(f"[circuitq] faithfulness on {job.task}: up to {passes} evaluation passes of {len(items)} items "
+        f"({len(unit_list) if job.all_units else min(len(unit_list), job.top + job.random)} of {len(unit_list)} "
+        f"{job.units} units{', curves' if job.curve else ''}) and "
+        f"{1 + (job.ig_steps if 'ig' in job.estimators else 0)} gradient passes of {len(calib_items)} items")
     quantized = None
     if job.ablation == "quantize":
         # entry by entry: round-to-nearest at the same bits and group size. GPTQ's Q(W) is a joint
@@ -346,8 +386,18 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
         # subset of entries is not the effect of quantizing that subset.
         quantized = quantized_weights(model, replace(job.quantize, method="rtn"), progress=progress).weights
     values = replacement(weights, job.ablation, quantized)
-    grads = collect_gradients(model, lm.tokenizer, calib_items, job.calib, ("sum",), progress=progress)["stats"].tensors
-    first = {n: grads["sum"][n].float() * (values[n].float() - weights[n].float()) for n in names}
+    need = sorted({"sum"} | {s for m in methods for s in saliency_method(m).stats})
+    grads = collect_gradients(model, lm.tokenizer, calib_items, job.calib, tuple(need), progress=progress)["stats"]
+    est: dict[str, dict] = {}
+    for e in job.estimators:
+        if e == "score":
+            est[e] = {n: scores[n].float() for n in names}
+        elif e == "ig":
+            est[e], comp = integrated_gradients(model, lm.tokenizer, calib_items, values, job.calib,
+                                                steps=job.ig_steps, model_path=lm.source, progress=progress)
+        else:
+            est[e] = compute_scores(e, SaliencyInputs(weights, values, grads.tensors, None, job.seed))
+    del grads
 
     def loss_fn(m):
         r = evaluate(m, lm.tokenizer, items, task.kind, cfg=job.eval, progress=False).metrics
@@ -359,11 +409,19 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
         say(f"[circuitq] warning: the unquantized model is at chance on {job.task} (accuracy {base['accuracy']:.3f}, "
             f"chance {chance:.2f}); the measured changes are still reported, but a circuit of a task the model "
             "cannot do says little")
-    unit_list = units({n: tuple(w.shape) for n, w in weights.items()}, Geometry.from_config(model.config), job.units)
-    rep = faithfulness_report(model, loss_fn, {n: scores[n].float() for n in names}, unit_list, values,
-                              {"score": {n: scores[n].float() for n in names}, "first-order": first},
+    rep = faithfulness_report(model, loss_fn, {n: scores[n].float() for n in names}, unit_list, values, est,
                               top=job.top, n_random=job.random, fraction=job.fraction, seed=job.seed,
-                              progress=progress)
+                              all_units=job.all_units, progress=progress)
+    if "ig" in job.estimators:
+        rep["completeness"] = {"ig": comp._asdict(), "ig_steps": job.ig_steps,
+                               "note": "Σ attributions vs measured L(Q(W)) − L(W), summed over the calibration items, "
+                                       "every targeted weight replaced"}
+    if job.curve:
+        orderings = {e: unit_order(unit_list, est[e]) for e in job.estimators}
+        orderings["random"] = unit_order(unit_list, None, seed=job.seed)
+        rep["curves"] = faithfulness_curves(model, loss_fn, unit_list, values, orderings, job.curve_grid,
+                                            progress=progress)
     rep.update(format="circuitq.faithfulness", task=job.task, units_kind=job.units, ablation=job.ablation, items=len(items),
-               base_accuracy=base.get("accuracy"), circuitq_version=__version__)
+               calib_items=len(calib_items), estimators=list(job.estimators), base_accuracy=base.get("accuracy"),
+               metric=base.get("task_metric") or "accuracy", circuitq_version=__version__)
     return rep
