@@ -42,7 +42,7 @@ RUN_FLAGS = [("--model", "model"), ("--tasks", "tasks"), ("--bits", "bits"), ("-
              ("--seed", "calib.seed"), *DATA]
 FAITH_FLAGS = [("--task", "task"), ("--units", "units"), ("--all-units", "all_units"), ("--top", "top"),
                ("--random", "random"), ("--estimators", "estimators"), ("--ig-steps", "ig_steps"), ("--curve", "curve"),
-               ("--curve-grid", "curve_grid"), ("--ablation", "ablation"), ("--fraction", "fraction"), ("--seed", "seed"),
+               ("--curve-grid", "curve_grid"), ("--ablation", "ablation"), ("--fraction", "fraction"), ("--seed", ("seed", "calib.seed")),
                ("--calib-samples", "calib.samples"), ("--eval-samples", "eval.samples"), ("--bits", "quantize.bits"),
                ("--group-size", "quantize.group_size"), *DATA]
 # command -> (default config, flag table): what the CLI-defaults test walks

@@ -1,0 +1,178 @@
+"""Which estimator predicts what quantizing a head does? Spearman over all query heads, IG
+completeness and faithfulness curves, over calibration seeds (issue 23's measurements).
+
+    .venv/bin/python analyses/faithful_maps.py --tasks ioi greater-than --bits 3 2 --seeds 0 1 2 \
+        --root runs/faithful-maps --out analyses/results/faithful_maps
+
+Per task T, bit width B and seed S, through the CLI (what a user gets), from a git worktree of the
+commit given by ``--rev`` (so editing the tree meanwhile changes nothing):
+
+1. ``circuitq score --task T --method tacq --bits B --samples 32 --seed S``: the TaCQ selection
+   scores (the circuit a run keeps in 16-bit).
+2. ``circuitq faithfulness --scores <1> --units heads --all-units --estimators score atp ig
+   --ig-steps K --curve --bits B --seed S``: every query head replaced alone by its B-bit
+   round-to-nearest value (entry by entry), the task loss measured on 48 held-out evaluation items,
+   against each estimator's unit sum (gradients from the seed's 32 calibration items, disjoint from
+   the evaluation items); IG's completeness; faithfulness curves of the heads ordered by each
+   estimator and at random.
+
+Writes ``OUT/rows.csv`` (one row per task × bits × seed), ``OUT/SUMMARY.md`` (mean ± sd over seeds,
+the lowest seed, the machine) and copies each faithfulness JSON into ``OUT/``. ``--aggregate-only``
+rebuilds the summary from ``ROOT``. The default model's weights are dequantized from a 4-bit GGUF
+file.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import REPO, machine, worktree
+
+ESTIMATORS = ("score", "atp", "ig")
+
+
+def run(cmd: list[str], env: dict, log: Path) -> float:
+    """Run one circuitq command, its output in ``log``; seconds taken."""
+    print("$", shlex.join(cmd), flush=True)
+    t0 = time.perf_counter()
+    with log.open("w") as fh:
+        subprocess.run([sys.executable, "-m", "circuitq", *cmd], check=True, env=env, stdout=fh,
+                       stderr=subprocess.STDOUT)
+    return time.perf_counter() - t0
+
+
+def measure(task: str, bits: int, seed: int, a, env: dict, root: Path) -> Path:
+    scores = root / f"scores-{task}-{bits}bit-s{seed}"
+    faith = root / f"faith-{task}-{bits}bit-s{seed}.json"
+    if not scores.exists():
+        run(["score", "--task", task, "--method", "tacq", "--bits", str(bits), "--samples", str(a.calib_samples),
+             "--seed", str(seed), "--out", str(scores)], env, root / f"{scores.name}.log")
+    if not faith.exists():
+        secs = run(["faithfulness", "--scores", str(scores), "--units", "heads", "--all-units",
+                    "--estimators", *ESTIMATORS, "--ig-steps", str(a.ig_steps), "--curve", "--bits", str(bits),
+                    "--seed", str(seed), "--calib-samples", str(a.calib_samples),
+                    "--eval-samples", str(a.eval_samples), "--out", str(faith)], env, root / f"{faith.stem}.log")
+        rep = json.loads(faith.read_text())
+        rep["wall_seconds"] = secs
+        faith.write_text(json.dumps(rep, indent=2) + "\n")
+    return faith
+
+
+def row_of(path: Path) -> dict:
+    rep = json.loads(path.read_text())
+    task, bits, seed = path.stem.removeprefix("faith-").rsplit("-", 2)
+    r = {"task": task, "bits": int(bits.removesuffix("bit")), "seed": int(seed.removeprefix("s")),
+         "heads": len(rep["units"]), "items": rep["items"], "metric": rep.get("metric"),
+         "base_metric": rep["base"]["metric"], "base_loss": rep["base"]["loss"],
+         "ig_gap": rep["completeness"]["ig"]["gap"], "ig_attributed": rep["completeness"]["ig"]["attributed"],
+         "ig_measured": rep["completeness"]["ig"]["measured"], "wall_seconds": rep.get("wall_seconds")}
+    for k, v in rep["spearman"].items():
+        r[f"spearman_{k}"] = v
+    curves = rep["curves"]
+    r["metric_all_heads_replaced"] = curves["none"]["metric"]
+    for o, modes in curves["orderings"].items():
+        for mode, c in modes.items():
+            r[f"area_{o}_{mode}"] = c["area"]
+        pts = modes["keep-top"]["points"]
+        at10 = [p for p in pts if p["fraction"] <= 0.1 + 1e-9]
+        r[f"recovery10_{o}"] = at10[-1]["recovery"] if at10 else float("nan")
+    return r
+
+
+def mean_sd(xs: list[float]) -> str:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    if not xs:
+        return "—"
+    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+
+
+def summary(rows: list[dict], a, rev: str) -> str:
+    orders = list(ESTIMATORS) + ["random"]
+    out = ["# Faithful head maps: estimators against measured head quantization (issue 23)", "",
+           f"Measured with `analyses/faithful_maps.py` at circuitq commit `{rev[:10]}` on "
+           f"{machine()['platform']}, {machine()['cpus']} CPUs, torch {machine()['torch']}. Model: SmolLM2-135M-Instruct, "
+           "**weights dequantized from a 4-bit GGUF file**. Per seed: the TaCQ selection scores from "
+           f"{a.calib_samples} calibration items, and every query head (30 layers × 9 = 270) replaced alone by its "
+           f"round-to-nearest value at the given bits, the loss measured on {a.eval_samples} held-out items. "
+           f"Estimators: `score` = the TaCQ selection score summed over the head, `atp` = ΣG·ΔW, `ig` = integrated "
+           f"gradients with {a.ig_steps} Gauss–Legendre nodes. Mean ± sd over seeds; the lowest seed in brackets.", "",
+           "## Spearman(predicted, measured loss change) over all query heads", "",
+           "| task | bits | seeds | " + " | ".join(ESTIMATORS) + " | IG completeness gap |",
+           "| --- | --- | --- | " + " | ".join("---" for _ in ESTIMATORS) + " | --- |"]
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["bits"]), []).append(r)
+    for (task, bits), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        cells = []
+        for e in ESTIMATORS:
+            xs = [r[f"spearman_{e}"] for r in rs]
+            cells.append(f"{mean_sd(xs)} [{min(xs):.3f}]")
+        out.append(f"| {task} | {bits} | {len(rs)} | " + " | ".join(cells) + f" | {mean_sd([r['ig_gap'] for r in rs])} |")
+    out += ["", "## Faithfulness curves (heads ordered by each estimator)", "",
+            "`keep-top`: the top k heads stay 16-bit, every other head is replaced (area = mean recovery of the "
+            "task metric over the grid; 1 = the 16-bit model, 0 = every head replaced). `replace-top`: only the "
+            "top k heads are replaced (area = mean share of the whole effect). `rec@10%`: recovery with 10% of "
+            "the heads kept.", "",
+            "| task | bits | " + " | ".join(f"{o} keep-top area" for o in orders) + " | "
+            + " | ".join(f"{o} rec@10%" for o in orders) + " |",
+            "| --- | --- | " + " | ".join("---" for _ in orders * 2) + " |"]
+    for (task, bits), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        out.append(f"| {task} | {bits} | " + " | ".join(mean_sd([r[f'area_{o}_keep-top'] for r in rs]) for o in orders)
+                   + " | " + " | ".join(mean_sd([r[f'recovery10_{o}'] for r in rs]) for o in orders) + " |")
+    out += ["", "## Per seed", "", "| task | bits | seed | base metric | every head replaced | "
+            + " | ".join(f"ρ {e}" for e in ESTIMATORS) + " | IG gap | minutes |",
+            "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in ESTIMATORS) + " | --- | --- |"]
+    for r in sorted(rows, key=lambda r: (r["task"], -r["bits"], r["seed"])):
+        out.append(f"| {r['task']} | {r['bits']} | {r['seed']} | {r['base_metric']:.3f} | "
+                   f"{r['metric_all_heads_replaced']:.3f} | " + " | ".join(f"{r[f'spearman_{e}']:.3f}" for e in ESTIMATORS)
+                   + f" | {r['ig_gap']:.1%} | {(r['wall_seconds'] or 0) / 60:.1f} |")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tasks", nargs="+", default=["ioi", "greater-than"])
+    ap.add_argument("--bits", nargs="+", type=int, default=[3, 2])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--ig-steps", type=int, default=4)
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--eval-samples", type=int, default=48)
+    ap.add_argument("--root", type=Path, default=Path("runs/faithful-maps"))
+    ap.add_argument("--out", type=Path, default=REPO / "analyses" / "results" / "faithful_maps")
+    ap.add_argument("--rev", default="HEAD", help="the commit measured (a worktree of it is used)")
+    ap.add_argument("--aggregate-only", action="store_true")
+    a = ap.parse_args()
+    a.root.mkdir(parents=True, exist_ok=True)
+    a.out.mkdir(parents=True, exist_ok=True)
+    src, rev = worktree(a.rev)
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    env.setdefault("CIRCUITQ_DATA_DIR", str(REPO.parent / "shared" / "data"))
+    if not a.aggregate_only:
+        for task in a.tasks:
+            for bits in a.bits:
+                for seed in a.seeds:
+                    f = measure(task, bits, seed, a, env, a.root.resolve())
+                    shutil.copy(f, a.out / f.name)
+                    rows = [row_of(p) for p in sorted(a.out.glob("faith-*.json"))]
+                    with (a.out / "rows.csv").open("w", newline="") as fh:
+                        w = csv.DictWriter(fh, fieldnames=sorted({k for r in rows for k in r}))
+                        w.writeheader()
+                        w.writerows(rows)
+                    (a.out / "SUMMARY.md").write_text(summary(rows, a, rev))
+    rows = [row_of(p) for p in sorted(a.out.glob("faith-*.json"))]
+    (a.out / "SUMMARY.md").write_text(summary(rows, a, rev))
+    print((a.out / "SUMMARY.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
