@@ -252,6 +252,11 @@ class RunConfig:
         "also check each task's circuit (at the largest bit width) against real ablation: the 10 top and 10 "
         "random units of this kind are quantized one at a time, and the circuit vs a random set of its size "
         "(`circuitq faithfulness`); costs about 24 evaluation passes per task", choices=FAITH_UNITS_CHOICES))
+    head_maps: str = field(default="atp", metadata=_help(
+        "what the report's head and neuron maps show beside the TaCQ selection mass: atp = attribution "
+        "patching, the predicted change of the task loss when a head's weights go to Q(W) at the largest bit "
+        "width (signed; one Σ G gradient pass of the calibration items per task); off = the selection mass only",
+        choices=("atp", "off")))
     data: DataConfig = field(default_factory=DataConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)   # 128 items (analyses/RUN_DEFAULTS.md)
     mask: MaskConfig = field(default_factory=MaskConfig)

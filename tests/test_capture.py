@@ -101,6 +101,10 @@ def test_per_sample_loop_and_batched_matmul_agree_on_every_statistic():
     for name, st in runs.items():
         for s, want in direct.items():
             assert torch.allclose(st.tensors[s]["w"], want, atol=1e-5), (name, s)
+    only_sum = GradStats.zeros(shapes, "cpu", ("sum",))     # the one-matmul path: same sum, same samples
+    ok = accumulate(only_sum, "w", x, gr, mask, ok_all)
+    assert ok.tolist() == [True, True, False, True, True]
+    assert torch.allclose(only_sum.tensors["sum"]["w"], direct["sum"], atol=1e-5)
 
 
 def test_right_padded_lengths_and_finite_samples():

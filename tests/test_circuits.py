@@ -72,7 +72,7 @@ def test_compare_cli_writes_report(tmp_path, tiny_dir):
     out = tmp_path / "cmp.html"
     assert main(["compare", str(tmp_path / "sa"), str(tmp_path / "sb"), "--fraction", "0.05", "--out", str(out)]) == 0
     text = out.read_text()
-    assert "Share of saliency mass per attention head" in text and "IoU" in text and "plotly" in text.lower()
+    assert "mass per attention head" in text and "IoU" in text and "plotly" in text.lower()
     metrics = json.loads(out.with_suffix(".json").read_text())
     assert 0 <= metrics["masks"]["global"]["iou"] <= 1
     assert out.with_suffix(".heads.png").stat().st_size > 1000 and out.with_suffix(".circuits.png").stat().st_size > 1000
@@ -153,3 +153,22 @@ def test_maps_and_units_follow_the_models_architecture_row(monkeypatch):
     assert unit_of("model.layers.1.mlp.c_proj.weight", 3, 5, geo) == "L1.N5"
     assert unit_of("model.layers.0.attn.c_o.weight", 1, 7, geo) == "L0.H3"
     assert unit_of("model.layers.0.attn.c_q.weight", 7, 1, geo) == "L0.H3"
+
+
+def test_compare_draws_a_signed_attribution_on_a_diverging_scale(tmp_path, tiny_dir):
+    """Two atp score directories (signed) are compared as attributions: the figure is centred at
+    zero and the top-heads table lists values, not shares of a mass."""
+    d, _ = tiny_dir
+    words = "the quick brown fox jumps over the lazy dog".split()
+    for name, shift in (("a", 0), ("b", 3)):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps({"prompt": " ".join(words[(i + shift) % 5:]),
+                                                                      "completion": " " + words[(i * 7 + shift) % 9]})
+                                                          for i in range(16)))
+        assert main(["score", "--model", str(d), "--task", f"jsonl:{tmp_path / name}.jsonl", "--method", "atp",
+                     "--samples", "8", "--seq-len", "32", "--group-size", "32", "--out", str(tmp_path / f"s{name}")]) == 0
+    out = tmp_path / "cmp.html"
+    assert main(["compare", str(tmp_path / "sa"), str(tmp_path / "sb"), "--fraction", "0.05", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "atp attribution per attention head (signed" in text and "mass per attention head" not in text
+    assert '"zmid":0' in text.replace(" ", "") and "attribution</th>" in text
+    assert out.with_suffix(".heads.png").stat().st_size > 1000

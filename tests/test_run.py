@@ -8,6 +8,7 @@ import torch
 
 from circuitq.cli import main
 from circuitq.config import ConfigError, MaskConfig, RunConfig
+from circuitq.model.arch import Geometry
 from circuitq.pipeline.plan import Job, MaskRecipe, plan_jobs
 from circuitq.pipeline.run import check_run_config
 from circuitq.pipeline.store import StepStore
@@ -81,7 +82,8 @@ def test_run_end_to_end_writes_every_table_and_resumes(tmp_path, tiny_dir, capsy
     assert {t["circuit"] for t in transfer} == {"mmlu", "gsm8k", "union", "none (gptq)"}
     html = (out / "report.html").read_text()
     for needle in ("Results: mmlu, 2-bit", "Results: gsm8k, 3-bit", "Transfer matrix at 2 bits", "KL by method",
-                   "Saliency per attention head", "Circuit overlap by layer", "Commands", "circuitq run --model"):
+                   "TaCQ selection mass per attention head", "Attribution patching per attention head",
+                   "Circuit overlap by layer", "Commands", "circuitq run --model"):
         assert needle in html, needle
     assert (out / "report.kl.png").stat().st_size > 1000 and (out / "report.heads.png").stat().st_size > 1000
     assert (out / "report.circuits.png").stat().st_size > 1000
@@ -192,7 +194,8 @@ def test_damaged_steps_are_moved_aside_and_computed_again(tmp_path, tiny_dir, ca
     assert float(grad["kl"]) > 0
     diff = [(a["method"], a["task"], k) for a, b in zip(again, rows) for k in a if a[k] != b[k] and "seconds" not in k]
     assert diff == [], diff
-    assert "Saliency per attention head" in (out / "report.html").read_text()
+    html = (out / "report.html").read_text()
+    assert "TaCQ selection mass per attention head" in html and "Attribution patching per attention head" in html
 
 
 def test_run_with_faithfulness_checks_each_circuit_and_reports_it(tmp_path, tiny_dir):
@@ -210,6 +213,7 @@ def test_run_with_faithfulness_checks_each_circuit_and_reports_it(tmp_path, tiny
     assert set(rep["contrasts"]) == {"only circuit", "only random", "all but circuit", "all but random"}
     html = (out / "report.html").read_text()
     assert "Faithfulness: mmlu, 3-bit circuit vs real ablation" in html and "best estimator" in html
+    assert "Measured faithfulness on mmlu (this run)" in html and "atp" in html   # beside the map it measures
     doc = json.loads((out / "run.json").read_text())
     assert doc["config"]["faithfulness"] == "heads"
     # a rerun reuses the faithfulness step
@@ -338,3 +342,44 @@ def test_old_step_keys_are_migrated_and_a_changed_default_recomputes(tmp_path, t
     assert main(args + ["--sym"]) == 0
     assert any("Hessians" in line or "GPTQ" in line for line in json.loads((out / "run.json").read_text())["log"]) \
         or json.loads((out / "run.json").read_text())["steps"]["computed"] > 0
+
+
+def test_run_draws_attribution_maps_equal_to_the_direct_computation(tmp_path, tiny_dir):
+    """The run's attribution map (streamed with the TaCQ scores' Q(W), one module at a time) equals
+    ΣG · (Q(W) − W) computed directly from the same Σ G and a mask-free GPTQ at the same settings,
+    and the report draws it signed."""
+    from circuitq.circuits.maps import aggregate, read_map
+    from circuitq.config import from_dict
+    from circuitq.model.loading import load_model
+    from circuitq.pipeline import stages
+    from circuitq.pipeline.run import Runner
+
+    d, _ = tiny_dir
+    data = task_data(tmp_path)
+    out = tmp_path / "run"
+    assert main(["run", "--model", str(d), "--tasks", "gsm8k", "--bits", "3", "--data-dir", str(data),
+                 "--calib-samples", "6", "--calib-seq-len", "64", "--eval-samples", "5", "--eval-seq-len", "96",
+                 "--fraction", "0.02", "--group-size", "32", "--baselines", "random", "--no-transfer",
+                 "--out", str(out)]) == 0
+    doc = json.loads((out / "run.json").read_text())
+    cmap, meta = read_map(out / doc["maps"]["gsm8k"] / "map.safetensors")
+    assert meta["estimator"] == "atp" and meta["bits"] == 3
+    cfg = from_dict(RunConfig, doc["config"])
+    lm = load_model(str(d))
+    r = Runner(lm, cfg, out, progress=False)
+    g = r.grad_sum("gsm8k").tensors["sum"]                 # the stored step, reused
+    qw = stages.quantized_weights(lm.model, cfg.quantize_at(3), r.calib_sequences("gsm8k")).weights
+    atp = {n: g[n] * (qw[n] - lm.model.get_parameter(n).detach()) for n in qw}
+    want = aggregate(atp, Geometry.from_config(lm.model.config))
+    assert torch.allclose(cmap.head, want.head, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(cmap.neuron, want.neuron, rtol=1e-4, atol=1e-7)
+    assert (cmap.head < 0).any() and (cmap.head > 0).any()   # signed: some heads are predicted to help
+    html = (out / "report.html").read_text()
+    assert "Attribution patching per attention head" in html and "not measured in this run" in html
+    # off: no map step and no Σ G pass
+    assert main(["run", "--model", str(d), "--tasks", "gsm8k", "--bits", "3", "--data-dir", str(data),
+                 "--calib-samples", "6", "--calib-seq-len", "64", "--eval-samples", "5", "--eval-seq-len", "96",
+                 "--fraction", "0.02", "--group-size", "32", "--baselines", "random", "--no-transfer",
+                 "--head-maps", "off", "--out", str(tmp_path / "off")]) == 0
+    assert json.loads((tmp_path / "off" / "run.json").read_text())["maps"] == {}
+    assert not list((tmp_path / "off" / "steps").glob("stats-sum-*"))

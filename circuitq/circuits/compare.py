@@ -8,8 +8,9 @@ from pathlib import Path
 
 from circuitq import __version__
 from circuitq.artifacts import atomic_file, check_writable
-from circuitq.circuits.maps import aggregate, compare_circuits, compare_masks, top_units
+from circuitq.circuits.maps import aggregate, compare_circuits, compare_masks, signed, top_units
 from circuitq.circuits.plots import (
+    attribution_heatmaps,
     circuits_png,
     head_heatmaps,
     heatmap_png,
@@ -115,7 +116,16 @@ def write_compare_report(res: dict, out: str | Path, overwrite: bool = False) ->
              for r, ((l, u, v), (l2, u2, v2)) in enumerate(zip(top_units(sa.head, 15), top_units(sb.head, 15)))]
     neurons = [{"rank": r + 1, f"{la} neuron": f"L{l}.N{u}", f"{lb} neuron": f"L{l2}.N{u2}"}
                for r, ((l, u, _), (l2, u2, _)) in enumerate(zip(top_units(sa.neuron, 15), top_units(sb.neuron, 15)))]
-    sections = [("Summary", summary), ("Heads", head_heatmaps(sa, sb, la, lb)),
+    method = res["meta"][0].get("method", "score")
+    if signed(sa) or signed(sb):   # an attribution (atp, ig): its sign says whether quantizing a head hurts
+        head_fig = attribution_heatmaps([(la, sa), (lb, sb)], f"{method} attribution per attention head (signed: "
+                                        "predicted change of the task loss when the head is quantized)")
+        heads = [{"rank": r + 1, f"{la} head": f"L{l}.H{u}", f"{la} attribution": v,
+                  f"{lb} head": f"L{l2}.H{u2}", f"{lb} attribution": v2}
+                 for r, ((l, u, v), (l2, u2, v2)) in enumerate(zip(top_units(sa.head, 15), top_units(sb.head, 15)))]
+    else:
+        head_fig = head_heatmaps(sa, sb, la, lb, what=f"{method} score")
+    sections = [("Summary", summary), ("Heads", head_fig),
                 (f"Circuit composition: {la}", module_layer_bars(ca, la)),
                 (f"Circuit composition: {lb}", module_layer_bars(cb, lb)),
                 ("Overlap by layer", overlap_by_layer(m, f"{la} vs {lb}")),

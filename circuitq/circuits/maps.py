@@ -18,9 +18,13 @@ correlation of the head maps.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from circuitq.errors import UsageError
 from circuitq.model.arch import MODULE_TYPES, Geometry, arch_for, parse_name  # noqa: F401 (re-exported)
@@ -37,33 +41,75 @@ class CircuitMap:
     total: float
 
 
-def aggregate(values: dict[str, torch.Tensor], geo: Geometry) -> CircuitMap:
-    """Sum per-weight ``values`` (``{HF weight name: [out, in]}``) into the circuit maps."""
-    L, H, KV, d = geo.n_layers, geo.n_heads, geo.n_kv_heads, geo.head_dim
-    lm = torch.zeros(L, len(MODULE_TYPES), dtype=torch.float64)
-    head = torch.zeros(L, H, dtype=torch.float64)
-    neuron = torch.zeros(L, geo.d_mlp, dtype=torch.float64)
-    per_kv = H // KV
-    spec = arch_for(geo.model_type)   # its rows/cols say which axis of a weight is a head or a neuron
-    for name, v in values.items():
-        parsed = parse_name(name, spec)
+class MapAccumulator:
+    """Circuit maps built one weight matrix at a time (``add``), so a caller that streams scores or
+    attributions never holds more than one module. ``result()`` is the ``CircuitMap``. Memory: the
+    maps, ``8 · L · (7 + H + d_mlp)`` bytes."""
+
+    def __init__(self, geo: Geometry):
+        self.geo, self.spec = geo, arch_for(geo.model_type)   # its rows/cols say which axis is a head or a neuron
+        L = geo.n_layers
+        self.lm = torch.zeros(L, len(MODULE_TYPES), dtype=torch.float64)
+        self.head = torch.zeros(L, geo.n_heads, dtype=torch.float64)
+        self.neuron = torch.zeros(L, geo.d_mlp, dtype=torch.float64)
+
+    def add(self, name: str, v: torch.Tensor) -> None:
+        H, KV, d = self.geo.n_heads, self.geo.n_kv_heads, self.geo.head_dim
+        parsed = parse_name(name, self.spec)
         if parsed is None:
             raise UsageError(f"cannot place '{name}' in a circuit map (expected model.layers.N.(self_attn|mlp).X.weight)")
         i, kind = parsed
-        lin = spec.linear(kind)
+        lin = self.spec.linear(kind)
         v = v.detach().double().cpu()
-        lm[i, MODULE_TYPES.index(kind)] += v.sum()
+        self.lm[i, MODULE_TYPES.index(kind)] += v.sum()
         if lin.rows == "q_heads":
-            head[i] += v.view(H, d, -1).sum((1, 2))
+            self.head[i] += v.view(H, d, -1).sum((1, 2))
         elif lin.cols == "q_heads":
-            head[i] += v.view(-1, H, d).sum((0, 2))
+            self.head[i] += v.view(-1, H, d).sum((0, 2))
         elif lin.rows == "kv_heads":
-            head[i] += v.view(KV, d, -1).sum((1, 2)).repeat_interleave(per_kv) / per_kv
+            self.head[i] += v.view(KV, d, -1).sum((1, 2)).repeat_interleave(H // KV) / (H // KV)
         elif lin.rows == "neurons":
-            neuron[i] += v.sum(1)
+            self.neuron[i] += v.sum(1)
         elif lin.cols == "neurons":
-            neuron[i] += v.sum(0)
-    return CircuitMap(lm, head, neuron, float(lm.sum()))
+            self.neuron[i] += v.sum(0)
+
+    def result(self) -> CircuitMap:
+        return CircuitMap(self.lm.clone(), self.head.clone(), self.neuron.clone(), float(self.lm.sum()))
+
+
+def signed(m: CircuitMap) -> bool:
+    """Whether a circuit map holds a signed attribution (some unit below zero) rather than a
+    non-negative selection score."""
+    return bool((m.head < 0).any() or (m.neuron < 0).any() or (m.layer_module < 0).any())
+
+
+def aggregate(values: dict[str, torch.Tensor], geo: Geometry) -> CircuitMap:
+    """Sum per-weight ``values`` (``{HF weight name: [out, in]}``) into the circuit maps."""
+    acc = MapAccumulator(geo)
+    for name, v in values.items():
+        acc.add(name, v)
+    return acc.result()
+
+
+MAP_FORMAT = "circuitq.circuit-map"
+
+
+def write_map(path: Path, cmap: CircuitMap, meta: dict) -> None:
+    """A circuit map as safetensors (``layer_module``, ``head``, ``neuron`` float64) with ``meta``
+    (what the values are: estimator, bits, task, sign convention) as JSON in its metadata."""
+    save_file({"layer_module": cmap.layer_module.contiguous(), "head": cmap.head.contiguous(),
+               "neuron": cmap.neuron.contiguous()}, str(path),
+              metadata={"format": MAP_FORMAT, "meta": json.dumps(meta, default=str)})
+
+
+def read_map(path: Path) -> tuple[CircuitMap, dict]:
+    """``(CircuitMap, meta)`` of a file written by ``write_map``."""
+    with safe_open(str(path), framework="pt") as f:
+        md = f.metadata() or {}
+        if md.get("format") != MAP_FORMAT:
+            raise UsageError(f"{path} is not a circuit map ({MAP_FORMAT})")
+        t = {k: f.get_tensor(k) for k in ("layer_module", "head", "neuron")}
+    return CircuitMap(t["layer_module"], t["head"], t["neuron"], float(t["layer_module"].sum())), json.loads(md["meta"])
 
 
 def overlap(a: torch.Tensor, b: torch.Tensor) -> dict:

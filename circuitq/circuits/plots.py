@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from circuitq.circuits.maps import CircuitMap
+from circuitq.circuits.maps import CircuitMap, signed
 from circuitq.model.arch import MODULE_TYPES
 
 
@@ -20,8 +20,9 @@ def _share(m: torch.Tensor) -> torch.Tensor:
     return m / s if s > 0 else m
 
 
-def head_heatmaps(a: CircuitMap, b: CircuitMap, label_a: str, label_b: str):
-    """Layer × head share of saliency mass for both tasks and their difference (plotly)."""
+def head_heatmaps(a: CircuitMap, b: CircuitMap, label_a: str, label_b: str, what: str = "TaCQ selection"):
+    """Layer × head share of a non-negative score's mass (``what``) for both tasks and their
+    difference (plotly)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -36,8 +37,43 @@ def head_heatmaps(a: CircuitMap, b: CircuitMap, label_a: str, label_b: str):
                                  hovertemplate="layer %{y}, head %{x}: %{z:.4f}<extra></extra>"), 1, col)
         fig.update_xaxes(title_text="query head", row=1, col=col)
         fig.update_yaxes(title_text="layer", row=1, col=col)
-    fig.update_layout(title="Share of saliency mass per attention head", height=520)
+    fig.update_layout(title=f"Share of {what} mass per attention head (what a mask by it keeps)", height=520)
     return fig
+
+
+def attribution_heatmaps(maps: list[tuple[str, CircuitMap]], title: str):
+    """Layer × head maps of a signed attribution, one panel per label, on a diverging scale centred
+    at zero per panel (red: replacing the head is predicted to raise the task loss; blue: to lower
+    it). Values are the attribution itself, not shares, so a head that helps when quantized shows."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=len(maps), subplot_titles=[label for label, _ in maps], horizontal_spacing=0.1)
+    n = len(maps)
+    for col, (label, m) in enumerate(maps, 1):
+        z = m.head.float()
+        vmax = float(z.abs().max()) or 1.0
+        fig.add_trace(go.Heatmap(z=z.tolist(), colorscale="RdBu_r", zmid=0, zmin=-vmax, zmax=vmax,
+                                 colorbar=dict(x=col / n - 0.02 if col < n else 1.0, len=0.9, thickness=12),
+                                 hovertemplate="layer %{y}, head %{x}: %{z:.3g}<extra></extra>"), 1, col)
+        fig.update_xaxes(title_text="query head", row=1, col=col)
+        fig.update_yaxes(title_text="layer", row=1, col=col)
+    fig.update_layout(title=title, height=520)
+    return fig
+
+
+def neuron_attribution_rows(m: CircuitMap, n: int = 15) -> list[dict]:
+    """The ``n`` MLP neurons with the largest predicted loss increase and the ``n`` with the largest
+    predicted decrease (signed attribution), as table rows."""
+    flat = m.neuron.flatten()
+    k = min(n, flat.numel())
+    width = m.neuron.shape[1]
+    rows = []
+    for label, (vals, idx) in (("raises the loss", torch.topk(flat, k)), ("lowers the loss", torch.topk(-flat, k))):
+        for v, i in zip(vals.tolist(), idx.tolist()):
+            rows.append({"predicted effect of quantizing": label, "layer": i // width, "neuron": i % width,
+                         "attribution": v if label == "raises the loss" else -v})
+    return rows
 
 
 def module_layer_bars(m: CircuitMap, label: str):
@@ -71,6 +107,20 @@ def heatmap_png(a: CircuitMap, b: CircuitMap, label_a: str, label_b: str, path: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if signed(a) or signed(b):   # an attribution: the values themselves, centred at zero
+        fig, axes = plt.subplots(1, 2, figsize=(10, 5), constrained_layout=True)
+        for ax, m, title in ((axes[0], a, label_a), (axes[1], b, label_b)):
+            z = m.head.numpy()
+            v = float(abs(z).max()) or 1.0
+            im = ax.imshow(z, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-v, vmax=v)
+            ax.set_title(title)
+            ax.set_xlabel("query head")
+            ax.set_ylabel("layer")
+            fig.colorbar(im, ax=ax)
+        fig.suptitle("Attribution per attention head (red: quantizing it raises the task loss)")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return
     ha, hb = _share(a.head).numpy(), _share(b.head).numpy()
     d = ha - hb
     fig, axes = plt.subplots(1, 3, figsize=(13, 5), constrained_layout=True)
@@ -83,7 +133,7 @@ def heatmap_png(a: CircuitMap, b: CircuitMap, label_a: str, label_b: str, path: 
         ax.set_xlabel("query head")
         ax.set_ylabel("layer")
         fig.colorbar(im, ax=ax)
-    fig.suptitle("Share of saliency mass per attention head")
+    fig.suptitle("Share of score mass per attention head")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -132,7 +182,8 @@ def write_report(path: Path, title: str, sections: list[tuple[str, object]], set
     """Standalone HTML: plotly.js inlined once, each section a figure or a list of row dicts."""
     parts, first = [], True
     for heading, item in sections:
-        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        if heading:   # an empty heading continues the section above (a figure under its caption)
+            parts.append(f"<h2>{html.escape(heading)}</h2>")
         if isinstance(item, list):
             parts.append(_table(item))
         elif isinstance(item, str):

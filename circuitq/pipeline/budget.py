@@ -10,7 +10,7 @@ chunk (``quant.driver.gptq_stream``'s ``max_elems``), ``k = fraction · P_lin``.
 
 | stage | host memory beyond the runtime and the model (``s·P``) | disk it leaves |
 | --- | --- | --- |
-| gradients | ``4·P_lin`` (Σ\\|G\\|) ``+ B_t·4·(L·(12·d + 4·d_ff) + 3·V)`` (activations, logits) | ``4·P_lin`` per task |
+| gradients (Σ\\|G\\|; and Σ G for the attribution maps, a second pass of the same size) | ``4·P_lin`` ``+ B_t·4·(L·(12·d + 4·d_ff) + 3·V)`` (activations, logits) | ``4·P_lin`` per task and pass |
 | Hessians | ``4·d·N`` (hidden states) ``+ 8·S`` (one layer's H and factors) | ``8·L·S`` per task |
 | Q(W) + scores + masks | ``32·E`` (one GPTQ chunk) ``+ 12·k`` per method | ``4·P_lin`` per (task, bits) |
 | reference evaluation | ``4·b·T_e·(d + d_ff)`` (activations) ``+ 4·4·C·V`` | ``4·V·T_ans + 2·V·T_all`` per task |
@@ -104,8 +104,9 @@ def task_tokens(windows, eval_items, tokenizer, cfg) -> Tokens:
 
 
 def run_stages(m: ModelNumbers, tokens: dict[str, Tokens], n_bits: int, batch_tokens: int, n_methods: int,
-               fraction: float) -> list[Stage]:
-    """The run's stages for ``tokens`` ``{task: Tokens}`` (module docstring's table)."""
+               fraction: float, maps: bool = True) -> list[Stage]:
+    """The run's stages for ``tokens`` ``{task: Tokens}`` (module docstring's table). ``maps``: the
+    attribution maps' Σ G pass (the gradients stage's memory again, its statistic on disk)."""
     k = fraction * m.P_lin
     t = list(tokens.values())
     n_tasks = len(t)
@@ -113,7 +114,7 @@ def run_stages(m: ModelNumbers, tokens: dict[str, Tokens], n_bits: int, batch_to
     in_flight = max(batch_tokens, *(x.calib_longest for x in t))   # an item longer than the budget runs alone
     return [
         Stage("gradients", 4 * m.P_lin + in_flight * 4 * (m.L * (12 * m.d + 4 * m.d_ff) + 3 * m.V),
-              4 * m.P_lin * n_tasks),
+              4 * m.P_lin * n_tasks * (2 if maps else 1)),
         Stage("Hessians", max(4 * m.d * x.calib for x in t) + 8 * m.S, 8 * m.L * m.S * n_tasks),
         Stage("Q(W), scores and masks", 32 * GPTQ_CHUNK + 12 * k * n_methods, 4 * m.P_lin * n_tasks * n_bits),
         Stage("reference evaluation", ev, sum(4 * m.V * x.scored + 2 * m.V * x.every for x in t)),

@@ -15,8 +15,15 @@ import torch
 
 from circuitq.artifacts import atomic_file, write_csv, write_json
 from circuitq.circuits.compare import _AsFloat, _select, compare_dirs, write_pngs
-from circuitq.circuits.maps import aggregate
-from circuitq.circuits.plots import head_heatmaps, module_layer_bars, overlap_by_layer, write_report
+from circuitq.circuits.maps import aggregate, read_map
+from circuitq.circuits.plots import (
+    attribution_heatmaps,
+    head_heatmaps,
+    module_layer_bars,
+    neuron_attribution_rows,
+    overlap_by_layer,
+    write_report,
+)
 from circuitq.model.arch import Geometry
 from circuitq.saliency.files import load_scores
 
@@ -175,6 +182,44 @@ def _intro(doc: dict, res) -> str:
     return "".join(lines)
 
 
+def faithfulness_note(task: str, rep: dict | None, estimator: str) -> str:
+    """What is known about how faithful ``estimator``'s map of ``task`` is, for the caption beside it."""
+    if not rep:
+        return (f"<p>Faithfulness of this map on {html.escape(task)}: not measured in this run (add "
+                "<code>--faithfulness heads</code>, about 24 evaluation passes per task, or run "
+                "<code>circuitq faithfulness --all-units --curve</code> on its scores).</p>")
+    rho = rep.get("spearman", {})
+    parts = ", ".join(f"{html.escape(k)} {v:.2f}" for k, v in rho.items())
+    n, kind = len(rep.get("units", [])), html.escape(str(rep.get("units_kind")))
+    pick = html.escape(str(rep.get("units_measured", "top by score + random")))
+    return (f"<p>Measured faithfulness on {html.escape(task)} (this run): Spearman(predicted, measured loss change) "
+            f"over {n} {kind} units ({pick}), each replaced alone by its {html.escape(str(rep.get('ablation')))}d "
+            f"value: {parts}. This map draws <b>{html.escape(estimator)}</b>"
+            + (f"; the most faithful here is <b>{html.escape(str(rep.get('best_estimator')))}</b>." if
+               rep.get("best_estimator") else ".") + "</p>")
+
+
+def _attribution_sections(res, bits: int) -> list:
+    maps = getattr(res, "maps", None) or {}
+    if not maps:
+        return []
+    loaded = {t: read_map(Path(p) / "map.safetensors") for t, p in maps.items()}
+    faith = getattr(res, "faithfulness", None) or {}
+    caption = ("<p>Attribution patching (<b>atp</b>): per head, Σ over the calibration items of "
+               f"G · (Q(W) − W) over the head's weights (q rows and o columns; k/v shared by GQA), Q(W) the "
+               f"mask-free {bits}-bit quantizer: the predicted change of the summed task loss when only that "
+               "head is quantized. Signed, on a diverging scale: red heads are predicted to hurt the task when "
+               "quantized, blue ones to help it. Unlike the selection mass below, it predicts what a head does "
+               "(docs/circuits.md has the measurements).</p>")
+    caption += "".join(faithfulness_note(t, faith.get(t), "atp") for t in loaded)
+    out = [("Attribution patching per attention head", caption),
+           ("", attribution_heatmaps([(f"{t}: atp at {m[1].get('bits')} bits", m[0]) for t, m in loaded.items()],
+                                         "Attribution patching per attention head (predicted Δ task loss when quantized)"))]
+    for t, (m, _) in loaded.items():
+        out.append((f"MLP neurons by attribution: {t}", neuron_attribution_rows(m)))
+    return out
+
+
 def _circuit_sections(run_dir: Path, res, fraction: float) -> list:
     out = []
     by_bits: dict[int, dict] = {}
@@ -184,11 +229,12 @@ def _circuit_sections(run_dir: Path, res, fraction: float) -> list:
         return out
     bits = max(by_bits)
     tasks = sorted(by_bits[bits])
+    out += [(h, item) for h, item in _attribution_sections(res, bits)]
     if len(tasks) < 2:
         f = load_scores(by_bits[bits][tasks[0]], lazy=True)
         m = _select(f["scores"], fraction)
         cmap = aggregate(_AsFloat(m), Geometry(**f["meta"]["geometry"]))
-        return [(f"Circuit composition: {tasks[0]} ({bits}-bit TaCQ)", module_layer_bars(cmap, tasks[0]))]
+        return out + [(f"Circuit composition: {tasks[0]} ({bits}-bit TaCQ)", module_layer_bars(cmap, tasks[0]))]
     c = compare_dirs(str(by_bits[bits][tasks[0]]), str(by_bits[bits][tasks[1]]), fraction)
     la, lb = tasks[0], tasks[1]
     g = c["masks"]["global"]
@@ -198,7 +244,8 @@ def _circuit_sections(run_dir: Path, res, fraction: float) -> list:
         ("neuron Spearman", c["circuits"]["neuron_spearman"]))]
     sa, sb = c["score_maps"]
     ca, cb = c["mask_maps"]
-    out += [(f"Circuits at {bits} bits: {la} vs {lb}", summary), ("Saliency per attention head", head_heatmaps(sa, sb, la, lb)),
+    out += [(f"Circuits at {bits} bits: {la} vs {lb}", summary), ("TaCQ selection mass per attention head (what the mask keeps; not a prediction of what a head "
+             "does: use the attribution map above)", head_heatmaps(sa, sb, la, lb)),
             (f"Circuit composition: {la}", module_layer_bars(ca, la)), (f"Circuit composition: {lb}", module_layer_bars(cb, lb)),
             ("Circuit overlap by layer", overlap_by_layer(c["masks"], f"{la} vs {lb}"))]
     out.append(("_png", c))

@@ -26,6 +26,7 @@ import torch
 
 from circuitq import __version__
 from circuitq.artifacts import exclusive, write_csv, write_json
+from circuitq.circuits.maps import MapAccumulator, write_map
 from circuitq.config import ConfigError, QuantizeConfig, RunConfig, to_dict
 from circuitq.data.tasks import Task
 from circuitq.model.arch import Geometry, target_shapes
@@ -157,6 +158,7 @@ class RunResult:
     score_dirs: dict = field(default_factory=dict)  # {(task, bits): Path}
     seconds: float = 0.0
     faithfulness: dict = field(default_factory=dict)  # {task: circuitq.faithfulness report}
+    maps: dict = field(default_factory=dict)          # {task: attribution map step directory}
 
 
 class Runner:
@@ -191,7 +193,7 @@ class Runner:
         tokens = {t: budget.task_tokens(self.calib_sequences(t), self.items(t, "eval"), self.lm.tokenizer, c) for t in c.tasks}
         nums = budget.ModelNumbers.from_model(self.lm.model)
         stages_ = budget.run_stages(nums, tokens, len(c.bits), c.calib.batch_tokens, 2 + len(c.baselines),
-                                    c.mask.fraction)
+                                    c.mask.fraction, maps=c.head_maps == "atp")
         est = budget.estimate(nums, stages_)
         self.estimate = {"peak_bytes": est.peak, "at": est.worst, "disk_bytes": est.disk,
                          "tokens": {t: x._asdict() for t, x in tokens.items()},
@@ -255,6 +257,34 @@ class Runner:
                                                                       "tokens_per_s": res["tokens_per_s"]})
         return open_stats(self.store.step("stats", key, f"stats-{_slug(task)}", compute) / "stats.safetensors")
 
+    def grad_sum(self, task: str):
+        """``Σ_s G_s`` (signed: the gradient of the summed loss) of the task's calibration items,
+        for attribution patching; one matmul per module and batch (no per-sample matrices)."""
+        key = {**self.keys.calib(task), "stat": "sum"}
+
+        def compute(tmp):
+            self.say(f"{task}: Σ G of {len(self.items(task, 'calib'))} calibration items (for the attribution maps)")
+            with self.meter.stage("gradients"):
+                res = stages.collect_gradients(self.lm.model, self.lm.tokenizer, self.items(task, "calib"),
+                                               self.cfg.calib, ("sum",), progress=self.progress,
+                                               model_path=self.lm.source)
+                save_stats(tmp / "stats.safetensors", res["stats"], {**key, "truncated": res["truncated"],
+                                                                      "tokens_per_s": res["tokens_per_s"]})
+        return open_stats(self.store.step("stats", key, f"stats-sum-{_slug(task)}", compute) / "stats.safetensors")
+
+    def map_key(self, task: str, bits: int) -> dict:
+        """The attribution map's key: the TaCQ scores' (same calibration items, same Q(W)) + Σ G."""
+        return {**self.keys.score(task, bits, "tacq"), "estimator": "atp", "stat": "sum"}
+
+    def attribution_map(self, task: str, bits: int) -> Path:
+        """The step directory of ``task``'s attribution-patching map at ``bits`` (``map.safetensors``:
+        per layer × module, head and neuron, the summed ``ΣG · (Q(W) − W)``), computed when missing."""
+        found = self.store.find("maps", self.map_key(task, bits))
+        if found:
+            return found
+        self._stream_masks(task, bits, self._qw_methods(task, bits, "tacq"), maps=True)
+        return self.store.find("maps", self.map_key(task, bits))
+
     def calib_sequences(self, task: str):
         """The task's calibration items as GPTQ sees them (one per sequence, padding masked)."""
         if task not in self._sequences:
@@ -303,20 +333,30 @@ class Runner:
                 "model_note": self.lm.note, "n_samples": len(self.items(task, "calib")), "settings": to_dict(self.cfg),
                 "geometry": Geometry.from_config(self.lm.model.config).to_dict(), "circuitq_version": __version__}
 
-    def _stream_masks(self, task: str | None, bits: int, methods: list[str]) -> None:
+    def _stream_masks(self, task: str | None, bits: int, methods: list[str], maps: bool = False) -> None:
         src = task or self.cfg.tasks[0]   # the steps it reads are made first, each measured as its own stage
+        maps = self._wants_map(task, bits, methods) or maps
         if any(saliency_method(m).stats for m in methods):
             self.grad_stats(src)
+        if maps:
+            self.grad_sum(src)
         if saliency_method(methods[0]).quantizer and self._shared(
                 stages.qw_config(methods[0], self.cfg.quantize_at(bits))):
             self.hessians(src)
         with self.meter.stage("Q(W), scores and masks"):
-            self._stream_masks_once(task, bits, methods)
+            self._stream_masks_once(task, bits, methods, maps)
 
-    def _stream_masks_once(self, task: str | None, bits: int, methods: list[str]) -> None:
+    def _wants_map(self, task: str | None, bits: int, methods: list[str]) -> bool:
+        """The attribution map rides along the pass that makes the TaCQ scores it shares Q(W) with."""
+        return (self.cfg.head_maps == "atp" and task is not None and "tacq" in methods and bits == max(self.cfg.bits)
+                and not self.store.find("maps", self.map_key(task, bits)))
+
+    def _stream_masks_once(self, task: str | None, bits: int, methods: list[str], maps: bool = False) -> None:
         """One pass over the modules that scores ``methods`` (all sharing one ``Q(W)``, or none),
         selects each one's mask with a running top-k and stores the masks; ``tacq``'s scores are
-        written to their step file as they come. Memory: one module (``stages.stream_scores``)."""
+        written to their step file as they come; with ``maps``, attribution patching ``ΣG · (Q(W) −
+        W)`` is summed into the circuit maps on the way (``circuits.maps.MapAccumulator``) and
+        stored as a ``maps`` step. Memory: one module (``stages.stream_scores``) plus the maps."""
         m0 = saliency_method(methods[0])
         shapes = target_shapes(self.lm.model)
         src = task or self.cfg.tasks[0]
@@ -330,6 +370,12 @@ class Runner:
                                           need_hinv=any(saliency_method(m).hessian for m in methods),
                                           device=self.device, progress=self.progress)
         stats = self.grad_stats(src) if any(saliency_method(m).stats for m in methods) else None
+        streamed = list(methods)
+        acc = None
+        if maps:
+            stats = {**(stats.tensors if stats is not None else {}), "sum": self.grad_sum(src).tensors["sum"]}
+            streamed.append("atp")
+            acc = MapAccumulator(Geometry.from_config(self.lm.model.config))
         sel = {m: TopK(shapes, self.cfg.mask.fraction) for m in methods}
         skey = self.keys.score(src, bits, "tacq")
         tacq_step = "tacq" in methods and task is not None and not self.store.find("scores", skey)
@@ -337,7 +383,9 @@ class Runner:
         tmp = ctx.__enter__() if ctx else None
         try:
             writer = TensorWriter(tmp / "scores.safetensors") if tmp else None
-            for name, sc in stages.stream_scores(methods, self.lm.model, stats, qw, self.cfg.calib.seed):
+            for name, sc in stages.stream_scores(streamed, self.lm.model, stats, qw, self.cfg.calib.seed):
+                if acc is not None:
+                    acc.add(name, sc.pop("atp"))
                 for m, s in sc.items():
                     sel[m].add(name, s)
                 if writer is not None:
@@ -352,6 +400,15 @@ class Runner:
             raise
         if ctx:
             ctx.__exit__(None, None, None)
+        if acc is not None:
+            meta = {"estimator": "atp", "task": src, "bits": bits, "quantizer": qcfg.method if qw is not None else None,
+                    "values": "Σ over the calibration items of G · (Q(W) − W), summed per unit: the first-order "
+                              "change of the summed task loss when the unit's weights go to Q(W); positive = "
+                              "quantizing it is predicted to raise the loss",
+                    "calib_items": len(self.items(src, "calib")), "model": self.lm.name, "model_note": self.lm.note,
+                    "geometry": Geometry.from_config(self.lm.model.config).to_dict(), "circuitq_version": __version__}
+            self.store.step("maps", self.map_key(src, bits), f"map-atp-{_slug(src)}-{bits}bit",
+                            lambda tmp: write_map(tmp / "map.safetensors", acc.result(), meta))
         for m in methods:
             recipe = MaskRecipe(m, None if task is None else task)
             self._save_mask(recipe, bits, sel.pop(m).masks())
@@ -540,18 +597,20 @@ def _run_jobs(r: Runner, jobs, *, cfg: RunConfig, run_dir: Path, lm, device, com
     for t in cfg.tasks:   # the report's circuit maps need every task's scores, even when all masks were reused
         for b in cfg.bits:
             score_dirs[(t, b)] = r.tacq_scores(t, b)
+    maps = {t: r.attribution_map(t, max(cfg.bits)) for t in cfg.tasks} if cfg.head_maps == "atp" else {}
     faith = {}
     if cfg.faithfulness != "off":
         for t in cfg.tasks:
             faith[t] = r.faithfulness(t)
             write_json(run_dir / f"faithfulness-{_slug(t)}-{cfg.faithfulness}.json", faith[t], overwrite=True)
     res = RunResult(rows, transfer_rows(rows), dict(r.counts), item_kl, {k: v for k, v in score_dirs.items() if v},
-                    time.perf_counter() - t0, faith)
+                    time.perf_counter() - t0, faith, maps)
     doc = {"format": RUN_FORMAT, "circuitq_version": __version__, "command": command, "config": to_dict(cfg),
            "model": lm.name, "model_source": lm.source, "model_note": lm.note, "model_fingerprint": r.fp,
            "device": str(device), "machine": machine_info(device), "seconds": res.seconds, "steps": res.steps,
            "unparseable_eval_rows": r.skipped, "data_sources": {t: task.sources for t, task in r.tasks.items()},
            "score_dirs": {f"{t}@{b}": str(p.relative_to(run_dir)) for (t, b), p in res.score_dirs.items()},
+           "maps": {t: str(p.relative_to(run_dir)) for t, p in res.maps.items()},
            "memory": {"measured_peak_bytes": r.meter.peaks, "process_peak_bytes": r.meter.process_peak(),
                       "estimate": r.estimate}, "log": r.log}
     with r.meter.stage("report"):

@@ -95,7 +95,9 @@ def accumulate(state: GradStats, name: str, x: torch.Tensor, g: torch.Tensor, to
     lengths (``right_padded_lengths``), so padded tokens are sliced away rather than multiplied
     by zero.
 
-    Two equal ways to form ``G_s``: ``per_sample=True`` loops over samples with one ``[out, in]``
+    ``Σ_s G_s`` alone (the ``sum`` statistic without ``sum_sq``/``sum_abs``) needs no per-sample
+    matrix: it is one ``[out, T] @ [T, in]`` product over every kept token of the batch.
+    Otherwise, two equal ways to form ``G_s``: ``per_sample=True`` loops over samples with one ``[out, in]``
     scratch matrix that stays in cache and is added into the sums straight away (the CPU
     default); ``False`` forms the ``[B, out, in]`` batch with one batched matmul (the GPU
     default). ``sign=-1`` subtracts the same contributions (``collect_stats`` takes back a sample
@@ -104,7 +106,13 @@ def accumulate(state: GradStats, name: str, x: torch.Tensor, g: torch.Tensor, to
     ok = sample_ok & finite_samples(g, token_mask) & (finite_samples(x, token_mask) if x_ok is None else x_ok)
     t = state.tensors
     want_sum, want_sq, want_abs = "sum" in t, "sum_sq" in t, "sum_abs" in t
-    if want_sum or want_sq or want_abs:
+    if want_sum and not (want_sq or want_abs):
+        # Σ_s G_s alone is the gradient of the summed loss: one matmul over every kept token
+        keep = (ok[:, None] & token_mask.bool())[..., None]
+        gm = torch.where(keep, g.float(), 0.0).reshape(-1, g.shape[-1])
+        xm = torch.where(keep, x.float(), 0.0).reshape(-1, x.shape[-1])
+        t["sum"][name].addmm_(gm.T, xm, alpha=sign)
+    elif want_sum or want_sq or want_abs:
         if per_sample is None:
             per_sample = x.device.type == "cpu"
         xf, gf = x.float(), g.float()
