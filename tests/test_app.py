@@ -60,7 +60,11 @@ def test_explore_page(runs, monkeypatch):
     assert n_small > 0 and float(_metric(at, "Average bits")) > 3.0
     charts = at.get("plotly_chart")
     assert len(charts) == 3  # head heatmap, module bars, tile density
-    assert "Heatmap" in charts[0].proto.spec or "heatmap" in charts[0].proto.spec
+    assert "heatmap" in charts[0].proto.spec.lower()
+    assert '"zmid":0' in charts[0].proto.spec.replace(" ", "")   # the run's attribution map, signed, by default
+    assert any("not measured in this run" in c.value for c in at.caption)
+    at.radio(key="head_map_kind").set_value(at.radio(key="head_map_kind").options[1]).run()
+    assert not at.exception and "selection mass" in at.get("plotly_chart")[0].proto.spec
     at.select_slider(key="budget").set_value(0.02).run()
     assert int(_metric(at, "16-bit weights").replace(",", "")) > n_small
     top = at.dataframe[-1].value
@@ -78,7 +82,9 @@ def test_compare_page_and_different_models(runs, monkeypatch):
     assert not at.exception
     iou = float(_metric(at, "IoU"))
     assert 0 <= iou <= 1
-    assert len(at.get("plotly_chart")) == 2
+    charts = at.get("plotly_chart")
+    assert len(charts) == 3   # both tasks' attribution maps, the selection mass (folded away), overlap by layer
+    assert "Attribution patching per attention head" in charts[0].proto.spec
     labels = at.selectbox(key="cmp_b").options
     other = next(i for i, l in enumerate(labels) if l.startswith("other"))
     at.selectbox(key="cmp_b").set_value(other).run()
@@ -221,13 +227,16 @@ def test_faithfulness_page(runs, monkeypatch):
     out = root / "other" / "mmlu" / "faithfulness-heads.json"
     assert main(["faithfulness", "--scores", str(root / "other" / "mmlu"), "--units", "heads", "--top", "2",
                  "--random", "2", "--calib-samples", "4", "--eval-samples", "4", "--group-size", "32",
-                 "--data-dir", str(data), "--out", str(out)]) == 0
+                 "--curve", "--curve-grid", "0", "0.5", "1", "--data-dir", str(data), "--out", str(out)]) == 0
     at = _app(root, monkeypatch)
     at.sidebar.radio(key="page").set_value("Faithfulness").run()
     at.sidebar.selectbox(key="run").set_value("other").run()
     assert not at.exception, at.exception
     labels = [m.label for m in at.metric]
     assert "Spearman: score" in labels and "Spearman: atp" in labels
-    assert len(at.get("plotly_chart")) == 2
+    assert len(at.get("plotly_chart")) == 3   # scatter, faithfulness curves, contrasts
+    assert "Faithfulness curves" in at.get("plotly_chart")[1].proto.spec
+    at.radio(key="faith_curve_mode").set_value("replace-top").run()
+    assert not at.exception
     at.sidebar.selectbox(key="run").set_value("small").run()
     assert any("circuitq faithfulness --scores" in i.value for i in at.info)

@@ -103,6 +103,7 @@ class RunEntry:
     transfer: list[dict] = field(default_factory=list)
     info: dict = field(default_factory=dict)
     faithfulness: list[tuple[Path, dict]] = field(default_factory=list)
+    maps: dict = field(default_factory=dict)   # {task: map.safetensors} attribution maps (circuitq run --head-maps atp)
 
     @property
     def ok(self) -> bool:
@@ -200,6 +201,10 @@ def read_run(d: Path, root: Path | None = None) -> RunEntry:
         steps = d / "steps"
         e.scores = [_score_entry(s) for s in sorted(steps.glob("*")) if (s / "score.json").exists()]
         e.masks = [_mask_entry(f) for f in sorted(steps.glob("*/mask.safetensors"))]
+        for task, rel in (info.get("maps") or {}).items():
+            f = d / str(rel) / "map.safetensors"
+            if f.is_file() and (d.resolve() in f.resolve().parents):   # confined to the run
+                e.maps[str(task)] = f
     else:
         dirs = [d] if (d / "score.json").exists() else [s for s in sorted(d.iterdir()) if (s / "score.json").exists()]
         if not dirs and not list(d.glob("*.safetensors")) and not (d / "masks").is_dir():

@@ -22,8 +22,8 @@ from circuitq.app import jobs as background_jobs
 from circuitq.app.catalog import confine
 from circuitq.circuits import explore
 from circuitq.circuits.compare import same_model
-from circuitq.circuits.maps import aggregate, compare_circuits, compare_masks, top_units
-from circuitq.circuits.plots import head_heatmaps, overlap_by_layer
+from circuitq.circuits.maps import aggregate, compare_circuits, compare_masks, read_map, spearman, top_units
+from circuitq.circuits.plots import attribution_heatmaps, head_heatmaps, overlap_by_layer
 from circuitq.config import DEFAULT_FRACTION, CalibConfig, DataConfig, EvalConfig, QuantizeConfig, QuantizeJob
 from circuitq.model.arch import MODULE_TYPES, Geometry, arch_for, parse_name
 from circuitq.quant.quantizer import QuantSpec, rtn_quantize
@@ -79,6 +79,25 @@ def catalog(root: Path) -> list[runs_catalog.RunEntry]:
     return runs_catalog.scan_runs(root)
 
 
+@st.cache_data(show_spinner=False)
+def attribution_map(path: str, mtime: float):
+    return read_map(Path(path))
+
+
+def faithfulness_caption(run: runs_catalog.RunEntry, task: str, estimator: str) -> str:
+    """The measured faithfulness of ``estimator``'s map of ``task`` in this run, in one line."""
+    docs = [d for _, d in run.faithfulness if d.get("task") == task and estimator in (d.get("spearman") or {})]
+    if not docs:
+        return (f"Faithfulness of this map: not measured in this run (circuitq run --faithfulness heads, or "
+                f"circuitq faithfulness --all-units --estimators {estimator} on its scores).")
+    d = docs[-1]
+    rho = d["spearman"][estimator]
+    return (f"Measured faithfulness: Spearman {rho:.3f} between {estimator}'s prediction and the measured loss change "
+            f"over {len(d.get('units', []))} {runs_catalog.md(d.get('units_kind'))} units "
+            f"({runs_catalog.md(d.get('units_measured', 'top + random'))}); most faithful here: "
+            f"{runs_catalog.md(d.get('best_estimator'))}.")
+
+
 def pct(f: float) -> str:
     return f"{f:.2%}"
 
@@ -127,11 +146,26 @@ def page_explore(run: runs_catalog.RunEntry) -> None:
     import plotly.graph_objects as go
 
     smap = score_map(path, mt)
-    heads = (smap.head / max(smap.total, 1e-30)).tolist()
-    fig = go.Figure(go.Heatmap(z=heads, colorscale="Viridis", hovertemplate="layer %{y}, head %{x}: %{z:.4f}<extra></extra>"))
-    fig.update_layout(title="Share of saliency mass per attention head", xaxis_title="query head",
-                      yaxis_title="layer", height=480)
-    st.plotly_chart(fig, key="heads_heatmap")
+    task = str(meta.get("task"))
+    kinds = (["attribution (atp)"] if task in run.maps else []) + [f"selection mass ({meta.get('method', 'score')})"]
+    shown = st.radio("Head map", kinds, horizontal=True, key="head_map_kind",
+                     help="atp: the predicted change of the task loss when a head alone is quantized (signed). "
+                          "Selection mass: where the circuit's 16-bit weights sit, which says little about what a "
+                          "head does (docs/circuits.md).")
+    if shown.startswith("attribution"):
+        amap, ameta = attribution_map(str(run.maps[task]), _mtime(run.maps[task]))
+        st.plotly_chart(attribution_heatmaps([(f"{task}: atp at {ameta.get('bits')} bits", amap)],
+                                             "Attribution patching per attention head (red: quantizing it raises "
+                                             "the task loss)"), key="heads_heatmap")
+        st.caption(faithfulness_caption(run, task, "atp"))
+    else:
+        heads = (smap.head / max(smap.total, 1e-30)).tolist()
+        fig = go.Figure(go.Heatmap(z=heads, colorscale="Viridis",
+                                   hovertemplate="layer %{y}, head %{x}: %{z:.4f}<extra></extra>"))
+        fig.update_layout(title=f"Share of {meta.get('method', 'score')} selection mass per attention head (what the "
+                                "mask keeps)", xaxis_title="query head", yaxis_title="layer", height=480)
+        st.plotly_chart(fig, key="heads_heatmap")
+        st.caption(faithfulness_caption(run, task, "score"))
 
     counts = explore.layer_module_counts(ti, budget, geo.n_layers)
     bars = go.Figure([go.Bar(name=t, x=list(range(geo.n_layers)), y=counts[:, j].tolist())
@@ -215,7 +249,21 @@ def page_compare(runs: list[runs_catalog.RunEntry], run: runs_catalog.RunEntry) 
     cols[4].metric("Only B", f"{g['b'] - g['intersection']:,}")
     st.caption(f"Head-score Spearman {cc['head_spearman']:.3f}; shared top-20 heads {cc['n_shared_heads']}, "
                f"neurons {cc['n_shared_neurons']}")
-    st.plotly_chart(head_heatmaps(sa, sb, "A: " + la, "B: " + lb), key="cmp_heads")
+    ta, tb = str(fa["meta"].get("task")), str(fb["meta"].get("task"))
+    ra, rb = pool[ia][0], pool[ib][0]
+    if ta in ra.maps and tb in rb.maps:
+        (ma_, qa), (mb_, qb) = (attribution_map(str(r.maps[t]), _mtime(r.maps[t])) for r, t in ((ra, ta), (rb, tb)))
+        st.plotly_chart(attribution_heatmaps([(f"A: {ta} (atp, {qa.get('bits')}-bit)", ma_),
+                                              (f"B: {tb} (atp, {qb.get('bits')}-bit)", mb_)],
+                                             "Attribution patching per attention head (signed)"), key="cmp_atp")
+        st.caption(f"A: {faithfulness_caption(ra, ta, 'atp')} B: {faithfulness_caption(rb, tb, 'atp')} "
+                   f"Spearman of the two attribution maps: {spearman(ma_.head, mb_.head):.3f}.")
+        with st.expander("Selection mass per head (where the 16-bit weights sit; not what a head does)"):
+            st.plotly_chart(head_heatmaps(sa, sb, "A: " + la, "B: " + lb), key="cmp_heads")
+    else:
+        st.caption("No attribution maps for these circuits (circuitq run makes them by default since 0.7); showing "
+                   "the selection mass, which says where the 16-bit weights sit, not what a head does.")
+        st.plotly_chart(head_heatmaps(sa, sb, "A: " + la, "B: " + lb), key="cmp_heads")
     st.plotly_chart(overlap_by_layer(cm, "A vs B"), key="cmp_layers")
     st.subheader("Overlap by module type")
     st.dataframe([{"module": t, **v} for t, v in cm["per_module_type"].items()], hide_index=True)
@@ -347,6 +395,24 @@ def page_faithfulness(run: runs_catalog.RunEntry) -> None:
     fig.update_layout(xaxis_title=f"predicted ({est})", yaxis_title="measured change of the task loss (nats)",
                       height=460, title="One unit replaced at a time")
     st.plotly_chart(fig, key="faith_scatter")
+    if doc.get("completeness"):
+        ig = doc["completeness"]["ig"]
+        st.caption(f"Integrated gradients ({doc['completeness'].get('ig_steps')} steps): Σ attributions "
+                   f"{ig['attributed']:+.4f} vs measured L(Q(W)) − L(W) {ig['measured']:+.4f}, gap {ig['gap']:.1%}.")
+    curves = doc.get("curves")
+    if curves:
+        mode = st.radio("Curve", ["keep-top", "replace-top"], horizontal=True, key="faith_curve_mode",
+                        help="keep-top: the top k units stay 16-bit, every other unit is replaced (recovery of the "
+                             "task metric); replace-top: only the top k are replaced (share of the whole effect).")
+        cfig = go.Figure()
+        for name, modes in curves["orderings"].items():
+            pts = modes[mode]["points"]
+            cfig.add_trace(go.Scatter(x=[p["fraction"] for p in pts], y=[p["recovery"] for p in pts],
+                                      mode="lines+markers", name=f"{name} (area {modes[mode]['area']:.3f})"))
+        cfig.update_layout(xaxis_title=f"fraction of the {curves['units']} units {'kept' if mode == 'keep-top' else 'replaced'}",
+                           yaxis_title="recovery" if mode == "keep-top" else "share of the effect", height=420,
+                           title="Faithfulness curves: units ordered by each estimator")
+        st.plotly_chart(cfig, key="faith_curves")
     con = doc.get("contrasts", {})
     bars = go.Figure(go.Bar(x=list(con), y=[v["loss_change"] for v in con.values()]))
     bars.update_layout(yaxis_title="change of the task loss (nats)", height=360,
