@@ -192,3 +192,40 @@ def test_faithfulness_bad_input_is_one_line(tmp_path, tiny_dir, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], (extra, err)
     assert not (tmp_path / "x.json").exists()
+
+
+def test_layer_replay_gives_the_same_losses_with_less_work(tiny_dir):
+    """A unit in the last layer measured with the layers below it replayed from the recorded
+    evaluation gives the same loss as the full forward; a mismatch in calls is refused."""
+    from circuitq.circuits.faithfulness import LayerReplay, first_layer, measure
+    from circuitq.model.loading import load_model
+
+    d, _ = tiny_dir
+    lm = load_model(str(d))
+    model = lm.model
+    ids = torch.randint(0, 100, (3, 12))
+
+    def loss_fn(m):
+        with torch.no_grad():
+            out = m(input_ids=ids, labels=ids)
+        return float(out.loss), None
+
+    geo = Geometry.from_config(model.config)
+    shapes = {n: tuple(model.get_parameter(n).shape) for n in target_shapes(model)}
+    last = [u for u in units(shapes, geo, "heads") if u.label.startswith(f"L{geo.n_layers - 1}.")][0]
+    assert first_layer(last.entries) == geo.n_layers - 1
+    values = {n: torch.zeros(s) for n, s in shapes.items()}
+    cache = LayerReplay(model.model.layers)
+    calls = []
+    model.model.layers[0].self_attn.register_forward_hook(lambda *a: calls.append(1))   # inside layer 0
+    with cache.record():
+        base = loss_fn(model)
+    full = measure(model, loss_fn, last.entries, values)
+    n0 = len(calls)
+    fast = measure(model, loss_fn, last.entries, values, cache)
+    assert len(calls) == n0                      # layer 0 was replayed, not run
+    assert fast[0] == pytest.approx(full[0], abs=1e-6) and fast[0] != pytest.approx(base[0], abs=1e-6)
+    assert loss_fn(model) == base                # everything restored
+    with pytest.raises(RuntimeError, match="differently"):
+        with cache.replay(geo.n_layers - 1):
+            pass                                 # no call at all: not what was recorded

@@ -21,6 +21,7 @@ from circuitq import __version__
 from circuitq.artifacts import check_writable, write_csv, write_json
 from circuitq.circuits.compare import compare_scores
 from circuitq.circuits.faithfulness import (
+    LayerReplay,
     evaluation_passes,
     faithfulness_curves,
     faithfulness_report,
@@ -34,7 +35,7 @@ from circuitq.data.tasks import TASK_KINDS, Task
 from circuitq.errors import UsageError
 from circuitq.evals import check_same_vocab, generate_exact_match, perplexity
 from circuitq.evals import evaluate as _evaluate
-from circuitq.model.arch import Geometry, target_shapes
+from circuitq.model.arch import Geometry, arch_for, target_shapes
 from circuitq.quant.driver import check_group_size, quantize_copy, quantize_model, qw_quantization
 from circuitq.quant.driver import collect_hessians as _collect
 from circuitq.quant.driver import qw_stream as _stream
@@ -409,9 +410,10 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
         say(f"[circuitq] warning: the unquantized model is at chance on {job.task} (accuracy {base['accuracy']:.3f}, "
             f"chance {chance:.2f}); the measured changes are still reported, but a circuit of a task the model "
             "cannot do says little")
+    cache = LayerReplay(model.get_submodule(arch_for(model.config.model_type).layers))
     rep = faithfulness_report(model, loss_fn, {n: scores[n].float() for n in names}, unit_list, values, est,
                               top=job.top, n_random=job.random, fraction=job.fraction, seed=job.seed,
-                              all_units=job.all_units, progress=progress)
+                              all_units=job.all_units, cache=cache, progress=progress)
     if "ig" in job.estimators:
         rep["completeness"] = {"ig": comp._asdict(), "ig_steps": job.ig_steps,
                                "note": "Σ attributions vs measured L(Q(W)) − L(W), summed over the calibration items, "
@@ -420,7 +422,8 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
         orderings = {e: unit_order(unit_list, est[e]) for e in job.estimators}
         orderings["random"] = unit_order(unit_list, None, seed=job.seed)
         rep["curves"] = faithfulness_curves(model, loss_fn, unit_list, values, orderings, job.curve_grid,
-                                            progress=progress)
+                                            cache=cache, progress=progress)
+    del cache
     rep.update(format="circuitq.faithfulness", task=job.task, units_kind=job.units, ablation=job.ablation, items=len(items),
                calib_items=len(calib_items), estimators=list(job.estimators), base_accuracy=base.get("accuracy"),
                metric=base.get("task_metric") or "accuracy", circuitq_version=__version__)
