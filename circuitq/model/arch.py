@@ -98,10 +98,21 @@ class ArchSpec:
 
 
 _LLAMA_LIKE = ArchSpec()
+# Families whose decoder layers name their linears as Llama does (q/k/v/o_proj, gate/up/down_proj,
+# unfused, [out, in]); what differs between them (q/k norms in Qwen3, OLMo 2 and Gemma 3; GeGLU,
+# sandwich norms and soft-capping in Gemma 2/3; tied embeddings; head_dim ≠ d/n_heads) lives
+# outside the targeted weights, and each row is checked end to end on a tiny random config
+# (tests/test_families.py: per-sample gradients = autograd, scores, mask, masked GPTQ, export,
+# circuit maps, faithfulness units).
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+    "olmo2": _LLAMA_LIKE,
 }
 MODULE_TYPES = _LLAMA_LIKE.module_types   # the order of the layer × module maps
 

@@ -263,6 +263,12 @@ def faithfulness_rows(rep: dict) -> list[dict]:
         if c.get("metric_change") is not None:
             rows.append({"what": f"metric change, {label}", "value": c["metric_change"]})
     rows.append({"what": "only circuit / only random (loss change)", "value": rep["only_circuit_over_only_random"]})
+    if rep.get("completeness"):
+        rows.append({"what": f"ig completeness gap ({rep['completeness'].get('ig_steps')} steps)",
+                     "value": rep["completeness"]["ig"]["gap"]})
+    for o, modes in ((rep.get("curves") or {}).get("orderings") or {}).items():
+        for mode, c in modes.items():
+            rows.append({"what": f"faithfulness curve area, units ordered by {o}, {mode}", "value": c["area"]})
     return rows
 
 

@@ -517,7 +517,8 @@ class Runner:
         bits = max(self.cfg.bits)
         key = {"scores": self.keys.score(task, bits, "tacq"), "eval": self.keys.eval(task),
                "units": job.units, "top": job.top, "random": job.random, "ablation": job.ablation,
-               "fraction": job.fraction, "seed": job.seed}
+               "fraction": job.fraction, "seed": job.seed, "estimators": list(job.estimators),
+               "all_units": job.all_units, "curve": job.curve, "report": 2}   # 2: estimators named atp (0.7)
         def compute(tmp):
             scores = load_scores(self.tacq_scores(task, bits))["scores"]
             self.say(f"{task}: faithfulness of the {bits}-bit circuit ({job.units}, {job.top} top + {job.random} "
