@@ -4,7 +4,7 @@
 import circuitq
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-lm = circuitq.load_model()                       # or any HF Llama/Qwen2/Mistral model + tokenizer
+lm = circuitq.load_model()                       # or a Llama/Qwen/Gemma/OLMo 2 model + tokenizer
 task = circuitq.Task("gsm8k", tokenizer=lm.tokenizer)
 calib = circuitq.CalibConfig(samples=16, seq_len=256)
 items = task.calib_items(calib.samples, calib.seed)

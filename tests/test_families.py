@@ -101,3 +101,31 @@ def test_a_family_circuitq_does_not_support_is_one_line():
         arch_for("gpt2")
     msg = str(e.value)
     assert "'gpt2' is not supported" in msg and ", ".join(FAMILIES) in msg and "\n" not in msg
+
+
+def test_a_gguf_split_over_packages_is_joined_once_and_checked(tmp_path, monkeypatch):
+    """The packages are found on sys.path (not imported), their pieces joined in order into the
+    cache; a wrong SHA-256 is refused in one line and leaves nothing behind; a missing package is
+    named."""
+    import hashlib
+    import sys
+
+    from circuitq.model.loading import ModelLoadError, split_gguf_path
+
+    pieces = [b"GGUF" + bytes(range(7)), b"middle" * 3, b"end"]
+    for i, data in enumerate(pieces, 1):
+        pkg = tmp_path / "site" / f"fakemodel_part{i}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("raise RuntimeError('never imported')\n")
+        (pkg / "data" / f"m.gguf.part{i:02d}").write_bytes(data)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("CIRCUITQ_CACHE", str(tmp_path / "cache"))
+    whole = b"".join(pieces)
+    with pytest.raises(ModelLoadError, match="do not match its SHA-256"):
+        split_gguf_path("fakemodel_part", 3, "fakemodel-part", "m.gguf", piece="*.gguf.part*", sha256="0" * 64)
+    assert not (tmp_path / "cache" / "gguf" / "m.gguf").exists() and not list((tmp_path / "cache" / "gguf").glob(".*"))
+    p = split_gguf_path("fakemodel_part", 3, "fakemodel-part", "m.gguf", piece="*.gguf.part*",
+                        sha256=hashlib.sha256(whole).hexdigest())
+    assert p.read_bytes() == whole and "fakemodel_part1" not in sys.modules
+    with pytest.raises(ModelLoadError, match="fakemodel-part1 fakemodel-part2 fakemodel-part3 fakemodel-part4"):
+        split_gguf_path("fakemodel_part", 4, "fakemodel-part", "n.gguf", piece="*.gguf.part*")

