@@ -78,6 +78,9 @@ def row_of(path: Path) -> dict:
          "ig_measured": rep["completeness"]["ig"]["measured"], "wall_seconds": rep.get("wall_seconds")}
     for k, v in rep["spearman"].items():
         r[f"spearman_{k}"] = v
+    nc = rep.get("noise_ceiling") or {}
+    r["noise_ceiling"] = nc.get("ceiling", float("nan"))
+    r["split_half"] = nc.get("split_half_spearman", float("nan"))
     curves = rep["curves"]
     r["metric_all_heads_replaced"] = curves["none"]["metric"]
     for o, modes in curves["orderings"].items():
@@ -105,10 +108,12 @@ def summary(rows: list[dict], a, rev: str) -> str:
            f"{a.calib_samples} calibration items, and every query head (30 layers × 9 = 270) replaced alone by its "
            f"round-to-nearest value at the given bits, the loss measured on {a.eval_samples} held-out items. "
            f"Estimators: `score` = the TaCQ selection score summed over the head, `atp` = ΣG·ΔW, `ig` = integrated "
-           f"gradients with {a.ig_steps} Gauss–Legendre nodes. Mean ± sd over seeds; the lowest seed in brackets.", "",
+           f"gradients with {a.ig_steps} Gauss–Legendre nodes. Mean ± sd over seeds; the lowest seed in brackets. "
+           "Noise ceiling: the Spearman a perfect predictor would reach with measurements this noisy (√ of the "
+           "Spearman–Brown reliability of the changes measured on the even vs the odd items).", "",
            "## Spearman(predicted, measured loss change) over all query heads", "",
-           "| task | bits | seeds | " + " | ".join(ESTIMATORS) + " | IG completeness gap |",
-           "| --- | --- | --- | " + " | ".join("---" for _ in ESTIMATORS) + " | --- |"]
+           "| task | bits | seeds | " + " | ".join(ESTIMATORS) + " | noise ceiling | IG completeness gap |",
+           "| --- | --- | --- | " + " | ".join("---" for _ in ESTIMATORS) + " | --- | --- |"]
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["task"], r["bits"]), []).append(r)
@@ -117,7 +122,8 @@ def summary(rows: list[dict], a, rev: str) -> str:
         for e in ESTIMATORS:
             xs = [r[f"spearman_{e}"] for r in rs]
             cells.append(f"{mean_sd(xs)} [{min(xs):.3f}]")
-        out.append(f"| {task} | {bits} | {len(rs)} | " + " | ".join(cells) + f" | {mean_sd([r['ig_gap'] for r in rs])} |")
+        out.append(f"| {task} | {bits} | {len(rs)} | " + " | ".join(cells)
+                   + f" | {mean_sd([r.get('noise_ceiling', float('nan')) for r in rs])} | {mean_sd([r['ig_gap'] for r in rs])} |")
     out += ["", "## Faithfulness curves (heads ordered by each estimator)", "",
             "`keep-top`: the top k heads stay 16-bit, every other head is replaced (area = mean recovery of the "
             "task metric over the grid; 1 = the 16-bit model, 0 = every head replaced). `replace-top`: only the "

@@ -167,6 +167,7 @@ def test_faithfulness_all_heads_estimators_and_curves_end_to_end(tmp_path, tiny_
     assert len(rep["units"]) == cfg["num_hidden_layers"] * cfg["num_attention_heads"]   # every query head
     assert set(rep["spearman"]) == {"score", "atp", "ig", "grad"} and rep["units_measured"] == "all"
     assert rep["completeness"]["ig_steps"] == 2 and math.isfinite(rep["completeness"]["ig"]["gap"])
+    assert -1 <= rep["noise_ceiling"]["split_half_spearman"] <= 1 and 0 <= rep["noise_ceiling"]["ceiling"] <= 1
     assert set(rep["curves"]["orderings"]) == {"score", "atp", "ig", "grad", "random"}
     rows = (tmp_path / "f.curves.csv").read_text().splitlines()
     assert len(rows) == 1 + 5 * 2 * 3
@@ -229,3 +230,17 @@ def test_layer_replay_gives_the_same_losses_with_less_work(tiny_dir):
     with pytest.raises(RuntimeError, match="differently"):
         with cache.replay(geo.n_layers - 1):
             pass                                 # no call at all: not what was recorded
+
+
+def test_noise_ceiling_from_split_halves():
+    from circuitq.circuits.faithfulness import UnitResult, noise_ceiling
+
+    g = torch.Generator().manual_seed(0)
+    truth = torch.randn(40, generator=g)
+    rows = lambda noise: [UnitResult(f"u{i}", 1, {}, float(t), None, (float(t + noise * torch.randn(1, generator=g)),
+                                                                     float(t + noise * torch.randn(1, generator=g))))
+                          for i, t in enumerate(truth)]
+    clean, noisy = noise_ceiling(rows(0.01)), noise_ceiling(rows(3.0))
+    assert clean["split_half_spearman"] > 0.99 and clean["ceiling"] > 0.99
+    assert noisy["ceiling"] < 0.8 and noisy["reliability"] < clean["reliability"]
+    assert noise_ceiling([UnitResult("u", 1, {}, 0.0, None)] * 5) is None

@@ -242,10 +242,25 @@ class UnitResult(NamedTuple):
     predicted: dict            # estimator -> predicted change
     measured_loss: float       # change of the task loss (NLL per completion token)
     measured_metric: float | None
+    measured_halves: tuple | None = None   # the loss change on the even and on the odd items
+
+
+def noise_ceiling(rows: list[UnitResult]) -> dict | None:
+    """How far the measured changes can be predicted at all: the Spearman correlation of the
+    changes measured on the even and on the odd evaluation items (split half), its Spearman–Brown
+    reliability for all items ``2r / (1 + r)``, and ``√reliability``, the correlation a perfect
+    predictor would reach with measurements this noisy (the attenuation bound). None without halves."""
+    halves = [r.measured_halves for r in rows]
+    if any(h is None for h in halves) or len(rows) < 3:
+        return None
+    r = spearman([h[0] for h in halves], [h[1] for h in halves])
+    rel = 2 * r / (1 + r) if r == r and r > -1 else float("nan")
+    return {"split_half_spearman": r, "reliability": rel, "ceiling": math.sqrt(rel) if rel == rel and rel > 0 else 0.0}
 
 
 def measure(model, loss_fn, entries: dict, values: dict, cache: LayerReplay | None = None) -> tuple[float, float | None]:
-    """``loss_fn(model) -> (loss, metric)`` with ``entries`` replaced by ``values``; with ``cache``
+    """``loss_fn(model) -> (loss, metric[, (loss on even items, loss on odd items)])`` with
+    ``entries`` replaced by ``values``; with ``cache``
     (recorded on the unchanged model), the layers below the first replaced one are replayed."""
     with replaced(model, entries, values):
         if cache is None:
@@ -275,9 +290,11 @@ def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], val
     each unit (same numbers, less work)."""
     if cache is not None:
         with cache.record():
-            base_loss, base_metric = loss_fn(model)
+            base = loss_fn(model)
     else:
-        base_loss, base_metric = loss_fn(model)
+        base = loss_fn(model)
+    base_loss, base_metric = base[0], base[1]
+    base_halves = base[2] if len(base) > 2 else None
     by_score = sorted(unit_list, key=lambda u: -unit_sum(u, scores))
     rest = by_score[top:]
     g = torch.Generator().manual_seed(seed)
@@ -285,10 +302,12 @@ def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], val
         by_score[:top] + [rest[i] for i in torch.randperm(len(rest), generator=g)[:n_random].tolist()]
     rows = []
     for u in tqdm(picked, desc="units", disable=not progress):
-        loss, metric = measure(model, loss_fn, u.entries, values, cache)
+        got = measure(model, loss_fn, u.entries, values, cache)
+        loss, metric = got[0], got[1]
+        halves = tuple(a - b for a, b in zip(got[2], base_halves)) if base_halves is not None else None
         rows.append(UnitResult(u.label, int(sum(int(m.sum()) for m in u.entries.values())),
                                {k: unit_sum(u, v) for k, v in estimators.items()}, loss - base_loss,
-                               None if metric is None or base_metric is None else metric - base_metric))
+                               None if metric is None or base_metric is None else metric - base_metric, halves))
     rho = {k: spearman([r.predicted[k] for r in rows], [r.measured_loss for r in rows]) for k in estimators}
     shapes = {n: tuple(t.shape) for n, t in scores.items()}
     circuit = select_topk(scores, fraction)
@@ -296,7 +315,7 @@ def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], val
     contrasts = {}
     for label, ent in (("only circuit", circuit), ("only random", rand), ("all but circuit", complement(circuit, shapes)),
                        ("all but random", complement(rand, shapes))):
-        loss, metric = measure(model, loss_fn, ent, values)
+        loss, metric = measure(model, loss_fn, ent, values)[:2]
         contrasts[label] = {"loss_change": loss - base_loss,
                             "metric_change": None if metric is None or base_metric is None else metric - base_metric}
     ratio = contrasts["only circuit"]["loss_change"] / contrasts["only random"]["loss_change"] \
@@ -304,6 +323,7 @@ def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], val
     return {"base": {"loss": base_loss, "metric": base_metric}, "units": [r._asdict() for r in rows],
             "units_measured": "all" if all_units else f"top {top} by score + {n_random} random (seed {seed})",
             "spearman": rho, "best_estimator": max(rho, key=lambda k: -1 if math.isnan(rho[k]) else rho[k]),
+            "noise_ceiling": noise_ceiling(rows),
             "contrasts": contrasts, "only_circuit_over_only_random": ratio,
             "circuit_entries": int(sum(int(m.sum()) for m in circuit.values()))}
 
@@ -362,8 +382,8 @@ def faithfulness_curves(model, loss_fn, unit_list: list[Unit], values: dict, ord
             seen[key] = measure(model, loss_fn, ent, values, cache) if ent else loss_fn(model)
         return seen[key]
 
-    full_loss, full_metric = run([])
-    none_loss, none_metric = run(list(range(n)))
+    full_loss, full_metric = run([])[:2]
+    none_loss, none_metric = run(list(range(n)))[:2]
     m_full, m_none = metric_of(full_loss, full_metric), metric_of(none_loss, none_metric)
     out = {"units": n, "grid": fr, "full": {"loss": full_loss, "metric": full_metric},
            "none": {"loss": none_loss, "metric": none_metric}, "orderings": {}}
@@ -373,7 +393,7 @@ def faithfulness_curves(model, loss_fn, unit_list: list[Unit], values: dict, ord
         order = orderings[name]
         k = round(f * n)
         idx = order[k:] if mode == "keep-top" else order[:k]
-        loss, metric = run(idx)
+        loss, metric = run(idx)[:2]
         m = metric_of(loss, metric)
         points.setdefault(name, {}).setdefault(mode, []).append(
             {"fraction": f, "units": k, "loss": loss, "metric": metric, "recovery": recovery(mode, m, m_full, m_none)})

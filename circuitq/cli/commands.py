@@ -396,6 +396,10 @@ def cmd_faithfulness(a) -> int:
         print("[circuitq] faithfulness curves (area = mean recovery over the grid): " + "; ".join(
             f"{o} keep-top {m['keep-top']['area']:.3f}, replace-top {m['replace-top']['area']:.3f}"
             for o, m in rep["curves"]["orderings"].items()))
+    if rep.get("noise_ceiling"):
+        nc = rep["noise_ceiling"]
+        print(f"[circuitq] measurement noise: the changes measured on the even and the odd items agree with Spearman "
+              f"{nc['split_half_spearman']:.3f}, so a perfect predictor would reach about {nc['ceiling']:.3f}")
     if "completeness" in rep:
         ig = rep["completeness"]["ig"]
         print(f"[circuitq] ig completeness: Σ attributions {ig['attributed']:+.4f} vs measured {ig['measured']:+.4f} "

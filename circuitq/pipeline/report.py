@@ -258,6 +258,9 @@ def faithfulness_rows(rep: dict) -> list[dict]:
     rows = [{"what": f"Spearman(predicted by {k}, measured) over {len(rep['units'])} {rep.get('units_kind')} units",
              "value": v} for k, v in rep["spearman"].items()]
     rows.append({"what": "best estimator", "value": rep["best_estimator"]})
+    if rep.get("noise_ceiling"):
+        rows.append({"what": "noise ceiling: Spearman a perfect predictor would reach (split-half reliability, √)",
+                     "value": rep["noise_ceiling"]["ceiling"]})
     for label, c in rep["contrasts"].items():
         rows.append({"what": f"loss change, {label} {rep.get('ablation')}d", "value": c["loss_change"]})
         if c.get("metric_change") is not None:

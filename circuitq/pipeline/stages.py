@@ -401,8 +401,13 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
     del grads
 
     def loss_fn(m):
-        r = evaluate(m, lm.tokenizer, items, task.kind, cfg=job.eval, progress=False).metrics
-        return r["nll_per_token"], r.get(r.get("task_metric") or "accuracy")
+        res = evaluate(m, lm.tokenizer, items, task.kind, cfg=job.eval, progress=False)
+        r = res.metrics
+
+        def nll(recs):
+            return sum(x["nll"] * x["tokens"] for x in recs) / max(1, sum(x["tokens"] for x in recs))
+
+        return r["nll_per_token"], r.get(r.get("task_metric") or "accuracy"), (nll(res.items[0::2]), nll(res.items[1::2]))
 
     base = evaluate(model, lm.tokenizer, items, task.kind, cfg=job.eval, progress=False).metrics
     chance = TASK_KINDS[task.kind].chance
