@@ -257,6 +257,10 @@ class RunConfig:
         "patching, the predicted change of the task loss when a head's weights go to Q(W) at the largest bit "
         "width (signed; one Σ G gradient pass of the calibration items per task); off = the selection mass only",
         choices=("atp", "off")))
+    map_samples: int = field(default=32, metadata=_help(
+        "calibration items (the first N of each task's) for the attribution maps' Σ G pass; 32 is what the "
+        "measured faithfulness used (docs/circuits.md), and the pass costs about as much per item as the "
+        "per-sample gradient pass"))
     data: DataConfig = field(default_factory=DataConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)   # 128 items (analyses/RUN_DEFAULTS.md)
     mask: MaskConfig = field(default_factory=MaskConfig)
@@ -266,6 +270,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not self.tasks:
             raise ConfigError("a run needs at least one task")
+        _at_least(self, ("map_samples",), 1)
         if len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"tasks repeat: {self.tasks}")
         if not self.bits:

@@ -34,7 +34,7 @@ EVAL_FLAGS = [("--task", "task"), ("--split", "split"), ("--limit", "eval.sample
               ("--max-new-tokens", "max_new_tokens")]
 RUN_FLAGS = [("--model", "model"), ("--tasks", "tasks"), ("--bits", "bits"), ("--fraction", "mask.fraction"),
              ("--baselines", "baselines"), ("--no-transfer", "transfer"), ("--faithfulness", "faithfulness"),
-             ("--head-maps", "head_maps"),
+             ("--head-maps", "head_maps"), ("--map-samples", "map_samples"),
              ("--calib-samples", "calib.samples"),
              ("--calib-seq-len", "calib.seq_len"), ("--calib-tokens", "calib.tokens"), ("--eval-samples", "eval.samples"),
              ("--eval-seq-len", "eval.seq_len"), ("--no-all-tokens", "eval.all_tokens"), *QUANT[1:],

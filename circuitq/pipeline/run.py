@@ -260,12 +260,13 @@ class Runner:
     def grad_sum(self, task: str):
         """``Σ_s G_s`` (signed: the gradient of the summed loss) of the task's calibration items,
         for attribution patching; one matmul per module and batch (no per-sample matrices)."""
-        key = {**self.keys.calib(task), "stat": "sum"}
+        items = self.items(task, "calib")[:self.cfg.map_samples]
+        key = {**self.keys.calib(task), "stat": "sum", "first": len(items)}
 
         def compute(tmp):
-            self.say(f"{task}: Σ G of {len(self.items(task, 'calib'))} calibration items (for the attribution maps)")
+            self.say(f"{task}: Σ G of {len(items)} calibration items (for the attribution maps)")
             with self.meter.stage("gradients"):
-                res = stages.collect_gradients(self.lm.model, self.lm.tokenizer, self.items(task, "calib"),
+                res = stages.collect_gradients(self.lm.model, self.lm.tokenizer, items,
                                                self.cfg.calib, ("sum",), progress=self.progress,
                                                model_path=self.lm.source)
                 save_stats(tmp / "stats.safetensors", res["stats"], {**key, "truncated": res["truncated"],
@@ -274,7 +275,7 @@ class Runner:
 
     def map_key(self, task: str, bits: int) -> dict:
         """The attribution map's key: the TaCQ scores' (same calibration items, same Q(W)) + Σ G."""
-        return {**self.keys.score(task, bits, "tacq"), "estimator": "atp", "stat": "sum"}
+        return {**self.keys.score(task, bits, "tacq"), "estimator": "atp", "stat": "sum", "first": self.cfg.map_samples}
 
     def attribution_map(self, task: str, bits: int) -> Path:
         """The step directory of ``task``'s attribution-patching map at ``bits`` (``map.safetensors``:
@@ -405,7 +406,8 @@ class Runner:
                     "values": "Σ over the calibration items of G · (Q(W) − W), summed per unit: the first-order "
                               "change of the summed task loss when the unit's weights go to Q(W); positive = "
                               "quantizing it is predicted to raise the loss",
-                    "calib_items": len(self.items(src, "calib")), "model": self.lm.name, "model_note": self.lm.note,
+                    "calib_items": min(len(self.items(src, "calib")), self.cfg.map_samples), "model": self.lm.name,
+                    "model_note": self.lm.note,
                     "geometry": Geometry.from_config(self.lm.model.config).to_dict(), "circuitq_version": __version__}
             self.store.step("maps", self.map_key(src, bits), f"map-atp-{_slug(src)}-{bits}bit",
                             lambda tmp: write_map(tmp / "map.safetensors", acc.result(), meta))
