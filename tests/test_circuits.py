@@ -60,15 +60,20 @@ def test_spearman():
     assert spearman(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([5.0, 5.0, 9.0])) == pytest.approx(1.0)
 
 
-def test_compare_cli_writes_report(tmp_path, tiny_dir):
-    d, _ = tiny_dir
+def _two_scored_tasks(tmp_path, d, *method_args) -> None:
+    """Score two small JSONL tasks into ``tmp_path/sa`` and ``tmp_path/sb``."""
     words = "the quick brown fox jumps over the lazy dog".split()
     for name, shift in (("a", 0), ("b", 3)):
         (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps({"prompt": " ".join(words[(i + shift) % 5:]),
                                                                       "completion": " " + words[(i * 7 + shift) % 9]})
                                                           for i in range(16)))
-        assert main(["score", "--model", str(d), "--task", f"jsonl:{tmp_path / name}.jsonl", "--method", "grad",
+        assert main(["score", "--model", str(d), "--task", f"jsonl:{tmp_path / name}.jsonl", *method_args,
                      "--samples", "8", "--seq-len", "32", "--out", str(tmp_path / f"s{name}")]) == 0
+
+
+def test_compare_cli_writes_report(tmp_path, tiny_dir):
+    d, _ = tiny_dir
+    _two_scored_tasks(tmp_path, d, "--method", "grad")
     out = tmp_path / "cmp.html"
     assert main(["compare", str(tmp_path / "sa"), str(tmp_path / "sb"), "--fraction", "0.05", "--out", str(out)]) == 0
     text = out.read_text()
@@ -159,13 +164,7 @@ def test_compare_draws_a_signed_attribution_on_a_diverging_scale(tmp_path, tiny_
     """Two atp score directories (signed) are compared as attributions: the figure is centred at
     zero and the top-heads table lists values, not shares of a mass."""
     d, _ = tiny_dir
-    words = "the quick brown fox jumps over the lazy dog".split()
-    for name, shift in (("a", 0), ("b", 3)):
-        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps({"prompt": " ".join(words[(i + shift) % 5:]),
-                                                                      "completion": " " + words[(i * 7 + shift) % 9]})
-                                                          for i in range(16)))
-        assert main(["score", "--model", str(d), "--task", f"jsonl:{tmp_path / name}.jsonl", "--method", "atp",
-                     "--samples", "8", "--seq-len", "32", "--group-size", "32", "--out", str(tmp_path / f"s{name}")]) == 0
+    _two_scored_tasks(tmp_path, d, "--method", "atp", "--group-size", "32")
     out = tmp_path / "cmp.html"
     assert main(["compare", str(tmp_path / "sa"), str(tmp_path / "sb"), "--fraction", "0.05", "--out", str(out)]) == 0
     text = out.read_text()

@@ -107,33 +107,26 @@ def heatmap_png(a: CircuitMap, b: CircuitMap, label_a: str, label_b: str, path: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if signed(a) or signed(b):   # an attribution: the values themselves, centred at zero
-        fig, axes = plt.subplots(1, 2, figsize=(10, 5), constrained_layout=True)
-        for ax, m, title in ((axes[0], a, label_a), (axes[1], b, label_b)):
-            z = m.head.numpy()
-            v = float(abs(z).max()) or 1.0
-            im = ax.imshow(z, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-v, vmax=v)
-            ax.set_title(title)
-            ax.set_xlabel("query head")
-            ax.set_ylabel("layer")
-            fig.colorbar(im, ax=ax)
-        fig.suptitle("Attribution per attention head (red: quantizing it raises the task loss)")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return
-    ha, hb = _share(a.head).numpy(), _share(b.head).numpy()
-    d = ha - hb
-    fig, axes = plt.subplots(1, 3, figsize=(13, 5), constrained_layout=True)
-    vmax = max(ha.max(), hb.max())
-    for ax, z, title, kw in ((axes[0], ha, label_a, dict(cmap="viridis", vmin=0, vmax=vmax)),
-                             (axes[1], hb, label_b, dict(cmap="viridis", vmin=0, vmax=vmax)),
-                             (axes[2], d, f"{label_a} − {label_b}", dict(cmap="RdBu", vmin=-abs(d).max(), vmax=abs(d).max()))):
+    if signed(a) or signed(b):   # an attribution: the values themselves, each centred at zero
+        za, zb = a.head.numpy(), b.head.numpy()
+        va, vb = float(abs(za).max()) or 1.0, float(abs(zb).max()) or 1.0
+        panels = [(za, label_a, dict(cmap="RdBu_r", vmin=-va, vmax=va)), (zb, label_b, dict(cmap="RdBu_r", vmin=-vb, vmax=vb))]
+        title, width = "Attribution per attention head (red: quantizing it raises the task loss)", 10
+    else:
+        ha, hb = _share(a.head).numpy(), _share(b.head).numpy()
+        d = ha - hb
+        vmax, vd = max(ha.max(), hb.max()), abs(d).max()
+        panels = [(ha, label_a, dict(cmap="viridis", vmin=0, vmax=vmax)), (hb, label_b, dict(cmap="viridis", vmin=0, vmax=vmax)),
+                  (d, f"{label_a} − {label_b}", dict(cmap="RdBu", vmin=-vd, vmax=vd))]
+        title, width = "Share of score mass per attention head", 13
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, 5), constrained_layout=True)
+    for ax, (z, name, kw) in zip(axes, panels):
         im = ax.imshow(z, aspect="auto", origin="lower", **kw)
-        ax.set_title(title)
+        ax.set_title(name)
         ax.set_xlabel("query head")
         ax.set_ylabel("layer")
         fig.colorbar(im, ax=ax)
-    fig.suptitle("Share of score mass per attention head")
+    fig.suptitle(title)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
