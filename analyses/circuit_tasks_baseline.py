@@ -42,22 +42,24 @@ def main() -> int:
         res[kind] = {"items": m["items"], "metric": m["task_metric"], "value": m[m["task_metric"]],
                      "accuracy": m["accuracy"], "nll_per_token": m["nll_per_token"], "chance": CHANCE[kind]}
         print(kind, res[kind], flush=True)
-    out = HERE / "results" / "circuit_tasks_baseline.json"
+    suffix = "" if a.model == "smollm2-135m-instruct" else "-" + "".join(c if c.isalnum() else "-" for c in a.model)
+    out = HERE / "results" / f"circuit_tasks_baseline{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": a.model, "machine": platform.platform(), "seconds": time.perf_counter() - t0,
-                               "tasks": res}, indent=2) + "\n")
-    lines = ["# The unquantized default model on the circuit tasks", "",
-             f"`python analyses/circuit_tasks_baseline.py --items {a.items}` on {platform.platform()}. "
-             "SmolLM2-135M-Instruct, **weights dequantized from a 4-bit (Q4_1) GGUF file**; evaluation items of each "
-             "generated task (disjoint from its calibration items).", "",
+    out.write_text(json.dumps({"model": a.model, "model_note": lm.note, "machine": platform.platform(),
+                               "seconds": time.perf_counter() - t0, "tasks": res}, indent=2) + "\n")
+    lines = [f"# The unquantized {a.model} on the circuit tasks", "",
+             f"`python analyses/circuit_tasks_baseline.py --model {a.model} --items {a.items}` on {platform.platform()}. "
+             f"{lm.note or a.model} (**its weights come from a 4-bit GGUF file** where the note says so); evaluation "
+             "items of each generated task (disjoint from its calibration items).", "",
              "| task | items | metric | value | accuracy | chance | clearly above chance |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for k, r in res.items():
         above = r["accuracy"] >= r["chance"] + 0.25
         lines.append(f"| {k} | {r['items']} | {r['metric']} | {r['value']:.3f} | {r['accuracy']:.3f} | "
                      f"{r['chance']:.3f} | {'yes' if above else 'no'} |")
-    (HERE / "CIRCUIT_TASKS.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out} and analyses/CIRCUIT_TASKS.md")
+    md = HERE / f"CIRCUIT_TASKS{suffix}.md"
+    md.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out} and {md}")
     return 0
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from circuitq.data.prompts import LETTERS
-from circuitq.data.tasks import Batch, collate, tokenize_examples
+from circuitq.data.tasks import Batch, collate, tokenize_examples, wants_bos
 from circuitq.errors import CircuitqError, UsageError
 
 
@@ -399,7 +399,8 @@ def generate_exact_match(model, tokenizer, examples, max_new_tokens: int = 256, 
     try:
         for b in tqdm(range(0, len(examples), batch_size), desc="generate", disable=not progress):
             chunk = examples[b:b + batch_size]
-            enc = tokenizer([e.prompt for e in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            enc = tokenizer([e.prompt for e in chunk], return_tensors="pt", padding=True,
+                            add_special_tokens=wants_bos(tokenizer)).to(device)   # BOS where the model wants it
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             for e, seq in zip(chunk, out[:, enc["input_ids"].shape[1]:]):

@@ -129,3 +129,26 @@ def test_a_gguf_split_over_packages_is_joined_once_and_checked(tmp_path, monkeyp
     assert p.read_bytes() == whole and "fakemodel_part1" not in sys.modules
     with pytest.raises(ModelLoadError, match="fakemodel-part1 fakemodel-part2 fakemodel-part3 fakemodel-part4"):
         split_gguf_path("fakemodel_part", 4, "fakemodel-part", "n.gguf", piece="*.gguf.part*")
+
+
+def test_a_model_that_wants_bos_gets_it_and_keeps_it_when_truncated():
+    """Gemma-style tokenizers start every text with BOS; circuitq's items do too (and keep it in
+    front when an item is cut), while tokenizers that add none (SmolLM2, Qwen2) are unchanged."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from circuitq.data.tasks import Example, tokenize_examples, wants_bos
+
+    vocab = {"<bos>": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(20)}}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    plain = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<bos>", eos_token="<eos>", pad_token="<eos>")
+    t.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
+    gemma_like = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<bos>", eos_token="<eos>", pad_token="<eos>")
+    assert wants_bos(gemma_like) and not wants_bos(plain)
+    ex = [Example("w1 w2 w3", " w4 w5")]
+    g, p = tokenize_examples(ex, gemma_like, 64), tokenize_examples(ex, plain, 64)
+    assert g.ids == [[0, 3, 4, 5, 6, 7]] and g.scored_from == [4]
+    assert p.ids == [[3, 4, 5, 6, 7]] and p.scored_from == [3]
+    cut = tokenize_examples(ex, gemma_like, 4)          # BOS stays first, the end is kept
+    assert cut.ids == [[0, 5, 6, 7]] and cut.scored_from == [2] and cut.truncated == 1

@@ -315,25 +315,37 @@ def _template_tokens(ex: Example, tokenizer, n_prompt: int) -> list[int]:
     return [i for i, (s, e) in enumerate(offs) if not (s < b and e > a)]
 
 
+def wants_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts every text with its BOS token by itself (Gemma, Llama 3): such a
+    model was trained with it and degrades without it (Gemma 3 270M's IOI logit difference falls from
+    5.2 to 1.3 on one prompt). SmolLM2 and Qwen2 add none."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+
 def tokenize_examples(examples: list[Example], tokenizer, max_len: int, loss: str = "answer") -> Tokenized:
-    """Token ids of prompt + completion; sequences longer than ``max_len`` keep their end (the
-    completion) and are counted as truncated. ``loss`` (``LOSS_SCOPES``) sets which predicted
-    tokens are scored: the completion's; all (``scored_from`` 1); or all but the chat template's
-    (``unscored`` lists those)."""
+    """Token ids of [BOS +] prompt + completion; sequences longer than ``max_len`` keep their end
+    (the completion; a BOS the model wants stays first) and are counted as truncated. BOS leads when
+    the tokenizer adds it by itself (``wants_bos``) or the prompt is empty (the first completion
+    token needs a context). ``loss`` (``LOSS_SCOPES``) sets which predicted tokens are scored: the
+    completion's; all (``scored_from`` 1); or all but the chat template's (``unscored`` lists those)."""
     if loss not in LOSS_SCOPES:
         raise UsageError(f"loss must be one of {LOSS_SCOPES}, got {loss!r}")
+    always = wants_bos(tokenizer)
     ids, starts, skip, truncated = [], [], [], 0
     for ex in examples:
         p = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"] if ex.prompt else []
         c = tokenizer(ex.completion, add_special_tokens=False)["input_ids"]
-        bos = [tokenizer.bos_token_id] if (not p and tokenizer.bos_token_id is not None) else []
+        bos = [tokenizer.bos_token_id] if ((always or not p) and tokenizer.bos_token_id is not None) else []
         seq, start = bos + p + c, len(bos) + len(p)
         tmpl = [len(bos) + i for i in _template_tokens(ex, tokenizer, len(p))] if loss == "text" else []
         if len(seq) > max_len:
             truncated += 1
+            keep = len(bos) if always else 0      # a BOS the model always sees stays in front
             cut = len(seq) - max_len
-            seq, start = seq[cut:], max(start - cut, 1)
-            tmpl = [i - cut for i in tmpl if i - cut >= 1]
+            seq = seq[:keep] + seq[keep + cut:]
+            start = max(start - cut, keep, 1)
+            tmpl = [i - cut for i in tmpl if i - cut >= max(keep, 1)]
         ids.append(seq)
         starts.append(1 if loss != "answer" else max(start, 1))
         skip.append([i for i in tmpl if i >= 1])
