@@ -361,7 +361,7 @@ def curve_area(fractions: list[float], rec: list[float]) -> float:
 
 
 def faithfulness_curves(model, loss_fn, unit_list: list[Unit], values: dict, orderings: dict[str, list[int]],
-                        grid: tuple[float, ...], cache: LayerReplay | None = None, progress: bool = True) -> dict:
+                        grid: tuple[float, ...], *, cache: LayerReplay | None = None, progress: bool = True) -> dict:
     """Faithfulness curves of each ordering (``{name: unit indices, most important first}``) at the
     fractions ``grid`` of units, in both ``CURVE_MODES``. ``loss_fn(model) -> (loss, metric)``; a task
     without a metric is scored by ``−loss``. ``cache``: a ``LayerReplay`` already recorded on the
