@@ -33,6 +33,7 @@ ATTENTION_MODES = ("sdpa", "eager", "bridge")
 # which tokens' loss the gradients are of: the completion ("answer"), every token ("all"), or every
 # token of the task's own text, leaving out a chat template's ("text")
 LOSS_SCOPES = ("answer", "all", "text")
+RECOMPUTE_MODES = ("long", "all", "none")   # saliency.capture.LayerRecompute
 TEMPLATES = ("auto", "chat", "raw")
 EVAL_SPLITS = ("auto", "test", "halves")
 COMBINE_MODES = ("union", "intersection", "rank-max")
@@ -102,8 +103,8 @@ class CalibConfig:
     seed: int = field(default=0, metadata=_help("calibration sampling seed"))
     batch_size: int = field(default=8, metadata=_help("samples per forward/backward (at most)"))
     batch_tokens: int = field(default=256, metadata=_help(
-        "padded tokens per forward/backward (at most; 0 = no limit): bounds memory (the default model: 256 tokens "
-        "peak 1.9 GiB, 512 2.2 GiB, about 5-10%% faster; docs/memory.md)"))
+        "padded tokens per forward/backward (at most; 0 = no limit): bounds memory (the default model's gradient "
+        "pass: 256 tokens peak 1.97 GB, 512 about 0.3 GB more, 5-10%% faster; docs/memory.md)"))
     loss: str = field(default="answer", metadata=_help(
         "answer: the gradients are of the loss on each item's completion (the answer letter, the solution); "
         "all: of the loss on every token of the item, as the official TaCQ code computes it; text: every token but "
@@ -112,6 +113,11 @@ class CalibConfig:
     attention: str = field(default="sdpa", metadata=_help(
         "sdpa: HF's fused attention inside the TransformerLens bridge (less memory); bridge: TransformerLens's "
         "step-by-step attention. Same scores", choices=ATTENTION_MODES))
+    recompute: str = field(default="long", metadata=_help(
+        "layer checkpointing in the gradient pass: long: a batch over --batch-tokens (an item longer than the "
+        "budget runs alone) reruns each decoder layer in the backward pass instead of keeping its activations, so "
+        "no batch keeps more than the budget's (about 25%% slower for that batch; the whole default pass: no measurable change); all: every batch; none: never. "
+        "The same statistics bit for bit", choices=RECOMPUTE_MODES))
 
     def __post_init__(self) -> None:
         _at_least(self, ("samples", "seq_len", "batch_size"), 1)
@@ -120,6 +126,8 @@ class CalibConfig:
             raise ConfigError(f"--seq-len must be at least 2 tokens (one prediction), got {self.seq_len}")
         if self.loss not in LOSS_SCOPES:
             raise ConfigError(f"loss must be one of {LOSS_SCOPES}, got {self.loss!r}")
+        if self.recompute not in RECOMPUTE_MODES:
+            raise ConfigError(f"recompute must be one of {RECOMPUTE_MODES}, got {self.recompute!r}")
         if self.attention not in ATTENTION_MODES:
             raise ConfigError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
 

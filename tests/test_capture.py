@@ -1,8 +1,10 @@
+import pytest
 import torch
 
 from circuitq.saliency.capture import GradStats, accumulate, collect_stats, per_sample_grads, sample_losses
 from circuitq.model.arch import target_shapes
 from circuitq.data.tasks import Example, collate, tokenize_examples
+from circuitq.errors import UsageError
 
 
 def _autograd_per_sample(model, tok, examples, seq_len):
@@ -201,6 +203,40 @@ def test_recomputed_down_projection_input_gives_the_same_statistics(tiny_dir):
         for n, t in runs["off"].tensors[s].items():
             assert torch.equal(runs["on"].tensors[s][n], t), (s, n)
             assert torch.equal(runs["wrong"].tensors[s][n], t), (s, n)
+
+
+def test_layer_recompute_gives_the_same_statistics_bit_for_bit_and_reruns_each_layer(tiny_dir):
+    """``recompute``: a checkpointed batch runs each decoder layer twice (a forward without
+    activations, then the rerun in the backward pass) and gives the same sums, bit for bit; "long"
+    checkpoints exactly the batches over the token budget; the layers' forwards are restored after."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d, _ = tiny_dir
+    tok = AutoTokenizer.from_pretrained(d)
+    model = AutoModelForCausalLM.from_pretrained(d).eval()
+    ex = _examples() + [Example("the quick brown fox " * 6, " jumps over the lazy dog" * 3)]   # one long item
+    layer = model.model.layers[0]
+    calls = []
+    h = layer.register_forward_hook(lambda m, a, o: calls.append(torch.is_grad_enabled()))
+    runs, reruns = {}, {}
+    try:
+        for mode in ("none", "all", "long"):
+            calls.clear()
+            runs[mode] = collect_stats(model, tok, ex, str(d), batch_size=3, seq_len=64, progress=False,
+                                       batch_tokens=60, recompute=mode)["stats"]
+            reruns[mode] = calls.count(False)     # first forwards of a checkpointed layer run without grad
+    finally:
+        h.remove()
+    lengths = sorted((len(x) for x in tokenize_examples(ex, tok, 64).ids), reverse=True)
+    assert lengths[0] > 60 >= lengths[1]     # the long item alone over the budget; every other batch fits
+    assert reruns["none"] == 0 and reruns["long"] == 1 and reruns["all"] >= 3
+    for s in ("sum_abs", "sum", "sum_sq", "act_sq"):
+        for n, t in runs["none"].tensors[s].items():
+            assert torch.equal(runs["all"].tensors[s][n], t), (s, n)
+            assert torch.equal(runs["long"].tensors[s][n], t), (s, n)
+    assert "forward" not in vars(layer) and "forward" not in vars(model.model.layers[1])
+    with pytest.raises(UsageError, match="recompute must be one of long, all, none"):
+        collect_stats(model, tok, ex, str(d), progress=False, recompute="sometimes")
 
 
 def test_loss_all_gradients_equal_autograd_over_every_token(tiny_dir):

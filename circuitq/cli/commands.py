@@ -21,6 +21,7 @@ SCORE_FLAGS = [("--model", "model"), ("--task", "task"), ("--method", "method"),
                ("--samples", "calib.samples"), ("--seq-len", "calib.seq_len"),
                ("--batch-size", ("calib.batch_size", "quantize.batch_size")), ("--batch-tokens", "calib.batch_tokens"),
                ("--calib-tokens", "calib.tokens"), ("--attention", "calib.attention"), ("--loss", "calib.loss"),
+               ("--recompute", "calib.recompute"),
                ("--seed", "calib.seed"), *DATA, ("--checkpoint-every", "checkpoint_every"), ("--ig-steps", "ig_steps")]
 QUANTIZE_FLAGS = [("--model", "model"), ("--calib", "task"), *QUANT, ("--method", "quantize.method"),
                   ("--samples", "calib.samples"), ("--seq-len", "calib.seq_len"), ("--calib-tokens", "calib.tokens"),
@@ -40,7 +41,7 @@ RUN_FLAGS = [("--model", "model"), ("--tasks", "tasks"), ("--bits", "bits"), ("-
              ("--eval-seq-len", "eval.seq_len"), ("--no-all-tokens", "eval.all_tokens"), *QUANT[1:],
              ("--batch-size", ("calib.batch_size", "quantize.batch_size", "eval.batch_size")),
              ("--batch-tokens", "calib.batch_tokens"), ("--attention", "calib.attention"), ("--loss", "calib.loss"),
-             ("--seed", "calib.seed"), *DATA]
+             ("--recompute", "calib.recompute"), ("--seed", "calib.seed"), *DATA]
 FAITH_FLAGS = [("--task", "task"), ("--units", "units"), ("--all-units", "all_units"), ("--top", "top"),
                ("--random", "random"), ("--estimators", "estimators"), ("--ig-steps", "ig_steps"), ("--curve", "curve"),
                ("--curve-grid", "curve_grid"), ("--ablation", "ablation"), ("--fraction", "fraction"), ("--seed", ("seed", "calib.seed")),

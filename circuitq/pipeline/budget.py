@@ -10,7 +10,7 @@ chunk (``quant.driver.gptq_stream``'s ``max_elems``), ``k = fraction · P_lin``.
 
 | stage | host memory beyond the runtime and the model (``s·P``) | disk it leaves |
 | --- | --- | --- |
-| gradients (Σ\\|G\\|; and Σ G for the attribution maps, a second pass of the same size) | ``4·P_lin`` ``+ B_t·4·(L·(12·d + 4·d_ff) + 3·V)`` (activations, logits) | ``4·P_lin`` per task and pass |
+| gradients (Σ\\|G\\|; and Σ G for the attribution maps, a second pass of the same size) | ``4·P_lin`` ``+ max(B_t·4·(L·(12·d + 4·d_ff) + 3·V), T_long·4·(L·d + 12·d + 4·d_ff + 3·V))`` (activations, logits; an item of ``T_long`` tokens over the budget reruns its layers in the backward pass) | ``4·P_lin`` per task and pass |
 | Hessians | ``4·d·N`` (hidden states) ``+ 8·S`` (one layer's H and factors) | ``8·L·S`` per task |
 | Q(W) + scores + masks | ``32·E`` (one GPTQ chunk) ``+ 12·k`` per method | ``4·P_lin`` per (task, bits) |
 | reference evaluation | ``4·b·T_e·(d + d_ff)`` (activations) ``+ 4·4·C·V`` | ``4·V·T_ans + 2·V·T_all`` per task |
@@ -103,17 +103,34 @@ def task_tokens(windows, eval_items, tokenizer, cfg) -> Tokens:
                   sum(len(x) - 1 for x in ev.ids) if cfg.eval.all_tokens else 0, int(m.sum(1).max()))
 
 
+def gradient_activations(m: ModelNumbers, batch_tokens: int, longest: int, recompute: str = "long") -> float:
+    """Bytes of activations the gradient pass keeps for its largest batch: every layer's
+    (``4·(L·(12·d + 4·d_ff) + 3·V)`` per token) for a batch within ``batch_tokens``; for a batch that
+    reruns its layers in the backward pass (``saliency.capture.LayerRecompute``: the item ``longest``
+    over the budget under ``"long"``, every batch under ``"all"``) each layer's input and one layer's
+    working set, ``4·(L·d + 12·d + 4·d_ff + 3·V)`` per token. ``"none"``: an item over the budget
+    keeps everything."""
+    every = 4 * (m.L * (12 * m.d + 4 * m.d_ff) + 3 * m.V)
+    rerun = 4 * (m.L * m.d + 12 * m.d + 4 * m.d_ff + 3 * m.V)
+    if recompute == "all":
+        return max(batch_tokens, longest) * rerun
+    if recompute == "none":
+        return max(batch_tokens, longest) * every
+    return max(batch_tokens * every, longest * rerun if longest > batch_tokens else 0)
+
+
 def run_stages(m: ModelNumbers, tokens: dict[str, Tokens], n_bits: int, batch_tokens: int, n_methods: int,
-               fraction: float, maps: bool = True) -> list[Stage]:
+               fraction: float, maps: bool = True, recompute: str = "long") -> list[Stage]:
     """The run's stages for ``tokens`` ``{task: Tokens}`` (module docstring's table). ``maps``: the
-    attribution maps' Σ G pass (the gradients stage's memory again, its statistic on disk)."""
+    attribution maps' Σ G pass (the gradients stage's memory again, its statistic on disk);
+    ``recompute``: the gradient pass's layer checkpointing (``gradient_activations``)."""
     k = fraction * m.P_lin
     t = list(tokens.values())
     n_tasks = len(t)
     ev = max(4 * x.eval_batch * (m.d + m.d_ff) for x in t) + 4 * 4 * EVAL_CHUNK * m.V
-    in_flight = max(batch_tokens, *(x.calib_longest for x in t))   # an item longer than the budget runs alone
+    longest = max(x.calib_longest for x in t)
     return [
-        Stage("gradients", 4 * m.P_lin + in_flight * 4 * (m.L * (12 * m.d + 4 * m.d_ff) + 3 * m.V),
+        Stage("gradients", 4 * m.P_lin + gradient_activations(m, batch_tokens, longest, recompute),
               4 * m.P_lin * n_tasks * (2 if maps else 1)),
         Stage("Hessians", max(4 * m.d * x.calib for x in t) + 8 * m.S, 8 * m.L * m.S * n_tasks),
         Stage("Q(W), scores and masks", 32 * GPTQ_CHUNK + 12 * k * n_methods, 4 * m.P_lin * n_tasks * n_bits),

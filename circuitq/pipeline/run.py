@@ -193,7 +193,7 @@ class Runner:
         tokens = {t: budget.task_tokens(self.calib_sequences(t), self.items(t, "eval"), self.lm.tokenizer, c) for t in c.tasks}
         nums = budget.ModelNumbers.from_model(self.lm.model)
         stages_ = budget.run_stages(nums, tokens, len(c.bits), c.calib.batch_tokens, 2 + len(c.baselines),
-                                    c.mask.fraction, maps=c.head_maps == "atp")
+                                    c.mask.fraction, maps=c.head_maps == "atp", recompute=c.calib.recompute)
         est = budget.estimate(nums, stages_)
         self.estimate = {"peak_bytes": est.peak, "at": est.worst, "disk_bytes": est.disk,
                          "tokens": {t: x._asdict() for t, x in tokens.items()},

@@ -74,7 +74,8 @@ def collect_gradients(model, tokenizer, examples, calib: CalibConfig = CalibConf
     path = model_path or getattr(model.config, "_name_or_path", "") or "model"
     return collect_stats(model, tokenizer, examples, path, batch_size=calib.batch_size, seq_len=calib.seq_len,
                          stats=stats or ("sum_abs",), state=state, start=start, progress=progress, on_batch=on_batch,
-                         batch_tokens=calib.batch_tokens, attention=calib.attention, loss=calib.loss)
+                         batch_tokens=calib.batch_tokens, attention=calib.attention, loss=calib.loss,
+                         recompute=calib.recompute)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -110,7 +110,7 @@ def integrated_gradients(model, tokenizer, examples, quantized: dict[str, torch.
             _set_path(model, names, base, delta, a)
             st = collect_stats(model, tokenizer, examples, path, batch_size=calib.batch_size,
                                seq_len=calib.seq_len, stats=("sum",), progress=False, batch_tokens=calib.batch_tokens,
-                               attention=calib.attention, loss=calib.loss)["stats"]
+                               attention=calib.attention, loss=calib.loss, recompute=calib.recompute)["stats"]
             for n in names:
                 integral[n].add_(st.tensors["sum"][n].to(integral[n].device), alpha=wt)
             del st
