@@ -8,10 +8,12 @@ for good (measured on the default model's gradient pass: peak 2.56 -> 2.22 GiB, 
 2.35 -> 1.45 GiB with 256 kB). But every fresh mapping is page-faulted and zeroed again: with 256 kB a
 48-item evaluation of the default model takes 31-34 s instead of 24 s (measured, 2-core CPU).
 
-So the threshold is ``LEAN`` (256 kB) by default and in the stages that set the run's peak (the
-gradient passes, the report), and ``FAST`` (16 MB: activations of an evaluation batch come from the
-heap, logits blocks still from mappings) in the stages far below it (evaluations, Hessians, GPTQ),
-whose heap is trimmed back when they end. Measured on the evaluation: 16 MB 24.1 s, +0.06 GB peak."""
+So the threshold is ``LEAN`` (256 kB) everywhere but inside an evaluation (``fast``: 16 MB, so
+an evaluation batch's activations come from the heap while logits blocks still come from mappings),
+and the heap's free memory is returned when the evaluation ends. Measured on the default run: a
+48-item evaluation 31-34 s -> 24 s; with 16 MB over whole stages (GPTQ and Hessians too) the jobs'
+peak rose 1.66 -> 2.15 GB (the heap fragments around GPTQ's blocks), inside evaluations alone it
+does not set the peak (docs/memory.md)."""
 from __future__ import annotations
 
 import ctypes
@@ -20,9 +22,6 @@ from contextlib import contextmanager
 M_MMAP_THRESHOLD = -3     # glibc mallopt parameter
 LEAN = 256 * 1024
 FAST = 16 * 1024 * 1024
-# the run's stages (budget.PeakMeter names) whose peak is far below the gradient pass's
-FAST_STAGES = ("Hessians", "Q(W), scores and masks", "reference evaluation", "quantize + evaluate")
-
 _libc = None
 
 
@@ -44,8 +43,8 @@ def set_threshold(nbytes: int) -> bool:
 
 
 def take_over() -> bool:
-    """The command line's call: the threshold is ``LEAN`` from now on, ``FAST`` within the stages
-    ``stage`` names fast. Returns whether glibc took it."""
+    """The command line's call: the threshold is ``LEAN`` from now on, ``FAST`` within ``fast()``.
+    Returns whether glibc took it."""
     global _owned
     _owned = set_threshold(LEAN)
     return _owned
@@ -55,15 +54,15 @@ _owned = False
 
 
 @contextmanager
-def stage(name: str):
-    """``FAST`` within a stage of ``FAST_STAGES`` when the command line owns the allocator; after
+def fast():
+    """``FAST`` within the block when the command line owns the allocator (an evaluation); after
     it, ``LEAN`` again and the heap's free memory returned (``malloc_trim``)."""
-    fast = _owned and name in FAST_STAGES
-    if fast:
+    on = _owned
+    if on:
         set_threshold(FAST)
     try:
         yield
     finally:
-        if fast:
+        if on:
             set_threshold(LEAN)
             _glibc().malloc_trim(0)

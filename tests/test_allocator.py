@@ -1,36 +1,35 @@
-"""The command line's allocator policy: lean (256 kB mmap threshold) by default and in the stages
-that set the peak, fast (16 MB) in the others, trimmed after; nothing without ``take_over``."""
+"""The command line's allocator policy: lean (256 kB mmap threshold) by default, fast (16 MB) inside
+an evaluation, trimmed after; nothing without ``take_over``."""
 import subprocess
 import sys
 
+import pytest
+
 from circuitq import allocator
-from circuitq.pipeline.budget import PeakMeter
+from circuitq.pipeline import stages
 
 
-def test_stage_threshold_fast_only_where_the_peak_is_not_set_and_only_when_taken_over(monkeypatch):
+def test_fast_only_inside_an_evaluation_and_only_when_taken_over(monkeypatch):
     calls = []
     monkeypatch.setattr(allocator, "set_threshold", lambda n: calls.append(n) or True)
     monkeypatch.setattr(allocator, "_owned", False)
-    with allocator.stage("quantize + evaluate"):
+    with allocator.fast():
         pass
     assert calls == []                                      # a library user's process is left alone
     monkeypatch.setattr(allocator, "_owned", True)
-    meter = PeakMeter()
-    with meter.stage("quantize + evaluate"):
+    with allocator.fast():
         assert calls == [allocator.FAST]
     assert calls == [allocator.FAST, allocator.LEAN]        # lean again after, the heap trimmed
     calls.clear()
-    for name in ("gradients", "report"):
-        with meter.stage(name):
-            pass
-    assert calls == []
-    try:
-        with meter.stage("reference evaluation"):
+    with pytest.raises(KeyError):
+        with allocator.fast():
             raise KeyError("x")
-    except KeyError:
-        pass
     assert calls == [allocator.FAST, allocator.LEAN]        # restored on an error too
-    assert "reference evaluation" in meter.peaks or not meter.ok
+    calls.clear()
+    seen = []
+    monkeypatch.setattr(stages, "_evaluate", lambda *a, **k: seen.append(list(calls)))
+    stages.evaluate(None, None, [], "gsm8k")
+    assert seen == [[allocator.FAST]] and calls == [allocator.FAST, allocator.LEAN]   # the evaluation runs fast
 
 
 def _freed_block_stays(take_over: bool) -> list[str]:

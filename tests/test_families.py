@@ -10,10 +10,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from circuitq.circuits.faithfulness import units
-from circuitq.circuits.maps import aggregate
+from circuitq.circuits.explore import layer_module_counts, top_index
+from circuitq.circuits.maps import aggregate, compare_masks
 from circuitq.config import CalibConfig, MaskConfig, QuantizeConfig
 from circuitq.model.arch import (ARCHITECTURES, MODULE_TYPES, Geometry, UnsupportedArchitecture, arch_for, module_name,
-                                 parse_name)
+                                 module_parts, parse_name)
 from circuitq.model.packed import load_packed
 from circuitq.pipeline import stages
 from conftest import make_tiny_dir
@@ -31,6 +32,8 @@ def tiny_family(tmp_path, model_type: str):
               tie_word_embeddings=model_type.startswith("gemma"))   # Gemma ties its embeddings
     if model_type.startswith("gemma"):
         kw["head_dim"] = 32                                     # head_dim ≠ d / n_heads, as in Gemma
+    if model_type == "phi3":
+        kw.update(pad_token_id=0, bos_token_id=1, eos_token_id=1)   # Phi-3's defaults lie beyond a tiny vocabulary
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kw)).eval()
     d = tmp_path / model_type
@@ -87,13 +90,28 @@ def test_whole_path_on_a_tiny_model(tmp_path, model_type):
     shapes = {n: tuple(s.shape) for n, s in scores.items()}
     heads = units(shapes, geo, "heads")
     assert len(heads) == geo.n_layers * geo.n_heads
-    q0 = next(n for n in shapes if n.endswith("layers.0.self_attn.q_proj.weight"))
+    # the query heads of layer 0 tile the query rows (of q_proj, or of the fused qkv_proj's q block) exactly
+    q0, _, _, _, qrows = next((n, *p[1:]) for n in shapes for p in module_parts(n, geo)
+                              if p[0] == 0 and p[1] == "q_proj")
     cover = torch.zeros(shapes[q0], dtype=torch.bool)
     for u in heads:
         if q0 in u.entries:
             assert not (cover & u.entries[q0]).any()
             cover |= u.entries[q0]
-    assert cover.all() and len(units(shapes, geo, "kv-heads")) == geo.n_layers * geo.n_kv_heads
+    want = torch.zeros(shapes[q0], dtype=torch.bool)
+    want[qrows] = True
+    assert torch.equal(cover, want) and len(units(shapes, geo, "kv-heads")) == geo.n_layers * geo.n_kv_heads
+    modules = units(shapes, geo, "modules")
+    assert len(modules) == geo.n_layers * len(MODULE_TYPES)        # a fused module: one unit per module it holds
+    # mask overlaps and the explorer's counts place a fused module's blocks under their modules
+    kept = sum(int(m.sum()) for m in mask.values())
+    cm = compare_masks(mask, mask, geo)
+    assert set(cm["per_module_type"]) == set(MODULE_TYPES) and cm["global"]["a"] == kept
+    counts = layer_module_counts(top_index(scores, model_type, 0.05), 0.02, geo.n_layers, geo)
+    assert int(counts.sum()) == kept
+    for layer, mod, _, _, rows in (p for n in mask for p in module_parts(n, geo)):
+        n = next(x for x in mask if (layer, mod) in {(q[0], q[1]) for q in module_parts(x, geo)})
+        assert int(counts[layer, MODULE_TYPES.index(mod)]) == int(mask[n][rows].sum()), (layer, mod)
 
 
 def test_a_family_circuitq_does_not_support_is_one_line():

@@ -167,7 +167,7 @@ def page_explore(run: runs_catalog.RunEntry) -> None:
         st.plotly_chart(fig, key="heads_heatmap")
         st.caption(faithfulness_caption(run, task, "score"))
 
-    counts = explore.layer_module_counts(ti, budget, geo.n_layers)
+    counts = explore.layer_module_counts(ti, budget, geo.n_layers, geo)
     bars = go.Figure([go.Bar(name=t, x=list(range(geo.n_layers)), y=counts[:, j].tolist())
                       for j, t in enumerate(MODULE_TYPES)])
     bars.update_layout(barmode="stack", title=f"Circuit at {pct(budget)}: 16-bit weights by layer and module",
@@ -179,8 +179,8 @@ def page_explore(run: runs_catalog.RunEntry) -> None:
     st.subheader("Drill down into one weight matrix")
     c1, c2 = st.columns(2)
     layer = c1.number_input("Layer", 0, geo.n_layers - 1, 0, key="layer")
-    mod = c2.selectbox("Module", MODULE_TYPES, key="module")
     spec = arch_for(geo.model_type)
+    mod = c2.selectbox("Module", spec.module_types, key="module")   # the stored modules (a fused one whole)
     name = next((n for n in f["scores"] if parse_name(n, spec) == (layer, mod)), None)
     if name is None:
         st.warning(f"No scores for layer {layer} {runs_catalog.md(mod)}.")
@@ -236,7 +236,7 @@ def page_compare(runs: list[runs_catalog.RunEntry], run: runs_catalog.RunEntry) 
                  "comparing them would be meaningless. Pick two circuits of one model.")
         return
     ma, mb = circuit(str(ea.path), _mtime(ea.path), budget), circuit(str(eb.path), _mtime(eb.path), budget)
-    cm = compare_masks(ma, mb)
+    cm = compare_masks(ma, mb, Geometry(**fa["meta"]["geometry"]) if fa["meta"].get("geometry") else None)
     sa, sb = score_map(str(ea.path), _mtime(ea.path)), score_map(str(eb.path), _mtime(eb.path))
     cc = compare_circuits(sa, sb, 20)
     g = cm["global"]

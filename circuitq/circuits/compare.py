@@ -54,7 +54,7 @@ def compare_scores(fa, fb, fraction: float = DEFAULT_FRACTION, top_n: int = 20, 
     sa, sb = aggregate(fa["scores"], geo), aggregate(fb["scores"], geo)
     ca, cb = aggregate(_AsFloat(ma), geo), aggregate(_AsFloat(mb), geo)
     return {"labels": (_label(fa["meta"], names[0]), _label(fb["meta"], names[1])), "fraction": fraction,
-            "masks": compare_masks(ma, mb), "circuits": compare_circuits(sa, sb, top_n),
+            "masks": compare_masks(ma, mb, geo), "circuits": compare_circuits(sa, sb, top_n),
             "score_maps": (sa, sb), "mask_maps": (ca, cb), "meta": (fa["meta"], fb["meta"]), "geometry": geo}
 
 

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from circuitq.config import DEFAULT_FRACTION
 from circuitq.errors import UsageError
-from circuitq.model.arch import MODULE_TYPES, Geometry, arch_for, parse_name
+from circuitq.model.arch import MODULE_TYPES, Geometry, arch_for, module_parts, parse_name
 from circuitq.quant.plan import PrecisionPlan, bit_report
 
 
@@ -78,15 +78,22 @@ def mask_for(ti: TopIndex, fraction: float, name: str) -> torch.Tensor:
     return m.view(shape)
 
 
-def layer_module_counts(ti: TopIndex, fraction: float, n_layers: int) -> torch.Tensor:
-    """``[L, 7]`` number of kept weights per layer and module type at ``fraction``."""
-    owner, _ = _split(ti, ti.count(fraction))
-    per_weight = torch.bincount(owner, minlength=len(ti.names))
+def layer_module_counts(ti: TopIndex, fraction: float, n_layers: int, geometry: Geometry | None = None) -> torch.Tensor:
+    """``[L, 7]`` number of kept weights per layer and module type at ``fraction`` (a fused
+    module's blocks of rows counted under their modules when ``geometry`` is given)."""
+    owner, local = _split(ti, ti.count(fraction))
     out = torch.zeros(n_layers, len(MODULE_TYPES), dtype=torch.int64)
-    for i, n in enumerate(ti.names):
-        p = parse_name(n)
-        if p and p[1] in MODULE_TYPES:
-            out[p[0], MODULE_TYPES.index(p[1])] += per_weight[i]
+    for i, (n, shape) in enumerate(zip(ti.names, ti.shapes)):
+        parts = module_parts(n, geometry) if geometry is not None else []
+        if not parts:
+            p = parse_name(n)
+            parts = [(p[0], p[1], None, None, slice(None))] if p and p[1] in MODULE_TYPES else []
+        rows = local[owner == i] // shape[1] if len(parts) > 1 else None
+        for layer, mod, _, _, sl in parts:
+            if rows is None:
+                out[layer, MODULE_TYPES.index(mod)] += int((owner == i).sum())
+            else:
+                out[layer, MODULE_TYPES.index(mod)] += int(((rows >= sl.start) & (rows < sl.stop)).sum())
     return out
 
 
@@ -131,14 +138,14 @@ def tile_density(mask: torch.Tensor, tile: int = 32) -> torch.Tensor:
 
 def unit_of(name: str, row: int, col: int, geo: Geometry) -> str:
     """The attention head(s) or MLP neuron that weight ``[row, col]`` of ``name`` belongs to."""
-    spec = arch_for(geo.model_type)
-    p = parse_name(name, spec)
-    if p is None:
+    # which axis indexes heads or neurons, as the architecture row says (a fused module: the block holding the row)
+    parts = [p for p in module_parts(name, geo) if (p[4].start or 0) <= row < (p[4].stop if p[4].stop is not None
+                                                                                else row + 1)]
+    if not parts:
         return "-"
-    layer, mod = p
-    lin = spec.linear(mod)     # which axis indexes heads or neurons, as the architecture row says
+    layer, _, rows, cols, sl = parts[0]
     d, per_kv = geo.head_dim, geo.n_heads // geo.n_kv_heads
-    axis, i = (lin.rows, row) if lin.rows else (lin.cols, col)
+    axis, i = (rows, row - (sl.start or 0)) if rows else (cols, col)
     if axis == "q_heads":
         return f"L{layer}.H{i // d}"
     if axis == "kv_heads":

@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from circuitq.errors import UsageError
-from circuitq.model.arch import Geometry, parse_name
+from circuitq.model.arch import Geometry, module_parts, parse_name
 from circuitq.saliency.masks import select_topk
 
 UNIT_KINDS = ("heads", "kv-heads", "neurons", "modules")
@@ -56,19 +56,21 @@ def units(shapes: dict[str, tuple[int, int]], geometry: Geometry, kind: str, blo
     columns 0-3) and ``L0.H1`` (q rows 4-7, o columns 4-7)."""
     if kind not in UNIT_KINDS:
         raise UsageError(f"unknown unit kind '{kind}'; choose one of {', '.join(UNIT_KINDS)}")
-    by_layer: dict[int, dict[str, str]] = {}
+    geo = geometry
+    by_layer: dict[int, dict[str, tuple[str, slice]]] = {}   # layer -> module kind -> (weight, its rows there)
     for name in shapes:
-        p = parse_name(name)
-        if p:
-            by_layer.setdefault(p[0], {})[p[1]] = name
+        for layer, mod, _, _, rows in module_parts(name, geo, spec):
+            by_layer.setdefault(layer, {})[mod] = (name, rows)
     hd, out = geometry.head_dim, []
 
-    def part(name, rows=None, cols=None):
+    def part(mod, rows=None, cols=None):
+        name, sl = mod
         m = torch.zeros(shapes[name], dtype=torch.bool)
+        r0 = sl.start or 0
         if rows is not None:
-            m[rows] = True
+            m[r0 + rows.start:r0 + rows.stop] = True
         else:
-            m[:, cols] = True
+            m[sl, cols] = True
         return m
 
     need = {"heads": ("q_proj", "o_proj"), "kv-heads": ("k_proj", "v_proj"),
@@ -79,24 +81,36 @@ def units(shapes: dict[str, tuple[int, int]], geometry: Geometry, kind: str, blo
         if lacking:
             raise UsageError(f"--units {kind} needs {', '.join(need)} in every layer, but layer {layer} has no "
                              f"{', '.join(lacking)}; choose another --units ({', '.join(UNIT_KINDS)})")
-        if kind == "modules":
-            out += [Unit(f"L{layer}.{t}", {n: torch.ones(shapes[n], dtype=torch.bool)}) for t, n in mods.items()]
+        if kind == "modules":   # a fused module is one unit per module it holds (its block of rows)
+            for t, (n, sl) in mods.items():
+                m = torch.zeros(shapes[n], dtype=torch.bool)
+                m[sl] = True
+                out.append(Unit(f"L{layer}.{t}", {n: m}))
         elif kind == "heads":
             for h in range(geometry.n_heads):
                 s = slice(h * hd, (h + 1) * hd)
-                out.append(Unit(f"L{layer}.H{h}", {mods["q_proj"]: part(mods["q_proj"], rows=s),
-                                                   mods["o_proj"]: part(mods["o_proj"], cols=s)}))
+                out.append(Unit(f"L{layer}.H{h}", _merge((mods["q_proj"][0], part(mods["q_proj"], rows=s)),
+                                                         (mods["o_proj"][0], part(mods["o_proj"], cols=s)))))
         elif kind == "kv-heads":
             for h in range(geometry.n_kv_heads):
                 s = slice(h * hd, (h + 1) * hd)
-                out.append(Unit(f"L{layer}.KV{h}", {mods["k_proj"]: part(mods["k_proj"], rows=s),
-                                                    mods["v_proj"]: part(mods["v_proj"], rows=s)}))
+                out.append(Unit(f"L{layer}.KV{h}", _merge((mods["k_proj"][0], part(mods["k_proj"], rows=s)),
+                                                          (mods["v_proj"][0], part(mods["v_proj"], rows=s)))))
         else:
             for b in range(0, geometry.d_mlp, block):
                 s = slice(b, min(b + block, geometry.d_mlp))
-                out.append(Unit(f"L{layer}.N{b}-{s.stop - 1}", {mods["gate_proj"]: part(mods["gate_proj"], rows=s),
-                                                               mods["up_proj"]: part(mods["up_proj"], rows=s),
-                                                               mods["down_proj"]: part(mods["down_proj"], cols=s)}))
+                out.append(Unit(f"L{layer}.N{b}-{s.stop - 1}",
+                                _merge((mods["gate_proj"][0], part(mods["gate_proj"], rows=s)),
+                                       (mods["up_proj"][0], part(mods["up_proj"], rows=s)),
+                                       (mods["down_proj"][0], part(mods["down_proj"], cols=s)))))
+    return out
+
+
+def _merge(*pairs) -> dict:
+    """``{weight: mask}`` of (weight, mask) pairs, OR-ing the masks of one fused weight."""
+    out: dict = {}
+    for n, m in pairs:
+        out[n] = out[n] | m if n in out else m
     return out
 
 

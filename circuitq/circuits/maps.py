@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from circuitq.errors import UsageError
-from circuitq.model.arch import MODULE_TYPES, Geometry, arch_for, parse_name  # noqa: F401 (re-exported)
+from circuitq.model.arch import MODULE_TYPES, Geometry, arch_for, module_parts, parse_name  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -55,23 +55,23 @@ class MapAccumulator:
 
     def add(self, name: str, v: torch.Tensor) -> None:
         H, KV, d = self.geo.n_heads, self.geo.n_kv_heads, self.geo.head_dim
-        parsed = parse_name(name, self.spec)
-        if parsed is None:
+        parts = module_parts(name, self.geo, self.spec)   # one module, or a fused module's segments
+        if not parts:
             raise UsageError(f"cannot place '{name}' in a circuit map (expected model.layers.N.(self_attn|mlp).X.weight)")
-        i, kind = parsed
-        lin = self.spec.linear(kind)
         v = v.detach().double().cpu()
-        self.lm[i, MODULE_TYPES.index(kind)] += v.sum()
-        if lin.rows == "q_heads":
-            self.head[i] += v.view(H, d, -1).sum((1, 2))
-        elif lin.cols == "q_heads":
-            self.head[i] += v.view(-1, H, d).sum((0, 2))
-        elif lin.rows == "kv_heads":
-            self.head[i] += v.view(KV, d, -1).sum((1, 2)).repeat_interleave(H // KV) / (H // KV)
-        elif lin.rows == "neurons":
-            self.neuron[i] += v.sum(1)
-        elif lin.cols == "neurons":
-            self.neuron[i] += v.sum(0)
+        for i, kind, rows, cols, sl in parts:
+            w = v[sl]
+            self.lm[i, MODULE_TYPES.index(kind)] += w.sum()
+            if rows == "q_heads":
+                self.head[i] += w.reshape(H, d, -1).sum((1, 2))
+            elif cols == "q_heads":
+                self.head[i] += w.reshape(-1, H, d).sum((0, 2))
+            elif rows == "kv_heads":
+                self.head[i] += w.reshape(KV, d, -1).sum((1, 2)).repeat_interleave(H // KV) / (H // KV)
+            elif rows == "neurons":
+                self.neuron[i] += w.sum(1)
+            elif cols == "neurons":
+                self.neuron[i] += w.sum(0)
 
     def result(self) -> CircuitMap:
         return CircuitMap(self.lm.clone(), self.head.clone(), self.neuron.clone(), float(self.lm.sum()))
@@ -122,8 +122,9 @@ def overlap(a: torch.Tensor, b: torch.Tensor) -> dict:
             "iom": inter / min(na, nb) if min(na, nb) else float("nan")}
 
 
-def compare_masks(ma: dict[str, torch.Tensor], mb: dict[str, torch.Tensor]) -> dict:
-    """Overlap globally, per layer and per module type. Masks must name the same weights."""
+def compare_masks(ma: dict[str, torch.Tensor], mb: dict[str, torch.Tensor], geometry: Geometry | None = None) -> dict:
+    """Overlap globally, per layer and per module type (a fused module's segments apart when
+    ``geometry`` is given). Masks must name the same weights."""
     if set(ma) != set(mb):
         raise UsageError("the two circuits cover different weights (different models?)")
     for n in ma:
@@ -131,21 +132,24 @@ def compare_masks(ma: dict[str, torch.Tensor], mb: dict[str, torch.Tensor]) -> d
             raise UsageError(f"{n}: shapes differ between the circuits (different models?)")
     per_layer: dict[int, list] = {}
     per_type: dict[str, list] = {}
+    counts = {}   # one matrix (or a fused matrix's block of rows) at a time, never the concatenation of every mask
     for n in ma:
-        i, mod = parse_name(n)
-        per_layer.setdefault(i, []).append(n)
-        per_type.setdefault(mod, []).append(n)
+        parts = module_parts(n, geometry) if geometry is not None else []
+        parts = parts or [(*parse_name(n), None, None, slice(None))]
+        for i, mod, _, _, sl in parts:
+            key = (n, mod)
+            a, b = ma[n][sl], mb[n][sl]
+            counts[key] = (int((a & b).sum()), int((a | b).sum()), int(a.sum()), int(b.sum()))
+            per_layer.setdefault(i, []).append(key)
+            per_type.setdefault(mod, []).append(key)
 
-    counts = {n: (int((ma[n] & mb[n]).sum()), int((ma[n] | mb[n]).sum()), int(ma[n].sum()), int(mb[n].sum()))
-              for n in ma}   # one matrix at a time, never the concatenation of every mask
-
-    def ov(names):
-        inter, union, na, nb = (sum(counts[n][j] for n in names) for j in range(4))
+    def ov(keys):
+        inter, union, na, nb = (sum(counts[k][j] for k in keys) for j in range(4))
         return {"intersection": inter, "union": union, "a": na, "b": nb,
                 "iou": inter / union if union else float("nan"),
                 "iom": inter / min(na, nb) if min(na, nb) else float("nan")}
 
-    return {"global": ov(list(ma)), "per_layer": {i: ov(v) for i, v in sorted(per_layer.items())},
+    return {"global": ov(list(counts)), "per_layer": {i: ov(v) for i, v in sorted(per_layer.items())},
             "per_module_type": {m: ov(per_type[m]) for m in MODULE_TYPES if m in per_type}}
 
 

@@ -24,14 +24,27 @@ from typing import NamedTuple
 from circuitq.errors import CircuitqError, UsageError
 
 
+class Segment(NamedTuple):
+    """A block of a fused linear's output rows with its own meaning, stacked in ``Linear.segments``
+    order (Phi-3's ``qkv_proj``: q, k, v; ``gate_up_proj``: gate, up)."""
+
+    kind: str          # the module it stands for, e.g. "q_proj" (a column of the circuit maps)
+    rows: str | None   # what its rows index: "q_heads", "kv_heads" or "neurons"
+    size: str          # its number of rows, from the Geometry: "q" (n_heads·head_dim), "kv", "mlp" (d_mlp)
+    tl: str | None = None   # the bridge component whose hooks see this block alone (None: the fused hooks)
+
+
 class Linear(NamedTuple):
     """One targeted linear module of a layer. ``rows``/``cols``: what the weight's output rows and
-    input columns index: ``"q_heads"``, ``"kv_heads"``, ``"neurons"`` or ``None`` (the residual)."""
+    input columns index: ``"q_heads"``, ``"kv_heads"``, ``"neurons"`` or ``None`` (the residual).
+    A fused module (``segments``) stacks several modules' rows; its ``tl`` (when not None) sees the
+    whole fused output, else each segment's ``tl`` sees its block."""
 
     path: str          # inside a layer, e.g. "self_attn.q_proj"
-    tl: str            # TransformerLens bridge component inside a block, e.g. "attn.q"
+    tl: str | None     # TransformerLens bridge component inside a block, e.g. "attn.q"
     rows: str | None
     cols: str | None
+    segments: tuple[Segment, ...] = ()
 
     @property
     def kind(self) -> str:
@@ -41,7 +54,19 @@ class Linear(NamedTuple):
     @property
     def attention(self) -> bool:
         """Whether the module belongs to attention (an axis indexes heads)."""
-        return "heads" in f"{self.rows}{self.cols}"
+        return "heads" in f"{self.rows}{self.cols}" or any("heads" in f"{s.rows}" for s in self.segments)
+
+    def parts(self, geo: "Geometry") -> list[tuple[str, str | None, str | None, slice]]:
+        """``(module kind, rows meaning, cols meaning, row slice)`` of each module this weight holds:
+        itself, or each segment's block of rows (sizes from ``geo``)."""
+        if not self.segments:
+            return [(self.kind, self.rows, self.cols, slice(None))]
+        out, r0 = [], 0
+        for seg in self.segments:
+            n = geo.rows_of(seg.size)
+            out.append((seg.kind, seg.rows, self.cols, slice(r0, r0 + n)))
+            r0 += n
+        return out
 
 
 _LLAMA_LINEARS = (
@@ -82,6 +107,22 @@ class ArchSpec:
                 return lin
         raise KeyError(f"no linear module '{kind_or_path}' in this architecture")
 
+    def tl_of(self, kind: str) -> str | None:
+        """The bridge component whose hooks see module ``kind`` (``gate_proj``), fused or not."""
+        for lin in self.linears:
+            if lin.kind == kind:
+                return lin.tl
+            for seg in lin.segments:
+                if seg.kind == kind:
+                    return seg.tl
+        return None
+
+    @property
+    def fused_hooks(self) -> bool:
+        """Whether a fused module is seen through its own hooks (which the bridge's step-by-step
+        attention does not run: it splits the fused weight into copies)."""
+        return any(lin.segments and lin.tl for lin in self.linears)
+
     def weight_name(self, layer: int, path: str) -> str:
         """HF weight name of module ``path`` in decoder layer ``layer``."""
         return f"{self.layers}.{layer}.{path}.weight"
@@ -114,7 +155,23 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma3_text": _LLAMA_LIKE,
     "olmo2": _LLAMA_LIKE,
 }
-MODULE_TYPES = _LLAMA_LIKE.module_types   # the order of the layer × module maps
+# Phi-3: q, k and v stacked in one qkv_proj, gate and up in one gate_up_proj (each [out, in]). HF's
+# attention (sdpa/eager, which circuitq's gradient pass runs) calls qkv_proj, seen by the bridge's
+# attn.qkv hooks; the bridge's MLP runs gate and up as split copies, seen by mlp.gate and mlp.in.
+ARCHITECTURES["phi3"] = ArchSpec(
+    linears=(
+        Linear("self_attn.qkv_proj", "attn.qkv", None, None,
+               (Segment("q_proj", "q_heads", "q"), Segment("k_proj", "kv_heads", "kv"),
+                Segment("v_proj", "kv_heads", "kv"))),
+        Linear("self_attn.o_proj", "attn.o", None, "q_heads"),
+        Linear("mlp.gate_up_proj", None, None, None,
+               (Segment("gate_proj", "neurons", "mlp", "mlp.gate"), Segment("up_proj", "neurons", "mlp", "mlp.in"))),
+        Linear("mlp.down_proj", "mlp.out", None, "neurons"),
+    ),
+    groups=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+)
+MODULE_TYPES = _LLAMA_LIKE.module_types   # the order of the layer × module maps (a fused module's segments too)
+_ALL_LINEARS = {lin.path: lin for spec in ARCHITECTURES.values() for lin in spec.linears}
 
 
 class UnsupportedArchitecture(CircuitqError, ValueError):
@@ -156,15 +213,30 @@ def weight_of(module: str) -> str:
 _ANY = re.compile(r"^(?P<prefix>.*\.layers)\.(?P<layer>\d+)\.(?P<path>.+)\.weight$")
 
 
-def parse_name(name: str, spec: ArchSpec = _LLAMA_LIKE) -> tuple[int, str] | None:
-    """``(layer, module type)`` of an HF weight name (any layers prefix), else None."""
+def parse_name(name: str, spec: ArchSpec | None = None) -> tuple[int, str] | None:
+    """``(layer, module type)`` of an HF weight name (any layers prefix), else None; the module type
+    is the stored module's (``qkv_proj`` for a fused one). ``spec``: one family's row (default: any)."""
+    lin = _linear_of(name, spec)
+    return None if lin is None else (lin[0], lin[1].kind)
+
+
+def _linear_of(name: str, spec: ArchSpec | None) -> tuple[int, Linear] | None:
     m = _ANY.match(name)
     if not m:
         return None
-    for lin in spec.linears:
-        if lin.path == m["path"]:
-            return int(m["layer"]), lin.kind
-    return None
+    lin = {x.path: x for x in spec.linears}.get(m["path"]) if spec is not None else _ALL_LINEARS.get(m["path"])
+    return None if lin is None else (int(m["layer"]), lin)
+
+
+def module_parts(name: str, geo: "Geometry", spec: ArchSpec | None = None) -> list[tuple[int, str, str | None,
+                                                                                    str | None, slice]]:
+    """``(layer, module kind, rows meaning, cols meaning, row slice)`` of each module the weight
+    ``name`` holds (one, or a fused module's segments), as ``MODULE_TYPES`` names them; ``[]`` when
+    it is not a targeted weight. Circuit maps and faithfulness units read weights through this."""
+    lin = _linear_of(name, spec if spec is not None else arch_for(geo.model_type))
+    if lin is None:
+        return []
+    return [(lin[0], *p) for p in lin[1].parts(geo)]
 
 
 @dataclass(frozen=True)
@@ -195,6 +267,10 @@ class Geometry:
         by = {p[1]: shapes[n] for n, p in parsed.items() if p}
         hd = by["q_proj"][0] // n_heads
         return cls(len(layers), n_heads, by["k_proj"][0] // hd, hd, by["up_proj"][0])
+
+    def rows_of(self, size: str) -> int:
+        """Rows of a fused module's segment: ``q`` (n_heads·head_dim), ``kv``, ``mlp`` (d_mlp)."""
+        return {"q": self.n_heads * self.head_dim, "kv": self.n_kv_heads * self.head_dim, "mlp": self.d_mlp}[size]
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

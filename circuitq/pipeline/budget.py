@@ -30,7 +30,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from circuitq import allocator
 from circuitq.data.tasks import tokenize_examples
 from circuitq.errors import human_bytes
 from circuitq.model.arch import Geometry, target_shapes
@@ -202,10 +201,6 @@ class PeakMeter:
     def stage(self, name: str):
         @contextmanager
         def cm():
-            with allocator.stage(name):
-                yield from measured()
-
-        def measured():
             if self.ok:
                 self._before = max(self._before, _hwm() or 0.0)
                 try:

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from circuitq import __version__
+from circuitq import __version__, allocator
 from circuitq.artifacts import check_writable, write_csv, write_json
 from circuitq.circuits.compare import compare_scores
 from circuitq.circuits.faithfulness import (
@@ -273,9 +273,10 @@ def evaluate(model, tokenizer, examples, kind: str, *, reference=None, cfg: Eval
     (``evals.evaluate``), and for MMLU with ``cfg.all_tokens`` the same over every token
     (``kl_all``, ``top1_all``, ``nll_all``); ``cfg.samples`` limits the items."""
     items = list(examples)[: cfg.samples] if cfg.samples else list(examples)
-    return _evaluate(model, tokenizer, items, kind, reference=reference, batch_size=cfg.batch_size,
-                     seq_len=cfg.seq_len, progress=progress, logits_out=logits_out, reference_logits=reference_logits,
-                     all_tokens=cfg.all_tokens)
+    with allocator.fast():   # the CLI's: activations from the heap, returned after (circuitq/allocator.py)
+        return _evaluate(model, tokenizer, items, kind, reference=reference, batch_size=cfg.batch_size,
+                         seq_len=cfg.seq_len, progress=progress, logits_out=logits_out,
+                         reference_logits=reference_logits, all_tokens=cfg.all_tokens)
 
 
 def compare(a, b, fraction: float = MaskConfig().fraction, top_n: int = 20, geometry: Geometry | None = None) -> dict:

@@ -30,7 +30,7 @@ from transformer_lens.model_bridge.generalized_components.attention import Atten
 from circuitq.config import LOSS_SCOPES, RECOMPUTE_MODES
 from circuitq.data.tasks import collate, scored_positions, tokenize_examples
 from circuitq.errors import UsageError
-from circuitq.model.arch import ArchSpec, arch_for, target_shapes
+from circuitq.model.arch import ArchSpec, Geometry, arch_for, target_shapes
 
 STATS = ("sum_abs", "sum", "sum_sq", "act_sq")
 # padded tokens per forward/backward: memory grows with tokens in flight, throughput hardly does
@@ -295,12 +295,26 @@ class HookCapture:
     input bit for bit; where it does not (another MLP form), the input is kept as usual."""
 
     def __init__(self, bridge, n_layers: int, state: GradStats, spec: ArchSpec,
-                 per_sample: bool | None = None, recompute_mlp: bool = True):
+                 per_sample: bool | None = None, recompute_mlp: bool = True, geometry: Geometry | None = None):
         self.bridge, self.state, self.per_sample = bridge, state, per_sample
-        self.targets = [(f"blocks.{i}.{lin.tl}", spec.weight_name(i, lin.path), i, lin.tl)
-                        for i in range(n_layers) for lin in spec.linears]
-        self.down_tl = spec.linear("down_proj").tl
-        self.gate_up_tl = {"gate": spec.linear("gate_proj").tl, "up": spec.linear("up_proj").tl}
+        # (hook component, accumulation key, layer, component): a module's own hooks, or, for a fused
+        # module whose blocks the bridge runs apart, each segment's hooks into its block of rows
+        self.targets, self.views = [], {}
+        for i in range(n_layers):
+            for lin in spec.linears:
+                name = spec.weight_name(i, lin.path)
+                if lin.tl is not None:
+                    self.targets.append((f"blocks.{i}.{lin.tl}", name, i, lin.tl))
+                    continue
+                for j, (seg, (_, _, _, rows)) in enumerate(zip(lin.segments, lin.parts(geometry))):
+                    key = f"{name}#{seg.kind}"
+                    # views of the fused statistics' rows; the shared input's Σx² counted once (first segment)
+                    self.views[key] = GradStats({st: {key: t[name] if st == "act_sq" else t[name][rows]}
+                                                 for st, t in state.tensors.items()
+                                                 if st != "act_sq" or j == 0})
+                    self.targets.append((f"blocks.{i}.{seg.tl}", key, i, seg.tl))
+        self.down_tl = spec.tl_of("down_proj")
+        self.gate_up_tl = {"gate": spec.tl_of("gate_proj"), "up": spec.tl_of("up_proj")}
         self.acts: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
         self.token_mask = self.sample_ok = self.lengths = None
         self.bad = None
@@ -355,7 +369,8 @@ class HookCapture:
             if x is None:
                 x = self._down_input(i).flatten(2)
                 del self._gate_up[(i, "gate")], self._gate_up[(i, "up")]
-            ok = accumulate(self.state, hf, x, g.detach().flatten(2), self.token_mask, self.sample_ok, x_ok=x_ok,
+            ok = accumulate(self.views.get(hf, self.state), hf, x, g.detach().flatten(2), self.token_mask,
+                            self.sample_ok, x_ok=x_ok,
                             lengths=self.lengths, per_sample=self.per_sample, scratch=self.scratch, sign=self.sign)
             self.bad |= self.sample_ok & ~ok
         return hook
@@ -439,6 +454,10 @@ def collect_stats(model, tokenizer, examples, model_path: str, *, batch_size: in
         raise UsageError(f"attention must be 'sdpa', 'eager' or 'bridge', got '{attention}'")
     if recompute not in RECOMPUTE_MODES:
         raise UsageError(f"recompute must be one of {', '.join(RECOMPUTE_MODES)}, got {recompute!r}")
+    spec = arch_for(model.config.model_type)
+    if attention == "bridge" and spec.fused_hooks:
+        raise UsageError(f"--attention bridge runs {model.config.model_type}'s fused attention projection as split "
+                         "copies that its hooks do not see; use --attention sdpa (the default) or eager")
     device = next(model.parameters()).device
     shapes = target_shapes(model)
     state = state if state is not None else GradStats.zeros(shapes, device, stats)
@@ -458,8 +477,8 @@ def collect_stats(model, tokenizer, examples, model_path: str, *, batch_size: in
         bridge = stack.enter_context(bridged(model, tokenizer, model_path))
         if attention != "bridge":
             stack.enter_context(fused_attention(bridge, model, attention))
-        cap = HookCapture(bridge, model.config.num_hidden_layers, state, arch_for(model.config.model_type),
-                          per_sample=per_sample)
+        cap = HookCapture(bridge, model.config.num_hidden_layers, state, spec, per_sample=per_sample,
+                          geometry=Geometry.from_config(model.config))
         for p, _ in flags:
             p.requires_grad_(False)
         h_embed = model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
