@@ -13,6 +13,7 @@ from circuitq.circuits.faithfulness import units
 from circuitq.circuits.explore import layer_module_counts, top_index
 from circuitq.circuits.maps import aggregate, compare_masks
 from circuitq.config import CalibConfig, MaskConfig, QuantizeConfig
+from circuitq.errors import UsageError
 from circuitq.model.arch import (ARCHITECTURES, MODULE_TYPES, Geometry, UnsupportedArchitecture, arch_for, module_name,
                                  module_parts, parse_name)
 from circuitq.model.packed import load_packed
@@ -112,6 +113,27 @@ def test_whole_path_on_a_tiny_model(tmp_path, model_type):
     for layer, mod, _, _, rows in (p for n in mask for p in module_parts(n, geo)):
         n = next(x for x in mask if (layer, mod) in {(q[0], q[1]) for q in module_parts(x, geo)})
         assert int(counts[layer, MODULE_TYPES.index(mod)]) == int(mask[n][rows].sum()), (layer, mod)
+
+
+def test_phi3_refuses_the_bridge_attention_whose_split_copies_its_hooks_do_not_see(tmp_path):
+    d, model, tok = tiny_family(tmp_path, "phi3")
+    calib = CalibConfig(samples=2, seq_len=32, attention="bridge")
+    with pytest.raises(UsageError, match="--attention bridge runs phi3's fused attention projection"):
+        stages.collect_gradients(model, tok, _examples()[:2], calib, ("sum_abs",), progress=False, model_path=str(d))
+
+
+def test_fused_rows_split_by_the_geometry():
+    """The Phi-3 row's qkv_proj holds q, k, v blocks of n_heads·head_dim, n_kv·head_dim rows each, in
+    that order; gate_up_proj gate then up, d_mlp rows each (as HF's Phi3 slices them)."""
+    geo = Geometry(n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_mlp=96, model_type="phi3")
+    qkv = module_parts("model.layers.1.self_attn.qkv_proj.weight", geo)
+    assert [(p[0], p[1], p[2], p[4]) for p in qkv] == [(1, "q_proj", "q_heads", slice(0, 64)),
+                                                       (1, "k_proj", "kv_heads", slice(64, 96)),
+                                                       (1, "v_proj", "kv_heads", slice(96, 128))]
+    gu = module_parts("model.layers.0.mlp.gate_up_proj.weight", geo)
+    assert [(p[1], p[4]) for p in gu] == [("gate_proj", slice(0, 96)), ("up_proj", slice(96, 192))]
+    assert module_parts("model.layers.0.self_attn.q_proj.weight", geo) == []   # not a Phi-3 weight
+    assert parse_name("model.layers.3.self_attn.qkv_proj.weight") == (3, "qkv_proj")
 
 
 def test_a_family_circuitq_does_not_support_is_one_line():

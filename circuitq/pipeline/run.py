@@ -207,8 +207,8 @@ class Runner:
                  f"available {budget.gb(have) if have else '?'} memory, {budget.gb(room)} disk")
         if have is not None and est.peak > have and str(self.device) == "cpu":
             raise ConfigError(f"this run needs about {budget.gb(est.peak)} of memory at its {est.worst} stage but "
-                              f"{budget.gb(have)} is available; lower --batch-tokens or --eval-seq-len, or use a machine with "
-                              "more memory")
+                              f"{budget.gb(have)} is available; lower --batch-tokens, use --recompute all or a lower --eval-seq-len, "
+                              "or use a machine with more memory")
         if est.disk > room:
             raise ConfigError(f"this run writes about {budget.gb(est.disk)} to {self.dir} but {budget.gb(room)} is free "
                               "there; choose an --out on a larger disk, or fewer --tasks/--bits, or lower --eval-samples")
