@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import matmul_seconds  # noqa: E402
 
 
 def _examples(n: int, tokenizer):
@@ -81,14 +83,7 @@ def _child(cfg: dict) -> dict:
 
 def _gemm_flops(threads: int, n: int = 2048, reps: int = 10) -> float:
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / statistics.median(times)
+    return 2 * n ** 3 / statistics.median(matmul_seconds(n, n, n, reps))
 
 
 def _cpu_name() -> str:

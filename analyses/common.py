@@ -14,6 +14,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def matmul_seconds(m: int, k: int, n: int, reps: int = 10) -> list[float]:
+    """Sorted wall times of ``reps`` float32 ``[m, k] @ [k, n]`` products (after one warm-up)."""
+    import torch
+
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    a @ b
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return sorted(times)
+
+
 def machine() -> dict:
     """Platform, CPU count, Python and torch versions and torch's thread count."""
     import torch

@@ -26,13 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine  # noqa: E402
+from common import machine, matmul_seconds  # noqa: E402
 
 
 def matmul_rate(d: int, d_ff: int, vocab: int, tokens: int = 2048, repeats: int = 11) -> dict:
@@ -42,14 +39,7 @@ def matmul_rate(d: int, d_ff: int, vocab: int, tokens: int = 2048, repeats: int 
               "head (256 rows)": (256, d, vocab)}
     out = {}
     for name, (m, k, n) in shapes.items():
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        a @ b
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t)
-        times.sort()
+        times = matmul_seconds(m, k, n, repeats)
         out[name] = {"best": 2 * m * k * n / times[0] / 1e9, "median": 2 * m * k * n / times[len(times) // 2] / 1e9}
     return out
 
