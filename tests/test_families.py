@@ -192,3 +192,35 @@ def test_a_model_that_wants_bos_gets_it_and_keeps_it_when_truncated():
     assert p.ids == [[3, 4, 5, 6, 7]] and p.scored_from == [3]
     cut = tokenize_examples(ex, gemma_like, 4)          # BOS stays first, the end is kept
     assert cut.ids == [[0, 5, 6, 7]] and cut.scored_from == [2] and cut.truncated == 1
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_each_row_agrees_with_the_transformerlens_adapter(tmp_path, model_type):
+    """Every module a row describes is where TransformerLens's own adapter for the family puts it:
+    an unfused module is the HF submodule the adapter's bridge component wraps; a fused module's
+    block of rows is the block the adapter's conversion cuts out of the same HF weight for that
+    component (applied to a column of row indices)."""
+    from circuitq.saliency.capture import bridged
+
+    d, model, tok = tiny_family(tmp_path, model_type)
+    spec, geo = arch_for(model_type), Geometry.from_config(model.config)
+    llama = arch_for("llama")                                  # the bridge component of each module kind
+    with bridged(model, tok, str(d)) as bridge:
+        adapter = bridge.adapter
+        blocks = adapter.component_mapping["blocks"]
+        checked = 0
+        for lin in spec.linears:
+            if not lin.segments:
+                owner, comp = lin.tl.split(".")
+                assert blocks.submodules[owner].submodules[comp].name == lin.path.split(".")[-1], lin.path
+                checked += 1
+                continue
+            weight = spec.weight_name(0, lin.path)
+            n_rows = model.get_parameter(weight).shape[0]
+            for kind, _, _, rows in lin.parts(geo):
+                conv = adapter.weight_processing_conversions[f"blocks.{{i}}.{llama.linear(kind).tl}"]
+                assert conv.source_key.replace("{i}", "0") == weight, (kind, conv.source_key)
+                got = conv.tensor_conversion.handle_conversion(torch.arange(n_rows, dtype=torch.float32)[:, None])
+                assert got[:, 0].long().tolist() == list(range(n_rows))[rows], kind
+                checked += 1
+        assert checked == len(MODULE_TYPES)     # every module kind of the maps, fused or not
