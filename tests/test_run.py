@@ -383,3 +383,20 @@ def test_run_draws_attribution_maps_equal_to_the_direct_computation(tmp_path, ti
                  "--head-maps", "off", "--out", str(tmp_path / "off")]) == 0
     assert json.loads((tmp_path / "off" / "run.json").read_text())["maps"] == {}
     assert not list((tmp_path / "off" / "steps").glob("stats-sum-*"))
+
+
+def test_run_with_an_attribution_baseline_collects_the_signed_sum_too(tmp_path, tiny_dir):
+    """``--baselines atp atp-abs`` reads Σ_s G_s besides Σ|G_s|: the run's gradient pass collects both
+    in one pass (a step keyed by them), and the atp rows are evaluated (0.7.0 failed with KeyError)."""
+    from circuitq.saliency.files import open_stats
+
+    d, _ = tiny_dir
+    out = tmp_path / "run"
+    assert main(_args(d, task_data(tmp_path), out, "--bits", "3", "--no-transfer", "--baselines", "atp",
+                      "atp-abs")) == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert {r["method"] for r in rows} >= {"atp", "atp-abs", "tacq", "gptq"}
+    assert all(float(r["kl"]) >= 0 for r in rows if r["method"].startswith("atp"))
+    steps = sorted((out / "steps").glob("stats-mmlu-*"))
+    st = open_stats(steps[0] / "stats.safetensors")
+    assert {"sum_abs", "sum"} <= set(st.tensors)

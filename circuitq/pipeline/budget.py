@@ -120,18 +120,19 @@ def gradient_activations(m: ModelNumbers, batch_tokens: int, longest: int, recom
 
 
 def run_stages(m: ModelNumbers, tokens: dict[str, Tokens], n_bits: int, batch_tokens: int, n_methods: int,
-               fraction: float, maps: bool = True, recompute: str = "long") -> list[Stage]:
+               fraction: float, maps: bool = True, recompute: str = "long", n_stats: int = 1) -> list[Stage]:
     """The run's stages for ``tokens`` ``{task: Tokens}`` (module docstring's table). ``maps``: the
     attribution maps' Σ G pass (the gradients stage's memory again, its statistic on disk);
-    ``recompute``: the gradient pass's layer checkpointing (``gradient_activations``)."""
+    ``recompute``: the gradient pass's layer checkpointing (``gradient_activations``); ``n_stats``: the
+    statistics the gradient pass keeps (``Σ|G_s|``, and ``Σ_s G_s`` for an ``atp`` baseline), ``4·P_lin`` each."""
     k = fraction * m.P_lin
     t = list(tokens.values())
     n_tasks = len(t)
     ev = max(4 * x.eval_batch * (m.d + m.d_ff) for x in t) + 4 * 4 * EVAL_CHUNK * m.V
     longest = max(x.calib_longest for x in t)
     return [
-        Stage("gradients", 4 * m.P_lin + gradient_activations(m, batch_tokens, longest, recompute),
-              4 * m.P_lin * n_tasks * (2 if maps else 1)),
+        Stage("gradients", 4 * m.P_lin * n_stats + gradient_activations(m, batch_tokens, longest, recompute),
+              4 * m.P_lin * n_tasks * (n_stats + (1 if maps else 0))),
         Stage("Hessians", max(4 * m.d * x.calib for x in t) + 8 * m.S, 8 * m.L * m.S * n_tasks),
         Stage("Q(W), scores and masks", 32 * GPTQ_CHUNK + 12 * k * n_methods, 4 * m.P_lin * n_tasks * n_bits),
         Stage("reference evaluation", ev, sum(4 * m.V * x.scored + 2 * m.V * x.every for x in t)),

@@ -37,6 +37,7 @@ from circuitq.pipeline.store import StepStore, examples_digest, model_fingerprin
 from circuitq.quant.driver import quantize_model
 from circuitq.quant.hessians import HessianFile
 from circuitq.quant.plan import PrecisionPlan
+from circuitq.saliency.capture import STATS
 from circuitq.saliency.files import SCORES_FORMAT, load_scores, open_stats, save_stats
 from circuitq.saliency.masks import (
     TopK,
@@ -53,6 +54,14 @@ from circuitq.storage import LazyTensors, ParameterBackup, TensorWriter
 RUN_FORMAT = "circuitq.run"
 # methods whose scores changed definition since 0.1 (their older steps must not be reused)
 REDEFINED = {"spqr": "gptq-scaled-errors-layer-relative"}
+
+
+def _tap(qw, seen: dict):
+    """``qw`` (``QWModule``s) passed through, keeping each module's ``(W, Q(W))`` in ``seen`` until
+    the caller takes it (one module at a time)."""
+    for r in qw:
+        seen[r.name] = (r.weight.float(), r.quantized)
+        yield r
 
 
 def check_run_config(cfg: RunConfig) -> None:
@@ -193,7 +202,8 @@ class Runner:
         tokens = {t: budget.task_tokens(self.calib_sequences(t), self.items(t, "eval"), self.lm.tokenizer, c) for t in c.tasks}
         nums = budget.ModelNumbers.from_model(self.lm.model)
         stages_ = budget.run_stages(nums, tokens, len(c.bits), c.calib.batch_tokens, 2 + len(c.baselines),
-                                    c.mask.fraction, maps=c.head_maps == "atp", recompute=c.calib.recompute)
+                                    c.mask.fraction, maps=c.head_maps == "atp", recompute=c.calib.recompute,
+                                    n_stats=len(self.stats_wanted))
         est = budget.estimate(nums, stages_)
         self.estimate = {"peak_bytes": est.peak, "at": est.worst, "disk_bytes": est.disk,
                          "tokens": {t: x._asdict() for t, x in tokens.items()},
@@ -243,15 +253,26 @@ class Runner:
         return self.store.counts
 
     # ---- gradients, Hessians --------------------------------------------------------------------
+    @property
+    def stats_wanted(self) -> tuple[str, ...]:
+        """The gradient statistics the run's methods read: ``Σ|G_s|`` (TaCQ, grad) and, for a
+        baseline that reads others (``atp``: ``Σ_s G_s``), those too, in one pass."""
+        want = {"sum_abs"}.union(*(stages.needed_stats(m) for m in self.cfg.baselines))
+        return tuple(s for s in STATS if s in want)
+
     def grad_stats(self, task: str):
-        """``Σ|G_s|`` of the task's calibration items, read from its step one matrix at a time."""
+        """The per-sample gradient statistics (``stats_wanted``) of the task's calibration items,
+        read from its step one matrix at a time."""
+        wanted = self.stats_wanted
         key = self.keys.calib(task)
+        if wanted != ("sum_abs",):   # the default run's key is unchanged
+            key = {**key, "stats": list(wanted)}
 
         def compute(tmp):
             self.say(f"{task}: per-sample gradients of {len(self.items(task, 'calib'))} calibration items")
             with self.meter.stage("gradients"):
                     res = stages.collect_gradients(self.lm.model, self.lm.tokenizer, self.items(task, "calib"),
-                                               self.cfg.calib, ("sum_abs",), progress=self.progress,
+                                               self.cfg.calib, wanted, progress=self.progress,
                                                model_path=self.lm.source)
                     save_stats(tmp / "stats.safetensors", res["stats"], {**key, "truncated": res["truncated"],
                                                                       "tokens_per_s": res["tokens_per_s"]})
@@ -371,12 +392,12 @@ class Runner:
                                           need_hinv=any(saliency_method(m).hessian for m in methods),
                                           device=self.device, progress=self.progress)
         stats = self.grad_stats(src) if any(saliency_method(m).stats for m in methods) else None
-        streamed = list(methods)
-        acc = None
-        if maps:
-            stats = {**(stats.tensors if stats is not None else {}), "sum": self.grad_sum(src).tensors["sum"]}
-            streamed.append("atp")
+        acc = map_sum = None
+        seen: dict = {}
+        if maps:   # ΣG·(Q(W) − W) of the maps' own Σ G (first --map-samples items), beside any atp baseline's
+            map_sum = self.grad_sum(src).tensors["sum"]
             acc = MapAccumulator(Geometry.from_config(self.lm.model.config))
+            qw = _tap(qw, seen)
         sel = {m: TopK(shapes, self.cfg.mask.fraction) for m in methods}
         skey = self.keys.score(src, bits, "tacq")
         tacq_step = "tacq" in methods and task is not None and not self.store.find("scores", skey)
@@ -384,9 +405,10 @@ class Runner:
         tmp = ctx.__enter__() if ctx else None
         try:
             writer = TensorWriter(tmp / "scores.safetensors") if tmp else None
-            for name, sc in stages.stream_scores(streamed, self.lm.model, stats, qw, self.cfg.calib.seed):
+            for name, sc in stages.stream_scores(list(methods), self.lm.model, stats, qw, self.cfg.calib.seed):
                 if acc is not None:
-                    acc.add(name, sc.pop("atp"))
+                    w, q = seen.pop(name)
+                    acc.add(name, map_sum[name] * (q.float() - w))
                 for m, s in sc.items():
                     sel[m].add(name, s)
                 if writer is not None:
