@@ -10,7 +10,7 @@ chunk (``quant.driver.gptq_stream``'s ``max_elems``), ``k = fraction · P_lin``.
 
 | stage | host memory beyond the runtime and the model (``s·P``) | disk it leaves |
 | --- | --- | --- |
-| gradients (Σ\\|G\\|; and Σ G for the attribution maps, a second pass of the same size) | ``4·P_lin`` ``+ max(B_t·4·(L·(12·d + 4·d_ff) + 3·V), T_long·4·(L·d + 12·d + 4·d_ff + 3·V))`` (activations, logits; an item of ``T_long`` tokens over the budget reruns its layers in the backward pass) | ``4·P_lin`` per task and pass |
+| gradients (Σ\\|G\\|; and Σ G for the attribution maps, a second pass of the same size) | ``4·P_lin`` per statistic ``+ max(B_t·4·(L·(12·d + 4·d_ff) + 3·V), T_long·4·(L·d + 12·d + 4·d_ff + 3·V))`` (activations, logits; an item of ``T_long`` tokens over the budget reruns its layers in the backward pass) | ``4·P_lin`` per task and pass |
 | Hessians | ``4·d·N`` (hidden states) ``+ 8·S`` (one layer's H and factors) | ``8·L·S`` per task |
 | Q(W) + scores + masks | ``32·E`` (one GPTQ chunk) ``+ 12·k`` per method | ``4·P_lin`` per (task, bits) |
 | reference evaluation | ``4·b·T_e·(d + d_ff)`` (activations) ``+ 4·4·C·V`` | ``4·V·T_ans + 2·V·T_all`` per task |
