@@ -30,11 +30,20 @@ RESUME_KEYS = ("model_fingerprint", "task", "method", "loss", "seed", "split_see
 
 
 def _dist():
+    """``torch.distributed`` when started by ``torchrun`` (its group made on first use), else None."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         return dist
     return None
+
+
+def _close(dist) -> None:
+    """Destroy the process group before the interpreter exits: a gloo group left to the
+    interpreter's teardown can abort a rank ("terminate called without an active exception")
+    after its work is done, failing a run that succeeded."""
+    if dist is not None and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def score_metadata(lm, cfg: ScoreConfig, fingerprint: str, n_examples: int, world: int) -> dict:
@@ -76,6 +85,13 @@ def run_score(lm, cfg: ScoreConfig, out: str | Path, *, resume: bool = False, ov
         return run_ig(lm, cfg, out, overwrite, progress, device)
     stages.needed_stats(cfg.method)  # an unknown method fails before any work
     dist = _dist()
+    try:
+        return _score(lm, cfg, out, dist, resume, overwrite, progress, device)
+    finally:
+        _close(dist)
+
+
+def _score(lm, cfg: ScoreConfig, out: Path, dist, resume: bool, overwrite: bool, progress: bool, device) -> Path:
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
     if rank == 0:   # --resume continues a checkpoint; it never replaces a finished --out
         check_writable(out, overwrite)
