@@ -11,8 +11,8 @@ commit given by ``--rev`` (so editing the tree meanwhile changes nothing):
    scores (the circuit a run keeps in 16-bit).
 2. ``circuitq faithfulness --scores <1> --units heads --all-units --estimators score atp ig
    --ig-steps K --curve --bits B --seed S``: every query head replaced alone by its B-bit
-   round-to-nearest value (entry by entry), the task loss measured on 48 held-out evaluation items,
-   against each estimator's unit sum (gradients from the seed's 32 calibration items, disjoint from
+   round-to-nearest value (entry by entry), the task loss measured on 192 held-out evaluation items,
+   against each estimator's unit sum (gradients from the seed's 128 calibration items, disjoint from
    the evaluation items); IG's completeness; faithfulness curves of the heads ordered by each
    estimator and at random.
 
@@ -51,7 +51,10 @@ def run(cmd: list[str], env: dict, log: Path) -> float:
     return time.perf_counter() - t0
 
 
-def measure(task: str, bits: int, seed: int, a, env: dict, root: Path) -> Path:
+def measure(task: str, bits: int, seed: int, a, env: dict, root: Path, reuse: Path | None = None) -> Path:
+    """Scores and the faithfulness JSON of one task × bits × seed; ``reuse``: an earlier seed's
+    JSON whose per-head measurements are taken (``--measured``: the measured changes do not depend
+    on the calibration seed; only the estimators do)."""
     scores = root / f"scores-{task}-{bits}bit-s{seed}"
     faith = root / f"faith-{task}-{bits}bit-s{seed}.json"
     if not scores.exists():
@@ -61,7 +64,8 @@ def measure(task: str, bits: int, seed: int, a, env: dict, root: Path) -> Path:
         secs = run(["faithfulness", "--scores", str(scores), "--units", "heads", "--all-units",
                     "--estimators", *ESTIMATORS, "--ig-steps", str(a.ig_steps), "--curve", "--bits", str(bits),
                     "--seed", str(seed), "--calib-samples", str(a.calib_samples),
-                    "--eval-samples", str(a.eval_samples), "--out", str(faith)], env, root / f"{faith.stem}.log")
+                    "--eval-samples", str(a.eval_samples), *(["--measured", str(reuse)] if reuse else []),
+                    "--out", str(faith)], env, root / f"{faith.stem}.log")
         rep = json.loads(faith.read_text())
         rep["wall_seconds"] = secs
         faith.write_text(json.dumps(rep, indent=2) + "\n")
@@ -151,8 +155,8 @@ def main() -> None:
     ap.add_argument("--bits", nargs="+", type=int, default=[3, 2])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--ig-steps", type=int, default=4)
-    ap.add_argument("--calib-samples", type=int, default=32)
-    ap.add_argument("--eval-samples", type=int, default=48)
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--eval-samples", type=int, default=192)
     ap.add_argument("--root", type=Path, default=Path("runs/faithful-maps"))
     ap.add_argument("--out", type=Path, default=REPO / "analyses" / "results" / "faithful_maps")
     ap.add_argument("--rev", default="HEAD", help="the commit measured (a worktree of it is used)")
@@ -166,8 +170,10 @@ def main() -> None:
     if not a.aggregate_only:
         for task in a.tasks:
             for bits in a.bits:
+                first = None
                 for seed in a.seeds:
-                    f = measure(task, bits, seed, a, env, a.root.resolve())
+                    f = measure(task, bits, seed, a, env, a.root.resolve(), reuse=first)
+                    first = first or f
                     shutil.copy(f, a.out / f.name)
                     rows = [row_of(p) for p in sorted(a.out.glob("faith-*.json"))]
                     with (a.out / "rows.csv").open("w", newline="") as fh:

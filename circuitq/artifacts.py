@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from circuitq.errors import Busy, CircuitqError, OutOfSpace, human_bytes, is_out_of_space
+from circuitq.errors import Busy, CircuitqError, OutOfSpace, UsageError, human_bytes, is_out_of_space
 
 
 class OutputExists(CircuitqError, FileExistsError):
@@ -224,6 +224,18 @@ def atomic_file(out: str | Path, overwrite: bool = False, need_bytes: int | None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def read_json(path, flag: str):
+    """A JSON file a user named with ``flag``; one line for a missing or unreadable file."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{flag} {p}: no such file")
+    try:
+        return json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{flag} {p} is not readable JSON ({e.__class__.__name__}: {e}); pass the .json a circuitq "
+                         "command wrote") from None
 
 
 def write_json(path: str | Path, obj, overwrite: bool = True) -> None:

@@ -327,6 +327,10 @@ class FaithfulnessJob:
     curve_grid: tuple[float, ...] = field(default=(0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0), metadata=_help(
         "fractions of the units kept (or replaced) along a faithfulness curve"))
     fraction: float = field(default=DEFAULT_FRACTION, metadata=_help("the circuit for the circuit-vs-random contrasts"))
+    measured: str | None = field(default=None, metadata=_help(
+        "an earlier faithfulness JSON whose per-unit measurements are reused instead of measured again (checked: the "
+        "same model, task, evaluation items, units, ablation, bits and group size, and the base loss reproduces): "
+        "other estimators or calibration seeds against the same measurements"))
     seed: int = field(default=0, metadata=_help("random units, random sets, the random ordering; with --seed also the calibration items"))
     data: DataConfig = field(default_factory=DataConfig)
     calib: CalibConfig = field(default_factory=lambda: CalibConfig(samples=32))

@@ -1,6 +1,8 @@
 """Canonical circuit tasks: deterministic generators, disjoint splits, exact metrics."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -17,8 +19,9 @@ def test_generators_are_deterministic_and_splits_disjoint(kind):
     ev = load_examples(kind, "eval", seed=3)
     assert len(a) > 10 and len(ev) > 10 and not {e.prompt for e in a} & {e.prompt for e in ev}
     if kind == "ioi":   # no name is shared between the splits
-        names = lambda xs: {n for e in xs for n in NAMES if f" {n}" in " " + e.prompt}  # noqa: E731
-        assert not names(a) & names(ev)
+        names = lambda xs: {w for e in xs for w in re.findall(r"[A-Z][a-z]+", e.prompt) if w in NAMES}  # noqa: E731
+        assert not names(a) & names(ev) and len(names(a)) >= 50 and len(names(ev)) >= 50
+        assert not any(m != n and m.startswith(n) for m in NAMES for n in NAMES)   # no name inside another
         assert all(e.completion == e.meta["target"] and e.meta["target"] != e.meta["distractor"] for e in a)
         assert all(e.prompt.count(e.meta["distractor"].strip()) == 2 for e in a)   # S is repeated, IO is not
     if kind == "greater-than":

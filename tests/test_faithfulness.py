@@ -190,7 +190,7 @@ def test_faithfulness_bad_input_is_one_line(tmp_path, tiny_dir, capsys):
                           (["--curve-grid", "0", "1.5"], "--curve-grid takes fractions in [0, 1]")):
         capsys.readouterr()
         assert main(base + extra) == 2, extra
-        err = capsys.readouterr().err.strip().splitlines()
+        err = [x for x in capsys.readouterr().err.strip().splitlines() if not x.startswith("Loading weights")]
         assert len(err) == 1 and needle in err[0], (extra, err)
     assert not (tmp_path / "x.json").exists()
 
@@ -244,3 +244,48 @@ def test_noise_ceiling_from_split_halves():
     assert clean["split_half_spearman"] > 0.99 and clean["ceiling"] > 0.99
     assert noisy["ceiling"] < 0.8 and noisy["reliability"] < clean["reliability"]
     assert noise_ceiling([UnitResult("u", 1, {}, 0.0, None)] * 5) is None
+
+
+def test_measured_reuses_an_earlier_measurement_and_refuses_another(tmp_path, tiny_dir, capsys, monkeypatch):
+    """``--measured`` takes the per-unit measured changes of an earlier JSON (no unit is measured
+    again, the changes are equal) while the estimators are computed anew (another calibration
+    seed moves atp's predictions); a file of other bits or units, or not a faithfulness JSON, is
+    refused in one line naming what differs."""
+    import circuitq.circuits.faithfulness as F
+    from circuitq.cli import main
+    from test_score import _score, _task
+
+    d, _ = tiny_dir
+    task = _task(tmp_path)
+    assert _score(d, task, tmp_path / "s", "--group-size", "32") == 0
+    base = ["faithfulness", "--scores", str(tmp_path / "s"), "--units", "heads", "--all-units", "--estimators", "atp",
+            "--calib-samples", "6", "--eval-samples", "6", "--group-size", "32"]
+    assert main(base + ["--out", str(tmp_path / "a.json")]) == 0
+    a = json.loads((tmp_path / "a.json").read_text())
+    assert a["measurement"]["bits"] == 3 and a["measurement"]["units"] == "heads"
+    calls = {"n": 0}
+    real = F.measure
+
+    def counting(*args, **kw):
+        calls["n"] += 1
+        return real(*args, **kw)
+
+    monkeypatch.setattr(F, "measure", counting)
+    assert main(base + ["--seed", "1", "--measured", str(tmp_path / "a.json"), "--out", str(tmp_path / "b.json")]) == 0
+    assert calls["n"] == 4          # the four circuit-vs-random contrasts only; no unit measured again
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert [u["measured_loss"] for u in b["units"]] == [u["measured_loss"] for u in a["units"]]
+    assert [u["measured_halves"] for u in b["units"]] == [u["measured_halves"] for u in a["units"]]
+    assert [u["predicted"]["atp"] for u in b["units"]] != [u["predicted"]["atp"] for u in a["units"]]
+    assert b["measured_from"] == str(tmp_path / "a.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    for extra, needle in ((["--bits", "2"], "bits differ"), (["--units", "kv-heads"], "units differ"),
+                          (["--eval-samples", "5"], "eval, eval_items differ"),
+                          ([], "is not readable JSON"), (["--x"], "no such file")):
+        src = {"is not readable JSON": bad, "no such file": tmp_path / "none.json"}.get(needle, tmp_path / "a.json")
+        capsys.readouterr()
+        assert main(base + [e for e in extra if e != "--x"] + ["--measured", str(src), "--overwrite",
+                                                              "--out", str(tmp_path / "c.json")]) == 2, extra
+        err = [x for x in capsys.readouterr().err.strip().splitlines() if not x.startswith("Loading weights")]
+        assert len(err) == 1 and needle in err[0], (extra, err)

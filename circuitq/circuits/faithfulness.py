@@ -283,6 +283,23 @@ def measure(model, loss_fn, entries: dict, values: dict, cache: LayerReplay | No
             return loss_fn(model)
 
 
+def reusable_measurements(prev: dict, key: dict | None, source: str = "--measured") -> dict:
+    """``prev`` (an earlier faithfulness report) as ``faithfulness_report``'s ``prior``, when it
+    measured the same thing: its ``measurement`` equals ``key`` (model fingerprint, task, the
+    evaluation items' digest and settings, unit kind, ablation, bits, group size; ``key=None``
+    checks only that it is such a report). One line naming the fields that differ otherwise."""
+    if not isinstance(prev, dict) or prev.get("format") != "circuitq.faithfulness" or "units" not in prev:
+        raise UsageError(f"{source} is not a circuitq faithfulness JSON (made by `circuitq faithfulness --out`)")
+    was = prev.get("measurement")
+    if not isinstance(was, dict):
+        raise UsageError(f"{source} was made by circuitq {prev.get('circuitq_version', '?')}, which did not record what it "
+                         "measured; measure again without --measured")
+    diff = [] if key is None else sorted(k for k in set(key) | set(was) if key.get(k) != was.get(k))
+    if diff:
+        raise UsageError(f"{source} measured something else ({', '.join(diff)} differ); match them or drop --measured")
+    return prev
+
+
 def evaluation_passes(n_units: int, *, all_units: bool, top: int, n_random: int, curve_points: int,
                       orderings: int) -> int:
     """How many evaluation passes of the task's items a faithfulness check makes: one per unit
@@ -293,7 +310,7 @@ def evaluation_passes(n_units: int, *, all_units: bool, top: int, n_random: int,
 
 def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], values: dict, estimators: dict, *,
                         top: int, n_random: int, fraction: float, seed: int = 0, all_units: bool = False,
-                        cache: LayerReplay | None = None, progress: bool = True) -> dict:
+                        cache: LayerReplay | None = None, prior: dict | None = None, progress: bool = True) -> dict:
     """The faithfulness measurements (``loss_fn`` runs the task's evaluation items).
 
     ``scores``: the circuit's scores ``{name: [out, in]}``; ``estimators``: ``{name: {weight name:
@@ -301,7 +318,9 @@ def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], val
     ``atp`` = ``ΣG·ΔW``); ``values``: what replaced entries take. Units: every unit when
     ``all_units``, else the ``top`` by summed score plus ``n_random`` others (seeded). ``cache``: a
     ``LayerReplay`` of ``model``'s layers, recorded here on the unchanged model and replayed for
-    each unit (same numbers, less work)."""
+    each unit (same numbers, less work). ``prior``: an earlier report of the same measurement
+    (``reusable_measurements``); its units' measured changes are taken instead of measured again,
+    after the base loss measured here is checked against its own."""
     if cache is not None:
         with cache.record():
             base = loss_fn(model)
@@ -309,18 +328,35 @@ def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], val
         base = loss_fn(model)
     base_loss, base_metric = base[0], base[1]
     base_halves = base[2] if len(base) > 2 else None
+    known = {}
+    if prior is not None:
+        was = prior["base"]["loss"]
+        if not math.isclose(base_loss, was, rel_tol=1e-5, abs_tol=1e-7):
+            raise UsageError(f"--measured: the base loss measured now ({base_loss:.6f}) differs from the earlier file's "
+                             f"({was:.6f}); the measurements do not reproduce here, so measure again without --measured")
+        known = {u["label"]: u for u in prior["units"]}
     by_score = sorted(unit_list, key=lambda u: -unit_sum(u, scores))
     rest = by_score[top:]
     g = torch.Generator().manual_seed(seed)
     picked = by_score if all_units else \
         by_score[:top] + [rest[i] for i in torch.randperm(len(rest), generator=g)[:n_random].tolist()]
     rows = []
-    for u in tqdm(picked, desc="units", disable=not progress):
+    lacking = [u.label for u in picked if known and u.label not in known]
+    if lacking:
+        raise UsageError(f"--measured: the earlier file has no measurement of {len(lacking)} of the units asked for "
+                         f"(e.g. {lacking[0]}); ask for the units it measured (e.g. --all-units if it did) or drop --measured")
+    for u in tqdm(picked, desc="units" + (" (measured earlier)" if known else ""), disable=not progress):
+        predicted = {k: unit_sum(u, v) for k, v in estimators.items()}
+        size = int(sum(int(m.sum()) for m in u.entries.values()))
+        if known:
+            k = known[u.label]
+            halves = tuple(k["measured_halves"]) if k.get("measured_halves") is not None else None
+            rows.append(UnitResult(u.label, size, predicted, k["measured_loss"], k["measured_metric"], halves))
+            continue
         got = measure(model, loss_fn, u.entries, values, cache)
         loss, metric = got[0], got[1]
         halves = tuple(a - b for a, b in zip(got[2], base_halves)) if base_halves is not None else None
-        rows.append(UnitResult(u.label, int(sum(int(m.sum()) for m in u.entries.values())),
-                               {k: unit_sum(u, v) for k, v in estimators.items()}, loss - base_loss,
+        rows.append(UnitResult(u.label, size, predicted, loss - base_loss,
                                None if metric is None or base_metric is None else metric - base_metric, halves))
     rho = {k: spearman([r.predicted[k] for r in rows], [r.measured_loss for r in rows]) for k in estimators}
     shapes = {n: tuple(t.shape) for n, t in scores.items()}

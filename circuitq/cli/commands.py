@@ -44,7 +44,7 @@ RUN_FLAGS = [("--model", "model"), ("--tasks", "tasks"), ("--bits", "bits"), ("-
              ("--recompute", "calib.recompute"), ("--seed", "calib.seed"), *DATA]
 FAITH_FLAGS = [("--task", "task"), ("--units", "units"), ("--all-units", "all_units"), ("--top", "top"),
                ("--random", "random"), ("--estimators", "estimators"), ("--ig-steps", "ig_steps"), ("--curve", "curve"),
-               ("--curve-grid", "curve_grid"), ("--ablation", "ablation"), ("--fraction", "fraction"), ("--seed", ("seed", "calib.seed")),
+               ("--curve-grid", "curve_grid"), ("--ablation", "ablation"), ("--fraction", "fraction"), ("--measured", "measured"), ("--seed", ("seed", "calib.seed")),
                ("--calib-samples", "calib.samples"), ("--eval-samples", "eval.samples"), ("--bits", "quantize.bits"),
                ("--group-size", "quantize.group_size"), *DATA]
 # command -> (default config, flag table): what the CLI-defaults test walks
@@ -365,7 +365,8 @@ def cmd_faithfulness(a) -> int:
 
     import torch
 
-    from circuitq.artifacts import check_writable, write_csv, write_json
+    from circuitq.artifacts import check_writable, read_json, write_csv, write_json
+    from circuitq.circuits.faithfulness import reusable_measurements
     from circuitq.model.loading import load_model
     from circuitq.pipeline.stages import check_estimators, faithfulness
     from circuitq.saliency.files import load_scores
@@ -375,6 +376,8 @@ def cmd_faithfulness(a) -> int:
     out = check_writable(a.out, a.overwrite)
     for sibling in (".csv",) + ((".curves.csv",) if job.curve else ()):   # refused before the work, not after
         check_writable(out.with_suffix(sibling), a.overwrite)
+    if job.measured:   # an unreadable file is refused before the model loads
+        reusable_measurements(read_json(job.measured, "--measured"), None)
     sf = load_scores(a.scores)
     meta = sf["meta"]
     job = replace(job, task=job.task or meta.get("task"))

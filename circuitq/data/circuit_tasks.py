@@ -22,10 +22,21 @@ import random
 CIRCUIT_TASKS = ("ioi", "greater-than", "induction", "capitals")
 N_ITEMS = 400   # per split
 
+# 116 first names, one token each with a leading space in the default tokenizer, none a prefix of
+# another; split into two pools of 58 (calibration, evaluation). Per-head effects of quantization
+# depend on the names (analyses/IOI_NAME_POOLS.md): with pools of 20 names (circuitq <= 0.7.1) the
+# attribution of the calibration pool ranked the heads' effects on the evaluation pool at Spearman
+# 0.76, with pools of 58 at 0.93.
 NAMES = ("Mary", "John", "Alice", "Bob", "Sarah", "James", "Emma", "David", "Laura", "Michael", "Anna", "Paul",
          "Linda", "Mark", "Lisa", "Peter", "Susan", "Tom", "Kate", "Daniel", "Rachel", "Steven", "Julia", "Brian",
          "Helen", "Kevin", "Grace", "Jason", "Alex", "Chris", "Karen", "Eric", "Amy", "Ryan", "Emily", "Adam",
-         "Sophie", "Jack", "Lucy", "Sam")
+         "Sophie", "Jack", "Lucy", "Sam", "Aaron", "Amanda", "Andrew", "Andy", "Angela", "Ben", "Beth", "Betty",
+         "Bill", "Carl", "Carol", "Charles", "Charlie", "Claire", "Dave", "Diana", "Edward", "Elizabeth", "Ellen",
+         "Eva", "Frank", "Fred", "Gary", "George", "Greg", "Harry", "Henry", "Ian", "Jake", "Jane", "Jean", "Jeff",
+         "Jennifer", "Jenny", "Jessica", "Jim", "Joe", "Jordan", "Joseph", "Josh", "Karl", "Katie", "Kelly", "Ken",
+         "Kim", "Larry", "Leo", "Lily", "Louis", "Luke", "Maria", "Martin", "Matt", "Max", "Mike", "Nancy", "Nick",
+         "Nina", "Oliver", "Patrick", "Ray", "Rebecca", "Richard", "Robert", "Roger", "Rose", "Ruth", "Sandra",
+         "Scott", "Sean", "Simon", "Tim", "Tony", "Victor", "Walter", "William")
 IOI_TEMPLATES = (
     "When {A} and {B} went to the store, {S} gave a drink to",
     "After {A} and {B} arrived at the park, {S} handed a ball to",

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 
 from circuitq import __version__, allocator
-from circuitq.artifacts import check_writable, write_csv, write_json
+from circuitq.artifacts import check_writable, read_json, write_csv, write_json
 from circuitq.circuits.compare import compare_scores
 from circuitq.circuits.faithfulness import (
     LayerReplay,
@@ -26,6 +26,7 @@ from circuitq.circuits.faithfulness import (
     faithfulness_curves,
     faithfulness_report,
     replacement,
+    reusable_measurements,
     unit_order,
     units,
 )
@@ -36,6 +37,7 @@ from circuitq.errors import UsageError
 from circuitq.evals import check_same_vocab, generate_exact_match, perplexity
 from circuitq.evals import evaluate as _evaluate
 from circuitq.model.arch import Geometry, arch_for, target_shapes
+from circuitq.pipeline.store import examples_digest, model_fingerprint
 from circuitq.quant.driver import check_group_size, quantize_copy, quantize_model, qw_quantization
 from circuitq.quant.driver import collect_hessians as _collect
 from circuitq.quant.driver import qw_stream as _stream
@@ -382,6 +384,11 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
         f"({len(unit_list) if job.all_units else min(len(unit_list), job.top + job.random)} of {len(unit_list)} "
         f"{job.units} units{', curves' if job.curve else ''}) and "
         f"{1 + (job.ig_steps if 'ig' in job.estimators else 0)} gradient passes of {len(calib_items)} items")
+    key = {"model_fingerprint": model_fingerprint(model), "task": job.task, "eval_items": examples_digest(items),
+           "eval": to_dict(job.eval), "units": job.units, "ablation": job.ablation,
+           "bits": job.quantize.bits if job.ablation == "quantize" else None,
+           "group_size": job.quantize.group_size if job.ablation == "quantize" else None}
+    prior = reusable_measurements(read_json(job.measured, "--measured"), key) if job.measured else None
     quantized = None
     if job.ablation == "quantize":
         # entry by entry: round-to-nearest at the same bits and group size. GPTQ's Q(W) is a joint
@@ -420,7 +427,7 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
     cache = LayerReplay(model.get_submodule(arch_for(model.config.model_type).layers))
     rep = faithfulness_report(model, loss_fn, {n: scores[n].float() for n in names}, unit_list, values, est,
                               top=job.top, n_random=job.random, fraction=job.fraction, seed=job.seed,
-                              all_units=job.all_units, cache=cache, progress=progress)
+                              all_units=job.all_units, cache=cache, prior=prior, progress=progress)
     if "ig" in job.estimators:
         rep["completeness"] = {"ig": comp._asdict(), "ig_steps": job.ig_steps,
                                "note": "Σ attributions vs measured L(Q(W)) − L(W), summed over the calibration items, "
@@ -431,7 +438,7 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
         rep["curves"] = faithfulness_curves(model, loss_fn, unit_list, values, orderings, job.curve_grid,
                                             cache=cache, progress=progress)
     del cache
-    rep.update(format="circuitq.faithfulness", task=job.task, units_kind=job.units, ablation=job.ablation, items=len(items),
+    rep.update(format="circuitq.faithfulness", measurement=key, measured_from=job.measured, task=job.task, units_kind=job.units, ablation=job.ablation, items=len(items),
                calib_items=len(calib_items), estimators=list(job.estimators), base_accuracy=base.get("accuracy"),
                metric=base.get("task_metric") or "accuracy", circuitq_version=__version__)
     return rep
