@@ -7,7 +7,7 @@ completeness and faithfulness curves, over calibration seeds (issue 23's measure
 Per task T, bit width B and seed S, through the CLI (what a user gets), from a git worktree of the
 commit given by ``--rev`` (so editing the tree meanwhile changes nothing):
 
-1. ``circuitq score --task T --method tacq --bits B --samples 32 --seed S``: the TaCQ selection
+1. ``circuitq score --task T --method tacq --bits B --samples 128 --seed S``: the TaCQ selection
    scores (the circuit a run keeps in 16-bit).
 2. ``circuitq faithfulness --scores <1> --units heads --all-units --estimators score atp ig
    --ig-steps K --curve --bits B --seed S``: every query head replaced alone by its B-bit
