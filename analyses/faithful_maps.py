@@ -38,8 +38,6 @@ from pathlib import Path
 
 from common import REPO, machine, worktree
 
-ESTIMATORS = ("score", "atp", "ig")
-
 
 def run(cmd: list[str], env: dict, log: Path) -> float:
     """Run one circuitq command, its output in ``log``; seconds taken."""
@@ -62,7 +60,7 @@ def measure(task: str, bits: int, seed: int, a, env: dict, root: Path, reuse: Pa
              "--seed", str(seed), "--out", str(scores)], env, root / f"{scores.name}.log")
     if not faith.exists():
         secs = run(["faithfulness", "--scores", str(scores), "--units", "heads", "--all-units",
-                    "--estimators", *ESTIMATORS, "--ig-steps", str(a.ig_steps), "--curve", "--bits", str(bits),
+                    "--estimators", *a.estimators, "--ig-steps", str(a.ig_steps), "--curve", "--bits", str(bits),
                     "--seed", str(seed), "--calib-samples", str(a.calib_samples),
                     "--eval-samples", str(a.eval_samples), *(["--measured", str(reuse)] if reuse else []),
                     "--out", str(faith)], env, root / f"{faith.stem}.log")
@@ -78,8 +76,11 @@ def row_of(path: Path) -> dict:
     r = {"task": task, "bits": int(bits.removesuffix("bit")), "seed": int(seed.removeprefix("s")),
          "heads": len(rep["units"]), "items": rep["items"], "metric": rep.get("metric"),
          "base_metric": rep["base"]["metric"], "base_loss": rep["base"]["loss"],
-         "ig_gap": rep["completeness"]["ig"]["gap"], "ig_attributed": rep["completeness"]["ig"]["attributed"],
-         "ig_measured": rep["completeness"]["ig"]["measured"], "wall_seconds": rep.get("wall_seconds")}
+         "wall_seconds": rep.get("wall_seconds"), "estimators": " ".join(rep["estimators"]),
+         "measured_from": rep.get("measured_from")}
+    ig = (rep.get("completeness") or {}).get("ig")
+    r.update(ig_gap=ig["gap"] if ig else float("nan"), ig_attributed=ig["attributed"] if ig else float("nan"),
+             ig_measured=ig["measured"] if ig else float("nan"))
     for k, v in rep["spearman"].items():
         r[f"spearman_{k}"] = v
     nc = rep.get("noise_ceiling") or {}
@@ -104,26 +105,29 @@ def mean_sd(xs: list[float]) -> str:
 
 
 def summary(rows: list[dict], a, rev: str) -> str:
-    orders = list(ESTIMATORS) + ["random"]
+    ests = [e for e in a.estimators if all(f"spearman_{e}" in r for r in rows)]
+    orders = list(ests) + ["random"]
     out = ["# Faithful head maps: estimators against measured head quantization (issue 23)", "",
            f"Measured with `analyses/faithful_maps.py` at circuitq commit `{rev[:10]}` on "
            f"{machine()['platform']}, {machine()['cpus']} CPUs, torch {machine()['torch']}. Model: SmolLM2-135M-Instruct, "
            "**weights dequantized from a 4-bit GGUF file**. Per seed: the TaCQ selection scores from "
            f"{a.calib_samples} calibration items, and every query head (30 layers × 9 = 270) replaced alone by its "
            f"round-to-nearest value at the given bits, the loss measured on {a.eval_samples} held-out items. "
-           f"Estimators: `score` = the TaCQ selection score summed over the head, `atp` = ΣG·ΔW, `ig` = integrated "
-           f"gradients with {a.ig_steps} Gauss–Legendre nodes. Mean ± sd over seeds; the lowest seed in brackets. "
+           f"Estimators: `score` = the TaCQ selection score summed over the head, `atp` = ΣG·ΔW, `atp-local` = "
+           "ΣG·ΔW with the head's attention block recomputed exactly, `ig` = integrated "
+           f"gradients with {a.ig_steps} Gauss–Legendre nodes. The measured changes do not depend on the seed: the "
+           "first seed measures them, the others reuse them (`--measured`). Mean ± sd over seeds; the lowest seed in brackets. "
            "Noise ceiling: the Spearman a perfect predictor would reach with measurements this noisy (√ of the "
            "Spearman–Brown reliability of the changes measured on the even vs the odd items).", "",
            "## Spearman(predicted, measured loss change) over all query heads", "",
-           "| task | bits | seeds | " + " | ".join(ESTIMATORS) + " | noise ceiling | IG completeness gap |",
-           "| --- | --- | --- | " + " | ".join("---" for _ in ESTIMATORS) + " | --- | --- |"]
+           "| task | bits | seeds | " + " | ".join(ests) + " | noise ceiling | IG completeness gap |",
+           "| --- | --- | --- | " + " | ".join("---" for _ in ests) + " | --- | --- |"]
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["task"], r["bits"]), []).append(r)
     for (task, bits), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
         cells = []
-        for e in ESTIMATORS:
+        for e in ests:
             xs = [r[f"spearman_{e}"] for r in rs]
             cells.append(f"{mean_sd(xs)} [{min(xs):.3f}]")
         out.append(f"| {task} | {bits} | {len(rs)} | " + " | ".join(cells)
@@ -140,11 +144,11 @@ def summary(rows: list[dict], a, rev: str) -> str:
         out.append(f"| {task} | {bits} | " + " | ".join(mean_sd([r[f'area_{o}_keep-top'] for r in rs]) for o in orders)
                    + " | " + " | ".join(mean_sd([r[f'recovery10_{o}'] for r in rs]) for o in orders) + " |")
     out += ["", "## Per seed", "", "| task | bits | seed | base metric | every head replaced | "
-            + " | ".join(f"ρ {e}" for e in ESTIMATORS) + " | IG gap | minutes |",
-            "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in ESTIMATORS) + " | --- | --- |"]
+            + " | ".join(f"ρ {e}" for e in ests) + " | IG gap | minutes |",
+            "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in ests) + " | --- | --- |"]
     for r in sorted(rows, key=lambda r: (r["task"], -r["bits"], r["seed"])):
         out.append(f"| {r['task']} | {r['bits']} | {r['seed']} | {r['base_metric']:.3f} | "
-                   f"{r['metric_all_heads_replaced']:.3f} | " + " | ".join(f"{r[f'spearman_{e}']:.3f}" for e in ESTIMATORS)
+                   f"{r['metric_all_heads_replaced']:.3f} | " + " | ".join(f"{r[f'spearman_{e}']:.3f}" for e in ests)
                    + f" | {r['ig_gap']:.1%} | {(r['wall_seconds'] or 0) / 60:.1f} |")
     return "\n".join(out) + "\n"
 
@@ -155,6 +159,8 @@ def main() -> None:
     ap.add_argument("--bits", nargs="+", type=int, default=[3, 2])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--ig-steps", type=int, default=4)
+    ap.add_argument("--estimators", nargs="+", default=["score", "atp", "atp-local"],
+                    help="add ig for integrated gradients (K gradient passes per seed)")
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--eval-samples", type=int, default=192)
     ap.add_argument("--root", type=Path, default=Path("runs/faithful-maps"))

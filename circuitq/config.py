@@ -317,8 +317,9 @@ class FaithfulnessJob:
     all_units: bool = field(default=False, metadata=_help(
         "measure every unit of --units (e.g. all query heads) instead of --top + --random"))
     estimators: tuple[str, ...] = field(default=("score", "atp"), metadata=_help(
-        "what predicts each unit's change: score (the scores file), atp (attribution patching ΣG·ΔW), ig "
-        "(integrated gradients, --ig-steps passes), or any saliency method (tacq, grad, fisher, magnitude, ...); "
+        "what predicts each unit's change: score (the scores file), atp (attribution patching ΣG·ΔW), atp-local "
+        "(atp with the unit's own attention/MLP block recomputed exactly: one more gradient pass and a block "
+        "forward per unit), ig (integrated gradients, --ig-steps passes), or any saliency method (tacq, grad, fisher, magnitude, ...); "
         "ΔW is the replacement of --ablation"))
     ig_steps: int = field(default=4, metadata=_help("estimator ig: Gauss-Legendre nodes, one gradient pass each"))
     curve: bool = field(default=False, metadata=_help(

@@ -107,3 +107,93 @@ def test_score_method_ig_writes_a_scores_directory_with_its_completeness(tmp_pat
     capsys.readouterr()
     assert main(args[:-1] + [str(tmp_path / "ig0"), "--ig-steps", "0"]) == 2
     assert "--ig-steps must be at least 1" in capsys.readouterr().err
+
+
+def test_local_attribution_is_the_directional_derivative_through_the_exact_sublayer_change(tiny_dir):
+    """atp-local = ⟨∂L/∂y, y(W_unit→Q) − y(W)⟩ for the unit's sublayer output y: checked against
+    dL/dt of the summed loss (float64, its own collation) along y + t·Δy (hooking the sublayer's
+    output; t a scalar with a gradient), for a
+    query head (attention block) and a neuron block (MLP block); for a unit inside o_proj alone
+    (linear in the weight) it equals attribution patching ΣG·ΔW; the model is unchanged."""
+    from circuitq.circuits.faithfulness import units
+    from circuitq.model.arch import Geometry
+    from circuitq.pipeline.stages import collect_gradients
+    from circuitq.data.tasks import collate, tokenize_examples
+    from circuitq.saliency.attribution import local_attribution, sublayer_of
+
+    d, tok, model, ex, qw = _setup(tiny_dir)
+    model = model.double()
+    model.config.use_cache = False      # the hooks below rerun the sublayer: no KV cache to append to twice
+    qw = {n: q.double() for n, q in qw.items()}
+    calib = CalibConfig(samples=len(ex), seq_len=64, batch_size=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    geo = Geometry.from_config(model.config)
+    shapes = {n: tuple(q.shape) for n, q in qw.items()}
+    head = units(shapes, geo, "heads")[5]                     # layer 1, head 1
+    block = units(shapes, geo, "neurons", block=32)[2]
+    o_only = type(head)("o", {n: m for n, m in head.entries.items() if "o_proj" in n})
+    tk = tokenize_examples(ex, tok, 64)
+
+    def summed_loss(*_):   # Σ items' mean NLL over their scored positions, in float64, batches of 4
+        total = 0.0
+        for i in range(0, len(ex), 4):
+            ids, attn, lm = collate(tk.ids[i:i + 4], tk.scored_from[i:i + 4], tok.pad_token_id or 0)
+            logp = torch.log_softmax(model(input_ids=ids, attention_mask=attn.long()).logits[:, :-1].double(), -1)
+            nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]
+            m = lm[:, :-1].double()
+            total = total + ((nll * m).sum(1) / m.sum(1)).sum()
+        return total
+
+    est = local_attribution(model, tok, ex, [head, block, o_only], qw, calib, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+    for u in (head, block):
+        name = sublayer_of(u.entries)
+        mod = model.get_submodule(name)
+        delta, busy = {}, []
+
+        def capture(m, args, kwargs, out):   # Δy of this unit on each batch, in call order
+            if busy:
+                return out
+            busy.append(1)
+            y = out[0] if isinstance(out, tuple) else out
+            saved = {n: model.get_parameter(n).data.clone() for n in u.entries}
+            with torch.no_grad():
+                for n, msk in u.entries.items():
+                    model.get_parameter(n).data[msk] = qw[n][msk]
+                y1 = m(*args, **kwargs)
+                for n in u.entries:
+                    model.get_parameter(n).data.copy_(saved[n])
+            delta[len(delta)] = (y1[0] if isinstance(y1, tuple) else y1) - y
+            busy.clear()
+            return out
+
+        h = mod.register_forward_hook(capture, with_kwargs=True)
+        with torch.no_grad():
+            summed_loss()   # records Δy per batch
+        h.remove()
+
+        # dL/dt at t = 0 of the loss with the sublayer's output moved to y + t·Δy (reverse mode on t)
+        t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        calls = iter(range(len(delta)))
+
+        def shift(m, args, out):
+            d_ = delta[next(calls)]
+            return (out[0] + t * d_,) + tuple(out[1:]) if isinstance(out, tuple) else out + t * d_
+
+        h = mod.register_forward_hook(shift)
+        try:
+            summed_loss().backward()
+        finally:
+            h.remove()
+        fd = float(t.grad)
+        # the loss's gradient goes through float32 logits (capture.sample_losses): agreement to 1e-3
+        assert abs(fd) > 1e-6 and est[u.label] == pytest.approx(fd, rel=1e-3), (u.label, name)
+    g = collect_gradients(model, tok, ex, calib, ("sum",), progress=False, model_path=str(d))["stats"].tensors["sum"]
+
+    def first_order(u):
+        return sum(float((g[n].double() * (qw[n] - model.get_parameter(n).detach()))[m].sum()) for n, m in u.entries.items())
+
+    assert est["o"] == pytest.approx(first_order(o_only), rel=1e-3)
+    # gate and up change together inside the block: their product and SiLU's curvature are kept, not dropped
+    assert est[block.label] != pytest.approx(first_order(block), rel=0.1)

@@ -114,6 +114,18 @@ def _merge(*pairs) -> dict:
     return out
 
 
+class UnitEstimate(NamedTuple):
+    """An estimator given per unit rather than per weight (``{label: predicted change}``), e.g.
+    ``saliency.attribution.local_attribution``."""
+    values: dict
+
+
+def predict(unit: Unit, estimate) -> float:
+    """A unit's predicted change: its entry in a ``UnitEstimate``, or the unit sum of weight-level
+    values."""
+    return float(estimate.values[unit.label]) if isinstance(estimate, UnitEstimate) else unit_sum(unit, estimate)
+
+
 def unit_sum(unit: Unit, values: dict[str, torch.Tensor]) -> float:
     """Sum of ``values`` (``{name: [out, in]}``) over the unit's entries."""
     return float(sum(values[n].float()[m.to(values[n].device)].sum() for n, m in unit.entries.items()))
@@ -346,7 +358,7 @@ def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], val
         raise UsageError(f"--measured: the earlier file has no measurement of {len(lacking)} of the units asked for "
                          f"(e.g. {lacking[0]}); ask for the units it measured (e.g. --all-units if it did) or drop --measured")
     for u in tqdm(picked, desc="units" + (" (measured earlier)" if known else ""), disable=not progress):
-        predicted = {k: unit_sum(u, v) for k, v in estimators.items()}
+        predicted = {k: predict(u, v) for k, v in estimators.items()}
         size = int(sum(int(m.sum()) for m in u.entries.values()))
         if known:
             k = known[u.label]
@@ -381,13 +393,14 @@ def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], val
 CURVE_MODES = ("keep-top", "replace-top")
 
 
-def unit_order(unit_list: list[Unit], values: dict[str, torch.Tensor] | None, seed: int = 0) -> list[int]:
-    """Indices of ``unit_list`` from most to least important: by the unit sum of ``values``
+def unit_order(unit_list: list[Unit], values, seed: int = 0) -> list[int]:
+    """Indices of ``unit_list`` from most to least important: by ``predict`` of ``values`` (weight
+    level or a ``UnitEstimate``)
     (signed: a unit predicted to *help* when replaced comes last), or a seeded random order when
     ``values`` is None."""
     if values is None:
         return torch.randperm(len(unit_list), generator=torch.Generator().manual_seed(seed)).tolist()
-    sums = [unit_sum(u, values) for u in unit_list]
+    sums = [predict(u, values) for u in unit_list]
     return sorted(range(len(unit_list)), key=lambda i: -sums[i])
 
 

@@ -22,6 +22,7 @@ from circuitq.artifacts import check_writable, read_json, write_csv, write_json
 from circuitq.circuits.compare import compare_scores
 from circuitq.circuits.faithfulness import (
     LayerReplay,
+    UnitEstimate,
     evaluation_passes,
     faithfulness_curves,
     faithfulness_report,
@@ -44,7 +45,7 @@ from circuitq.quant.driver import qw_stream as _stream
 from circuitq.quant.export import export_all
 from circuitq.quant.hessians import write_hessians as _write
 from circuitq.quant.plan import PrecisionPlan
-from circuitq.saliency.attribution import integrated_gradients
+from circuitq.saliency.attribution import integrated_gradients, local_attribution
 from circuitq.saliency.capture import STATS, collect_stats
 from circuitq.saliency.masks import (
     combine,
@@ -335,7 +336,8 @@ def write_eval(out, doc: dict, items: list[dict], overwrite: bool = False) -> No
 # ---------------------------------------------------------------------------------------------
 
 
-BUILTIN_ESTIMATORS = ("score", "ig")   # the scores file; integrated gradients (saliency.attribution)
+# the scores file; integrated gradients; attribution patching with the unit's sublayer recomputed (saliency.attribution)
+BUILTIN_ESTIMATORS = ("score", "ig", "atp-local")
 
 
 def faithfulness_estimators() -> tuple[str, ...]:
@@ -383,7 +385,9 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
     say(f"[circuitq] faithfulness on {job.task}: up to {passes} evaluation passes of {len(items)} items "
         f"({len(unit_list) if job.all_units else min(len(unit_list), job.top + job.random)} of {len(unit_list)} "
         f"{job.units} units{', curves' if job.curve else ''}) and "
-        f"{1 + (job.ig_steps if 'ig' in job.estimators else 0)} gradient passes of {len(calib_items)} items")
+        f"{1 + (job.ig_steps if 'ig' in job.estimators else 0) + ('atp-local' in job.estimators)} gradient passes "
+        f"of {len(calib_items)} items" + (f", and {len(unit_list)} sublayer reruns per batch of them for atp-local"
+                                         if "atp-local" in job.estimators else ""))
     key = {"model_fingerprint": model_fingerprint(model), "task": job.task, "eval_items": examples_digest(items),
            "eval": to_dict(job.eval), "units": job.units, "ablation": job.ablation,
            "bits": job.quantize.bits if job.ablation == "quantize" else None,
@@ -405,6 +409,9 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
         elif e == "ig":
             est[e], comp = integrated_gradients(model, lm.tokenizer, calib_items, values, job.calib,
                                                 steps=job.ig_steps, model_path=lm.source, progress=progress)
+        elif e == "atp-local":
+            est[e] = UnitEstimate(local_attribution(model, lm.tokenizer, calib_items, unit_list, values, job.calib,
+                                                    progress=progress))
         else:
             est[e] = compute_scores(e, SaliencyInputs(weights, values, grads.tensors, None, job.seed))
     del grads

@@ -124,3 +124,110 @@ def integrated_gradients(model, tokenizer, examples, quantized: dict[str, torch.
     if not math.isfinite(comp.attributed):
         raise UsageError("integrated gradients are not finite on these items (a NaN loss along the path)")
     return attr, comp
+
+
+def _detached(x):
+    if torch.is_tensor(x):
+        return x.detach()
+    if isinstance(x, (tuple, list)):
+        return type(x)(_detached(v) for v in x)
+    return x
+
+
+def sublayer_of(entries) -> str:
+    """The module that holds every weight of a unit: the common parent of its modules, e.g.
+    ``model.layers.3.self_attn`` for a query head (its q rows and o columns)."""
+    parents = {n.rsplit(".", 2)[0] for n in entries}
+    if len(parents) == 1:
+        return parents.pop()
+    common = {p.rsplit(".", 1)[0] for p in parents}
+    if len(common) != 1:
+        raise UsageError(f"a unit spans several sublayers ({', '.join(sorted(parents))}); estimator atp-local "
+                         "needs each unit inside one attention or MLP block")
+    return common.pop()
+
+
+@torch.no_grad()
+def _patched_output(mod, args, kwargs, model, entries, values):
+    saved = {}
+    try:
+        for n, m in entries.items():
+            p = model.get_parameter(n)
+            m = m.to(p.device)
+            saved[n] = (m, p.data[m].clone())
+            p.data[m] = values[n].to(p.device, p.dtype)[m]
+        out = mod(*args, **kwargs)
+    finally:
+        for n, (m, old) in saved.items():
+            model.get_parameter(n).data[m] = old
+    return out[0] if isinstance(out, tuple) else out
+
+
+def local_attribution(model, tokenizer, examples, unit_list, values: dict[str, torch.Tensor], calib, *,
+                      progress: bool = True) -> dict[str, float]:
+    """``atp-local``: per unit (anything with ``label`` and ``entries`` ``{weight: [out, in] bool}``),
+    the predicted change of the summed task loss when the unit's entries take ``values``, with the
+    unit's own sublayer (its attention or MLP block) recomputed **exactly** and only what follows
+    it linearised: ``Σ_items ⟨∂L/∂y, f(x; W_unit→Q) − f(x; W)⟩`` where ``y = f(x; W)`` is the
+    sublayer's output. Attribution patching linearises the softmax too; recomputing it is the
+    AtP* correction (Kramár et al., 2024) carried to weights. For a unit in ``o_proj``/``down_proj``
+    alone it equals ``ΣG·ΔW`` (the output is linear there).
+
+    Cost: one forward+backward over ``examples`` (the plain HF model, gradients of activations
+    only), then per unit and batch one forward of its sublayer. Memory: the autograd graph of one
+    batch plus every hooked sublayer's inputs and output for that batch. Returns ``{label: float}``.
+    The model's weights are restored after each unit, also on an error."""
+    device = next(model.parameters()).device
+    by_layer: dict[str, list] = {}
+    for u in unit_list:
+        by_layer.setdefault(sublayer_of(u.entries), []).append(u)
+    est = {u.label: 0.0 for u in unit_list}
+    tok = tokenize_examples(examples, tokenizer, calib.seq_len, loss=calib.loss)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    embed = model.get_input_embeddings()
+    starts = range(0, len(tok.ids), calib.batch_size)
+    bar = tqdm(total=len(starts) * len(unit_list), desc="atp-local", unit="unit", disable=not progress)
+    wanted = {p: p.requires_grad for p in model.parameters()}   # activations' gradients only
+    for p in wanted:
+        p.requires_grad_(False)
+    try:
+        for i in starts:
+            idx = list(range(i, min(i + calib.batch_size, len(tok.ids))))
+            skip = [tok.unscored[j] for j in idx] if tok.unscored is not None else None
+            ids, attn, lmask = (t.to(device) for t in collate([tok.ids[j] for j in idx],
+                                                              [tok.scored_from[j] for j in idx], pad, skip))
+            seen: dict[str, tuple] = {}
+            hooks = []
+            for name in by_layer:
+                def keep(mod, args, kwargs, out, name=name):
+                    y = out[0] if isinstance(out, tuple) else out
+                    y.retain_grad()
+                    seen[name] = (_detached(args), _detached(kwargs), y)
+                hooks.append(model.get_submodule(name).register_forward_hook(keep, with_kwargs=True))
+            try:
+                with torch.enable_grad():
+                    x = embed(ids).detach().requires_grad_(True)
+                    logits = model(inputs_embeds=x, attention_mask=attn.long(), use_cache=False).logits
+                    losses = sample_losses(logits, ids, lmask)
+                    losses[torch.isfinite(losses)].sum().backward()
+            finally:
+                for h in hooks:
+                    h.remove()
+            del logits, x
+            for name, units_here in by_layer.items():
+                args, kwargs, y = seen[name]
+                mod = model.get_submodule(name)
+                g = y.grad
+                with torch.no_grad():
+                    y0 = mod(*args, **kwargs)
+                    y0 = y0[0] if isinstance(y0, tuple) else y0
+                for u in units_here:
+                    y1 = _patched_output(mod, args, kwargs, model, u.entries, values)
+                    est[u.label] += float((g.double() * (y1 - y0).double()).sum())
+                    bar.update(1)
+            seen.clear()
+    finally:
+        bar.close()
+        for p, r in wanted.items():
+            p.requires_grad_(r)
+    return est
