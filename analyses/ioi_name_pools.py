@@ -17,7 +17,7 @@ reports the Spearman correlation between them over all 270 query heads:
 A first-order prediction computed on the very items it is scored on tracks the measured change of
 the loss closely (``--diagnose`` adds that figure from an earlier faithfulness JSON: the
 prediction on those 48 evaluation items against the change measured on them), so these
-attribution rankings stand in for the measured ones. Writes ``OUT.json`` and ``OUT.md``. The
+attribution rankings stand in for the measured ones. Writes ``OUT.json`` and ``PAGE`` (markdown). The
 default model's weights are dequantized from a 4-bit GGUF file.
 """
 from __future__ import annotations
@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--diagnose", type=Path, default=REPO / "analyses/results/faithful_maps/faith-ioi-3bit-s1.json",
                     help="an earlier faithfulness JSON (pools of 20 names) for the same-items figure")
     ap.add_argument("--out", type=Path, default=REPO / "analyses" / "results" / "ioi_name_pools")
+    ap.add_argument("--page", type=Path, default=REPO / "analyses" / "IOI_NAME_POOLS.md")
     a = ap.parse_args()
     import circuitq.data.circuit_tasks as ct
     from circuitq.circuits.faithfulness import spearman
@@ -134,7 +135,7 @@ def main() -> None:
                       f"{s['items']} evaluation items of `{res['diagnose_source']}` (pools of 20) ranks the changes measured "
                       f"on those same items at Spearman **{s['spearman']:.3f}** (the same file's held-out estimator: "
                       f"{s['held_out']:.3f}). So the held-out gap was not first-order error: it was which names the items use."]
-    a.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    a.page.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
