@@ -334,9 +334,9 @@ class FaithfulnessJob:
         "other estimators or calibration seeds against the same measurements"))
     seed: int = field(default=0, metadata=_help("random units, random sets, the random ordering; with --seed also the calibration items"))
     data: DataConfig = field(default_factory=DataConfig)
-    calib: CalibConfig = field(default_factory=lambda: CalibConfig(samples=32))
+    calib: CalibConfig = field(default_factory=lambda: CalibConfig(samples=128))
     quantize: QuantizeConfig = field(default_factory=lambda: QuantizeConfig(hessian="shared"))
-    eval: EvalConfig = field(default_factory=lambda: EvalConfig(samples=48, all_tokens=False))
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(samples=192, all_tokens=False))
 
     def __post_init__(self) -> None:
         _at_least(self, ("top", "random"), 0)
