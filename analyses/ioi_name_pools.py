@@ -97,6 +97,8 @@ def main() -> None:
                     help="an earlier faithfulness JSON (pools of 20 names) for the same-items figure")
     ap.add_argument("--out", type=Path, default=REPO / "analyses" / "results" / "ioi_name_pools")
     ap.add_argument("--page", type=Path, default=REPO / "analyses" / "IOI_NAME_POOLS.md")
+    ap.add_argument("--same-items-only", action="store_true",
+                    help="only the same-items diagnostic of --diagnose (printed and written to OUT-same-items-Bbit.json)")
     a = ap.parse_args()
     import circuitq.data.circuit_tasks as ct
     from circuitq.circuits.faithfulness import spearman
@@ -105,6 +107,15 @@ def main() -> None:
     t0 = time.perf_counter()
     lm = load_model("smollm2-135m-instruct")
     full = tuple(ct.NAMES)
+    if a.same_items_only:   # the diagnose file was made with the names of its version: 40 before 0.7.2
+        rep = json.loads(a.diagnose.read_text())
+        ct.NAMES = full[:40] if rep.get("circuitq_version", "0") < "0.7.2" else full
+        got = {**same_items(lm, a.bits, rep), "bits": a.bits, "source": str(a.diagnose), "machine": machine(),
+               "seconds": time.perf_counter() - t0}
+        out = a.out.with_name(f"{a.out.name}-same-items-{a.bits}bit.json")
+        out.write_text(json.dumps(got, indent=2) + "\n")
+        print(json.dumps(got, indent=2))
+        return
     lists = {"20 per pool (40 names, circuitq <= 0.7.1)": full[:40], f"{len(full) // 2} per pool ({len(full)} names)": full}
     res: dict = {"bits": a.bits, "machine": machine(), "lists": {}}
     for label, names in lists.items():
@@ -140,16 +151,24 @@ def main() -> None:
 
 
 def same_items(lm, bits: int, rep: dict) -> dict:
-    """Spearman of ΣG·ΔW computed on the faithfulness JSON's own evaluation items against the
-    changes measured on them (a diagnostic: never an estimator, it sees the scored items)."""
-    from circuitq.circuits.faithfulness import spearman
+    """Spearman of ΣG·ΔW and of atp-local computed on the faithfulness JSON's own evaluation items
+    against the changes measured on them (a diagnostic: never an estimator, it sees the scored
+    items): how much of the gap is first-order error rather than which items were used."""
+    from circuitq.circuits.faithfulness import replacement, spearman
     from circuitq.data.tasks import Task
+    from circuitq.pipeline import stages
+    from circuitq.saliency.attribution import local_attribution
 
     job, heads, attribution = _attribution(lm, bits)
-    pred = attribution(Task("ioi", job.data, lm.tokenizer).eval_items(rep["items"]))
+    items = Task("ioi", job.data, lm.tokenizer).eval_items(rep["items"])
     measured = {u["label"]: u["measured_loss"] for u in rep["units"]}
-    return {"items": rep["items"], "spearman": spearman(pred, [measured[u.label] for u in heads]),
-            "held_out": rep["spearman"]["atp"]}
+    y = [measured[u.label] for u in heads]
+    model = lm.model
+    w = {n: model.get_parameter(n).detach() for n in stages.target_shapes(model)}
+    values = replacement(w, "quantize", stages.quantized_weights(model, job.quantize, progress=False).weights)
+    local = local_attribution(model, lm.tokenizer, items, heads, values, job.calib, progress=False)
+    return {"items": rep["items"], "spearman": spearman(attribution(items), y),
+            "spearman_atp_local": spearman([local[u.label] for u in heads], y), "held_out": rep["spearman"]["atp"]}
 
 
 if __name__ == "__main__":
