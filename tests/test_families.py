@@ -33,6 +33,8 @@ def tiny_family(tmp_path, model_type: str):
               tie_word_embeddings=model_type.startswith("gemma"))   # Gemma ties its embeddings
     if model_type.startswith("gemma"):
         kw["head_dim"] = 32                                     # head_dim ≠ d / n_heads, as in Gemma
+    if model_type == "gpt_neox":
+        kw.pop("num_key_value_heads")                           # multi-head attention only (q, k, v interleaved per head)
     if model_type == "phi3":
         kw.update(pad_token_id=0, bos_token_id=1, eos_token_id=1)   # Phi-3's defaults lie beyond a tiny vocabulary
     torch.manual_seed(0)
@@ -103,16 +105,47 @@ def test_whole_path_on_a_tiny_model(tmp_path, model_type):
     want[qrows] = True
     assert torch.equal(cover, want) and len(units(shapes, geo, "kv-heads")) == geo.n_layers * geo.n_kv_heads
     modules = units(shapes, geo, "modules")
-    assert len(modules) == geo.n_layers * len(MODULE_TYPES)        # a fused module: one unit per module it holds
+    kinds = [p[0] for lin in arch_for(model_type).linears for p in lin.parts(geo)]   # the family's module kinds
+    assert len(modules) == geo.n_layers * len(kinds)          # a fused module: one unit per module it holds
+    assert set(kinds) <= set(MODULE_TYPES) and len(set(kinds)) == len(kinds)
     # mask overlaps and the explorer's counts place a fused module's blocks under their modules
     kept = sum(int(m.sum()) for m in mask.values())
     cm = compare_masks(mask, mask, geo)
-    assert set(cm["per_module_type"]) == set(MODULE_TYPES) and cm["global"]["a"] == kept
+    assert set(cm["per_module_type"]) == set(kinds) and cm["global"]["a"] == kept
     counts = layer_module_counts(top_index(scores, model_type, 0.05), 0.02, geo.n_layers, geo)
     assert int(counts.sum()) == kept
     for layer, mod, _, _, rows in (p for n in mask for p in module_parts(n, geo)):
         n = next(x for x in mask if (layer, mod) in {(q[0], q[1]) for q in module_parts(x, geo)})
         assert int(counts[layer, MODULE_TYPES.index(mod)]) == int(mask[n][rows].sum()), (layer, mod)
+
+
+@pytest.mark.parametrize("model_type", ["phi3", "gpt_neox"])
+def test_a_run_on_a_fused_family_goes_end_to_end(tmp_path, model_type):
+    """``circuitq run`` (quantize, TaCQ, baselines, the attribution map, faithfulness of every head)
+    on a family whose attention projections are fused: stacked (Phi-3) or interleaved per head
+    (GPT-NeoX)."""
+    import json
+
+    from circuitq.circuits.maps import read_map
+    from circuitq.cli import main
+    from conftest import task_data
+
+    d, model, _ = tiny_family(tmp_path, model_type)
+    out = tmp_path / "run"
+    assert main(["run", "--model", str(d), "--tasks", "gsm8k", "--bits", "3", "--data-dir", str(task_data(tmp_path)),
+                 "--calib-samples", "6", "--calib-seq-len", "64", "--eval-samples", "5", "--eval-seq-len", "96",
+                 "--fraction", "0.02", "--group-size", "32", "--batch-size", "4", "--baselines", "random",
+                 "--no-transfer", "--faithfulness", "heads", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    assert {r["method"] for r in rows} >= {"gptq", "tacq", "random"}
+    rep = json.loads((out / "faithfulness-gsm8k-heads.json").read_text())
+    geo = Geometry.from_config(model.config)
+    assert len(rep["units"]) == geo.n_layers * geo.n_heads
+    doc = json.loads((out / "run.json").read_text())
+    cmap, meta = read_map(out / doc["maps"]["gsm8k"] / "map.safetensors")
+    assert cmap.head.shape == (geo.n_layers, geo.n_heads) and bool((cmap.head != 0).all())   # every head has weights there
+    assert "Attribution patching per attention head" in (out / "report.html").read_text()
 
 
 def test_phi3_refuses_the_bridge_attention_whose_split_copies_its_hooks_do_not_see(tmp_path):
@@ -134,6 +167,46 @@ def test_fused_rows_split_by_the_geometry():
     assert [(p[1], p[4]) for p in gu] == [("gate_proj", slice(0, 96)), ("up_proj", slice(96, 192))]
     assert module_parts("model.layers.0.self_attn.q_proj.weight", geo) == []   # not a Phi-3 weight
     assert parse_name("model.layers.3.self_attn.qkv_proj.weight") == (3, "qkv_proj")
+
+
+def test_neox_rows_are_interleaved_per_head_as_hf_runs_them(tmp_path):
+    """GPT-NeoX's query_key_value holds q, k, v per head (q0 k0 v0 q1 …): zeroing the rows (and bias)
+    the row calls head 1's queries makes exactly that head's attention uniform over the prefix in
+    HF's own forward, and leaves the other heads' patterns as they were."""
+    _, model, _ = tiny_family(tmp_path, "gpt_neox")
+    geo = Geometry.from_config(model.config)
+    name = "gpt_neox.layers.0.attention.query_key_value.weight"
+    (_, q, _, _, q_rows), (_, k, _, _, k_rows), _ = module_parts(name, geo)
+    assert (q, k) == ("q_proj", "k_proj") and q_rows.tolist()[:16] == list(range(16)) and k_rows.tolist()[:2] == [16, 17]
+    ids = torch.tensor([[3, 9, 4, 7, 11, 2]])
+    with torch.no_grad():
+        before = model(input_ids=ids, output_attentions=True).attentions[0][0]
+        head1 = q_rows.view(geo.n_heads, geo.head_dim)[1]
+        qkv = model.get_submodule("gpt_neox.layers.0.attention.query_key_value")
+        qkv.weight[head1] = 0
+        qkv.bias[head1] = 0
+        after = model(input_ids=ids, output_attentions=True).attentions[0][0]   # [heads, T, T]
+    T = ids.shape[1]
+    uniform = torch.tril(torch.ones(T, T)) / torch.arange(1, T + 1)[:, None]
+    assert torch.allclose(after[1], uniform, atol=1e-6) and not torch.allclose(before[1], uniform, atol=1e-3)
+    assert torch.allclose(after[[0, 2, 3]], before[[0, 2, 3]], atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", ["phi3", "gpt_neox"])
+def test_a_fused_module_of_another_size_is_one_line(tmp_path, model_type):
+    """A checkpoint whose fused module does not have the rows its config implies is refused in one
+    line naming the weight, its shape and the expected one."""
+    from circuitq.model.arch import target_shapes
+
+    _, model, _ = tiny_family(tmp_path, model_type)
+    lin = arch_for(model_type).linears[0]
+    mod = model.get_submodule(f"{arch_for(model_type).layers}.1.{lin.path}")
+    mod.weight = torch.nn.Parameter(mod.weight[:-16].clone())    # 16 rows short
+    with pytest.raises(UnsupportedArchitecture) as e:
+        target_shapes(model)
+    msg = str(e.value)
+    want = [int(mod.weight.shape[0]) + 16, model.config.hidden_size]
+    assert f"layers.1.{lin.path}.weight is {list(mod.weight.shape)}" in msg and str(want) in msg and "\n" not in msg
 
 
 def test_a_family_circuitq_does_not_support_is_one_line():
@@ -217,10 +290,23 @@ def test_each_row_agrees_with_the_transformerlens_adapter(tmp_path, model_type):
                 continue
             weight = spec.weight_name(0, lin.path)
             n_rows = model.get_parameter(weight).shape[0]
+            if lin.interleaved:
+                # GPT-NeoX: the adapter's weight-processing conversion cuts q|k|v as stacked thirds, which is
+                # not HF's layout (TransformerLens 4.x); the split its bridge runs attention with is
+                # ``split_qkv_matrix`` (per head q, k, v), and that is the one the row must match
+                from types import SimpleNamespace
+                w = torch.arange(n_rows, dtype=torch.float32)[:, None].repeat(1, model.config.hidden_size)
+                fake = SimpleNamespace(query_key_value=SimpleNamespace(weight=w, bias=torch.zeros(n_rows)))
+                split = dict(zip(("q_proj", "k_proj", "v_proj"), adapter.split_qkv_matrix(fake)))
             for kind, _, _, rows in lin.parts(geo):
+                want = torch.arange(n_rows)[rows].tolist()
+                if lin.interleaved:
+                    assert split[kind].weight[:, 0].long().tolist() == want, kind
+                    checked += 1
+                    continue
                 conv = adapter.weight_processing_conversions[f"blocks.{{i}}.{llama.linear(kind).tl}"]
                 assert conv.source_key.replace("{i}", "0") == weight, (kind, conv.source_key)
                 got = conv.tensor_conversion.handle_conversion(torch.arange(n_rows, dtype=torch.float32)[:, None])
-                assert got[:, 0].long().tolist() == list(range(n_rows))[rows], kind
+                assert got[:, 0].long().tolist() == want, kind
                 checked += 1
-        assert checked == len(MODULE_TYPES)     # every module kind of the maps, fused or not
+        assert checked == len({p[0] for lin in spec.linears for p in lin.parts(geo)})   # every module kind, fused or not

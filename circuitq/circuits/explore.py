@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from circuitq.config import DEFAULT_FRACTION
 from circuitq.errors import UsageError
-from circuitq.model.arch import MODULE_TYPES, Geometry, arch_for, module_parts, parse_name
+from circuitq.model.arch import MODULE_TYPES, Geometry, arch_for, module_parts, parse_name, row_in
 from circuitq.quant.plan import PrecisionPlan, bit_report
 
 
@@ -92,8 +92,8 @@ def layer_module_counts(ti: TopIndex, fraction: float, n_layers: int, geometry: 
         for layer, mod, _, _, sl in parts:
             if rows is None:
                 out[layer, MODULE_TYPES.index(mod)] += int((owner == i).sum())
-            else:
-                out[layer, MODULE_TYPES.index(mod)] += int(((rows >= sl.start) & (rows < sl.stop)).sum())
+            else:   # the kept weights whose row lies in this module's block (stacked or interleaved)
+                out[layer, MODULE_TYPES.index(mod)] += int(torch.isin(rows, torch.arange(shape[0])[sl]).sum())
     return out
 
 
@@ -139,13 +139,12 @@ def tile_density(mask: torch.Tensor, tile: int = 32) -> torch.Tensor:
 def unit_of(name: str, row: int, col: int, geo: Geometry) -> str:
     """The attention head(s) or MLP neuron that weight ``[row, col]`` of ``name`` belongs to."""
     # which axis indexes heads or neurons, as the architecture row says (a fused module: the block holding the row)
-    parts = [p for p in module_parts(name, geo) if (p[4].start or 0) <= row < (p[4].stop if p[4].stop is not None
-                                                                                else row + 1)]
+    parts = [(*p, at) for p in module_parts(name, geo) if (at := row_in(p[4], row)) is not None]
     if not parts:
         return "-"
-    layer, _, rows, cols, sl = parts[0]
+    layer, _, rows, cols, sl, local_row = parts[0]
     d, per_kv = geo.head_dim, geo.n_heads // geo.n_kv_heads
-    axis, i = (rows, row - (sl.start or 0)) if rows else (cols, col)
+    axis, i = (rows, local_row) if rows else (cols, col)
     if axis == "q_heads":
         return f"L{layer}.H{i // d}"
     if axis == "kv_heads":

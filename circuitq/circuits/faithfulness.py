@@ -64,17 +64,16 @@ def units(shapes: dict[str, tuple[int, int]], geometry: Geometry, kind: str, blo
     hd, out = geometry.head_dim, []
 
     def part(mod, rows=None, cols=None):
-        name, sl = mod
+        name, sl = mod   # sl: the module's rows in the stored weight (a slice, or an index when interleaved)
         m = torch.zeros(shapes[name], dtype=torch.bool)
-        r0 = sl.start or 0
         if rows is not None:
-            m[r0 + rows.start:r0 + rows.stop] = True
+            m[torch.arange(shapes[name][0])[sl][rows]] = True
         else:
             m[sl, cols] = True
         return m
 
     need = {"heads": ("q_proj", "o_proj"), "kv-heads": ("k_proj", "v_proj"),
-            "neurons": ("gate_proj", "up_proj", "down_proj")}.get(kind, ())
+            "neurons": ("up_proj", "down_proj")}.get(kind, ())   # gate_proj too where the MLP has one
     for layer in sorted(by_layer):
         mods = by_layer[layer]
         lacking = [m for m in need if m not in mods]
@@ -99,10 +98,9 @@ def units(shapes: dict[str, tuple[int, int]], geometry: Geometry, kind: str, blo
         else:
             for b in range(0, geometry.d_mlp, block):
                 s = slice(b, min(b + block, geometry.d_mlp))
+                rows_in = [(mods[t][0], part(mods[t], rows=s)) for t in ("gate_proj", "up_proj") if t in mods]
                 out.append(Unit(f"L{layer}.N{b}-{s.stop - 1}",
-                                _merge((mods["gate_proj"][0], part(mods["gate_proj"], rows=s)),
-                                       (mods["up_proj"][0], part(mods["up_proj"], rows=s)),
-                                       (mods["down_proj"][0], part(mods["down_proj"], cols=s)))))
+                                _merge(*rows_in, (mods["down_proj"][0], part(mods["down_proj"], cols=s)))))
     return out
 
 

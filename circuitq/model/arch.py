@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import torch
+
 from circuitq.errors import CircuitqError, UsageError
 
 
@@ -45,22 +47,34 @@ class Linear(NamedTuple):
     rows: str | None
     cols: str | None
     segments: tuple[Segment, ...] = ()
+    as_kind: str | None = None   # the map column of a module named otherwise (GPT-NeoX's attention.dense: "o_proj")
+    interleaved: bool = False    # segments interleaved per head (GPT-NeoX: q0 k0 v0 q1 k1 v1 …), else stacked
 
     @property
     def kind(self) -> str:
-        """Short module type, e.g. ``q_proj``."""
-        return self.path.rsplit(".", 1)[-1]
+        """Short module type, e.g. ``q_proj`` (``MODULE_TYPES``' name for a module named otherwise)."""
+        return self.as_kind or self.path.rsplit(".", 1)[-1]
 
     @property
     def attention(self) -> bool:
         """Whether the module belongs to attention (an axis indexes heads)."""
         return "heads" in f"{self.rows}{self.cols}" or any("heads" in f"{s.rows}" for s in self.segments)
 
-    def parts(self, geo: "Geometry") -> list[tuple[str, str | None, str | None, slice]]:
-        """``(module kind, rows meaning, cols meaning, row slice)`` of each module this weight holds:
-        itself, or each segment's block of rows (sizes from ``geo``)."""
+    def parts(self, geo: "Geometry") -> list[tuple[str, str | None, str | None, "slice | torch.Tensor"]]:
+        """``(module kind, rows meaning, cols meaning, rows)`` of each module this weight holds:
+        itself, or each segment's rows (sizes from ``geo``): a ``slice`` when the segments are
+        stacked, an int64 index (in the segment's own row order, head-major) when they are
+        interleaved per head. ``weight[rows]`` is the segment's block either way (a view for a slice)."""
         if not self.segments:
             return [(self.kind, self.rows, self.cols, slice(None))]
+        if self.interleaved:   # per head h: [seg0 rows of h, seg1 rows of h, …]; every segment's rows split over heads
+            per = [geo.rows_of(seg.size) // geo.n_heads for seg in self.segments]
+            stride, out, off = sum(per), [], 0
+            for seg, n in zip(self.segments, per):
+                idx = (torch.arange(geo.n_heads)[:, None] * stride + off + torch.arange(n)).reshape(-1)
+                out.append((seg.kind, seg.rows, self.cols, idx))
+                off += n
+            return out
         out, r0 = [], 0
         for seg in self.segments:
             n = geo.rows_of(seg.size)
@@ -170,6 +184,25 @@ ARCHITECTURES["phi3"] = ArchSpec(
     ),
     groups=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
 )
+# GPT-NeoX / Pythia: q, k, v interleaved per head in one query_key_value ([3·d, d], rows head-major:
+# q_h, k_h, v_h for each head h, as HF's GPTNeoXAttention views its output [.., heads, 3·head_dim]); a
+# two-matrix MLP (no gate) with its activation at ``mlp.act``; parallel residual (attention and MLP
+# read two norms of the same stream, so the true-sequential groups stay attention, then MLP). The
+# bridge's JointQKV attention runs the HF module, seen by attn.qkv's hooks.
+ARCHITECTURES["gpt_neox"] = ArchSpec(
+    layers="gpt_neox.layers",
+    pre_layers=("gpt_neox.embed_in", "gpt_neox.rotary_emb"),
+    linears=(
+        Linear("attention.query_key_value", "attn.qkv", None, None,
+               (Segment("q_proj", "q_heads", "q"), Segment("k_proj", "kv_heads", "kv"),
+                Segment("v_proj", "kv_heads", "kv")), interleaved=True),
+        Linear("attention.dense", "attn.o", None, "q_heads", as_kind="o_proj"),
+        Linear("mlp.dense_h_to_4h", "mlp.in", "neurons", None, as_kind="up_proj"),
+        Linear("mlp.dense_4h_to_h", "mlp.out", None, "neurons", as_kind="down_proj"),
+    ),
+    groups=(("attention.query_key_value",), ("attention.dense",), ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",)),
+    mlp_act="mlp.act",
+)
 MODULE_TYPES = _LLAMA_LIKE.module_types   # the order of the layer × module maps (a fused module's segments too)
 _ALL_LINEARS = {lin.path: lin for spec in ARCHITECTURES.values() for lin in spec.linears}
 
@@ -191,11 +224,29 @@ def arch_for(model_type: str) -> ArchSpec:
 
 def target_shapes(model) -> dict[str, tuple[int, int]]:
     """``{HF weight name: (out, in)}`` of every targeted linear weight of ``model``, in
-    quantization order."""
+    quantization order; a weight whose shape is not what the config and the family's row say
+    (a fused module of another size, a mislabelled checkpoint) is refused in one line."""
     spec = arch_for(model.config.model_type)
     layers = model.get_submodule(spec.layers)
-    return {spec.weight_name(i, n): tuple(layer.get_submodule(n).weight.shape)
-            for i, layer in enumerate(layers) for n in spec.linear_names}
+    shapes = {spec.weight_name(i, n): tuple(layer.get_submodule(n).weight.shape)
+              for i, layer in enumerate(layers) for n in spec.linear_names}
+    geo, hidden = Geometry.from_config(model.config), model.config.hidden_size
+    for name, shape in shapes.items():
+        want = expected_shape(spec.parse(name)[1], geo, hidden)
+        if shape != want:
+            raise UnsupportedArchitecture(
+                f"{name} is {list(shape)}, but a {model.config.model_type} model of this config "
+                f"({geo.n_heads} heads, {geo.n_kv_heads} KV heads of {geo.head_dim}, MLP {geo.d_mlp}, hidden {hidden}) "
+                f"has it {list(want)}; the checkpoint does not match its config.json")
+    return shapes
+
+
+def expected_shape(lin: Linear, geo: "Geometry", hidden: int) -> tuple[int, int]:
+    """``(out, in)`` the row says module ``lin`` has: q/KV heads × head size, MLP width or the
+    residual width; a fused module the sum of its segments' rows."""
+    size = {"q_heads": geo.rows_of("q"), "kv_heads": geo.rows_of("kv"), "neurons": geo.d_mlp, None: hidden}
+    rows = sum(geo.rows_of(seg.size) for seg in lin.segments) if lin.segments else size[lin.rows]
+    return rows, size[lin.cols]
 
 
 def module_name(weight_name: str) -> str:
@@ -229,14 +280,24 @@ def _linear_of(name: str, spec: ArchSpec | None) -> tuple[int, Linear] | None:
 
 
 def module_parts(name: str, geo: "Geometry", spec: ArchSpec | None = None) -> list[tuple[int, str, str | None,
-                                                                                    str | None, slice]]:
-    """``(layer, module kind, rows meaning, cols meaning, row slice)`` of each module the weight
+                                                                                    str | None, "slice | torch.Tensor"]]:
+    """``(layer, module kind, rows meaning, cols meaning, rows)`` of each module the weight
     ``name`` holds (one, or a fused module's segments), as ``MODULE_TYPES`` names them; ``[]`` when
     it is not a targeted weight. Circuit maps and faithfulness units read weights through this."""
     lin = _linear_of(name, spec if spec is not None else arch_for(geo.model_type))
     if lin is None:
         return []
     return [(lin[0], *p) for p in lin[1].parts(geo)]
+
+
+def row_in(rows: "slice | torch.Tensor", row: int) -> int | None:
+    """Position of stored row ``row`` inside a module's ``rows`` (``module_parts``' slice or
+    interleaved index), or None when the row is another module's."""
+    if isinstance(rows, slice):
+        start = rows.start or 0
+        return row - start if start <= row and (rows.stop is None or row < rows.stop) else None
+    hit = (rows == row).nonzero()
+    return int(hit[0, 0]) if len(hit) else None
 
 
 @dataclass(frozen=True)
