@@ -14,8 +14,8 @@ from circuitq.circuits.explore import layer_module_counts, top_index
 from circuitq.circuits.maps import aggregate, compare_masks
 from circuitq.config import CalibConfig, MaskConfig, QuantizeConfig
 from circuitq.errors import UsageError
-from circuitq.model.arch import (ARCHITECTURES, MODULE_TYPES, Geometry, UnsupportedArchitecture, arch_for, module_name,
-                                 module_parts, parse_name)
+from circuitq.model.arch import (ARCHITECTURES, MODULE_TYPES, Geometry, UnsupportedArchitecture, arch_for, as_linear,
+                                 expected_shape, module_name, module_parts, parse_name)
 from circuitq.model.packed import load_packed
 from circuitq.pipeline import stages
 from conftest import make_tiny_dir
@@ -33,6 +33,10 @@ def tiny_family(tmp_path, model_type: str):
               tie_word_embeddings=model_type.startswith("gemma"))   # Gemma ties its embeddings
     if model_type.startswith("gemma"):
         kw["head_dim"] = 32                                     # head_dim ≠ d / n_heads, as in Gemma
+    if model_type == "gpt2":                                    # GPT-2: MLP width is n_inner, no KV heads
+        kw["n_inner"] = kw.pop("intermediate_size")
+        kw.pop("num_key_value_heads")
+        kw.update(bos_token_id=1, eos_token_id=1)               # its defaults (50256) lie beyond a tiny vocabulary
     if model_type == "gpt_neox":
         kw.pop("num_key_value_heads")                           # multi-head attention only (q, k, v interleaved per head)
     if model_type == "phi3":
@@ -48,6 +52,7 @@ def tiny_family(tmp_path, model_type: str):
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_whole_path_on_a_tiny_model(tmp_path, model_type):
     d, model, tok = tiny_family(tmp_path, model_type)
+    as_linear(model)     # GPT-2's Conv1D read as nn.Linear ([out, in]) before the reference gradients (stages do it too)
     ex = _examples()
     geo = Geometry.from_config(model.config)
     # per-sample gradients through the TransformerLens bridge equal plain autograd
@@ -76,6 +81,9 @@ def test_whole_path_on_a_tiny_model(tmp_path, model_type):
     assert sum(r.output_rel_error for r in report.records) < sum(r.output_rel_error for r in plain_report.records)
     out = stages.export(tmp_path / "out", qmodel, tok, report, {"bits": 3, "group_size": 8})
     hf = AutoModelForCausalLM.from_pretrained(out / "hf", attn_implementation="eager").eval()
+    from circuitq.circuits.explore import load_weight      # the explorer reads a weight as circuitq lays it out
+    n0 = next(iter(mask))
+    assert torch.equal(load_weight(out / "hf", n0), qmodel.get_parameter(n0).detach()), n0
     packed = load_packed(out / "gptq")
     ids = torch.tensor([[1, 5, 9, 17, 3, 8]])
     with torch.no_grad():
@@ -119,11 +127,11 @@ def test_whole_path_on_a_tiny_model(tmp_path, model_type):
         assert int(counts[layer, MODULE_TYPES.index(mod)]) == int(mask[n][rows].sum()), (layer, mod)
 
 
-@pytest.mark.parametrize("model_type", ["phi3", "gpt_neox"])
+@pytest.mark.parametrize("model_type", ["phi3", "gpt_neox", "gpt2"])
 def test_a_run_on_a_fused_family_goes_end_to_end(tmp_path, model_type):
     """``circuitq run`` (quantize, TaCQ, baselines, the attribution map, faithfulness of every head)
-    on a family whose attention projections are fused: stacked (Phi-3) or interleaved per head
-    (GPT-NeoX)."""
+    on a family whose attention projections are fused: stacked (Phi-3), interleaved per head
+    (GPT-NeoX), stacked in a transposed Conv1D (GPT-2)."""
     import json
 
     from circuitq.circuits.maps import read_map
@@ -192,7 +200,7 @@ def test_neox_rows_are_interleaved_per_head_as_hf_runs_them(tmp_path):
     assert torch.allclose(after[[0, 2, 3]], before[[0, 2, 3]], atol=1e-6)
 
 
-@pytest.mark.parametrize("model_type", ["phi3", "gpt_neox"])
+@pytest.mark.parametrize("model_type", ["phi3", "gpt_neox", "gpt2"])
 def test_a_fused_module_of_another_size_is_one_line(tmp_path, model_type):
     """A checkpoint whose fused module does not have the rows its config implies is refused in one
     line naming the weight, its shape and the expected one."""
@@ -201,19 +209,23 @@ def test_a_fused_module_of_another_size_is_one_line(tmp_path, model_type):
     _, model, _ = tiny_family(tmp_path, model_type)
     lin = arch_for(model_type).linears[0]
     mod = model.get_submodule(f"{arch_for(model_type).layers}.1.{lin.path}")
-    mod.weight = torch.nn.Parameter(mod.weight[:-16].clone())    # 16 rows short
+    if lin.transposed:   # GPT-2's Conv1D: output features are the stored columns
+        mod.weight = torch.nn.Parameter(mod.weight[:, :-16].clone())
+    else:
+        mod.weight = torch.nn.Parameter(mod.weight[:-16].clone())    # 16 output rows short
+    out_f = mod.weight.shape[1] if lin.transposed else mod.weight.shape[0]
     with pytest.raises(UnsupportedArchitecture) as e:
         target_shapes(model)
     msg = str(e.value)
-    want = [int(mod.weight.shape[0]) + 16, model.config.hidden_size]
-    assert f"layers.1.{lin.path}.weight is {list(mod.weight.shape)}" in msg and str(want) in msg and "\n" not in msg
+    assert f"{lin.path}.weight is {[out_f, model.config.hidden_size]} ([out, in])" in msg
+    assert str([out_f + 16, model.config.hidden_size]) in msg and "\n" not in msg
 
 
 def test_a_family_circuitq_does_not_support_is_one_line():
     with pytest.raises(UnsupportedArchitecture) as e:
-        arch_for("gpt2")
+        arch_for("bloom")                     # a family TransformerLens bridges and circuitq does not
     msg = str(e.value)
-    assert "'gpt2' is not supported" in msg and ", ".join(FAMILIES) in msg and "\n" not in msg
+    assert "'bloom' is not supported" in msg and ", ".join(FAMILIES) in msg and "\n" not in msg
 
 
 def test_a_gguf_split_over_packages_is_joined_once_and_checked(tmp_path, monkeypatch):
@@ -289,7 +301,7 @@ def test_each_row_agrees_with_the_transformerlens_adapter(tmp_path, model_type):
                 checked += 1
                 continue
             weight = spec.weight_name(0, lin.path)
-            n_rows = model.get_parameter(weight).shape[0]
+            n_rows = expected_shape(lin, geo, model.config.hidden_size)[0]   # output features ([out, in])
             if lin.interleaved:
                 # GPT-NeoX: the adapter's weight-processing conversion cuts q|k|v as stacked thirds, which is
                 # not HF's layout (TransformerLens 4.x); the split its bridge runs attention with is
@@ -304,9 +316,14 @@ def test_each_row_agrees_with_the_transformerlens_adapter(tmp_path, model_type):
                     assert split[kind].weight[:, 0].long().tolist() == want, kind
                     checked += 1
                     continue
-                conv = adapter.weight_processing_conversions[f"blocks.{{i}}.{llama.linear(kind).tl}"]
-                assert conv.source_key.replace("{i}", "0") == weight, (kind, conv.source_key)
-                got = conv.tensor_conversion.handle_conversion(torch.arange(n_rows, dtype=torch.float32)[:, None])
-                assert got[:, 0].long().tolist() == want, kind
+                convs = adapter.weight_processing_conversions
+                key = f"blocks.{{i}}.{llama.linear(kind).tl}"
+                conv = convs.get(key) or convs[f"{key}.weight"]        # GPT-2's adapter names the weight
+                # the source is the HF weight, or (GPT-2) the bridge component that wraps it
+                assert conv.source_key.replace("{i}", "0") in (weight, f"blocks.0.{lin.tl}.weight"), (kind, conv.source_key)
+                rows_in = torch.arange(n_rows, dtype=torch.float32)
+                # a transposed (Conv1D) weight is stored [in, out]: its output features are columns
+                got = conv.tensor_conversion.handle_conversion(rows_in[None, :] if lin.transposed else rows_in[:, None])
+                assert got.flatten().long().tolist() == want, kind
                 checked += 1
         assert checked == len({p[0] for lin in spec.linears for p in lin.parts(geo)})   # every module kind, fused or not

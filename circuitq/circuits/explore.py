@@ -173,12 +173,24 @@ def top_weights(name: str, scores: torch.Tensor, weight: torch.Tensor, quantized
 
 
 def load_weight(model_dir: str | Path, name: str) -> torch.Tensor:
-    """One tensor from a Hugging Face model directory's safetensors files (no model load)."""
+    """One tensor from a Hugging Face model directory's safetensors files (no model load), as
+    circuitq lays it out: ``[out, in]`` (a GPT-2 Conv1D weight, stored ``[in, out]``, transposed)."""
     d = Path(model_dir)
     index = d / "model.safetensors.index.json"
     files = [d / json.loads(index.read_text())["weight_map"][name]] if index.exists() else sorted(d.glob("*.safetensors"))
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
             if name in fh.keys():
-                return fh.get_tensor(name)
+                t = fh.get_tensor(name)
+                return t.T.contiguous() if _stored_transposed(d, name) else t
     raise KeyError(f"{name} is not in the safetensors files of {d}")
+
+
+def _stored_transposed(model_dir: Path, name: str) -> bool:
+    """Whether the family of ``model_dir`` (its config.json) stores weight ``name`` transposed."""
+    try:
+        spec = arch_for(json.loads((model_dir / "config.json").read_text()).get("model_type", ""))
+    except (OSError, ValueError):
+        return False
+    hit = spec.parse(name)
+    return bool(hit and hit[1].transposed)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from transformers.pytorch_utils import Conv1D
 
 from circuitq.errors import CircuitqError, UsageError
 
@@ -49,6 +50,7 @@ class Linear(NamedTuple):
     segments: tuple[Segment, ...] = ()
     as_kind: str | None = None   # the map column of a module named otherwise (GPT-NeoX's attention.dense: "o_proj")
     interleaved: bool = False    # segments interleaved per head (GPT-NeoX: q0 k0 v0 q1 k1 v1 …), else stacked
+    transposed: bool = False     # stored [in, out] (GPT-2's Conv1D); circuitq works on it as an nn.Linear ([out, in])
 
     @property
     def kind(self) -> str:
@@ -203,6 +205,24 @@ ARCHITECTURES["gpt_neox"] = ArchSpec(
     groups=(("attention.query_key_value",), ("attention.dense",), ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",)),
     mlp_act="mlp.act",
 )
+# GPT-2: Conv1D modules (weight stored [in, out]); c_attn stacks q, k, v (in its output features); a
+# two-matrix MLP (c_fc, c_proj) with its activation at ``mlp.act``; learned position embeddings.
+# circuitq replaces each Conv1D by an equal nn.Linear when it first reads the model (``as_linear``),
+# so every stage sees [out, in]; the hf/ export writes the Conv1D layout back (``conv1d_layout``).
+ARCHITECTURES["gpt2"] = ArchSpec(
+    layers="transformer.h",
+    pre_layers=("transformer.wte", "transformer.wpe"),
+    linears=(
+        Linear("attn.c_attn", "attn.qkv", None, None,
+               (Segment("q_proj", "q_heads", "q"), Segment("k_proj", "kv_heads", "kv"),
+                Segment("v_proj", "kv_heads", "kv")), transposed=True),
+        Linear("attn.c_proj", "attn.o", None, "q_heads", as_kind="o_proj", transposed=True),
+        Linear("mlp.c_fc", "mlp.in", "neurons", None, as_kind="up_proj", transposed=True),
+        Linear("mlp.c_proj", "mlp.out", None, "neurons", as_kind="down_proj", transposed=True),
+    ),
+    groups=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+    mlp_act="mlp.act",
+)
 MODULE_TYPES = _LLAMA_LIKE.module_types   # the order of the layer × module maps (a fused module's segments too)
 _ALL_LINEARS = {lin.path: lin for spec in ARCHITECTURES.values() for lin in spec.linears}
 
@@ -222,11 +242,69 @@ def arch_for(model_type: str) -> ArchSpec:
         ) from None
 
 
+def _transposed_modules(model, spec: ArchSpec) -> list[str]:
+    layers = model.get_submodule(spec.layers)
+    return [f"{spec.layers}.{i}.{lin.path}" for i in range(len(layers)) for lin in spec.linears if lin.transposed]
+
+
+def as_linear(model):
+    """Replace, in place, every targeted module the family stores transposed (GPT-2's Conv1D,
+    weight ``[in, out]``) by an ``nn.Linear`` with the same weights (``[out, in]``, one copy
+    each, the old tensor freed) and the same output; idempotent. circuitq's statistics, scores,
+    masks and GPTQ are all ``[out, in]`` under the HF weight name; ``conv1d_layout`` writes the
+    stored layout back for an HF checkpoint. Returns ``model``."""
+    spec = arch_for(model.config.model_type)
+    for path in _transposed_modules(model, spec):
+        mod = model.get_submodule(path)
+        if isinstance(mod, torch.nn.Linear):
+            continue
+        nx, nf = mod.weight.shape
+        lin = torch.nn.Linear(nx, nf, bias=mod.bias is not None, device=mod.weight.device, dtype=mod.weight.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(mod.weight.T)
+            if mod.bias is not None:
+                lin.bias = mod.bias
+        lin.weight.requires_grad_(mod.weight.requires_grad)
+        lin.circuitq_conv1d = True
+        parent, name = path.rsplit(".", 1)
+        setattr(model.get_submodule(parent), name, lin)
+    return model
+
+
+class conv1d_layout:
+    """Context manager: the modules ``as_linear`` replaced are Conv1D again (weights transposed
+    back, copies) while it is open, so ``save_pretrained`` writes a checkpoint of the family's own
+    layout; the nn.Linear modules return on exit."""
+
+    def __init__(self, model):
+        self.model, self.swapped = model, []
+
+    def __enter__(self):
+        for name, mod in list(self.model.named_modules()):
+            if isinstance(mod, torch.nn.Linear) and getattr(mod, "circuitq_conv1d", False):
+                conv = Conv1D(mod.out_features, mod.in_features).to(mod.weight.device, mod.weight.dtype)
+                with torch.no_grad():
+                    conv.weight.copy_(mod.weight.T)
+                    conv.bias = mod.bias if mod.bias is not None else conv.bias
+                parent, child = name.rsplit(".", 1)
+                setattr(self.model.get_submodule(parent), child, conv)
+                self.swapped.append((parent, child, mod))
+        return self.model
+
+    def __exit__(self, *exc):
+        for parent, child, mod in self.swapped:
+            setattr(self.model.get_submodule(parent), child, mod)
+        self.swapped.clear()
+
+
 def target_shapes(model) -> dict[str, tuple[int, int]]:
     """``{HF weight name: (out, in)}`` of every targeted linear weight of ``model``, in
     quantization order; a weight whose shape is not what the config and the family's row say
-    (a fused module of another size, a mislabelled checkpoint) is refused in one line."""
+    (a fused module of another size, a mislabelled checkpoint) is refused in one line. A family
+    stored transposed (GPT-2's Conv1D) is turned into nn.Linear modules first (``as_linear``)."""
     spec = arch_for(model.config.model_type)
+    if any(lin.transposed for lin in spec.linears):
+        as_linear(model)
     layers = model.get_submodule(spec.layers)
     shapes = {spec.weight_name(i, n): tuple(layer.get_submodule(n).weight.shape)
               for i, layer in enumerate(layers) for n in spec.linear_names}
@@ -235,7 +313,7 @@ def target_shapes(model) -> dict[str, tuple[int, int]]:
         want = expected_shape(spec.parse(name)[1], geo, hidden)
         if shape != want:
             raise UnsupportedArchitecture(
-                f"{name} is {list(shape)}, but a {model.config.model_type} model of this config "
+                f"{name} is {list(shape)} ([out, in]), but a {model.config.model_type} model of this config "
                 f"({geo.n_heads} heads, {geo.n_kv_heads} KV heads of {geo.head_dim}, MLP {geo.d_mlp}, hidden {hidden}) "
                 f"has it {list(want)}; the checkpoint does not match its config.json")
     return shapes
@@ -261,7 +339,7 @@ def weight_of(module: str) -> str:
     return module + ".weight"
 
 
-_ANY = re.compile(r"^(?P<prefix>.*\.layers)\.(?P<layer>\d+)\.(?P<path>.+)\.weight$")
+_ANY = re.compile(r"^(?P<prefix>.*\.layers|transformer\.h)\.(?P<layer>\d+)\.(?P<path>.+)\.weight$")
 
 
 def parse_name(name: str, spec: ArchSpec | None = None) -> tuple[int, str] | None:
@@ -316,8 +394,9 @@ class Geometry:
     @classmethod
     def from_config(cls, cfg) -> "Geometry":
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        d_mlp = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * cfg.hidden_size  # GPT-2: n_inner or 4d
         return cls(cfg.num_hidden_layers, cfg.num_attention_heads,
-                   getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, hd, cfg.intermediate_size,
+                   getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, hd, d_mlp,
                    getattr(cfg, "model_type", "llama"))
 
     @classmethod

@@ -37,6 +37,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from circuitq.errors import CircuitqError
+from circuitq.model.arch import ARCHITECTURES, as_linear
 from circuitq.quant.quantizer import QuantizedWeight
 
 SPARSE_FORMAT = "circuitq.sparse16"
@@ -265,6 +266,8 @@ def load_packed(path: str | Path, dtype: torch.dtype = torch.float32, device: st
     q = cfg.quantization_config
     del cfg.quantization_config
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    if cfg.model_type in ARCHITECTURES:
+        as_linear(model)   # codes are [out, in]; GPT-2's Conv1D modules become nn.Linear, as circuitq reads them
     sparse = read_sparse(path, required=getattr(cfg, "circuitq", None) is not None)
     dyn = {k[2:]: v for k, v in (q.get("dynamic") or {}).items()}
     fmt = format_of(q.get("checkpoint_format"))

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from circuitq import __version__
 from circuitq.artifacts import atomic_dir
+from circuitq.model.arch import conv1d_layout
 from circuitq.model.packed import (
     GPTQ_FORMATS,
     SPARSE_DIR,
@@ -118,7 +119,8 @@ def write_hf(dest: Path, model, tokenizer, meta: dict) -> None:
     """Plain HF directory of the (already dequantized) in-memory model."""
     model.config.circuitq = meta
     try:
-        model.save_pretrained(dest)
+        with conv1d_layout(model):   # a GPT-2 model's Conv1D modules as the family stores them
+            model.save_pretrained(dest)
     finally:
         del model.config.circuitq
     if tokenizer is not None:

@@ -217,13 +217,22 @@ def fused_attention(bridge, model, impl: str = "sdpa"):
     before; only the attention-internal hooks (``hook_attn_scores``, ``hook_pattern``, ...) are
     silent, which scoring never uses. The same math, without the ``[B, heads, T, T]`` pattern
     kept for the backward pass. Restores the forwards and the attention implementation after."""
-    swapped = []
+    swapped, wrapped = [], []
     for m in bridge.modules():
         if isinstance(m, AttentionBridge) and type(m).forward is not AttentionBridge.forward \
                 and getattr(m, "original_component", None) is not None:
             # object.__setattr__: the bridge's own __setattr__ would pass the name on to the HF module
             object.__setattr__(m, "forward", types.MethodType(AttentionBridge.forward, m))
             swapped.append(m)
+            # a projection the adapter left unwrapped inside the HF module (GPT-2's joint-QKV attention
+            # leaves c_proj bare): its LinearBridge put there, so its hooks fire when HF calls it
+            hf = m.original_component
+            for comp in m.children():
+                raw = getattr(comp, "original_component", None)
+                name = getattr(comp, "name", None)
+                if raw is not None and name and hf._modules.get(name) is raw:
+                    hf._modules[name] = comp
+                    wrapped.append((hf, name, raw))
     configs = _attn_configs(model)
     before = {k: c._attn_implementation for k, c in configs.items()}
     try:
@@ -231,6 +240,8 @@ def fused_attention(bridge, model, impl: str = "sdpa"):
             c._attn_implementation = impl
         yield len(swapped)
     finally:
+        for hf, name, raw in wrapped:
+            hf._modules[name] = raw
         for m in swapped:
             object.__delattr__(m, "forward")
         for k, c in configs.items():
@@ -251,13 +262,14 @@ class LayerRecompute:
     working set, instead of every layer's activations (``budget.run_stages``).
 
     Use as a context manager around the batches, after the bridge is booted: it patches the forward
-    of ``model.get_decoder().layers[i]`` (the bridge's block components) and restores it after."""
+    of each decoder layer (the family's ``ArchSpec.layers``; the bridge's block components) and
+    restores it after."""
 
     def __init__(self, model):
         self.model, self.on, self._patched = model, False, []
 
     def __enter__(self) -> "LayerRecompute":
-        for layer in self.model.get_decoder().layers:
+        for layer in self.model.get_submodule(arch_for(self.model.config.model_type).layers):
             original = layer.forward
 
             def forward(*args, _original=original, **kwargs):
