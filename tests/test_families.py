@@ -221,6 +221,25 @@ def test_a_fused_module_of_another_size_is_one_line(tmp_path, model_type):
     assert str([out_f + 16, model.config.hidden_size]) in msg and "\n" not in msg
 
 
+def test_a_mask_of_another_family_or_layout_is_one_line(tmp_path):
+    """A Phi-3 mask (fused qkv_proj) on a Llama, or a GPT-2 mask in the stored Conv1D layout
+    ([in, out]): one line naming the weights and the expected names or shape."""
+    from circuitq.model.arch import target_shapes
+    from circuitq.saliency.masks import MaskError, validate_masks
+
+    shapes = {t: target_shapes(tiny_family(tmp_path / t, t)[1]) for t in ("phi3", "llama", "gpt2")}
+    phi3_mask = {n: torch.zeros(s, dtype=torch.bool) for n, s in shapes["phi3"].items()}
+    with pytest.raises(MaskError) as e:
+        validate_masks(phi3_mask, shapes["llama"])
+    assert "self_attn.qkv_proj.weight" in str(e.value) and "expected names like model.layers.0.self_attn.q_proj.weight" \
+        in str(e.value) and "\n" not in str(e.value)
+    stored = {n: torch.zeros(s[::-1], dtype=torch.bool) for n, s in shapes["gpt2"].items()}   # [in, out]
+    with pytest.raises(MaskError) as e:
+        validate_masks(stored, shapes["gpt2"])
+    assert "transformer.h.0.attn.c_attn.weight: mask (64, 192) vs weight (192, 64) (the transpose" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
 def test_a_family_circuitq_does_not_support_is_one_line():
     with pytest.raises(UnsupportedArchitecture) as e:
         arch_for("bloom")                     # a family TransformerLens bridges and circuitq does not

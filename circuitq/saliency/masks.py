@@ -190,8 +190,10 @@ def validate_masks(masks: dict[str, torch.Tensor], shapes: dict[str, tuple[int, 
     targeted names the mask does not mention (treated as all-false; the caller reports them).
     """
     unknown = [k for k in masks if k not in shapes]
-    wrong = [f"{k}: mask {tuple(v.shape)} vs weight {tuple(shapes[k])}" for k, v in masks.items()
-             if k in shapes and tuple(v.shape) != tuple(shapes[k])]
+    wrong = [f"{k}: mask {tuple(v.shape)} vs weight {tuple(shapes[k])}"
+             + (" (the transpose: circuitq's masks are [out, in], also for GPT-2's Conv1D weights stored [in, out];"
+                " transpose it)" if tuple(v.shape)[::-1] == tuple(shapes[k]) else "")
+             for k, v in masks.items() if k in shapes and tuple(v.shape) != tuple(shapes[k])]
     if unknown or wrong:
         lines = []
         if unknown:
