@@ -186,43 +186,38 @@ ARCHITECTURES["phi3"] = ArchSpec(
     ),
     groups=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
 )
+_QKV = (Segment("q_proj", "q_heads", "q"), Segment("k_proj", "kv_heads", "kv"), Segment("v_proj", "kv_heads", "kv"))
+
+
+def _fused_qkv_two_matrix_mlp(layers: str, pre_layers: tuple[str, ...], qkv: str, o: str, up: str, down: str,
+                              **layout) -> ArchSpec:
+    """A family with one fused q|k|v module and a gateless two-matrix MLP (GPT-NeoX, GPT-2): its
+    module paths; ``layout``: ``interleaved`` or ``transposed`` (``Linear``'s flags)."""
+    flat = {k: v for k, v in layout.items() if k == "transposed"}
+    return ArchSpec(
+        layers=layers, pre_layers=pre_layers,
+        linears=(Linear(qkv, "attn.qkv", None, None, _QKV, **layout),
+                 Linear(o, "attn.o", None, "q_heads", as_kind="o_proj", **flat),
+                 Linear(up, "mlp.in", "neurons", None, as_kind="up_proj", **flat),
+                 Linear(down, "mlp.out", None, "neurons", as_kind="down_proj", **flat)),
+        groups=((qkv,), (o,), (up,), (down,)), mlp_act="mlp.act")
+
+
 # GPT-NeoX / Pythia: q, k, v interleaved per head in one query_key_value ([3·d, d], rows head-major:
 # q_h, k_h, v_h for each head h, as HF's GPTNeoXAttention views its output [.., heads, 3·head_dim]); a
 # two-matrix MLP (no gate) with its activation at ``mlp.act``; parallel residual (attention and MLP
 # read two norms of the same stream, so the true-sequential groups stay attention, then MLP). The
 # bridge's JointQKV attention runs the HF module, seen by attn.qkv's hooks.
-ARCHITECTURES["gpt_neox"] = ArchSpec(
-    layers="gpt_neox.layers",
-    pre_layers=("gpt_neox.embed_in", "gpt_neox.rotary_emb"),
-    linears=(
-        Linear("attention.query_key_value", "attn.qkv", None, None,
-               (Segment("q_proj", "q_heads", "q"), Segment("k_proj", "kv_heads", "kv"),
-                Segment("v_proj", "kv_heads", "kv")), interleaved=True),
-        Linear("attention.dense", "attn.o", None, "q_heads", as_kind="o_proj"),
-        Linear("mlp.dense_h_to_4h", "mlp.in", "neurons", None, as_kind="up_proj"),
-        Linear("mlp.dense_4h_to_h", "mlp.out", None, "neurons", as_kind="down_proj"),
-    ),
-    groups=(("attention.query_key_value",), ("attention.dense",), ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",)),
-    mlp_act="mlp.act",
-)
+ARCHITECTURES["gpt_neox"] = _fused_qkv_two_matrix_mlp(
+    "gpt_neox.layers", ("gpt_neox.embed_in", "gpt_neox.rotary_emb"), "attention.query_key_value",
+    "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h", interleaved=True)
 # GPT-2: Conv1D modules (weight stored [in, out]); c_attn stacks q, k, v (in its output features); a
 # two-matrix MLP (c_fc, c_proj) with its activation at ``mlp.act``; learned position embeddings.
 # circuitq replaces each Conv1D by an equal nn.Linear when it first reads the model (``as_linear``),
 # so every stage sees [out, in]; the hf/ export writes the Conv1D layout back (``conv1d_layout``).
-ARCHITECTURES["gpt2"] = ArchSpec(
-    layers="transformer.h",
-    pre_layers=("transformer.wte", "transformer.wpe"),
-    linears=(
-        Linear("attn.c_attn", "attn.qkv", None, None,
-               (Segment("q_proj", "q_heads", "q"), Segment("k_proj", "kv_heads", "kv"),
-                Segment("v_proj", "kv_heads", "kv")), transposed=True),
-        Linear("attn.c_proj", "attn.o", None, "q_heads", as_kind="o_proj", transposed=True),
-        Linear("mlp.c_fc", "mlp.in", "neurons", None, as_kind="up_proj", transposed=True),
-        Linear("mlp.c_proj", "mlp.out", None, "neurons", as_kind="down_proj", transposed=True),
-    ),
-    groups=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
-    mlp_act="mlp.act",
-)
+ARCHITECTURES["gpt2"] = _fused_qkv_two_matrix_mlp(
+    "transformer.h", ("transformer.wte", "transformer.wpe"), "attn.c_attn", "attn.c_proj", "mlp.c_fc",
+    "mlp.c_proj", transposed=True)
 MODULE_TYPES = _LLAMA_LIKE.module_types   # the order of the layer × module maps (a fused module's segments too)
 _ALL_LINEARS = {lin.path: lin for spec in ARCHITECTURES.values() for lin in spec.linears}
 
