@@ -197,3 +197,55 @@ def test_local_attribution_is_the_directional_derivative_through_the_exact_subla
     assert est["o"] == pytest.approx(first_order(o_only), rel=1e-3)
     # gate and up change together inside the block: their product and SiLU's curvature are kept, not dropped
     assert est[block.label] != pytest.approx(first_order(block), rel=0.1)
+
+
+def test_denoising_attribution_is_the_first_order_effect_of_restoring_a_unit_in_the_replaced_model(tiny_dir):
+    """atp-denoise: with every query head replaced by Q(W) (the keep-top curve's k = 0 model W'),
+    a head's sum is ``−d/dt L(W' + t·(W_u − Q_u))`` at t = 0 (central difference, float64, the
+    loss collated on its own); it is not atp (the gradient is taken at W', not at W); the model is
+    unchanged afterwards."""
+    from circuitq.circuits.faithfulness import replaced, union, unit_sum, units
+    from circuitq.data.tasks import collate, tokenize_examples
+    from circuitq.model.arch import Geometry
+    from circuitq.pipeline.stages import collect_gradients
+    from circuitq.saliency.attribution import denoising_attribution
+
+    d, tok, model, ex, qw = _setup(tiny_dir)
+    model = model.double()
+    qw = {n: q.double() for n, q in qw.items()}
+    calib = CalibConfig(samples=len(ex), seq_len=64, batch_size=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    shapes = {n: tuple(q.shape) for n, q in qw.items()}
+    heads = units(shapes, Geometry.from_config(model.config), "heads")
+    cover = union([u.entries for u in heads])
+    est = denoising_attribution(model, tok, ex, cover, qw, calib, model_path=str(d), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert set(est) == set(qw) and all(est[n].shape == qw[n].shape for n in qw)
+    tk = tokenize_examples(ex, tok, 64)
+
+    @torch.no_grad()
+    def loss():   # Σ items' mean NLL over their scored positions, float64
+        total = 0.0
+        for i in range(0, len(ex), 3):
+            ids, attn, lm = collate(tk.ids[i:i + 3], tk.scored_from[i:i + 3], tok.pad_token_id or 0)
+            logp = torch.log_softmax(model(input_ids=ids, attention_mask=attn.long()).logits[:, :-1].double(), -1)
+            nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]
+            m = lm[:, :-1].double()
+            total += float(((nll * m).sum(1) / m.sum(1)).sum())
+        return total
+
+    g = collect_gradients(model, tok, ex, calib, ("sum",), progress=False, model_path=str(d))["stats"].tensors["sum"]
+    noising = {n: atp(g[n].double(), model.get_parameter(n).detach(), qw[n]) for n in qw}
+    eps, differ = 1e-3, 0
+    for u in heads[:4]:
+        w_u = {n: model.get_parameter(n).detach().clone() for n in u.entries}
+        fd = []
+        for t in (eps, -eps):   # W' with the unit moved a step t towards W
+            vals = {**qw, **{n: qw[n] + t * (w_u[n] - qw[n]) * m for n, m in u.entries.items()}}
+            with replaced(model, cover, vals):
+                fd.append(loss())
+        deriv = (fd[0] - fd[1]) / (2 * eps)
+        pred = unit_sum(u, est)
+        assert abs(deriv) > 1e-6 and pred == pytest.approx(-deriv, rel=2e-3, abs=1e-7), u.label
+        differ += pred != pytest.approx(unit_sum(u, noising), rel=0.05)
+    assert differ >= 1          # the base point matters: restoring in W' is not replacing in W

@@ -160,18 +160,18 @@ def test_faithfulness_all_heads_estimators_and_curves_end_to_end(tmp_path, tiny_
     assert _score(d, task, tmp_path / "s", "--group-size", "32") == 0
     out = tmp_path / "f.json"
     assert main(["faithfulness", "--scores", str(tmp_path / "s"), "--units", "heads", "--all-units",
-                 "--estimators", "score", "atp", "atp-local", "ig", "grad", "--ig-steps", "2", "--curve", "--curve-grid", "0", "0.5", "1",
+                 "--estimators", "score", "atp", "atp-local", "atp-denoise", "ig", "grad", "--ig-steps", "2", "--curve", "--curve-grid", "0", "0.5", "1",
                  "--calib-samples", "6", "--eval-samples", "6", "--group-size", "32", "--out", str(out)]) == 0
     rep = json.loads(out.read_text())
     cfg = json.loads((d / "config.json").read_text())
     assert len(rep["units"]) == cfg["num_hidden_layers"] * cfg["num_attention_heads"]   # every query head
-    assert set(rep["spearman"]) == {"score", "atp", "atp-local", "ig", "grad"} and rep["units_measured"] == "all"
-    assert all(math.isfinite(u["predicted"]["atp-local"]) for u in rep["units"])
+    assert set(rep["spearman"]) == {"score", "atp", "atp-local", "atp-denoise", "ig", "grad"} and rep["units_measured"] == "all"
+    assert all(math.isfinite(u["predicted"][e]) for u in rep["units"] for e in ("atp-local", "atp-denoise"))
     assert rep["completeness"]["ig_steps"] == 2 and math.isfinite(rep["completeness"]["ig"]["gap"])
     assert -1 <= rep["noise_ceiling"]["split_half_spearman"] <= 1 and 0 <= rep["noise_ceiling"]["ceiling"] <= 1
-    assert set(rep["curves"]["orderings"]) == {"score", "atp", "atp-local", "ig", "grad", "random"}
+    assert set(rep["curves"]["orderings"]) == {"score", "atp", "atp-local", "atp-denoise", "ig", "grad", "random"}
     rows = (tmp_path / "f.curves.csv").read_text().splitlines()
-    assert len(rows) == 1 + 6 * 2 * 3
+    assert len(rows) == 1 + 7 * 2 * 3
     for o in rep["curves"]["orderings"].values():
         for mode in ("keep-top", "replace-top"):
             assert [p["units"] for p in o[mode]["points"]] == [0, len(rep["units"]) // 2, len(rep["units"])]

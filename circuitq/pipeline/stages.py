@@ -28,6 +28,7 @@ from circuitq.circuits.faithfulness import (
     faithfulness_report,
     replacement,
     reusable_measurements,
+    union,
     unit_order,
     units,
 )
@@ -45,7 +46,7 @@ from circuitq.quant.driver import qw_stream as _stream
 from circuitq.quant.export import export_all
 from circuitq.quant.hessians import write_hessians as _write
 from circuitq.quant.plan import PrecisionPlan
-from circuitq.saliency.attribution import integrated_gradients, local_attribution
+from circuitq.saliency.attribution import denoising_attribution, integrated_gradients, local_attribution
 from circuitq.saliency.capture import STATS, collect_stats
 from circuitq.saliency.masks import (
     combine,
@@ -336,8 +337,9 @@ def write_eval(out, doc: dict, items: list[dict], overwrite: bool = False) -> No
 # ---------------------------------------------------------------------------------------------
 
 
-# the scores file; integrated gradients; attribution patching with the unit's sublayer recomputed (saliency.attribution)
-BUILTIN_ESTIMATORS = ("score", "ig", "atp-local")
+# the scores file; integrated gradients; attribution patching with the unit's sublayer recomputed; attribution
+# patching at the model with every unit replaced (the denoising direction) (saliency.attribution)
+BUILTIN_ESTIMATORS = ("score", "ig", "atp-local", "atp-denoise")
 
 
 def faithfulness_estimators() -> tuple[str, ...]:
@@ -385,7 +387,7 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
     say(f"[circuitq] faithfulness on {job.task}: up to {passes} evaluation passes of {len(items)} items "
         f"({len(unit_list) if job.all_units else min(len(unit_list), job.top + job.random)} of {len(unit_list)} "
         f"{job.units} units{', curves' if job.curve else ''}) and "
-        f"{1 + (job.ig_steps if 'ig' in job.estimators else 0) + ('atp-local' in job.estimators)} gradient passes "
+        f"{1 + (job.ig_steps if 'ig' in job.estimators else 0) + ('atp-local' in job.estimators) + ('atp-denoise' in job.estimators)} gradient passes "
         f"of {len(calib_items)} items" + (f", and {len(unit_list)} sublayer reruns per batch of them for atp-local"
                                          if "atp-local" in job.estimators else ""))
     key = {"model_fingerprint": model_fingerprint(model), "task": job.task, "eval_items": examples_digest(items),
@@ -409,6 +411,9 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
         elif e == "ig":
             est[e], comp = integrated_gradients(model, lm.tokenizer, calib_items, values, job.calib,
                                                 steps=job.ig_steps, model_path=lm.source, progress=progress)
+        elif e == "atp-denoise":
+            est[e] = denoising_attribution(model, lm.tokenizer, calib_items, union([u.entries for u in unit_list]),
+                                           values, job.calib, model_path=lm.source, progress=progress)
         elif e == "atp-local":
             est[e] = UnitEstimate(local_attribution(model, lm.tokenizer, calib_items, unit_list, values, job.calib,
                                                     progress=progress))

@@ -5,6 +5,12 @@ change the task loss ``L`` (summed over calibration items)?
 
 * ``atp`` (attribution patching, first order at ``W``): ``ΣG · (q − w)`` with ``ΣG`` the summed
   per-sample gradient. One gradient pass; a saliency method in ``saliency.methods``.
+* ``atp-denoise`` (attribution patching at the other end of the path, the *denoising* direction of
+  activation patching): ``ΣG(W') · (q − w)`` with the gradient taken at ``W'``, the model with every
+  unit of the kind replaced at once (``denoising_attribution``). It predicts what restoring one unit
+  to 16-bit in an otherwise replaced model changes, which is what a keep-top faithfulness curve
+  measures; ``atp`` (linearised at ``W``, the noising direction) predicts replacing the unit alone.
+  One gradient pass.
 * ``ig`` (integrated gradients along the straight path ``W + α(Q(W) − W)``, every weight moving
   at once, as EAP-IG does for edges): ``(q − w) · ∫₀¹ ΣG(α) dα``. The integral is taken with
   ``K``-point Gauss–Legendre quadrature on ``[0, 1]``, exact for a gradient that is a polynomial
@@ -124,6 +130,41 @@ def integrated_gradients(model, tokenizer, examples, quantized: dict[str, torch.
     if not math.isfinite(comp.attributed):
         raise UsageError("integrated gradients are not finite on these items (a NaN loss along the path)")
     return attr, comp
+
+
+def denoising_attribution(model, tokenizer, examples, cover: dict[str, torch.Tensor], values: dict[str, torch.Tensor],
+                          calib, *, model_path: str | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
+    """``atp-denoise``: ``{HF weight name: [out, in]}`` float32 ``ΣG(W') · (values − W)`` where
+    ``W'`` is the model with the entries of ``cover`` (``{name: [out, in] bool}``, e.g. the union of
+    every query head) set to ``values`` and ``ΣG(W')`` the summed per-sample gradient there.
+
+    Signed like ``atp``: a unit's sum predicts ``L(W') − L(W' with the unit back at W)`` to first
+    order, the loss its restoration saves (positive: the unit's 16-bit weights matter in the
+    replaced model). Weights outside ``cover`` keep ``W`` in ``W'``; their entries here are the same
+    product at ``W'``. The model's weights are restored bit for bit, also on an error.
+
+    Cost: one gradient pass over ``examples``. Memory: a copy of the covered weights (``2 · P``
+    bytes of the covered weights' dtype) and one gradient statistic (``4 · P_lin``) beside the
+    caller's ``values``."""
+    path = model_path or getattr(model.config, "_name_or_path", "") or "model"
+    saved = {}
+    try:
+        with torch.no_grad():
+            for n, m in cover.items():
+                p = model.get_parameter(n)
+                saved[n] = p.data.clone()
+                m = m.to(p.device)
+                p.data[m] = values[n].to(p.device, p.dtype)[m]
+        st = collect_stats(model, tokenizer, examples, path, batch_size=calib.batch_size, seq_len=calib.seq_len,
+                           stats=("sum",), progress=progress, batch_tokens=calib.batch_tokens,
+                           attention=calib.attention, loss=calib.loss, recompute=calib.recompute)["stats"]
+    finally:
+        with torch.no_grad():
+            for n, old in saved.items():
+                model.get_parameter(n).data.copy_(old)
+    g = st.tensors["sum"]
+    return {n: atp(g[n].to(values[n].device), model.get_parameter(n).detach().to(values[n].device), values[n])
+            for n in values if n in g}
 
 
 def _detached(x):
