@@ -94,6 +94,8 @@ def row_of(path: Path) -> dict:
         pts = modes["keep-top"]["points"]
         at10 = [p for p in pts if p["fraction"] <= 0.1 + 1e-9]
         r[f"recovery10_{o}"] = at10[-1]["recovery"] if at10 else float("nan")
+        span = curves["none"]["loss"] - curves["full"]["loss"]   # the same recovery of the task loss
+        r[f"loss_recovery10_{o}"] = (curves["none"]["loss"] - at10[-1]["loss"]) / span if at10 and span else float("nan")
     return r
 
 
@@ -114,7 +116,8 @@ def summary(rows: list[dict], a, rev: str) -> str:
            f"{a.calib_samples} calibration items, and every query head (30 layers × 9 = 270) replaced alone by its "
            f"round-to-nearest value at the given bits, the loss measured on {a.eval_samples} held-out items. "
            f"Estimators: `score` = the TaCQ selection score summed over the head, `atp` = ΣG·ΔW, `atp-local` = "
-           "ΣG·ΔW with the head's attention block recomputed exactly, `ig` = integrated "
+           "ΣG·ΔW with the head's attention block recomputed exactly, `atp-denoise` = ΣG·ΔW with the gradient taken "
+           "where every head is replaced (what restoring one head saves), `ig` = integrated "
            f"gradients with {a.ig_steps} Gauss–Legendre nodes. The measured changes do not depend on the seed: the "
            "first seed measures them, the others reuse them (`--measured`). Mean ± sd over seeds; the lowest seed in brackets. "
            "Noise ceiling: the Spearman a perfect predictor would reach with measurements this noisy (√ of the "
@@ -138,11 +141,13 @@ def summary(rows: list[dict], a, rev: str) -> str:
             "top k heads are replaced (area = mean share of the whole effect). `rec@10%`: recovery with 10% of "
             "the heads kept.", "",
             "| task | bits | " + " | ".join(f"{o} keep-top area" for o in orders) + " | "
-            + " | ".join(f"{o} rec@10%" for o in orders) + " |",
-            "| --- | --- | " + " | ".join("---" for _ in orders * 2) + " |"]
+            + " | ".join(f"{o} rec@10%" for o in orders) + " | " + " | ".join(f"{o} loss rec@10%" for o in orders) + " |",
+            "| --- | --- | " + " | ".join("---" for _ in orders * 3) + " |"]
     for (task, bits), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
         out.append(f"| {task} | {bits} | " + " | ".join(mean_sd([r[f'area_{o}_keep-top'] for r in rs]) for o in orders)
-                   + " | " + " | ".join(mean_sd([r[f'recovery10_{o}'] for r in rs]) for o in orders) + " |")
+                   + " | " + " | ".join(mean_sd([r[f'recovery10_{o}'] for r in rs]) for o in orders)
+                   + " | " + " | ".join(mean_sd([r.get(f'loss_recovery10_{o}', float('nan')) for r in rs]) for o in orders)
+                   + " |")
     out += ["", "## Per seed", "", "| task | bits | seed | base metric | every head replaced | "
             + " | ".join(f"ρ {e}" for e in ests) + " | IG gap | minutes |",
             "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in ests) + " | --- | --- |"]
@@ -166,6 +171,9 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=Path("runs/faithful-maps"))
     ap.add_argument("--out", type=Path, default=REPO / "analyses" / "results" / "faithful_maps")
     ap.add_argument("--rev", default="HEAD", help="the commit measured (a worktree of it is used)")
+    ap.add_argument("--measured", type=Path, default=None,
+                    help="an earlier faithfulness JSON of the same task, bits and items whose per-head measurements "
+                         "every seed reuses (the first seed too): new estimators against an old measurement")
     ap.add_argument("--aggregate-only", action="store_true")
     a = ap.parse_args()
     a.root.mkdir(parents=True, exist_ok=True)
@@ -176,7 +184,7 @@ def main() -> None:
     if not a.aggregate_only:
         for task in a.tasks:
             for bits in a.bits:
-                first = None
+                first = a.measured.resolve() if a.measured else None
                 for seed in a.seeds:
                     f = measure(task, bits, seed, a, env, a.root.resolve(), reuse=first)
                     first = first or f

@@ -33,6 +33,7 @@ ATTENTION_MODES = ("sdpa", "eager", "bridge")
 # which tokens' loss the gradients are of: the completion ("answer"), every token ("all"), or every
 # token of the task's own text, leaving out a chat template's ("text")
 LOSS_SCOPES = ("answer", "all", "text")
+OBJECTIVES = ("nll", "metric")   # saliency.objectives
 RECOMPUTE_MODES = ("long", "all", "none")   # saliency.capture.LayerRecompute
 TEMPLATES = ("auto", "chat", "raw")
 EVAL_SPLITS = ("auto", "test", "halves")
@@ -110,6 +111,10 @@ class CalibConfig:
         "all: of the loss on every token of the item, as the official TaCQ code computes it; text: every token but "
         "those a chat template adds (its system prompt and role markers; the same as all without a template)",
         choices=LOSS_SCOPES))
+    objective: str = field(default="nll", metadata=_help(
+        "what each item's gradient is of: nll (the loss on its scored tokens) or metric (minus a circuit task's own "
+        "metric at the first completion position: ioi's logit difference, greater-than's probability difference, "
+        "capitals' logit margin)", choices=OBJECTIVES))
     attention: str = field(default="sdpa", metadata=_help(
         "sdpa: HF's fused attention inside the TransformerLens bridge (less memory); bridge: TransformerLens's "
         "step-by-step attention. Same scores", choices=ATTENTION_MODES))
@@ -126,6 +131,11 @@ class CalibConfig:
             raise ConfigError(f"--seq-len must be at least 2 tokens (one prediction), got {self.seq_len}")
         if self.loss not in LOSS_SCOPES:
             raise ConfigError(f"loss must be one of {LOSS_SCOPES}, got {self.loss!r}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective == "metric" and self.loss != "answer":
+            raise ConfigError(f"--objective metric reads the first completion position: it needs --loss answer, "
+                              f"not {self.loss}")
         if self.recompute not in RECOMPUTE_MODES:
             raise ConfigError(f"recompute must be one of {RECOMPUTE_MODES}, got {self.recompute!r}")
         if self.attention not in ATTENTION_MODES:

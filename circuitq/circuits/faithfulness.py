@@ -369,6 +369,10 @@ def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], val
         rows.append(UnitResult(u.label, size, predicted, loss - base_loss,
                                None if metric is None or base_metric is None else metric - base_metric, halves))
     rho = {k: spearman([r.predicted[k] for r in rows], [r.measured_loss for r in rows]) for k in estimators}
+    # the same against the task metric's measured change, sign flipped so that "hurts the task" is positive
+    # for both (the ranking an estimator of --objective metric is made for)
+    rho_metric = {k: spearman([r.predicted[k] for r in rows], [-r.measured_metric for r in rows]) for k in estimators} \
+        if rows and all(r.measured_metric is not None for r in rows) else None
     shapes = {n: tuple(t.shape) for n, t in scores.items()}
     circuit = select_topk(scores, fraction)
     rand = random_like(circuit, shapes, seed)
@@ -382,7 +386,7 @@ def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], val
         if contrasts["only random"]["loss_change"] else float("inf")
     return {"base": {"loss": base_loss, "metric": base_metric}, "units": [r._asdict() for r in rows],
             "units_measured": "all" if all_units else f"top {top} by score + {n_random} random (seed {seed})",
-            "spearman": rho, "best_estimator": max(rho, key=lambda k: -1 if math.isnan(rho[k]) else rho[k]),
+            "spearman": rho, "spearman_metric": rho_metric, "best_estimator": max(rho, key=lambda k: -1 if math.isnan(rho[k]) else rho[k]),
             "noise_ceiling": noise_ceiling(rows),
             "contrasts": contrasts, "only_circuit_over_only_random": ratio,
             "circuit_entries": int(sum(int(m.sum()) for m in circuit.values()))}

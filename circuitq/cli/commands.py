@@ -21,7 +21,7 @@ SCORE_FLAGS = [("--model", "model"), ("--task", "task"), ("--method", "method"),
                ("--samples", "calib.samples"), ("--seq-len", "calib.seq_len"),
                ("--batch-size", ("calib.batch_size", "quantize.batch_size")), ("--batch-tokens", "calib.batch_tokens"),
                ("--calib-tokens", "calib.tokens"), ("--attention", "calib.attention"), ("--loss", "calib.loss"),
-               ("--recompute", "calib.recompute"),
+               ("--recompute", "calib.recompute"), ("--objective", "calib.objective"),
                ("--seed", "calib.seed"), *DATA, ("--checkpoint-every", "checkpoint_every"), ("--ig-steps", "ig_steps")]
 QUANTIZE_FLAGS = [("--model", "model"), ("--calib", "task"), *QUANT, ("--method", "quantize.method"),
                   ("--samples", "calib.samples"), ("--seq-len", "calib.seq_len"), ("--calib-tokens", "calib.tokens"),
@@ -45,7 +45,8 @@ RUN_FLAGS = [("--model", "model"), ("--tasks", "tasks"), ("--bits", "bits"), ("-
 FAITH_FLAGS = [("--task", "task"), ("--units", "units"), ("--all-units", "all_units"), ("--top", "top"),
                ("--random", "random"), ("--estimators", "estimators"), ("--ig-steps", "ig_steps"), ("--curve", "curve"),
                ("--curve-grid", "curve_grid"), ("--ablation", "ablation"), ("--fraction", "fraction"), ("--measured", "measured"), ("--seed", ("seed", "calib.seed")),
-               ("--calib-samples", "calib.samples"), ("--eval-samples", "eval.samples"), ("--bits", "quantize.bits"),
+               ("--calib-samples", "calib.samples"), ("--objective", "calib.objective"),
+               ("--eval-samples", "eval.samples"), ("--bits", "quantize.bits"),
                ("--group-size", "quantize.group_size"), *DATA]
 # command -> (default config, flag table): what the CLI-defaults test walks
 TABLES = {"faithfulness": (FaithfulnessJob(), FAITH_FLAGS), "score": (ScoreConfig(), SCORE_FLAGS), "quantize": (QuantizeJob(), QUANTIZE_FLAGS),

@@ -241,7 +241,7 @@ def load_examples(task: str, split: str = "calib", n: int | None = None, *, seed
         raise DataError(f"split must be 'calib' or 'eval', got '{split}'")
     spec = TaskSpec.parse(task)
     if spec.kind in CIRCUIT_TASKS:   # generated: the two splits come from disjoint pools
-        out = Examples(Example(p, c, m) for p, c, m in GENERATORS[spec.kind](split, seed))
+        out = Examples(Example(p, c, {**m, "kind": spec.kind}) for p, c, m in GENERATORS[spec.kind](split, seed))
         return out[:n] if n is not None else out
     mode = resolve_eval_split(spec.kind, eval_split, data_dir)
     source = ("test" if split == "eval" else CALIB_SOURCE[spec.kind]) if mode == "test" else None

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from circuitq import __version__
 from circuitq.artifacts import check_writable
 from circuitq.config import ScoreConfig, to_dict
-from circuitq.data.tasks import Task
+from circuitq.data.tasks import Task, TaskSpec
 from circuitq.errors import UsageError
 from circuitq.model.arch import Geometry
 from circuitq.pipeline import stages
@@ -23,9 +23,10 @@ from circuitq.pipeline.store import model_fingerprint
 from circuitq.saliency.attribution import integrated_gradients
 from circuitq.saliency.files import load_stats, save_stats, write_scores_dir
 from circuitq.saliency.methods import method as saliency_method
+from circuitq.saliency.objectives import check_objective
 
 # the settings a checkpoint must share with the run that resumes it
-RESUME_KEYS = ("model_fingerprint", "task", "method", "loss", "seed", "split_seed", "samples", "seq_len", "shots",
+RESUME_KEYS = ("model_fingerprint", "task", "method", "loss", "objective", "seed", "split_seed", "samples", "seq_len", "shots",
                "template", "calib_tokens", "world_size", "sample_order")
 
 
@@ -51,7 +52,7 @@ def score_metadata(lm, cfg: ScoreConfig, fingerprint: str, n_examples: int, worl
     q, c, d = cfg.quantize, cfg.calib, cfg.data
     return {"model": lm.name, "model_source": lm.source, "model_note": lm.note, "model_fingerprint": fingerprint,
             "task": cfg.task, "method": cfg.method, "bits": q.bits, "group_size": q.group_size, "hessian": q.hessian,
-            "damp": q.damp, "loss": c.loss, "samples": c.samples, "seq_len": c.seq_len, "seed": c.seed, "split_seed": d.split_seed,
+            "damp": q.damp, "loss": c.loss, "objective": c.objective, "samples": c.samples, "seq_len": c.seq_len, "seed": c.seed, "split_seed": d.split_seed,
             "shots": d.shots, "template": d.template, "calib_tokens": c.tokens, "mse": q.mse, "settings": to_dict(cfg), "geometry": Geometry.from_config(lm.model.config).to_dict(),
             "n_examples": n_examples, "world_size": world, "circuitq_version": __version__,
             "sample_order": "longest-first"}
@@ -81,6 +82,7 @@ def run_score(lm, cfg: ScoreConfig, out: str | Path, *, resume: bool = False, ov
               progress: bool = True, device=None) -> Path:
     """Score ``lm`` (a ``LoadedModel``) on ``cfg.task`` and write the scores directory ``out``."""
     out = Path(out)
+    check_objective(cfg.calib.objective, TaskSpec.parse(cfg.task).kind, cfg.calib.loss)   # before any work
     if cfg.method == "ig":
         return run_ig(lm, cfg, out, overwrite, progress, device)
     stages.needed_stats(cfg.method)  # an unknown method fails before any work

@@ -59,6 +59,7 @@ from circuitq.saliency.masks import (
 )
 from circuitq.saliency.methods import METHODS, SaliencyInputs, compute_scores
 from circuitq.saliency.methods import method as saliency_method
+from circuitq.saliency.objectives import check_objective
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,7 +80,7 @@ def collect_gradients(model, tokenizer, examples, calib: CalibConfig = CalibConf
     return collect_stats(model, tokenizer, examples, path, batch_size=calib.batch_size, seq_len=calib.seq_len,
                          stats=stats or ("sum_abs",), state=state, start=start, progress=progress, on_batch=on_batch,
                          batch_tokens=calib.batch_tokens, attention=calib.attention, loss=calib.loss,
-                         recompute=calib.recompute)
+                         recompute=calib.recompute, objective=calib.objective)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,6 +371,7 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
     ``12 · P_lin`` while it runs) and the units' masks (``P_lin`` bytes per unit kind's cover)."""
     check_estimators(job.estimators)
     task = Task(job.task, job.data, lm.tokenizer)
+    check_objective(job.calib.objective, task.kind, job.calib.loss)
     model = lm.model
     names = list(target_shapes(model))
     missing = [n for n in names if n not in scores]
@@ -451,6 +453,6 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
                                             cache=cache, progress=progress)
     del cache
     rep.update(format="circuitq.faithfulness", measurement=key, measured_from=job.measured, task=job.task, units_kind=job.units, ablation=job.ablation, items=len(items),
-               calib_items=len(calib_items), estimators=list(job.estimators), base_accuracy=base.get("accuracy"),
+               calib_items=len(calib_items), estimators=list(job.estimators), objective=job.calib.objective, base_accuracy=base.get("accuracy"),
                metric=base.get("task_metric") or "accuracy", circuitq_version=__version__)
     return rep

@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 
 from circuitq.data.tasks import collate, scored_positions, tokenize_examples
 from circuitq.errors import UsageError
-from circuitq.saliency.capture import collect_stats, sample_losses
+from circuitq.saliency.capture import collect_stats
+from circuitq.saliency.objectives import Objective
 
 
 def gauss_legendre(k: int) -> tuple[list[float], list[float]]:
@@ -78,11 +79,12 @@ def _set_path(model, names: list[str], base: dict, delta: dict, alpha: float) ->
 
 @torch.no_grad()
 def summed_loss(model, tokenizer, examples, calib) -> float:
-    """``Σ_s`` mean next-token NLL of each item over its scored positions: the loss whose
-    gradient the statistics sum (``capture.sample_losses``, the same collation)."""
+    """``Σ_s`` of each item's objective (``calib.objective``; ``nll``: the mean next-token NLL over
+    its scored positions): the loss whose gradient the statistics sum (``capture.sample_losses``, the same collation)."""
     device = next(model.parameters()).device
     tok = tokenize_examples(examples, tokenizer, calib.seq_len, loss=calib.loss)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    obj = Objective(calib.objective, tokenizer)
     total = 0.0
     for i in range(0, len(tok.ids), calib.batch_size):
         idx = list(range(i, min(i + calib.batch_size, len(tok.ids))))
@@ -91,7 +93,7 @@ def summed_loss(model, tokenizer, examples, calib) -> float:
                                                           pad, skip))
         pos = scored_positions(lmask)
         logits = model(input_ids=ids, attention_mask=attn.long(), logits_to_keep=pos).logits
-        losses = sample_losses(logits, ids, lmask, pos)
+        losses = obj(logits, ids, lmask, pos, [examples[j] for j in idx])
         total += float(losses[torch.isfinite(losses)].sum())
     return total
 
@@ -116,7 +118,8 @@ def integrated_gradients(model, tokenizer, examples, quantized: dict[str, torch.
             _set_path(model, names, base, delta, a)
             st = collect_stats(model, tokenizer, examples, path, batch_size=calib.batch_size,
                                seq_len=calib.seq_len, stats=("sum",), progress=False, batch_tokens=calib.batch_tokens,
-                               attention=calib.attention, loss=calib.loss, recompute=calib.recompute)["stats"]
+                               attention=calib.attention, loss=calib.loss, recompute=calib.recompute,
+                               objective=calib.objective)["stats"]
             for n in names:
                 integral[n].add_(st.tensors["sum"][n].to(integral[n].device), alpha=wt)
             del st
@@ -157,7 +160,8 @@ def denoising_attribution(model, tokenizer, examples, cover: dict[str, torch.Ten
                 p.data[m] = values[n].to(p.device, p.dtype)[m]
         st = collect_stats(model, tokenizer, examples, path, batch_size=calib.batch_size, seq_len=calib.seq_len,
                            stats=("sum",), progress=progress, batch_tokens=calib.batch_tokens,
-                           attention=calib.attention, loss=calib.loss, recompute=calib.recompute)["stats"]
+                           attention=calib.attention, loss=calib.loss, recompute=calib.recompute,
+                               objective=calib.objective)["stats"]
     finally:
         with torch.no_grad():
             for n, old in saved.items():
@@ -225,6 +229,7 @@ def local_attribution(model, tokenizer, examples, unit_list, values: dict[str, t
     est = {u.label: 0.0 for u in unit_list}
     tok = tokenize_examples(examples, tokenizer, calib.seq_len, loss=calib.loss)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    obj = Objective(calib.objective, tokenizer)
     embed = model.get_input_embeddings()
     starts = range(0, len(tok.ids), calib.batch_size)
     bar = tqdm(total=len(starts) * len(unit_list), desc="atp-local", unit="unit", disable=not progress)
@@ -248,8 +253,10 @@ def local_attribution(model, tokenizer, examples, unit_list, values: dict[str, t
             try:
                 with torch.enable_grad():
                     x = embed(ids).detach().requires_grad_(True)
-                    logits = model(inputs_embeds=x, attention_mask=attn.long(), use_cache=False).logits
-                    losses = sample_losses(logits, ids, lmask)
+                    pos = scored_positions(lmask)
+                    logits = model(inputs_embeds=x, attention_mask=attn.long(), use_cache=False,
+                                   logits_to_keep=pos).logits
+                    losses = obj(logits, ids, lmask, pos, [examples[j] for j in idx])
                     losses[torch.isfinite(losses)].sum().backward()
             finally:
                 for h in hooks:

@@ -31,6 +31,7 @@ from circuitq.config import LOSS_SCOPES, RECOMPUTE_MODES
 from circuitq.data.tasks import collate, scored_positions, tokenize_examples
 from circuitq.errors import UsageError
 from circuitq.model.arch import ArchSpec, Geometry, arch_for, target_shapes
+from circuitq.saliency.objectives import Objective, sample_losses  # noqa: F401  (sample_losses: re-exported)
 
 STATS = ("sum_abs", "sum", "sum_sq", "act_sq")
 # padded tokens per forward/backward: memory grows with tokens in flight, throughput hardly does
@@ -156,20 +157,6 @@ def accumulate(state: GradStats, name: str, x: torch.Tensor, g: torch.Tensor, to
         xm = torch.where(keep, x.float(), 0.0)
         t["act_sq"][name].add_((xm * xm).sum((0, 1)), alpha=sign)
     return ok
-
-
-def sample_losses(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
-                  positions: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean next-token NLL over each sample's scored positions: ``[B]``. ``loss_mask[b, t]``
-    marks that position ``t`` predicting token ``t+1`` is scored. With ``positions`` (``[K]``),
-    ``logits`` holds only those positions (``[B, K, V]``), as computed with ``logits_to_keep``."""
-    if positions is None:
-        positions = torch.arange(input_ids.shape[1] - 1, device=input_ids.device)
-        logits = logits[:, :-1]
-    targets = input_ids[:, positions + 1]
-    lp = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
-    m = loss_mask[:, positions].to(lp.dtype)
-    return (lp * m).sum(1) / m.sum(1).clamp(min=1)
 
 
 def boot_bridge(model, tokenizer, name_or_path: str):
@@ -401,7 +388,7 @@ class HookCapture:
         return self.bridge.hooks(fwd_hooks=fwd, bwd_hooks=bwd)
 
 
-def _take_back(bridge, cap: HookCapture, input_ids, attn, lmask, bad: torch.Tensor) -> None:
+def _take_back(bridge, cap: HookCapture, input_ids, attn, lmask, bad: torch.Tensor, objective, batch_items) -> None:
     """Run the same batch again for the ``bad`` samples only, subtracting (``sign=-1``) what each
     module added for them: their gradients are the same values, so they turn non-finite at the
     same module and are taken back exactly where they were summed (to float rounding)."""
@@ -410,7 +397,7 @@ def _take_back(bridge, cap: HookCapture, input_ids, attn, lmask, bad: torch.Tens
         try:
             pos = scored_positions(lmask)
             logits = bridge(input_ids, attention_mask=attn.long(), return_type="logits", logits_to_keep=pos)
-            losses = sample_losses(logits, input_ids, lmask, pos)
+            losses = objective(logits, input_ids, lmask, pos, batch_items)
             del logits
             losses[bad].sum().backward()
         finally:
@@ -442,7 +429,8 @@ def plan_batches(lengths: list[int], batch_size: int, batch_tokens: int = 0, sta
 def collect_stats(model, tokenizer, examples, model_path: str, *, batch_size: int = 8, seq_len: int = 512,
                   stats=STATS, state: GradStats | None = None, start: int = 0, progress: bool = True,
                   on_batch=None, batch_tokens: int = DEFAULT_BATCH_TOKENS, attention: str = "sdpa",
-                  per_sample: bool | None = None, loss: str = "answer", recompute: str = "long") -> CollectResult:
+                  per_sample: bool | None = None, loss: str = "answer", recompute: str = "long",
+                  objective: str = "nll") -> CollectResult:
     """Run ``examples`` through a TransformerLens bridge around ``model`` and accumulate
     per-sample gradient statistics (driver: hooks, batches and progress live here).
 
@@ -458,6 +446,9 @@ def collect_stats(model, tokenizer, examples, model_path: str, *, batch_size: in
     keeping its activations for a batch over ``batch_tokens`` (an item longer than the budget, alone
     in its batch), so no batch keeps more than the budget's activations; ``"all"`` for every batch,
     ``"none"`` never. The statistics are the same bit for bit.
+
+    ``objective`` (``saliency.objectives``): what each item's gradient is of: ``nll`` (the loss on its
+    scored tokens) or ``metric`` (minus a circuit task's metric at the first completion position).
 
     ``state`` continues an earlier accumulation (resume); ``on_batch(state, n_done)`` is called
     after every batch (checkpointing). Parameters are frozen during the run and restored after.
@@ -475,6 +466,7 @@ def collect_stats(model, tokenizer, examples, model_path: str, *, batch_size: in
     state = state if state is not None else GradStats.zeros(shapes, device, stats)
     if loss not in LOSS_SCOPES:
         raise UsageError(f"loss must be one of {LOSS_SCOPES}, got {loss!r}")
+    obj = Objective(objective, tokenizer)
     # "all": every next-token prediction of the text, as the official TaCQ code; "text": all but the chat template's
     tok = tokenize_examples(examples, tokenizer, seq_len, loss)
     order = sorted(range(len(tok.ids)), key=lambda i: -len(tok.ids[i]))  # longest first
@@ -506,7 +498,7 @@ def collect_stats(model, tokenizer, examples, model_path: str, *, batch_size: in
             with cap.batch(attn, torch.ones(len(ids), dtype=torch.bool, device=device)):
                 pos = scored_positions(lmask)
                 logits = bridge(input_ids, attention_mask=attn.long(), return_type="logits", logits_to_keep=pos)
-                losses = sample_losses(logits, input_ids, lmask, pos)
+                losses = obj(logits, input_ids, lmask, pos, [examples[i] for i in idx])
                 del logits
                 ok = torch.isfinite(losses)
                 cap.sample_ok = ok
@@ -514,7 +506,7 @@ def collect_stats(model, tokenizer, examples, model_path: str, *, batch_size: in
                     losses[ok].sum().backward()
             bad = cap.bad.clone()
             if bad.any():   # finite loss, gradient non-finite part-way: take back what the later layers added
-                _take_back(bridge, cap, input_ids, attn, lmask, bad)
+                _take_back(bridge, cap, input_ids, attn, lmask, bad, obj, [examples[i] for i in idx])
             n_bad = int((~ok | bad).sum())
             state.n_samples += len(ids) - n_bad
             state.n_skipped += n_bad
