@@ -62,7 +62,8 @@ def measure(task: str, bits: int, seed: int, a, env: dict, root: Path, reuse: Pa
         secs = run(["faithfulness", "--scores", str(scores), "--units", "heads", "--all-units",
                     "--estimators", *a.estimators, "--ig-steps", str(a.ig_steps), "--curve", "--bits", str(bits),
                     "--seed", str(seed), "--calib-samples", str(a.calib_samples),
-                    "--eval-samples", str(a.eval_samples), *(["--measured", str(reuse)] if reuse else []),
+                    "--eval-samples", str(a.eval_samples), "--objective", a.objective,
+                    *(["--measured", str(reuse)] if reuse else []),
                     "--out", str(faith)], env, root / f"{faith.stem}.log")
         rep = json.loads(faith.read_text())
         rep["wall_seconds"] = secs
@@ -83,6 +84,15 @@ def row_of(path: Path) -> dict:
              ig_measured=ig["measured"] if ig else float("nan"))
     for k, v in rep["spearman"].items():
         r[f"spearman_{k}"] = v
+    rho_m = rep.get("spearman_metric")
+    if rho_m is None and all(u.get("measured_metric") is not None for u in rep["units"]):   # files of circuitq < 0.8
+        from circuitq.circuits.faithfulness import spearman
+
+        rho_m = {k: spearman([u["predicted"][k] for u in rep["units"]], [-u["measured_metric"] for u in rep["units"]])
+                 for k in rep["spearman"]}
+    for k, v in (rho_m or {}).items():
+        r[f"spearman_metric_{k}"] = v
+    r["objective"] = rep.get("objective", "nll")
     nc = rep.get("noise_ceiling") or {}
     r["noise_ceiling"] = nc.get("ceiling", float("nan"))
     r["split_half"] = nc.get("split_half_spearman", float("nan"))
@@ -113,7 +123,9 @@ def summary(rows: list[dict], a, rev: str) -> str:
            f"Measured with `analyses/faithful_maps.py` at circuitq commit `{rev[:10]}` on "
            f"{machine()['platform']}, {machine()['cpus']} CPUs, torch {machine()['torch']}. Model: SmolLM2-135M-Instruct, "
            "**weights dequantized from a 4-bit GGUF file**. Per seed: the TaCQ selection scores from "
-           f"{a.calib_samples} calibration items, and every query head (30 layers × 9 = 270) replaced alone by its "
+           f"{a.calib_samples} calibration items (the estimators' gradients are of `--objective {a.objective}`: "
+           + ("the answer's NLL" if a.objective == "nll" else "minus the task's metric at the first completion position")
+           + "), and every query head (30 layers × 9 = 270) replaced alone by its "
            f"round-to-nearest value at the given bits, the loss measured on {a.eval_samples} held-out items. "
            f"Estimators: `score` = the TaCQ selection score summed over the head, `atp` = ΣG·ΔW, `atp-local` = "
            "ΣG·ΔW with the head's attention block recomputed exactly, `atp-denoise` = ΣG·ΔW with the gradient taken "
@@ -135,6 +147,15 @@ def summary(rows: list[dict], a, rev: str) -> str:
             cells.append(f"{mean_sd(xs)} [{min(xs):.3f}]")
         out.append(f"| {task} | {bits} | {len(rs)} | " + " | ".join(cells)
                    + f" | {mean_sd([r.get('noise_ceiling', float('nan')) for r in rs])} | {mean_sd([r['ig_gap'] for r in rs])} |")
+    if all(f"spearman_metric_{e}" in r for r in rows for e in ests):
+        out += ["", "## Spearman(predicted, measured change of the task metric, sign flipped) over all query heads", "",
+                "| task | bits | seeds | " + " | ".join(ests) + " |", "| --- | --- | --- | " + " | ".join("---" for _ in ests) + " |"]
+        for (task, bits), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+            cells = []
+            for e in ests:
+                xs = [r[f"spearman_metric_{e}"] for r in rs]
+                cells.append(f"{mean_sd(xs)} [{min(xs):.3f}]")
+            out.append(f"| {task} | {bits} | {len(rs)} | " + " | ".join(cells) + " |")
     out += ["", "## Faithfulness curves (heads ordered by each estimator)", "",
             "`keep-top`: the top k heads stay 16-bit, every other head is replaced (area = mean recovery of the "
             "task metric over the grid; 1 = the 16-bit model, 0 = every head replaced). `replace-top`: only the "
@@ -171,6 +192,8 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=Path("runs/faithful-maps"))
     ap.add_argument("--out", type=Path, default=REPO / "analyses" / "results" / "faithful_maps")
     ap.add_argument("--rev", default="HEAD", help="the commit measured (a worktree of it is used)")
+    ap.add_argument("--objective", default="nll", choices=("nll", "metric"),
+                    help="what the estimators' gradients are of: the answer's NLL, or minus the task's metric")
     ap.add_argument("--measured", type=Path, default=None,
                     help="an earlier faithfulness JSON of the same task, bits and items whose per-head measurements "
                          "every seed reuses (the first seed too): new estimators against an old measurement")
