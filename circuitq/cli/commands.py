@@ -415,6 +415,9 @@ def cmd_faithfulness(a) -> int:
           + f"; only the circuit {c['only circuit']['loss_change']:+.4f} vs only random "
             f"{c['only random']['loss_change']:+.4f} nats; all but the circuit {c['all but circuit']['loss_change']:+.4f} "
             f"vs all but random {c['all but random']['loss_change']:+.4f}")
+    if rep.get("spearman_metric"):
+        print(f"[circuitq] against the measured change of the task metric ({rep['metric']}, sign flipped; the estimators' "
+              f"objective: {rep['objective']}): " + ", ".join(f"{k} {v:.3f}" for k, v in rep["spearman_metric"].items()))
     print(f"[circuitq] wrote {out}, {out.with_suffix('.csv')}" + (f" and {out.with_suffix('.curves.csv')}"
                                                                  if "curves" in rep else ""))
     return 0
