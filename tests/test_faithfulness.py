@@ -290,3 +290,48 @@ def test_measured_reuses_an_earlier_measurement_and_refuses_another(tmp_path, ti
                                                               "--out", str(tmp_path / "c.json")]) == 2, extra
         err = [x for x in capsys.readouterr().err.strip().splitlines() if not x.startswith("Loading weights")]
         assert len(err) == 1 and needle in err[0], (extra, err)
+
+
+def test_faithfulness_with_the_metric_objective_end_to_end(tmp_path, tiny_dir, capsys):
+    """greater-than (the tiny tokenizer has one token per digit): scores and faithfulness with
+    --objective metric; the report names its objective and ranks against the measured metric
+    change; the estimator differs from the NLL one; a task without a differentiable metric and
+    --loss all are refused in one line before any work."""
+    from circuitq.cli import main
+    from test_score import _task
+
+    d, _ = tiny_dir
+    common = ["--group-size", "32", "--seed", "0"]
+    assert main(["score", "--model", str(d), "--task", "greater-than", "--samples", "8", "--seq-len", "32",
+                 "--bits", "3", "--objective", "metric", "--out", str(tmp_path / "s"), *common]) == 0
+    meta = json.loads((tmp_path / "s" / "score.json").read_text())
+    assert meta["objective"] == "metric"
+    reps = {}
+    for obj in ("metric", "nll"):
+        out = tmp_path / f"f-{obj}.json"
+        assert main(["faithfulness", "--scores", str(tmp_path / "s"), "--units", "heads", "--all-units",
+                     "--estimators", "atp", "atp-denoise", "--objective", obj, "--calib-samples", "8",
+                     "--eval-samples", "8", "--out", str(out), *common]) == 0
+        reps[obj] = json.loads(out.read_text())
+    m = reps["metric"]
+    assert m["objective"] == "metric" and m["metric"] == "prob_diff"
+    assert set(m["spearman_metric"]) == {"atp", "atp-denoise"}
+    assert all(-1 <= v <= 1 for v in m["spearman_metric"].values() if v == v)
+    pm = [u["predicted"]["atp"] for u in m["units"]]
+    pn = [u["predicted"]["atp"] for u in reps["nll"]["units"]]
+    assert any(abs(a - b) > 1e-9 for a, b in zip(pm, pn))
+    assert "against the measured change of the task metric" in capsys.readouterr().out
+    task = _task(tmp_path)
+    assert main(["score", "--model", str(d), "--task", f"jsonl:{task}", "--samples", "4", "--objective", "metric",
+                 "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--objective metric needs a circuit task" in err[0] and "--objective nll" in err[0]
+    assert main(["score", "--model", str(d), "--task", "ioi", "--objective", "metric", "--loss", "all",
+                 "--out", str(tmp_path / "bad2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs --loss answer" in err[0]
+    assert main(["faithfulness", "--scores", str(tmp_path / "s"), "--task", f"jsonl:{task}", "--objective", "metric",
+                 "--out", str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--objective metric needs a circuit task" in err[0]
+    assert not any((tmp_path / n).exists() for n in ("bad", "bad2", "bad.json"))

@@ -147,10 +147,13 @@ def add_score(sub) -> None:
 def cmd_score(a) -> int:
     import torch
 
+    from circuitq.data.tasks import TaskSpec
     from circuitq.model.loading import load_model
     from circuitq.pipeline.score import run_score
+    from circuitq.saliency.objectives import check_objective
 
     cfg = build(ScoreConfig(), a, SCORE_FLAGS)
+    check_objective(cfg.calib.objective, TaskSpec.parse(cfg.task).kind, cfg.calib.loss)   # before the model loads
     torch.manual_seed(cfg.calib.seed)
     lm = load_model(cfg.model, device=device_for(a.device))
     out = run_score(lm, cfg, a.out, resume=a.resume, overwrite=a.overwrite)
@@ -384,6 +387,10 @@ def cmd_faithfulness(a) -> int:
     job = replace(job, task=job.task or meta.get("task"))
     if not job.task:
         raise UsageError("the scores do not name their task; pass --task")
+    from circuitq.data.tasks import TaskSpec
+    from circuitq.saliency.objectives import check_objective
+
+    check_objective(job.calib.objective, TaskSpec.parse(job.task).kind, job.calib.loss)   # before the model loads
     if "--bits" not in given_flags(a._argv) and meta.get("bits"):   # --bits 3 and --bits=3 alike
         job = replace(job, quantize=replace(job.quantize, bits=int(meta["bits"])))
     torch.manual_seed(job.seed)
