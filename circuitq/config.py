@@ -34,6 +34,7 @@ ATTENTION_MODES = ("sdpa", "eager", "bridge")
 # token of the task's own text, leaving out a chat template's ("text")
 LOSS_SCOPES = ("answer", "all", "text")
 OBJECTIVES = ("nll", "metric")   # saliency.objectives
+METRIC_KINDS = ("ioi", "greater-than", "capitals")   # tasks whose metric has a gradient (saliency.objectives)
 RECOMPUTE_MODES = ("long", "all", "none")   # saliency.capture.LayerRecompute
 TEMPLATES = ("auto", "chat", "raw")
 EVAL_SPLITS = ("auto", "test", "halves")
@@ -274,8 +275,10 @@ class RunConfig:
     head_maps: str = field(default="atp", metadata=_help(
         "what the report's head and neuron maps show beside the TaCQ selection mass: atp = attribution "
         "patching, the predicted change of the task loss when a head's weights go to Q(W) at the largest bit "
-        "width (signed; one Σ G gradient pass of the calibration items per task); off = the selection mass only",
-        choices=("atp", "off")))
+        "width (signed; one Σ G gradient pass of the calibration items per task); atp-metric = the same with the "
+        "gradient of minus the task's own metric (ioi's logit difference, greater-than's probability difference, "
+        "capitals' margin; other tasks keep atp): the predicted change of that metric; off = the selection mass only",
+        choices=("atp", "atp-metric", "off")))
     map_samples: int = field(default=32, metadata=_help(
         "calibration items (the first N of each task's) for the attribution maps' Σ G pass; 32 is what the "
         "measured faithfulness used (docs/circuits.md), and the pass costs about as much per item as the "
@@ -303,8 +306,16 @@ class RunConfig:
     def faithfulness_job(self, task: str) -> "FaithfulnessJob":
         """The ``circuitq faithfulness`` settings a run uses for ``task``'s circuit at ``max(bits)``."""
         return FaithfulnessJob(task=task, units=self.faithfulness, fraction=self.mask.fraction, seed=self.calib.seed,
-                               data=self.data, calib=self.calib, quantize=self.quantize_at(max(self.bits)),
+                               data=self.data, calib=replace(self.calib, objective=self.map_objective(task)),
+                               quantize=self.quantize_at(max(self.bits)),
                                eval=replace(self.eval, all_tokens=False))
+
+    def map_objective(self, task: str) -> str:
+        """What ``task``'s attribution map (and the run's faithfulness check of it) differentiates:
+        ``metric`` under ``--head-maps atp-metric`` for a task with a differentiable metric
+        (``saliency.objectives.METRIC_KINDS``), else ``nll``."""
+        kind = task.split(":", 1)[0]
+        return "metric" if self.head_maps == "atp-metric" and kind in METRIC_KINDS else "nll"
 
     def quantize_at(self, bits: int) -> QuantizeConfig:
         return replace(self.quantize, bits=bits)

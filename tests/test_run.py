@@ -385,6 +385,47 @@ def test_run_draws_attribution_maps_equal_to_the_direct_computation(tmp_path, ti
     assert not list((tmp_path / "off" / "steps").glob("stats-sum-*"))
 
 
+def test_head_maps_of_the_task_metric(tmp_path, tiny_dir):
+    """``--head-maps atp-metric`` on greater-than: the map's Σ G is the gradient of minus the task's
+    metric (equal to a direct ``--objective metric`` pass, unlike the NLL one), its meta says so, the
+    run's faithfulness check uses the same objective and the report reads the Spearman against the
+    metric; a task without a differentiable metric keeps atp of the NLL."""
+    from dataclasses import replace
+
+    from circuitq.circuits.maps import read_map
+    from circuitq.config import from_dict
+    from circuitq.model.loading import load_model
+    from circuitq.pipeline import stages
+    from circuitq.pipeline.run import Runner
+
+    d, _ = tiny_dir
+    out = tmp_path / "run"
+    assert main(["run", "--model", str(d), "--tasks", "greater-than", "--bits", "3", "--calib-samples", "6",
+                 "--calib-seq-len", "64", "--eval-samples", "6", "--fraction", "0.02", "--group-size", "32",
+                 "--baselines", "random", "--no-transfer", "--head-maps", "atp-metric", "--faithfulness", "heads",
+                 "--map-samples", "6", "--out", str(out)]) == 0
+    doc = json.loads((out / "run.json").read_text())
+    _, meta = read_map(out / doc["maps"]["greater-than"] / "map.safetensors")
+    assert meta["objective"] == "metric" and "minus the task's metric" in meta["values"]
+    cfg = from_dict(RunConfig, doc["config"])
+    lm = load_model(str(d))
+    r = Runner(lm, cfg, out, progress=False)
+    g = r.grad_sum("greater-than").tensors["sum"]           # the stored step
+    items = r.items("greater-than", "calib")[:6]
+    direct = {o: stages.collect_gradients(lm.model, lm.tokenizer, items, replace(cfg.calib, objective=o), ("sum",),
+                                          progress=False, model_path=str(d))["stats"].tensors["sum"]
+              for o in ("metric", "nll")}
+    n = next(iter(g))
+    assert torch.allclose(g[n], direct["metric"][n], rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(g[n], direct["nll"][n], rtol=1e-2, atol=1e-6)
+    faith = json.loads(next(out.glob("faithfulness-greater-than-*.json")).read_text())
+    assert faith["objective"] == "metric" and faith["spearman_metric"]
+    html = (out / "report.html").read_text()
+    assert "atp of −metric" in html and "sign flipped" in html
+    assert cfg.map_objective("gsm8k") == "nll" and cfg.map_objective("ioi") == "metric"
+    assert replace(cfg, head_maps="atp").map_objective("ioi") == "nll"
+
+
 def test_run_with_an_attribution_baseline_collects_the_signed_sum_too(tmp_path, tiny_dir):
     """``--baselines atp atp-abs`` reads Σ_s G_s besides Σ|G_s|: the run's gradient pass collects both
     in one pass (a step keyed by them), and the atp rows are evaluated (0.7.0 failed with KeyError)."""

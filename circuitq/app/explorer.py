@@ -84,15 +84,19 @@ def attribution_map(path: str, mtime: float):
     return read_map(Path(path))
 
 
-def faithfulness_caption(run: runs_catalog.RunEntry, task: str, estimator: str) -> str:
-    """The measured faithfulness of ``estimator``'s map of ``task`` in this run, in one line."""
-    docs = [d for _, d in run.faithfulness if d.get("task") == task and estimator in (d.get("spearman") or {})]
+def faithfulness_caption(run: runs_catalog.RunEntry, task: str, estimator: str, objective: str = "nll") -> str:
+    """The measured faithfulness of ``estimator``'s map of ``task`` in this run, in one line
+    (``objective``: the map's; ``metric`` reads the Spearman against the measured metric change)."""
+    field = "spearman_metric" if objective == "metric" else "spearman"
+    docs = [d for _, d in run.faithfulness if d.get("task") == task and estimator in (d.get(field) or {})]
     if not docs:
         return (f"Faithfulness of this map: not measured in this run (circuitq run --faithfulness heads, or "
                 f"circuitq faithfulness --all-units --estimators {estimator} on its scores).")
     d = docs[-1]
-    rho = d["spearman"][estimator]
-    return (f"Measured faithfulness: Spearman {rho:.3f} between {estimator}'s prediction and the measured loss change "
+    rho = d[field][estimator]
+    what = f"the measured change of {runs_catalog.md(d.get('metric'))} (sign flipped)" if objective == "metric" \
+        else "the measured loss change"
+    return (f"Measured faithfulness: Spearman {rho:.3f} between {estimator}'s prediction and {what} "
             f"over {len(d.get('units', []))} {runs_catalog.md(d.get('units_kind'))} units "
             f"({runs_catalog.md(d.get('units_measured', 'top + random'))}); most faithful here: "
             f"{runs_catalog.md(d.get('best_estimator'))}.")
@@ -154,10 +158,13 @@ def page_explore(run: runs_catalog.RunEntry) -> None:
                           "head does (docs/circuits.md).")
     if shown.startswith("attribution"):
         amap, ameta = attribution_map(str(run.maps[task]), _mtime(run.maps[task]))
-        st.plotly_chart(attribution_heatmaps([(f"{task}: atp at {ameta.get('bits')} bits", amap)],
-                                             "Attribution patching per attention head (red: quantizing it raises "
-                                             "the task loss)"), key="heads_heatmap")
-        st.caption(faithfulness_caption(run, task, "atp"))
+        of_metric = ameta.get("objective") == "metric"
+        st.plotly_chart(attribution_heatmaps([(f"{task}: atp{' of −metric' if of_metric else ''} at "
+                                               f"{ameta.get('bits')} bits", amap)],
+                                             "Attribution patching per attention head (red: quantizing it "
+                                             + ("lowers the task's metric)" if of_metric else "raises the task loss)")),
+                     key="heads_heatmap")
+        st.caption(faithfulness_caption(run, task, "atp", ameta.get("objective", "nll")))
     else:
         heads = (smap.head / max(smap.total, 1e-30)).tolist()
         fig = go.Figure(go.Heatmap(z=heads, colorscale="Viridis",
@@ -256,7 +263,8 @@ def page_compare(runs: list[runs_catalog.RunEntry], run: runs_catalog.RunEntry) 
         st.plotly_chart(attribution_heatmaps([(f"A: {ta} (atp, {qa.get('bits')}-bit)", ma_),
                                               (f"B: {tb} (atp, {qb.get('bits')}-bit)", mb_)],
                                              "Attribution patching per attention head (signed)"), key="cmp_atp")
-        st.caption(f"A: {faithfulness_caption(ra, ta, 'atp')} B: {faithfulness_caption(rb, tb, 'atp')} "
+        st.caption(f"A: {faithfulness_caption(ra, ta, 'atp', qa.get('objective', 'nll'))} "
+                   f"B: {faithfulness_caption(rb, tb, 'atp', qb.get('objective', 'nll'))} "
                    f"Spearman of the two attribution maps: {spearman(ma_.head, mb_.head):.3f}.")
         with st.expander("Selection mass per head (where the 16-bit weights sit; not what a head does)"):
             st.plotly_chart(head_heatmaps(sa, sb, "A: " + la, "B: " + lb), key="cmp_heads")

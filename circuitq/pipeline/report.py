@@ -182,17 +182,20 @@ def _intro(doc: dict, res) -> str:
     return "".join(lines)
 
 
-def faithfulness_note(task: str, rep: dict | None, estimator: str) -> str:
-    """What is known about how faithful ``estimator``'s map of ``task`` is, for the caption beside it."""
+def faithfulness_note(task: str, rep: dict | None, estimator: str, objective: str = "nll") -> str:
+    """What is known about how faithful ``estimator``'s map of ``task`` is, for the caption beside it
+    (``objective``: the map's; ``metric`` reads the Spearman against the measured metric change)."""
     if not rep:
         return (f"<p>Faithfulness of this map on {html.escape(task)}: not measured in this run (add "
                 "<code>--faithfulness heads</code>, about 24 evaluation passes per task, or run "
                 "<code>circuitq faithfulness --all-units --curve</code> on its scores).</p>")
-    rho = rep.get("spearman", {})
+    metric = objective == "metric" and rep.get("spearman_metric")
+    rho = rep.get("spearman_metric") if metric else rep.get("spearman", {})
     parts = ", ".join(f"{html.escape(k)} {v:.2f}" for k, v in rho.items())
     n, kind = len(rep.get("units", [])), html.escape(str(rep.get("units_kind")))
     pick = html.escape(str(rep.get("units_measured", "top by score + random")))
-    return (f"<p>Measured faithfulness on {html.escape(task)} (this run): Spearman(predicted, measured loss change) "
+    what = f"measured change of {html.escape(str(rep.get('metric')))}, sign flipped" if metric else "measured loss change"
+    return (f"<p>Measured faithfulness on {html.escape(task)} (this run): Spearman(predicted, {what}) "
             f"over {n} {kind} units ({pick}), each replaced alone by its {html.escape(str(rep.get('ablation')))}d "
             f"value: {parts}. This map draws <b>{html.escape(estimator)}</b>"
             + (f"; the most faithful here is <b>{html.escape(str(rep.get('best_estimator')))}</b>." if
@@ -211,9 +214,15 @@ def _attribution_sections(res, bits: int) -> list:
                "head is quantized. Signed, on a diverging scale: red heads are predicted to hurt the task when "
                "quantized, blue ones to help it. Unlike the selection mass below, it predicts what a head does "
                "(docs/circuits.md has the measurements).</p>")
-    caption += "".join(faithfulness_note(t, faith.get(t), "atp") for t in loaded)
+    if any(m[1].get("objective") == "metric" for m in loaded.values()):
+        caption += ("<p><b>atp of −metric</b> (<code>--head-maps atp-metric</code>): for a task with a differentiable "
+                    "metric, G is the gradient of minus that metric (IOI's logit difference, greater-than's probability "
+                    "difference, capitals' margin), so red heads are predicted to lower the task's own metric when "
+                    "quantized.</p>")
+    caption += "".join(faithfulness_note(t, faith.get(t), "atp", m[1].get("objective", "nll")) for t, m in loaded.items())
     out = [("Attribution patching per attention head", caption),
-           ("", attribution_heatmaps([(f"{t}: atp at {m[1].get('bits')} bits", m[0]) for t, m in loaded.items()],
+           ("", attribution_heatmaps([(f"{t}: atp{' of −metric' if m[1].get('objective') == 'metric' else ''} at "
+                                       f"{m[1].get('bits')} bits", m[0]) for t, m in loaded.items()],
                                          "Attribution patching per attention head (predicted Δ task loss when quantized)"))]
     for t, (m, _) in loaded.items():
         out.append((f"MLP neurons by attribution: {t}", neuron_attribution_rows(m)))

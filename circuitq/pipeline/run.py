@@ -19,7 +19,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -202,7 +202,7 @@ class Runner:
         tokens = {t: budget.task_tokens(self.calib_sequences(t), self.items(t, "eval"), self.lm.tokenizer, c) for t in c.tasks}
         nums = budget.ModelNumbers.from_model(self.lm.model)
         stages_ = budget.run_stages(nums, tokens, len(c.bits), c.calib.batch_tokens, 2 + len(c.baselines),
-                                    c.mask.fraction, maps=c.head_maps == "atp", recompute=c.calib.recompute,
+                                    c.mask.fraction, maps=c.head_maps != "off", recompute=c.calib.recompute,
                                     n_stats=len(self.stats_wanted))
         est = budget.estimate(nums, stages_)
         self.estimate = {"peak_bytes": est.peak, "at": est.worst, "disk_bytes": est.disk,
@@ -282,13 +282,15 @@ class Runner:
         """``Σ_s G_s`` (signed: the gradient of the summed loss) of the task's calibration items,
         for attribution patching; one matmul per module and batch (no per-sample matrices)."""
         items = self.items(task, "calib")[:self.cfg.map_samples]
-        key = {**self.keys.calib(task), "stat": "sum", "first": len(items)}
+        obj = self.cfg.map_objective(task)
+        key = {**self.keys.calib(task), "stat": "sum", "first": len(items), **({"objective": obj} if obj != "nll" else {})}
 
         def compute(tmp):
-            self.say(f"{task}: Σ G of {len(items)} calibration items (for the attribution maps)")
+            self.say(f"{task}: Σ G of {len(items)} calibration items (for the attribution maps"
+                     + (", of minus the task's metric)" if obj != "nll" else ")"))
             with self.meter.stage("gradients"):
                 res = stages.collect_gradients(self.lm.model, self.lm.tokenizer, items,
-                                               self.cfg.calib, ("sum",), progress=self.progress,
+                                               replace(self.cfg.calib, objective=obj), ("sum",), progress=self.progress,
                                                model_path=self.lm.source)
                 save_stats(tmp / "stats.safetensors", res["stats"], {**key, "truncated": res["truncated"],
                                                                       "tokens_per_s": res["tokens_per_s"]})
@@ -296,7 +298,9 @@ class Runner:
 
     def map_key(self, task: str, bits: int) -> dict:
         """The attribution map's key: the TaCQ scores' (same calibration items, same Q(W)) + Σ G."""
-        return {**self.keys.score(task, bits, "tacq"), "estimator": "atp", "stat": "sum", "first": self.cfg.map_samples}
+        obj = self.cfg.map_objective(task)
+        return {**self.keys.score(task, bits, "tacq"), "estimator": "atp" if obj == "nll" else "atp-metric", "stat": "sum",
+                "first": self.cfg.map_samples}
 
     def attribution_map(self, task: str, bits: int) -> Path:
         """The step directory of ``task``'s attribution-patching map at ``bits`` (``map.safetensors``:
@@ -370,7 +374,7 @@ class Runner:
 
     def _wants_map(self, task: str | None, bits: int, methods: list[str]) -> bool:
         """The attribution map rides along the pass that makes the TaCQ scores it shares Q(W) with."""
-        return (self.cfg.head_maps == "atp" and task is not None and "tacq" in methods and bits == max(self.cfg.bits)
+        return (self.cfg.head_maps != "off" and task is not None and "tacq" in methods and bits == max(self.cfg.bits)
                 and not self.store.find("maps", self.map_key(task, bits)))
 
     def _stream_masks_once(self, task: str | None, bits: int, methods: list[str], maps: bool = False) -> None:
@@ -424,10 +428,16 @@ class Runner:
         if ctx:
             ctx.__exit__(None, None, None)
         if acc is not None:
-            meta = {"estimator": "atp", "task": src, "bits": bits, "quantizer": qcfg.method if qw is not None else None,
+            obj = self.cfg.map_objective(src)
+            meta = {"estimator": "atp", "objective": obj, "task": src, "bits": bits,
+                    "quantizer": qcfg.method if qw is not None else None,
                     "values": "Σ over the calibration items of G · (Q(W) − W), summed per unit: the first-order "
                               "change of the summed task loss when the unit's weights go to Q(W); positive = "
-                              "quantizing it is predicted to raise the loss",
+                              "quantizing it is predicted to raise the loss" if obj == "nll" else
+                              "Σ over the calibration items of G · (Q(W) − W), summed per unit, G the gradient of "
+                              "minus the task's metric: the first-order change of the metric when the unit's "
+                              "weights go to Q(W), sign flipped; positive = quantizing it is predicted to lower "
+                              "the metric",
                     "calib_items": min(len(self.items(src, "calib")), self.cfg.map_samples), "model": self.lm.name,
                     "model_note": self.lm.note,
                     "geometry": Geometry.from_config(self.lm.model.config).to_dict(), "circuitq_version": __version__}
@@ -542,7 +552,8 @@ class Runner:
         key = {"scores": self.keys.score(task, bits, "tacq"), "eval": self.keys.eval(task),
                "units": job.units, "top": job.top, "random": job.random, "ablation": job.ablation,
                "fraction": job.fraction, "seed": job.seed, "estimators": list(job.estimators),
-               "all_units": job.all_units, "curve": job.curve, "report": 2}   # 2: estimators named atp (0.7)
+               "all_units": job.all_units, "curve": job.curve, "report": 2,   # 2: estimators named atp (0.7)
+               **({"objective": job.calib.objective} if job.calib.objective != "nll" else {})}
         def compute(tmp):
             scores = load_scores(self.tacq_scores(task, bits))["scores"]
             self.say(f"{task}: faithfulness of the {bits}-bit circuit ({job.units}, {job.top} top + {job.random} "
@@ -622,7 +633,7 @@ def _run_jobs(r: Runner, jobs, *, cfg: RunConfig, run_dir: Path, lm, device, com
     for t in cfg.tasks:   # the report's circuit maps need every task's scores, even when all masks were reused
         for b in cfg.bits:
             score_dirs[(t, b)] = r.tacq_scores(t, b)
-    maps = {t: r.attribution_map(t, max(cfg.bits)) for t in cfg.tasks} if cfg.head_maps == "atp" else {}
+    maps = {t: r.attribution_map(t, max(cfg.bits)) for t in cfg.tasks} if cfg.head_maps != "off" else {}
     faith = {}
     if cfg.faithfulness != "off":
         for t in cfg.tasks:

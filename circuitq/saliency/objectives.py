@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from circuitq.config import OBJECTIVES  # ("nll", "metric")
+from circuitq.config import METRIC_KINDS, OBJECTIVES  # ("ioi", "greater-than", "capitals"), ("nll", "metric")
 from circuitq.errors import UsageError
-
-METRIC_KINDS = ("ioi", "greater-than", "capitals")
 
 
 def sample_losses(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
