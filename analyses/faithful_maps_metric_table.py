@@ -1,0 +1,109 @@
+"""One table of every head-map faithfulness measurement of issue 23, by task, bits and the
+estimators' objective (NLL or the task's metric): Spearman over all query heads against the
+measured loss change and against the measured metric change, and the keep-top curve at 10% of the
+heads, mean ± sd over calibration seeds [lowest]. Read from the faithfulness JSONs themselves (the
+Spearman against the metric is computed from each file's per-head predictions and measurements,
+so files of circuitq < 0.8 count too). Writes ``analyses/FAITHFUL_MAPS_METRIC.md``.
+
+    .venv/bin/python analyses/faithful_maps_metric_table.py
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+from common import REPO, machine
+
+sys.path.insert(0, str(REPO))
+from circuitq.circuits.faithfulness import spearman  # noqa: E402
+
+R = REPO / "analyses" / "results"
+# (model, task, bits, held-out items, objective, files): one group of seeds each
+GROUPS = [
+    ("SmolLM2-135M", "ioi", 3, 192, "nll", sorted((R / "faithful_maps_names58").glob("faith-ioi-3bit-s?.json"))),
+    ("SmolLM2-135M", "ioi", 3, 192, "metric", sorted((R / "faithful_maps_metric").glob("faith-ioi-3bit-s?.json"))),
+    ("SmolLM2-135M", "ioi", 2, 96, "nll", sorted((R / "faithful_maps_names58_2bit").glob("faith-ioi-2bit-s?-96.json"))),
+    ("SmolLM2-135M", "ioi", 2, 96, "metric", sorted((R / "faithful_maps_metric_2bit").glob("faith-ioi-2bit-s?.json"))),
+    ("SmolLM2-135M", "greater-than", 3, 96, "nll", sorted((R / "faithful_maps_gt").glob("faith-greater-than-3bit-s?.json"))),
+    ("SmolLM2-135M", "greater-than", 3, 96, "metric",
+     sorted((R / "faithful_maps_metric_gt").glob("faith-greater-than-3bit-s?.json"))),
+    ("Gemma 3 270M", "ioi", 3, 192, "nll", sorted((R / "gemma3_270m_faith").glob("faith-ioi-3bit-s?.json"))),
+]
+ESTIMATORS = ("score", "atp", "atp-local", "atp-denoise")
+
+
+def stats(xs: list[float]) -> str:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    if not xs:
+        return "—"
+    if len(xs) == 1:
+        return f"{xs[0]:.3f} (1 seed)"
+    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f} [{min(xs):.3f}]"
+
+
+def per_file(path: Path) -> dict:
+    rep = json.loads(path.read_text())
+    units = rep["units"]
+    out = {"loss": dict(rep["spearman"]), "metric": {}, "rec10": {}, "ceiling": (rep.get("noise_ceiling") or {}).get("ceiling"),
+           "agree": spearman([u["measured_loss"] for u in units], [-u["measured_metric"] for u in units])}
+    for e in rep["spearman"]:
+        out["metric"][e] = spearman([u["predicted"][e] for u in units], [-u["measured_metric"] for u in units])
+    curves = rep.get("curves")
+    if curves:
+        for o, modes in curves["orderings"].items():
+            pts = [p for p in modes["keep-top"]["points"] if p["fraction"] <= 0.1 + 1e-9]
+            out["rec10"][o] = (pts[-1]["recovery"], pts[-1]["metric"], curves["full"]["metric"], curves["none"]["metric"])
+    return out
+
+
+def main() -> None:
+    lines = ["# Head maps of the loss and of the task's metric (issue 23, 0.8.0)", "",
+             f"Written by `analyses/faithful_maps_metric_table.py` from the faithfulness JSONs under `analyses/results/` "
+             f"({machine()['platform']}, {machine()['cpus']} CPUs, torch {machine()['torch']}). **Both models' weights are "
+             "dequantized from 4-bit GGUF files.** Every query head is replaced alone by its round-to-nearest value at "
+             "the given bits and the change measured on held-out items (IOI: names never in calibration; greater-than: "
+             "start years never in calibration); the estimators come from 128 calibration items per seed, their "
+             "gradients of the answer's NLL (`nll`) or of minus the task's metric (`metric`: IOI's logit difference, "
+             "greater-than's probability difference). One measurement per task and bits, reused by every seed and "
+             "objective (`--measured`). Mean ± sd over seeds [lowest seed].", "",
+             "## Spearman over all query heads", "",
+             "| model | task | bits | items | objective | seeds | estimator | vs measured loss change | vs measured metric change | loss ceiling |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    agree = []
+    curve_rows = []
+    for model, task, bits, items, obj, files in GROUPS:
+        if not files:
+            continue
+        rows = [per_file(f) for f in files]
+        agree.append((model, task, bits, rows[0]["agree"]))
+        for e in ESTIMATORS:
+            if e not in rows[0]["loss"]:
+                continue
+            lines.append(f"| {model} | {task} | {bits} | {items} | {obj} | {len(rows)} | `{e}` | "
+                         f"{stats([r['loss'][e] for r in rows])} | {stats([r['metric'][e] for r in rows])} | "
+                         f"{stats([r['ceiling'] for r in rows]).split(' ±')[0]} |")
+        for o in list(ESTIMATORS) + ["random"]:
+            if all(o in r["rec10"] for r in rows):
+                rec = [r["rec10"][o] for r in rows]
+                curve_rows.append(f"| {model} | {task} | {bits} | {obj} | {len(rows)} | `{o}` | {stats([x[0] for x in rec])} | "
+                                  f"{stats([x[1] for x in rec])} | {rec[0][2]:.3f} | {rec[0][3]:.3f} |")
+    lines += ["", "The loss and the metric as targets: Spearman between each head's measured loss change and its "
+              "measured metric change (sign flipped so that both are \"hurts the task\"): "
+              + "; ".join(f"{m} {t} {b} bits {a:.2f}" for m, t, b, a in dict(((m, t, b), (m, t, b, a)) for m, t, b, a in agree).values())
+              + ".", "",
+              "## Keep-top curves at 10% of the heads", "",
+              "The top 10% of heads by each ordering stay 16-bit, every other head is replaced. Recovery = "
+              "(m − m_none) / (m_full − m_none) of the task metric: 1 = the 16-bit model's, 0 = every head replaced; "
+              "above 1 the ordering leaves out heads whose replacement raises the metric. Greater-than at 3 bits: "
+              "replacing every head *raises* the metric (m_none > m_full), so its recovery has the opposite sign.", "",
+              "| model | task | bits | objective | seeds | ordering | recovery at 10% | metric at 10% | 16-bit metric | all replaced |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", *curve_rows, ""]
+    (REPO / "analyses" / "FAITHFUL_MAPS_METRIC.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
