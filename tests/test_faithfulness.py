@@ -316,6 +316,9 @@ def test_faithfulness_with_the_metric_objective_end_to_end(tmp_path, tiny_dir, c
     m = reps["metric"]
     assert m["objective"] == "metric" and m["metric"] == "prob_diff"
     assert set(m["spearman_metric"]) == {"atp", "atp-denoise"}
+    nc = m["noise_ceiling_metric"]          # the metric measured on the even and the odd items too
+    assert nc is not None and -1 <= nc["split_half_spearman"] <= 1 and 0 <= nc["ceiling"] <= 1
+    assert all(len(u["measured_metric_halves"]) == 2 for u in m["units"])
     assert all(-1 <= v <= 1 for v in m["spearman_metric"].values() if v == v)
     pm = [u["predicted"]["atp"] for u in m["units"]]
     pn = [u["predicted"]["atp"] for u in reps["nll"]["units"]]

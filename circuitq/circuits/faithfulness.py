@@ -267,14 +267,15 @@ class UnitResult(NamedTuple):
     measured_loss: float       # change of the task loss (NLL per completion token)
     measured_metric: float | None
     measured_halves: tuple | None = None   # the loss change on the even and on the odd items
+    measured_metric_halves: tuple | None = None   # the same for the task metric (0.8)
 
 
-def noise_ceiling(rows: list[UnitResult]) -> dict | None:
+def noise_ceiling(rows: list[UnitResult], field: str = "measured_halves") -> dict | None:
     """How far the measured changes can be predicted at all: the Spearman correlation of the
     changes measured on the even and on the odd evaluation items (split half), its Spearman–Brown
     reliability for all items ``2r / (1 + r)``, and ``√reliability``, the correlation a perfect
     predictor would reach with measurements this noisy (the attenuation bound). None without halves."""
-    halves = [r.measured_halves for r in rows]
+    halves = [getattr(r, field) for r in rows]
     if any(h is None for h in halves) or len(rows) < 3:
         return None
     r = spearman([h[0] for h in halves], [h[1] for h in halves])
@@ -283,7 +284,8 @@ def noise_ceiling(rows: list[UnitResult]) -> dict | None:
 
 
 def measure(model, loss_fn, entries: dict, values: dict, cache: LayerReplay | None = None) -> tuple[float, float | None]:
-    """``loss_fn(model) -> (loss, metric[, (loss on even items, loss on odd items)])`` with
+    """``loss_fn(model) -> (loss, metric[, (loss on even items, loss on odd items)[, (the metric on
+    them)]])`` with
     ``entries`` replaced by ``values``; with ``cache``
     (recorded on the unchanged model), the layers below the first replaced one are replayed."""
     with replaced(model, entries, values):
@@ -338,6 +340,7 @@ def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], val
         base = loss_fn(model)
     base_loss, base_metric = base[0], base[1]
     base_halves = base[2] if len(base) > 2 else None
+    base_mhalves = base[3] if len(base) > 3 and base[3] is not None else None
     known = {}
     if prior is not None:
         was = prior["base"]["loss"]
@@ -361,13 +364,16 @@ def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], val
         if known:
             k = known[u.label]
             halves = tuple(k["measured_halves"]) if k.get("measured_halves") is not None else None
-            rows.append(UnitResult(u.label, size, predicted, k["measured_loss"], k["measured_metric"], halves))
+            mh = tuple(k["measured_metric_halves"]) if k.get("measured_metric_halves") is not None else None
+            rows.append(UnitResult(u.label, size, predicted, k["measured_loss"], k["measured_metric"], halves, mh))
             continue
         got = measure(model, loss_fn, u.entries, values, cache)
         loss, metric = got[0], got[1]
         halves = tuple(a - b for a, b in zip(got[2], base_halves)) if base_halves is not None else None
+        mh = tuple(a - b for a, b in zip(got[3], base_mhalves)) if base_mhalves is not None and len(got) > 3 and got[3] is not None \
+            else None
         rows.append(UnitResult(u.label, size, predicted, loss - base_loss,
-                               None if metric is None or base_metric is None else metric - base_metric, halves))
+                               None if metric is None or base_metric is None else metric - base_metric, halves, mh))
     rho = {k: spearman([r.predicted[k] for r in rows], [r.measured_loss for r in rows]) for k in estimators}
     # the same against the task metric's measured change, sign flipped so that "hurts the task" is positive
     # for both (the ranking an estimator of --objective metric is made for)
@@ -388,6 +394,7 @@ def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], val
             "units_measured": "all" if all_units else f"top {top} by score + {n_random} random (seed {seed})",
             "spearman": rho, "spearman_metric": rho_metric, "best_estimator": max(rho, key=lambda k: -1 if math.isnan(rho[k]) else rho[k]),
             "noise_ceiling": noise_ceiling(rows),
+            "noise_ceiling_metric": noise_ceiling(rows, "measured_metric_halves"),
             "contrasts": contrasts, "only_circuit_over_only_random": ratio,
             "circuit_entries": int(sum(int(m.sum()) for m in circuit.values()))}
 

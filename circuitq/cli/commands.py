@@ -424,7 +424,9 @@ def cmd_faithfulness(a) -> int:
             f"vs all but random {c['all but random']['loss_change']:+.4f}")
     if rep.get("spearman_metric"):
         print(f"[circuitq] against the measured change of the task metric ({rep['metric']}, sign flipped; the estimators' "
-              f"objective: {rep['objective']}): " + ", ".join(f"{k} {v:.3f}" for k, v in rep["spearman_metric"].items()))
+              f"objective: {rep['objective']}): " + ", ".join(f"{k} {v:.3f}" for k, v in rep["spearman_metric"].items())
+              + (f" (a perfect predictor: about {rep['noise_ceiling_metric']['ceiling']:.3f})"
+                 if rep.get("noise_ceiling_metric") else ""))
     print(f"[circuitq] wrote {out}, {out.with_suffix('.csv')}" + (f" and {out.with_suffix('.curves.csv')}"
                                                                  if "curves" in rep else ""))
     return 0

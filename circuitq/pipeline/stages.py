@@ -430,7 +430,15 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
         def nll(recs):
             return sum(x["nll"] * x["tokens"] for x in recs) / max(1, sum(x["tokens"] for x in recs))
 
-        return r["nll_per_token"], r.get(r.get("task_metric") or "accuracy"), (nll(res.items[0::2]), nll(res.items[1::2]))
+        key = r.get("task_metric") or "accuracy"
+
+        def mean_metric(recs):   # the task metric over a half of the items (None when items do not carry it)
+            vals = [float(x[key]) for x in recs if x.get(key) is not None]
+            return sum(vals) / len(vals) if vals and len(vals) == len(recs) else None
+
+        mh = (mean_metric(res.items[0::2]), mean_metric(res.items[1::2]))
+        return (r["nll_per_token"], r.get(key), (nll(res.items[0::2]), nll(res.items[1::2])),
+                mh if None not in mh else None)
 
     base = evaluate(model, lm.tokenizer, items, task.kind, cfg=job.eval, progress=False).metrics
     chance = TASK_KINDS[task.kind].chance
