@@ -33,6 +33,27 @@ GROUPS = [
     ("Gemma 3 270M", "ioi", 3, 192, "nll", sorted((R / "gemma3_270m_faith").glob("faith-ioi-3bit-s?.json"))),
 ]
 ESTIMATORS = ("score", "atp", "atp-local", "atp-denoise")
+COMMANDS = """## Commands (2 CPU cores; each seed after the first reuses the first's measurement)
+
+    # IOI, 3 bits, loss objective (0.7.2): results/faithful_maps_names58/
+    .venv/bin/python analyses/faithful_maps.py --tasks ioi --bits 3 --seeds 0 1 2 --root runs/faithful-maps-072 \\
+        --out analyses/results/faithful_maps_names58
+    # IOI, 2 bits, loss objective (0.7.3): commands in results/faithful_maps_names58_2bit/README.md
+    # greater-than, 3 bits, loss objective (0.8.0; seed 0 measures all 270 heads: 54 min)
+    .venv/bin/python analyses/faithful_maps.py --tasks greater-than --bits 3 --seeds 0 1 2 --eval-samples 96 \\
+        --root runs/faithful-maps-gt --out analyses/results/faithful_maps_gt
+    # the metric objective, against the measurements above (scores directories linked into each root)
+    .venv/bin/python analyses/faithful_maps.py --tasks ioi --bits 3 --seeds 0 1 2 --estimators atp atp-local atp-denoise \\
+        --objective metric --measured runs/faithful-maps-072/faith-ioi-3bit-s0.json --eval-samples 192 \\
+        --root runs/fm-metric --out analyses/results/faithful_maps_metric
+    .venv/bin/python analyses/faithful_maps.py --tasks greater-than --bits 3 --seeds 0 1 2 --estimators atp atp-local \\
+        atp-denoise --objective metric --measured runs/faithful-maps-gt/faith-greater-than-3bit-s0.json --eval-samples 96 \\
+        --root runs/fm-metric-gt --out analyses/results/faithful_maps_metric_gt
+    .venv/bin/python analyses/faithful_maps.py --tasks ioi --bits 2 --seeds 0 1 2 --estimators atp atp-local atp-denoise \\
+        --objective metric --measured runs/faith-ioi-2bit-s0-96.json --eval-samples 96 \\
+        --root runs/fm-metric-2bit --out analyses/results/faithful_maps_metric_2bit
+    .venv/bin/python analyses/faithful_maps_metric_table.py
+"""
 
 
 def stats(xs: list[float]) -> str:
@@ -100,7 +121,7 @@ def main() -> None:
               "above 1 the ordering leaves out heads whose replacement raises the metric. Greater-than at 3 bits: "
               "replacing every head *raises* the metric (m_none > m_full), so its recovery has the opposite sign.", "",
               "| model | task | bits | objective | seeds | ordering | recovery at 10% | metric at 10% | 16-bit metric | all replaced |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", *curve_rows, ""]
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", *curve_rows, "", COMMANDS]
     (REPO / "analyses" / "FAITHFUL_MAPS_METRIC.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
