@@ -17,6 +17,7 @@ import os
 import shutil
 import struct
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -194,3 +195,22 @@ class ParameterBackup:
 
 def file_bytes(path: str | Path) -> int:
     return os.path.getsize(path)
+
+
+@contextmanager
+def replaced(model, entries: dict[str, torch.Tensor], values: dict[str, torch.Tensor]):
+    """Inside the block, ``model``'s entries (``{name: [out, in] bool}``) hold ``values``; they are
+    restored bit for bit afterwards."""
+    saved = {}
+    try:
+        with torch.no_grad():
+            for n, m in entries.items():
+                p = model.get_parameter(n)
+                saved[n] = p.data.clone()
+                m = m.to(p.device)
+                p.data[m] = values[n].to(p.device, p.dtype)[m]
+        yield model
+    finally:
+        with torch.no_grad():
+            for n, old in saved.items():
+                model.get_parameter(n).data.copy_(old)

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from circuitq.errors import UsageError
 from circuitq.model.arch import Geometry, module_parts, parse_name
 from circuitq.saliency.masks import select_topk
+from circuitq.storage import replaced  # noqa: F401  (re-exported: units are replaced with it)
 
 UNIT_KINDS = ("heads", "kv-heads", "neurons", "modules")
 ABLATIONS = ("quantize", "zero", "mean")
@@ -158,25 +159,6 @@ def replacement(weights: dict[str, torch.Tensor], ablation: str, quantized: dict
     if ablation == "zero":
         return {n: torch.zeros_like(w) for n, w in weights.items()}
     return {n: w.float().mean(1, keepdim=True).expand_as(w).to(w.dtype) for n, w in weights.items()}
-
-
-@contextmanager
-def replaced(model, entries: dict[str, torch.Tensor], values: dict[str, torch.Tensor]):
-    """Inside the block, ``model``'s entries (``{name: [out, in] bool}``) hold ``values``; they are
-    restored bit for bit afterwards."""
-    saved = {}
-    try:
-        with torch.no_grad():
-            for n, m in entries.items():
-                p = model.get_parameter(n)
-                saved[n] = p.data.clone()
-                m = m.to(p.device)
-                p.data[m] = values[n].to(p.device, p.dtype)[m]
-        yield model
-    finally:
-        with torch.no_grad():
-            for n, old in saved.items():
-                model.get_parameter(n).data.copy_(old)
 
 
 def union(parts: list[dict]) -> dict:

@@ -38,6 +38,7 @@ from circuitq.data.tasks import collate, scored_positions, tokenize_examples
 from circuitq.errors import UsageError
 from circuitq.saliency.capture import collect_stats
 from circuitq.saliency.objectives import Objective
+from circuitq.storage import replaced
 
 
 def gauss_legendre(k: int) -> tuple[list[float], list[float]]:
@@ -150,22 +151,11 @@ def denoising_attribution(model, tokenizer, examples, cover: dict[str, torch.Ten
     bytes of the covered weights' dtype) and one gradient statistic (``4 · P_lin``) beside the
     caller's ``values``."""
     path = model_path or getattr(model.config, "_name_or_path", "") or "model"
-    saved = {}
-    try:
-        with torch.no_grad():
-            for n, m in cover.items():
-                p = model.get_parameter(n)
-                saved[n] = p.data.clone()
-                m = m.to(p.device)
-                p.data[m] = values[n].to(p.device, p.dtype)[m]
+    with replaced(model, cover, values):
         st = collect_stats(model, tokenizer, examples, path, batch_size=calib.batch_size, seq_len=calib.seq_len,
                            stats=("sum",), progress=progress, batch_tokens=calib.batch_tokens,
                            attention=calib.attention, loss=calib.loss, recompute=calib.recompute,
-                               objective=calib.objective)["stats"]
-    finally:
-        with torch.no_grad():
-            for n, old in saved.items():
-                model.get_parameter(n).data.copy_(old)
+                           objective=calib.objective)["stats"]
     g = st.tensors["sum"]
     return {n: atp(g[n].to(values[n].device), model.get_parameter(n).detach().to(values[n].device), values[n])
             for n in values if n in g}
