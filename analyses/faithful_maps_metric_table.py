@@ -49,9 +49,7 @@ COMMANDS = """## Commands (2 CPU cores; each seed after the first reuses the fir
     .venv/bin/python analyses/faithful_maps.py --tasks greater-than --bits 3 --seeds 0 1 2 --estimators atp atp-local \\
         atp-denoise --objective metric --measured runs/faithful-maps-gt/faith-greater-than-3bit-s0.json --eval-samples 96 \\
         --root runs/fm-metric-gt --out analyses/results/faithful_maps_metric_gt
-    .venv/bin/python analyses/faithful_maps.py --tasks ioi --bits 2 --seeds 0 1 2 --estimators atp atp-local atp-denoise \\
-        --objective metric --measured runs/faith-ioi-2bit-s0-96.json --eval-samples 96 \\
-        --root runs/fm-metric-2bit --out analyses/results/faithful_maps_metric_2bit
+    # IOI, 2 bits, the metric objective, no curves: commands in results/faithful_maps_metric_2bit/README.md
     .venv/bin/python analyses/faithful_maps_metric_table.py
 """
 
