@@ -15,6 +15,8 @@ Sizes are reduced from the defaults (stated in the output, as the scale issue's 
 ``run --tasks mmlu gsm8k --bits 3 --calib-samples 32 --eval-samples 16 --baselines grad``,
 ``score --task gsm8k --method tacq --bits 3 --samples 32``,
 ``quantize --bits 3 --calib gsm8k --samples 32``. ``--full-run`` adds the default ``run``.
+``evaluate``: the evaluation alone (4 MMLU items compared with the model itself at every token),
+whose peak beyond the runtime and the model is the ``[256, V]`` logits blocks ``pipeline.budget`` counts.
 
 The default model's float weights are dequantized from a 4-bit GGUF file.
 """
@@ -42,6 +44,13 @@ COMMANDS = {
     "run": ["-m", "circuitq", "run", "--model", "{model}", "--tasks", "mmlu", "gsm8k", "--bits", "3",
             "--calib-samples", "32", "--eval-samples", "16", "--baselines", "grad", "--out", "{tmp}/run"],
     "full-run": ["-m", "circuitq", "run", "--model", "{model}", "--out", "{tmp}/run"],
+    # the evaluation's logits blocks: 4 MMLU items (5 shots) compared with the model itself at every
+    # token, [256, V] chunks; the difference before/after 0.8.1 is kl_divergence's three extra blocks
+    "evaluate": ["-c", "import sys; from circuitq.model.loading import load_model; from circuitq.data.tasks import "
+                       "load_examples; from circuitq.evals import evaluate; lm = load_model(sys.argv[1]); "
+                       "ex = load_examples('mmlu', 'eval', 4, shots=5, tokenizer=lm.tokenizer); "
+                       "evaluate(lm.model, lm.tokenizer, ex, 'mmlu', reference=lm.model, batch_size=1, "
+                       "all_tokens=True, progress=False)", "{model}"],
 }
 
 

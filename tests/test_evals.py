@@ -8,6 +8,30 @@ from circuitq.cli import main
 from circuitq.evals import count_flips, kl_divergence, mc_correct, top1_agreement
 
 
+def test_kl_divergence_holds_two_blocks_beyond_its_inputs():
+    """In a fresh process: KL over ``[256, 65536]`` logits raises the resident high-water mark by
+    about two ``[256, 65536]`` float32 blocks (``pipeline.budget``'s count), not the five the plain
+    ``(p * (lr − lq)).sum()`` holds; and it equals that plain form."""
+    import subprocess
+    import sys
+
+    code = """
+import resource, torch, torch.nn.functional as F
+from circuitq.evals import kl_divergence
+n, v = 256, 65536
+g = torch.Generator().manual_seed(0)
+r, q = torch.randn(n, v, generator=g), torch.randn(n, v, generator=g)
+plain = lambda: (F.log_softmax(r, -1).exp() * (F.log_softmax(r, -1) - F.log_softmax(q, -1))).sum(-1)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+k = kl_divergence(r, q)
+lean = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print((lean - base) / (4 * n * v), float((k - plain()).abs().max()))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    blocks, diff = float(out[0]), float(out[1])
+    assert 1.5 < blocks < 2.6, blocks
+    assert diff < 1e-4
+
 def test_kl_of_identical_is_zero_and_known_value():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 11, generator=g)
