@@ -16,19 +16,23 @@ def test_kl_divergence_holds_two_blocks_beyond_its_inputs():
     import sys
 
     code = """
-import resource, torch, torch.nn.functional as F
+import torch, torch.nn.functional as F
 from circuitq.evals import kl_divergence
+from circuitq.pipeline.budget import PeakMeter, _proc_kb
 n, v = 256, 65536
 g = torch.Generator().manual_seed(0)
 r, q = torch.randn(n, v, generator=g), torch.randn(n, v, generator=g)
 plain = lambda: (F.log_softmax(r, -1).exp() * (F.log_softmax(r, -1) - F.log_softmax(q, -1))).sum(-1)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-k = kl_divergence(r, q)
-lean = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print((lean - base) / (4 * n * v), float((k - plain()).abs().max()))
+meter = PeakMeter()
+base = _proc_kb("/proc/self/status", "VmRSS")
+with meter.stage("kl"):       # the high-water mark reset to what the process holds now
+    k = kl_divergence(r, q)
+print(meter.ok, (meter.peaks.get("kl", 0) - base) / (4 * n * v), float((k - plain()).abs().max()))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    blocks, diff = float(out[0]), float(out[1])
+    if out[0] != "True":
+        pytest.skip("the kernel offers no resettable VmHWM here (Linux only)")
+    blocks, diff = float(out[1]), float(out[2])
     assert 1.5 < blocks < 2.6, blocks
     assert diff < 1e-4
 
