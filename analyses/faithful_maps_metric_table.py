@@ -31,6 +31,7 @@ GROUPS = [
     ("SmolLM2-135M", "greater-than", 3, 96, "metric",
      sorted((R / "faithful_maps_metric_gt").glob("faith-greater-than-3bit-s?.json"))),
     ("Gemma 3 270M", "ioi", 3, 192, "nll", sorted((R / "gemma3_270m_faith").glob("faith-ioi-3bit-s?.json"))),
+    ("Gemma 3 270M", "ioi", 3, 192, "metric", sorted((R / "gemma3_270m_faith").glob("fm-metric-ioi-3bit-s?.json"))),
 ]
 ESTIMATORS = ("score", "atp", "atp-local", "atp-denoise")
 COMMANDS = """## Commands (2 CPU cores; each seed after the first reuses the first's measurement)
@@ -50,6 +51,10 @@ COMMANDS = """## Commands (2 CPU cores; each seed after the first reuses the fir
         atp-denoise --objective metric --measured runs/faithful-maps-gt/faith-greater-than-3bit-s0.json --eval-samples 96 \\
         --root runs/fm-metric-gt --out analyses/results/faithful_maps_metric_gt
     # IOI, 2 bits, the metric objective, no curves: commands in results/faithful_maps_metric_2bit/README.md
+    # Gemma 3 270M, IOI, 3 bits, the metric objective against 0.7.3's measurement (0.8.1; 37 min with curves)
+    circuitq faithfulness --model gemma-3-270m --scores runs/gemma3/scores-ioi-3bit-s0 --units heads --all-units \
+        --estimators atp atp-local atp-denoise --objective metric --curve --bits 3 --seed 0 --calib-samples 128 \
+        --eval-samples 192 --measured runs/gemma3/faith-ioi-3bit-s0.json --out runs/gemma3/fm-metric-ioi-3bit-s0.json
     .venv/bin/python analyses/faithful_maps_metric_table.py
 """
 
