@@ -25,6 +25,10 @@ R = REPO / "analyses" / "results"
 GROUPS = [
     ("SmolLM2-135M", "ioi", 3, 192, "nll", sorted((R / "faithful_maps_names58").glob("faith-ioi-3bit-s?.json"))),
     ("SmolLM2-135M", "ioi", 3, 192, "metric", sorted((R / "faithful_maps_metric").glob("faith-ioi-3bit-s?.json"))),
+    ("SmolLM2-135M", "ioi", 3, 192, "metric, 256 calib. items",
+     sorted((R / "faithful_maps_metric_calib").glob("faith-ioi-3bit-c256-s?.json"))),
+    ("SmolLM2-135M", "ioi", 3, 192, "metric, all 400 calib. items",
+     sorted((R / "faithful_maps_metric_calib").glob("faith-ioi-3bit-c400-s?.json"))),
     ("SmolLM2-135M", "ioi", 2, 96, "nll", sorted((R / "faithful_maps_names58_2bit").glob("faith-ioi-2bit-s?-96.json"))),
     ("SmolLM2-135M", "ioi", 2, 96, "metric", sorted((R / "faithful_maps_metric_2bit").glob("faith-ioi-2bit-s?.json"))),
     ("SmolLM2-135M", "greater-than", 3, 96, "nll", sorted((R / "faithful_maps_gt").glob("faith-greater-than-3bit-s?.json"))),
@@ -51,6 +55,11 @@ COMMANDS = """## Commands (2 CPU cores; each seed after the first reuses the fir
         atp-denoise --objective metric --measured runs/faithful-maps-gt/faith-greater-than-3bit-s0.json --eval-samples 96 \\
         --root runs/fm-metric-gt --out analyses/results/faithful_maps_metric_gt
     # IOI, 2 bits, the metric objective, no curves: commands in results/faithful_maps_metric_2bit/README.md
+    # IOI, 3 bits, the metric objective from 256 and all 400 calibration items (0.8.1, no curves; 4-6 min each)
+    for s in 0 1 2; do circuitq faithfulness --scores runs/fm-metric/scores-ioi-3bit-s$s --units heads --all-units \
+        --estimators atp atp-local --objective metric --bits 3 --seed $s --calib-samples 256 --eval-samples 192 \
+        --measured runs/faithful-maps-072/faith-ioi-3bit-s0.json --out runs/fm-metric-c256/faith-ioi-3bit-s$s.json; done
+    # (and --calib-samples 512, which the split caps at 400, seed 0 only) -> results/faithful_maps_metric_calib/
     # Gemma 3 270M, IOI, 3 bits, the metric objective against 0.7.3's measurement (0.8.1; 37 min with curves)
     circuitq faithfulness --model gemma-3-270m --scores runs/gemma3/scores-ioi-3bit-s0 --units heads --all-units \
         --estimators atp atp-local atp-denoise --objective metric --curve --bits 3 --seed 0 --calib-samples 128 \
@@ -84,12 +93,14 @@ def per_file(path: Path) -> dict:
 
 
 def main() -> None:
-    lines = ["# Head maps of the loss and of the task's metric (issue 23, 0.8.0)", "",
+    lines = ["# Head maps of the loss and of the task's metric (issue 23, 0.8.0–0.8.1)", "",
              f"Written by `analyses/faithful_maps_metric_table.py` from the faithfulness JSONs under `analyses/results/` "
              f"({machine()['platform']}, {machine()['cpus']} CPUs, torch {machine()['torch']}). **Both models' weights are "
              "dequantized from 4-bit GGUF files.** Every query head is replaced alone by its round-to-nearest value at "
              "the given bits and the change measured on held-out items (IOI: names never in calibration; greater-than: "
-             "start years never in calibration); the estimators come from 128 calibration items per seed, their "
+             "start years never in calibration); the estimators come from 128 calibration items per seed (unless "
+             "the objective column says more: IOI's calibration split holds 400 items, so at 400 every seed draws "
+             "the same items and only one is run), their "
              "gradients of the answer's NLL (`nll`) or of minus the task's metric (`metric`: IOI's logit difference, "
              "greater-than's probability difference). One measurement per task and bits, reused by every seed and "
              "objective (`--measured`). Mean ± sd over seeds [lowest seed].", "",
