@@ -199,6 +199,31 @@ def test_local_attribution_is_the_directional_derivative_through_the_exact_subla
     assert est[block.label] != pytest.approx(first_order(block), rel=0.1)
 
 
+def test_local_attribution_per_item_terms_are_each_items_own_estimate(tiny_dir):
+    """``per_item``: the terms sum to the totals, and item j's term equals atp-local run on item j
+    alone (the items' losses are summed, so nothing crosses between items in a batch)."""
+    from circuitq.circuits.faithfulness import units
+    from circuitq.model.arch import Geometry
+    from circuitq.saliency.attribution import local_attribution
+
+    d, tok, model, ex, qw = _setup(tiny_dir)
+    model = model.double()
+    model.config.use_cache = False
+    qw = {n: q.double() for n, q in qw.items()}
+    calib = CalibConfig(samples=len(ex), seq_len=64, batch_size=4)
+    geo = Geometry.from_config(model.config)
+    shapes = {n: tuple(q.shape) for n, q in qw.items()}
+    picked = [units(shapes, geo, "heads")[5], units(shapes, geo, "neurons", block=32)[2]]
+    est, per = local_attribution(model, tok, ex, picked, qw, calib, progress=False, per_item=True)
+    assert est == local_attribution(model, tok, ex, picked, qw, calib, progress=False)
+    for u in picked:
+        assert per[u.label].shape == (len(ex),) and per[u.label].sum().item() == pytest.approx(est[u.label], rel=1e-9)
+        assert per[u.label].abs().min() > 0
+        for j in (0, 3, 5):
+            alone = local_attribution(model, tok, [ex[j]], [u], qw, calib, progress=False)[u.label]
+            assert per[u.label][j].item() == pytest.approx(alone, rel=1e-6, abs=1e-12)
+
+
 def test_denoising_attribution_is_the_first_order_effect_of_restoring_a_unit_in_the_replaced_model(tiny_dir):
     """atp-denoise: with every query head replaced by Q(W) (the keep-top curve's k = 0 model W'),
     a head's sum is ``−d/dt L(W' + t·(W_u − Q_u))`` at t = 0 (central difference, float64, the

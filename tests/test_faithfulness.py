@@ -151,7 +151,7 @@ def test_curves_reach_both_ends_and_order_by_the_estimator():
     assert torch.equal(model.w.detach(), torch.ones(1, 6))     # restored
 
 
-def test_faithfulness_all_heads_estimators_and_curves_end_to_end(tmp_path, tiny_dir):
+def test_faithfulness_all_heads_estimators_and_curves_end_to_end(tmp_path, tiny_dir, capsys):
     from circuitq.cli import main
     from test_score import _score, _task
 
@@ -169,6 +169,9 @@ def test_faithfulness_all_heads_estimators_and_curves_end_to_end(tmp_path, tiny_
     assert all(math.isfinite(u["predicted"][e]) for u in rep["units"] for e in ("atp-local", "atp-denoise"))
     assert rep["completeness"]["ig_steps"] == 2 and math.isfinite(rep["completeness"]["ig"]["gap"])
     assert -1 <= rep["noise_ceiling"]["split_half_spearman"] <= 1 and 0 <= rep["noise_ceiling"]["ceiling"] <= 1
+    er = rep["estimator_reliability"]
+    assert set(er) == {"atp-local"} and er["atp-local"]["items"] == 6 and -1 <= er["atp-local"]["split_half_spearman"] <= 1
+    assert "estimator noise: atp-local over the even and the odd of its 6 calibration items" in capsys.readouterr().out
     assert set(rep["curves"]["orderings"]) == {"score", "atp", "atp-local", "atp-denoise", "ig", "grad", "random"}
     rows = (tmp_path / "f.curves.csv").read_text().splitlines()
     assert len(rows) == 1 + 7 * 2 * 3
@@ -245,6 +248,28 @@ def test_noise_ceiling_from_split_halves():
     assert clean["split_half_spearman"] > 0.99 and clean["ceiling"] > 0.99
     assert noisy["ceiling"] < 0.8 and noisy["reliability"] < clean["reliability"]
     assert noise_ceiling([UnitResult("u", 1, {}, 0.0, None)] * 5) is None
+
+
+def test_estimator_reliability_from_its_own_items_split_in_half():
+    """Per-item terms of a unit estimator: halves of a clean estimate agree (reliability near 1),
+    of a noisy one less; Spearman–Brown for the full and for twice the items; the worked example."""
+    from circuitq.circuits.faithfulness import estimator_reliability
+
+    g = torch.Generator().manual_seed(0)
+    truth = torch.randn(40, generator=g)
+    items = lambda noise: {f"u{i}": t / 64 + noise * torch.randn(64, generator=g, dtype=torch.float64)
+                           for i, t in enumerate(truth.double())}
+    labels = [f"u{i}" for i in range(40)]
+    clean, noisy = estimator_reliability(labels, items(1e-4)), estimator_reliability(labels, items(0.1))
+    assert clean["split_half_spearman"] > 0.99 and clean["ceiling"] > 0.99 and clean["items"] == 64
+    assert noisy["reliability"] < clean["reliability"] and noisy["reliability"] < noisy["reliability_doubled"] < 1
+    r = noisy["split_half_spearman"]
+    assert noisy["reliability"] == pytest.approx(2 * r / (1 + r))
+    assert noisy["reliability_doubled"] == pytest.approx(2 * noisy["reliability"] / (1 + noisy["reliability"]))
+    # the worked example: halves agreeing at 0.8 give 0.889, and 0.941 for twice the items
+    rel = 2 * 0.8 / 1.8
+    assert round(rel, 3) == 0.889 and round(2 * rel / (1 + rel), 3) == 0.941
+    assert estimator_reliability(labels[:2], items(0.1)) is None
 
 
 def test_measured_reuses_an_earlier_measurement_and_refuses_another(tmp_path, tiny_dir, capsys, monkeypatch):

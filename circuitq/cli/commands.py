@@ -412,6 +412,11 @@ def cmd_faithfulness(a) -> int:
         nc = rep["noise_ceiling"]
         print(f"[circuitq] measurement noise: the changes measured on the even and the odd items agree with Spearman "
               f"{nc['split_half_spearman']:.3f}, so a perfect predictor would reach about {nc['ceiling']:.3f}")
+    for e, er in (rep.get("estimator_reliability") or {}).items():
+        if er:
+            print(f"[circuitq] estimator noise: {e} over the even and the odd of its {er['items']} calibration items "
+                  f"agrees with itself at Spearman {er['split_half_spearman']:.3f} (reliability {er['reliability']:.3f}; "
+                  f"twice the items: about {er['reliability_doubled']:.3f}, --calib-samples {2 * er['items']})")
     if "completeness" in rep:
         ig = rep["completeness"]["ig"]
         print(f"[circuitq] ig completeness: Σ attributions {ig['attributed']:+.4f} vs measured {ig['measured']:+.4f} "

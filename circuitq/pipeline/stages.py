@@ -417,8 +417,8 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
             est[e] = denoising_attribution(model, lm.tokenizer, calib_items, union([u.entries for u in unit_list]),
                                            values, job.calib, model_path=lm.source, progress=progress)
         elif e == "atp-local":
-            est[e] = UnitEstimate(local_attribution(model, lm.tokenizer, calib_items, unit_list, values, job.calib,
-                                                    progress=progress))
+            est[e] = UnitEstimate(*local_attribution(model, lm.tokenizer, calib_items, unit_list, values, job.calib,
+                                                     progress=progress, per_item=True))
         else:
             est[e] = compute_scores(e, SaliencyInputs(weights, values, grads.tensors, None, job.seed))
     del grads

@@ -199,7 +199,7 @@ def _patched_output(mod, args, kwargs, model, entries, values):
 
 
 def local_attribution(model, tokenizer, examples, unit_list, values: dict[str, torch.Tensor], calib, *,
-                      progress: bool = True) -> dict[str, float]:
+                      progress: bool = True, per_item: bool = False):
     """``atp-local``: per unit (anything with ``label`` and ``entries`` ``{weight: [out, in] bool}``),
     the predicted change of the summed task loss when the unit's entries take ``values``, with the
     unit's own sublayer (its attention or MLP block) recomputed **exactly** and only what follows
@@ -210,14 +210,18 @@ def local_attribution(model, tokenizer, examples, unit_list, values: dict[str, t
 
     Cost: one forward+backward over ``examples`` (the plain HF model, gradients of activations
     only), then per unit and batch one forward of its sublayer. Memory: the autograd graph of one
-    batch plus every hooked sublayer's inputs and output for that batch. Returns ``{label: float}``.
-    The model's weights are restored after each unit, also on an error."""
+    batch plus every hooked sublayer's inputs and output for that batch. Returns ``{label: float}``;
+    with ``per_item`` also ``{label: [n_items] float64}``, each item's own term (the items' losses are
+    summed, so item ``j``'s output gradient depends on item ``j`` alone; the terms sum to the total),
+    for the estimator's split-half reliability (``circuits.faithfulness.estimator_reliability``), at
+    ``8·n_items`` bytes per unit. The model's weights are restored after each unit, also on an error."""
     device = next(model.parameters()).device
     by_layer: dict[str, list] = {}
     for u in unit_list:
         by_layer.setdefault(sublayer_of(u.entries), []).append(u)
     est = {u.label: 0.0 for u in unit_list}
     tok = tokenize_examples(examples, tokenizer, calib.seq_len, loss=calib.loss)
+    items = {u.label: torch.zeros(len(tok.ids), dtype=torch.float64) for u in unit_list} if per_item else None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     obj = Objective(calib.objective, tokenizer)
     embed = model.get_input_embeddings()
@@ -261,11 +265,14 @@ def local_attribution(model, tokenizer, examples, unit_list, values: dict[str, t
                     y0 = y0[0] if isinstance(y0, tuple) else y0
                 for u in units_here:
                     y1 = _patched_output(mod, args, kwargs, model, u.entries, values)
-                    est[u.label] += float((g.double() * (y1 - y0).double()).sum())
+                    terms = (g.double() * (y1 - y0).double()).flatten(1).sum(1)     # [batch], one per item
+                    est[u.label] += float(terms.sum())
+                    if items is not None:
+                        items[u.label][idx] = terms.cpu()
                     bar.update(1)
             seen.clear()
     finally:
         bar.close()
         for p, r in wanted.items():
             p.requires_grad_(r)
-    return est
+    return (est, items) if per_item else est
