@@ -56,3 +56,16 @@ def measure_child(argv: list[str], env: dict, cwd: str | Path, log: Path) -> dic
         _, status, usage = os.wait4(p.pid, 0)
     return {"rc": os.waitstatus_to_exitcode(status), "seconds": time.perf_counter() - t0,
             "peak_rss_bytes": usage.ru_maxrss * 1024, "log": str(log)}
+
+
+def run_circuitq(cmd: list[str], env: dict, log: Path) -> float:
+    """Run ``python -m circuitq CMD`` (with ``env``, e.g. a worktree on ``PYTHONPATH``), its output in
+    ``log``; the seconds it took. Raises ``CalledProcessError`` when it fails."""
+    import shlex
+
+    print("$", shlex.join(cmd), flush=True)
+    t0 = time.perf_counter()
+    with Path(log).open("w") as fh:
+        subprocess.run([sys.executable, "-m", "circuitq", *cmd], check=True, env=env, stdout=fh,
+                       stderr=subprocess.STDOUT)
+    return time.perf_counter() - t0

@@ -28,25 +28,11 @@ import csv
 import json
 import math
 import os
-import shlex
 import shutil
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from common import REPO, machine, worktree
-
-
-def run(cmd: list[str], env: dict, log: Path) -> float:
-    """Run one circuitq command, its output in ``log``; seconds taken."""
-    print("$", shlex.join(cmd), flush=True)
-    t0 = time.perf_counter()
-    with log.open("w") as fh:
-        subprocess.run([sys.executable, "-m", "circuitq", *cmd], check=True, env=env, stdout=fh,
-                       stderr=subprocess.STDOUT)
-    return time.perf_counter() - t0
+from common import REPO, machine, run_circuitq, worktree
 
 
 def measure(task: str, bits: int, seed: int, a, env: dict, root: Path, reuse: Path | None = None) -> Path:
@@ -56,10 +42,10 @@ def measure(task: str, bits: int, seed: int, a, env: dict, root: Path, reuse: Pa
     scores = root / f"scores-{task}-{bits}bit-s{seed}"
     faith = root / f"faith-{task}-{bits}bit-s{seed}.json"
     if not scores.exists():
-        run(["score", "--task", task, "--method", "tacq", "--bits", str(bits), "--samples", str(a.calib_samples),
+        run_circuitq(["score", "--task", task, "--method", "tacq", "--bits", str(bits), "--samples", str(a.calib_samples),
              "--seed", str(seed), "--out", str(scores)], env, root / f"{scores.name}.log")
     if not faith.exists():
-        secs = run(["faithfulness", "--scores", str(scores), "--units", "heads", "--all-units",
+        secs = run_circuitq(["faithfulness", "--scores", str(scores), "--units", "heads", "--all-units",
                     "--estimators", *a.estimators, "--ig-steps", str(a.ig_steps), "--curve", "--bits", str(bits),
                     "--seed", str(seed), "--calib-samples", str(a.calib_samples),
                     "--eval-samples", str(a.eval_samples), "--objective", a.objective,

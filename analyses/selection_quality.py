@@ -25,26 +25,15 @@ import argparse
 import csv
 import json
 import os
-import shlex
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from common import REPO, machine, worktree
+from common import REPO, machine, run_circuitq, worktree
 
 METHODS = ("gptq", "tacq", "grad", "atp-abs", "atp")
 
 
-def run(cmd: list[str], env: dict, log: Path) -> float:
-    """Run one circuitq command, its output in ``log``; seconds taken."""
-    print("$", shlex.join(cmd), flush=True)
-    t0 = time.perf_counter()
-    with log.open("w") as fh:
-        subprocess.run([sys.executable, "-m", "circuitq", *cmd], check=True, env=env, stdout=fh,
-                       stderr=subprocess.STDOUT)
-    return time.perf_counter() - t0
 
 
 def imported(spec: str, out: Path) -> list[str]:
@@ -70,7 +59,7 @@ def measure(task: str, seed: int, a, env: dict, rev: str) -> Path:
     dest = a.out / f"results-{task}-s{seed}.csv"
     run_dir = a.root / f"{task}-s{seed}"
     if not (run_dir / "results.csv").exists():
-        secs = run(["run", "--tasks", task, "--bits", "3", "--seed", str(seed), "--baselines", "grad", "atp", "atp-abs",
+        secs = run_circuitq(["run", "--tasks", task, "--bits", "3", "--seed", str(seed), "--baselines", "grad", "atp", "atp-abs",
                     "--no-transfer", "--head-maps", "off", "--eval-samples", str(a.eval_samples),
                     "--out", str(run_dir)], env, a.root / f"{task}-s{seed}.log")
         (run_dir / "wall_seconds.txt").write_text(f"{secs:.1f}\n")
