@@ -170,8 +170,12 @@ def test_faithfulness_all_heads_estimators_and_curves_end_to_end(tmp_path, tiny_
     assert rep["completeness"]["ig_steps"] == 2 and math.isfinite(rep["completeness"]["ig"]["gap"])
     assert -1 <= rep["noise_ceiling"]["split_half_spearman"] <= 1 and 0 <= rep["noise_ceiling"]["ceiling"] <= 1
     er = rep["estimator_reliability"]
-    assert set(er) == {"atp-local"} and er["atp-local"]["items"] == 6 and -1 <= er["atp-local"]["split_half_spearman"] <= 1
-    assert "estimator noise: atp-local over the even and the odd of its 6 calibration items" in capsys.readouterr().out
+    # atp-local from its per-item terms; the additive weight-level methods (atp, grad) from two halves of the items
+    assert set(er) == {"atp-local", "atp", "grad"}
+    assert all(er[e]["items"] == 6 and -1 <= er[e]["split_half_spearman"] <= 1 for e in er)
+    printed = capsys.readouterr().out
+    assert "estimator noise: atp-local over the even and the odd of its 6 calibration items" in printed
+    assert "estimator noise: atp over the even and the odd of its 6 calibration items" in printed
     assert set(rep["curves"]["orderings"]) == {"score", "atp", "atp-local", "atp-denoise", "ig", "grad", "random"}
     rows = (tmp_path / "f.curves.csv").read_text().splitlines()
     assert len(rows) == 1 + 7 * 2 * 3
@@ -270,6 +274,47 @@ def test_estimator_reliability_from_its_own_items_split_in_half():
     rel = 2 * 0.8 / 1.8
     assert round(rel, 3) == 0.889 and round(2 * rel / (1 + rel), 3) == 0.941
     assert estimator_reliability(labels[:2], items(0.1)) is None
+
+
+def test_gradients_of_two_halves_in_turn_equal_those_of_all_items(tiny_dir):
+    """The split-half reliability of weight-level estimators collects the even items, then carries
+    on with the odd into the same statistics: the result is the one-pass statistics of every item,
+    so the estimates (and the Spearman reported) do not change."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from circuitq.pipeline.stages import collect_gradients
+    from test_capture import _examples
+
+    d, _ = tiny_dir
+    tok = AutoTokenizer.from_pretrained(d)
+    model = AutoModelForCausalLM.from_pretrained(d).eval()
+    ex = _examples()
+    once = collect_gradients(model, tok, ex, stats=("sum", "sum_abs"), progress=False)["stats"]
+    half = collect_gradients(model, tok, ex[0::2], stats=("sum", "sum_abs"), progress=False)["stats"]
+    first = {n: t.clone() for n, t in half.tensors["sum"].items()}
+    both = collect_gradients(model, tok, ex[1::2], stats=("sum", "sum_abs"), state=half, progress=False)["stats"]
+    assert both.n_samples == len(ex)
+    for s in ("sum", "sum_abs"):
+        for n, t in once.tensors[s].items():
+            assert torch.allclose(both.tensors[s][n], t, rtol=1e-4, atol=1e-6), (s, n)
+    n = next(iter(first))
+    assert not torch.allclose(first[n], once.tensors["sum"][n])     # the half is a part, not the whole
+
+
+def test_split_half_reliability_of_weight_level_halves_over_the_units_measured():
+    """``halves`` gives a weight-level estimator's reliability over the units measured, with the
+    items they hold together; equal halves agree perfectly, unrelated ones barely."""
+    from circuitq.circuits.faithfulness import SplitHalves, UnitResult, _reliabilities
+
+    g = torch.Generator().manual_seed(0)
+    rows = [UnitResult(f"u{i}", 1, {}, 0.0, None) for i in range(30)]
+    a = {f"u{i}": float(x) for i, x in enumerate(torch.randn(30, generator=g))}
+    b = {f"u{i}": float(x) for i, x in enumerate(torch.randn(30, generator=g))}
+    out = _reliabilities(rows, {"atp": {}, "grad": {}}, {"atp": SplitHalves(a, a, 8), "grad": SplitHalves(a, b, 8),
+                                                          "absent": SplitHalves(a, a, 8)})
+    assert set(out) == {"atp", "grad"} and out["atp"]["items"] == 8
+    assert out["atp"]["split_half_spearman"] == pytest.approx(1) and out["atp"]["reliability"] == pytest.approx(1)
+    assert abs(out["grad"]["split_half_spearman"]) < 0.5 and out["grad"]["reliability"] < out["atp"]["reliability"]
 
 
 def test_measured_reuses_an_earlier_measurement_and_refuses_another(tmp_path, tiny_dir, capsys, monkeypatch):

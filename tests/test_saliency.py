@@ -124,3 +124,25 @@ def test_spqr_uses_gptqs_own_scaled_errors_relative_to_the_layer():
     s = compute_scores("spqr", inp)["a.weight"]
     assert torch.allclose(s, r.errors ** 2 / (r.errors ** 2).mean())
     assert float(s.mean()) == pytest.approx(1.0)
+
+
+def test_the_additive_flag_is_exactly_the_methods_linear_in_their_statistics():
+    """A method flagged ``additive`` scores two halves of the items' statistics to values that
+    sum to its score of the whole (what the split-half reliability of ``circuitq faithfulness``
+    relies on); every method reading statistics and not flagged fails that (taylor's abs, wanda's
+    sqrt), so the flag is neither missing nor claimed wrongly."""
+    a, b = _inputs(), _inputs()
+    g = torch.Generator().manual_seed(1)
+    b.stats = {k: {n: t * torch.rand(t.shape, generator=g) * 3 - (t if k == "sum" else 0) for n, t in v.items()}
+               for k, v in a.stats.items()}
+    b.stats["sum_abs"] = {n: t.abs() for n, t in b.stats["sum_abs"].items()}
+    both = _inputs()
+    both.stats = {k: {n: a.stats[k][n] + b.stats[k][n] for n in v} for k, v in a.stats.items()}
+    for name, m in METHODS.items():
+        if not m.stats:
+            assert not m.additive, name
+            continue
+        whole, parts = compute_scores(name, both), (compute_scores(name, a), compute_scores(name, b))
+        adds = all(torch.allclose(whole[n], parts[0][n] + parts[1][n], atol=1e-5) for n in whole)
+        assert adds == m.additive, name
+    assert {n for n, m in METHODS.items() if m.additive} >= {"atp", "atp-abs", "tacq", "grad"}

@@ -122,26 +122,43 @@ class UnitEstimate(NamedTuple):
 
 
 def estimator_reliability(labels: list[str], per_item: dict) -> dict | None:
-    """How reproducible an estimator is over its own calibration items: the Spearman correlation,
-    over ``labels``, of its unit values summed over the even and over the odd items (split half),
-    the Spearman–Brown reliability of the full set ``2r / (1 + r)``, the reliability projected for
-    twice the items ``2·rel / (1 + rel)``, and ``√reliability`` — with the measurement's own
-    reliability ``m``, ``√(rel · m)`` bounds the Spearman any rerun of this estimator on this many
-    items can reach (the attenuation bound). A low value says more calibration items would help.
-    None with fewer than 3 units or 2 items. Worked example: halves agreeing at r = 0.8 give
-    reliability 0.889 and 0.941 for twice the items."""
+    """How reproducible an estimator is over its own calibration items: its unit values summed over
+    the even and over the odd items (``per_item``: ``{label: [n_items]}``), compared by
+    ``split_half_reliability``. None with fewer than 3 units or 2 items."""
     if len(labels) < 3 or any(len(per_item[x]) < 2 for x in labels):
         return None
-    even = [float(per_item[x][0::2].sum()) for x in labels]
-    odd = [float(per_item[x][1::2].sum()) for x in labels]
+    return split_half_reliability([float(per_item[x][0::2].sum()) for x in labels],
+                                  [float(per_item[x][1::2].sum()) for x in labels], len(per_item[labels[0]]))
+
+
+def split_half_reliability(even: list[float], odd: list[float], items: int) -> dict | None:
+    """An estimator's reliability from its unit values over two halves of its ``items`` calibration
+    items (``even``, ``odd``: one value per unit, in the same order): the Spearman correlation of
+    the halves (split half), the Spearman–Brown reliability of the full set ``2r / (1 + r)``, the
+    reliability projected for twice the items ``2·rel / (1 + rel)``, and ``√reliability`` — with
+    the measurement's own reliability ``m``, ``√(rel · m)`` bounds the Spearman any rerun of this
+    estimator on this many items can reach (the attenuation bound). A low value says more
+    calibration items would help. None with fewer than 3 units or 2 items. Worked example: halves
+    agreeing at r = 0.8 give reliability 0.889 and 0.941 for twice the items."""
+    if len(even) < 3 or items < 2:
+        return None
     r = spearman(even, odd)
     if r != r or r <= -1:
         return {"split_half_spearman": r, "reliability": float("nan"), "reliability_doubled": float("nan"),
-                "ceiling": 0.0, "items": len(per_item[labels[0]])}
+                "ceiling": 0.0, "items": items}
     rel = 2 * r / (1 + r)
     return {"split_half_spearman": r, "reliability": rel,
             "reliability_doubled": 2 * rel / (1 + rel) if rel > -1 else float("nan"),
-            "ceiling": math.sqrt(rel) if rel > 0 else 0.0, "items": len(per_item[labels[0]])}
+            "ceiling": math.sqrt(rel) if rel > 0 else 0.0, "items": items}
+
+
+class SplitHalves(NamedTuple):
+    """A weight-level estimator computed on each half of the calibration items: ``first``,
+    ``second``: ``{unit label: predicted change}`` (for an additive estimator the two sum to the
+    full estimate); ``items``: how many items the halves hold together."""
+    first: dict
+    second: dict
+    items: int
 
 
 def predict(unit: Unit, estimate) -> float:
@@ -153,6 +170,11 @@ def predict(unit: Unit, estimate) -> float:
 def unit_sum(unit: Unit, values: dict[str, torch.Tensor]) -> float:
     """Sum of ``values`` (``{name: [out, in]}``) over the unit's entries."""
     return float(sum(values[n].float()[m.to(values[n].device)].sum() for n, m in unit.entries.items()))
+
+
+def unit_values(unit_list: list[Unit], values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``{label: unit_sum}`` of every unit: a weight-level estimator as a unit-level one."""
+    return {u.label: unit_sum(u, values) for u in unit_list}
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -329,7 +351,8 @@ def evaluation_passes(n_units: int, *, all_units: bool, top: int, n_random: int,
 
 def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], values: dict, estimators: dict, *,
                         top: int, n_random: int, fraction: float, seed: int = 0, all_units: bool = False,
-                        cache: LayerReplay | None = None, prior: dict | None = None, progress: bool = True) -> dict:
+                        cache: LayerReplay | None = None, prior: dict | None = None, progress: bool = True,
+                        estimator_halves: dict[str, SplitHalves] | None = None) -> dict:
     """The faithfulness measurements (``loss_fn`` runs the task's evaluation items).
 
     ``scores``: the circuit's scores ``{name: [out, in]}``; ``estimators``: ``{name: {weight name:
@@ -339,7 +362,9 @@ def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], val
     ``LayerReplay`` of ``model``'s layers, recorded here on the unchanged model and replayed for
     each unit (same numbers, less work). ``prior``: an earlier report of the same measurement
     (``reusable_measurements``); its units' measured changes are taken instead of measured again,
-    after the base loss measured here is checked against its own."""
+    after the base loss measured here is checked against its own. ``estimator_halves``: weight-level
+    estimators computed on each half of the calibration items, for their split-half reliability
+    over the units measured (``atp-local``'s comes from its own per-item terms)."""
     if cache is not None:
         with cache.record():
             base = loss_fn(model)
@@ -402,11 +427,21 @@ def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], val
             "spearman": rho, "spearman_metric": rho_metric, "best_estimator": max(rho, key=lambda k: -1 if math.isnan(rho[k]) else rho[k]),
             "noise_ceiling": noise_ceiling(rows),
             "noise_ceiling_metric": noise_ceiling(rows, "measured_metric_halves"),
-            "estimator_reliability": {k: estimator_reliability([r.label for r in rows], v.per_item)
-                                      for k, v in estimators.items()
-                                      if isinstance(v, UnitEstimate) and v.per_item is not None} or None,
+            "estimator_reliability": _reliabilities(rows, estimators, estimator_halves or {}) or None,
             "contrasts": contrasts, "only_circuit_over_only_random": ratio,
             "circuit_entries": int(sum(int(m.sum()) for m in circuit.values()))}
+
+
+def _reliabilities(rows: list[UnitResult], estimators: dict, halves: dict[str, SplitHalves]) -> dict:
+    """Each estimator's split-half reliability over the units measured: from a ``UnitEstimate``'s
+    per-item terms, or from ``halves``."""
+    labels = [r.label for r in rows]
+    out = {k: estimator_reliability(labels, v.per_item) for k, v in estimators.items()
+           if isinstance(v, UnitEstimate) and v.per_item is not None}
+    for k, h in halves.items():
+        if k in estimators:
+            out[k] = split_half_reliability([h.first[x] for x in labels], [h.second[x] for x in labels], h.items)
+    return out
 
 
 CURVE_MODES = ("keep-top", "replace-top")

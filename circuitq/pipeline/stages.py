@@ -22,6 +22,7 @@ from circuitq.artifacts import check_writable, read_json, write_csv, write_json
 from circuitq.circuits.compare import compare_scores
 from circuitq.circuits.faithfulness import (
     LayerReplay,
+    SplitHalves,
     UnitEstimate,
     evaluation_passes,
     faithfulness_curves,
@@ -30,6 +31,7 @@ from circuitq.circuits.faithfulness import (
     reusable_measurements,
     union,
     unit_order,
+    unit_values,
     units,
 )
 from circuitq.config import CalibConfig, EvalConfig, MaskConfig, QuantizeConfig, QuantizeJob, to_dict
@@ -368,7 +370,11 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
     alone; GPTQ's values are a joint solution), and that is the ``Q(W)`` every estimator sees.
     Memory: the model, ``W`` views, the replacement (``4 · P_lin``), one gradient pass's statistics
     (``4 · P_lin`` per statistic), each estimator's values (``4 · P_lin`` each; ``ig`` adds
-    ``12 · P_lin`` while it runs) and the units' masks (``P_lin`` bytes per unit kind's cover)."""
+    ``12 · P_lin`` while it runs) and the units' masks (``P_lin`` bytes per unit kind's cover).
+    Additive methods (``SaliencyMethod.additive``: atp, atp-abs, tacq, grad, fisher) are also
+    computed on the first half of the calibration items before the statistics carry on over the
+    second, for their split-half reliability (``estimator_reliability``): the same gradient pass,
+    one more ``4 · P_lin`` temporary per method while its unit sums are taken."""
     check_estimators(job.estimators)
     task = Task(job.task, job.data, lm.tokenizer)
     check_objective(job.calib.objective, task.kind, job.calib.loss)
@@ -405,7 +411,21 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
         quantized = quantized_weights(model, replace(job.quantize, method="rtn"), progress=progress).weights
     values = replacement(weights, job.ablation, quantized)
     need = sorted({"sum"} | {s for m in methods for s in saliency_method(m).stats})
-    grads = collect_gradients(model, lm.tokenizer, calib_items, job.calib, tuple(need), progress=progress)["stats"]
+    # additive methods (sums over items) are also computed on the first half of the items, and the
+    # second half's values are the full's minus the first's: their split-half reliability at no
+    # extra gradient pass and no second set of statistics
+    additive = [m for m in methods if saliency_method(m).additive]
+    first = {}
+    if additive and len(calib_items) >= 2:
+        grads = collect_gradients(model, lm.tokenizer, calib_items[0::2], job.calib, tuple(need),
+                                  progress=progress)["stats"]
+        for m in additive:
+            first[m] = unit_values(unit_list, compute_scores(m, SaliencyInputs(weights, values, grads.tensors, None,
+                                                                               job.seed)))
+        grads = collect_gradients(model, lm.tokenizer, calib_items[1::2], job.calib, tuple(need), state=grads,
+                                  progress=progress)["stats"]
+    else:
+        grads = collect_gradients(model, lm.tokenizer, calib_items, job.calib, tuple(need), progress=progress)["stats"]
     est: dict[str, dict] = {}
     for e in job.estimators:
         if e == "score":
@@ -422,6 +442,10 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
         else:
             est[e] = compute_scores(e, SaliencyInputs(weights, values, grads.tensors, None, job.seed))
     del grads
+    halves = {}
+    for m, part in first.items():
+        full = unit_values(unit_list, est[m])
+        halves[m] = SplitHalves(part, {x: full[x] - part[x] for x in full}, len(calib_items))
 
     def loss_fn(m):
         res = evaluate(m, lm.tokenizer, items, task.kind, cfg=job.eval, progress=False)
@@ -449,7 +473,7 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
     cache = LayerReplay(model.get_submodule(arch_for(model.config.model_type).layers))
     rep = faithfulness_report(model, loss_fn, {n: scores[n].float() for n in names}, unit_list, values, est,
                               top=job.top, n_random=job.random, fraction=job.fraction, seed=job.seed,
-                              all_units=job.all_units, cache=cache, prior=prior, progress=progress)
+                              all_units=job.all_units, cache=cache, prior=prior, progress=progress, estimator_halves=halves)
     if "ig" in job.estimators:
         rep["completeness"] = {"ig": comp._asdict(), "ig_steps": job.ig_steps,
                                "note": "Σ attributions vs measured L(Q(W)) − L(W), summed over the calibration items, "

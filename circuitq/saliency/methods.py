@@ -51,6 +51,9 @@ class SaliencyMethod:
     quantizer: str | None         # "gptq", "rtn" or None: which Q(W) it needs
     hessian: bool                 # needs the GPTQ inverse-Hessian diagonal
     fn: Callable[[str, SaliencyInputs], torch.Tensor]
+    # linear in its statistics (W and Q(W) fixed): its value over a set of items is the sum of its
+    # values over the parts of the set, so halves of the items give a split-half reliability
+    additive: bool = False
 
     @property
     def task_free(self) -> bool:
@@ -89,15 +92,16 @@ def _tacq(n, inp):
 
 
 METHODS: dict[str, SaliencyMethod] = {
-    "tacq": SaliencyMethod(("sum_abs",), "gptq", False, _tacq),
-    "tacq-rtn": SaliencyMethod(("sum_abs",), "rtn", False, _tacq),
+    "tacq": SaliencyMethod(("sum_abs",), "gptq", False, _tacq, additive=True),
+    "tacq-rtn": SaliencyMethod(("sum_abs",), "rtn", False, _tacq, additive=True),
     "taylor": SaliencyMethod(("sum",), "gptq", False, lambda n, i: (i.stats["sum"][n] * _dq(i, n)).abs()),
     # attribution patching between W and Q(W): the predicted loss change of quantizing the weight,
     # signed (a weight whose quantization helps ranks last), and its per-sample absolute bound
-    "atp": SaliencyMethod(("sum",), "gptq", False, lambda n, i: i.stats["sum"][n] * _dq(i, n)),
-    "atp-abs": SaliencyMethod(("sum_abs",), "gptq", False, lambda n, i: i.stats["sum_abs"][n] * _dq(i, n).abs()),
-    "grad": SaliencyMethod(("sum_abs",), None, False, lambda n, i: i.stats["sum_abs"][n].clone()),
-    "fisher": SaliencyMethod(("sum_sq",), None, False, lambda n, i: i.stats["sum_sq"][n].clone()),
+    "atp": SaliencyMethod(("sum",), "gptq", False, lambda n, i: i.stats["sum"][n] * _dq(i, n), additive=True),
+    "atp-abs": SaliencyMethod(("sum_abs",), "gptq", False, lambda n, i: i.stats["sum_abs"][n] * _dq(i, n).abs(),
+                              additive=True),
+    "grad": SaliencyMethod(("sum_abs",), None, False, lambda n, i: i.stats["sum_abs"][n].clone(), additive=True),
+    "fisher": SaliencyMethod(("sum_sq",), None, False, lambda n, i: i.stats["sum_sq"][n].clone(), additive=True),
     "magnitude": SaliencyMethod((), None, False, lambda n, i: _w(i, n).abs()),
     "spqr": SaliencyMethod((), "gptq", True, _spqr),
     "wanda": SaliencyMethod(("act_sq",), None, False, lambda n, i: _w(i, n).abs() * i.stats["act_sq"][n].sqrt()[None, :]),
