@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -34,6 +35,10 @@ GROUPS = [
     ("SmolLM2-135M", "greater-than", 3, 96, "nll", sorted((R / "faithful_maps_gt").glob("faith-greater-than-3bit-s?.json"))),
     ("SmolLM2-135M", "greater-than", 3, 96, "metric",
      sorted((R / "faithful_maps_metric_gt").glob("faith-greater-than-3bit-s?.json"))),
+    ("SmolLM2-135M", "greater-than", 2, 96, "nll",
+     sorted((R / "faithful_maps_gt_2bit").glob("nll-greater-than-2bit-s?.json"))),
+    ("SmolLM2-135M", "greater-than", 2, 96, "metric",
+     sorted((R / "faithful_maps_gt_2bit").glob("faith-greater-than-2bit-s?.json"))),
     ("Gemma 3 270M", "ioi", 3, 192, "nll", sorted((R / "gemma3_270m_faith").glob("faith-ioi-3bit-s?.json"))),
     ("Gemma 3 270M", "ioi", 3, 192, "metric", sorted((R / "gemma3_270m_faith").glob("fm-metric-ioi-3bit-s?.json"))),
 ]
@@ -75,6 +80,58 @@ def stats(xs: list[float]) -> str:
     if len(xs) == 1:
         return f"{xs[0]:.3f} (1 seed)"
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f} [{min(xs):.3f}]"
+
+
+IG_STEPS = R / "faithful_maps_ig_steps"   # faith-ioi-3bit-ig{K}-s0.json and ig{K}-s0.log
+
+
+def ig_seconds(log: Path) -> float | None:
+    """The integrated-gradients loop's wall time, from the last ``ig`` progress bar of a log."""
+    if not log.exists():
+        return None
+    found = re.findall(r"ig: 100%\|[^|]*\| (\d+)/\1 \[(?:(\d+):)?(\d+):(\d+)", log.read_text(errors="replace"))
+    if not found:
+        return None
+    _, h, m, sec = found[-1]
+    return int(h or 0) * 3600 + int(m) * 60 + int(sec)
+
+
+def ig_rows() -> list[str]:
+    """Integrated gradients by its number of steps, against the same measurement."""
+    rows = []
+    for f in sorted(IG_STEPS.glob("faith-ioi-3bit-ig*-s0.json"), key=lambda p: int(re.search(r"ig(\d+)", p.name)[1])):
+        rep = json.loads(f.read_text())
+        k = rep["completeness"]["ig_steps"]
+        c = rep["completeness"]["ig"]
+        secs = ig_seconds(f.with_name(f"ig{k}-s0.log"))
+        rows.append(f"| {k} | {rep['spearman']['ig']:.3f} | {rep['spearman'].get('atp', float('nan')):.3f} | "
+                    f"{c['attributed']:+.4f} | {c['measured']:+.4f} | {abs(c['gap']):.1%} | "
+                    f"{'—' if secs is None else f'{secs} s ({secs / k:.0f} s per step)'} |")
+    return rows
+
+
+def reliability_rows() -> list[str]:
+    """Each estimator's split-half reliability over its own calibration items, where a file has it."""
+    rows = []
+    for model, task, bits, _, obj, files in GROUPS:
+        for f in files:
+            rep = json.loads(f.read_text())
+            for e, r in (rep.get("estimator_reliability") or {}).items():
+                if r:
+                    rho = (f"{spearman([u['predicted'][e] for u in rep['units']], [-u['measured_metric'] for u in rep['units']]):.3f}"
+                           " (metric)") if obj.startswith("metric") else f"{rep['spearman'][e]:.3f} (loss)"
+                    rows.append(f"| {model} | {task} | {bits} | {obj} | {f.stem} | `{e}` | {r['items']} | "
+                                f"{r['split_half_spearman']:.3f} | {r['reliability']:.3f} | {r['reliability_doubled']:.3f} | "
+                                f"{rho} |")
+    for f in sorted((R / "faithful_maps_metric_calib").glob("atp-ioi-3bit-c*-s0.json")):
+        rep = json.loads(f.read_text())
+        for e, r in (rep.get("estimator_reliability") or {}).items():
+            if r:
+                rho = spearman([u["predicted"][e] for u in rep["units"]], [-u["measured_metric"] for u in rep["units"]])
+                rows.append(f"| SmolLM2-135M | ioi | 3 | metric | {f.stem} | `{e}` | {r['items']} | "
+                            f"{r['split_half_spearman']:.3f} | {r['reliability']:.3f} | {r['reliability_doubled']:.3f} | "
+                            f"{rho:.3f} (metric) |")
+    return rows
 
 
 def per_file(path: Path) -> dict:
@@ -135,7 +192,28 @@ def main() -> None:
               "above 1 the ordering leaves out heads whose replacement raises the metric. Greater-than at 3 bits: "
               "replacing every head *raises* the metric (m_none > m_full), so its recovery has the opposite sign.", "",
               "| model | task | bits | objective | seeds | ordering | recovery at 10% | metric at 10% | 16-bit metric | all replaced |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", *curve_rows, "", COMMANDS]
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", *curve_rows, ""]
+    ig = ig_rows()
+    if ig:
+        lines += ["## Integrated gradients by its number of steps (IOI, 3 bits, loss objective, seed 0)", "",
+                  "`ig` with K Gauss–Legendre nodes against the 0.7.2 measurement of all 270 heads (192 held-out "
+                  "items); completeness: Σ attributions over every targeted weight against the measured "
+                  "L(Q(W)) − L(W) on the 128 calibration items with every weight replaced. `atp` is the same run's "
+                  "one-pass estimate (K = 1 at α = 0). Time: the IG loop alone, on 2 CPU cores.", "",
+                  "| K | Spearman `ig` | Spearman `atp` | Σ attributions | measured | completeness gap | time |",
+                  "| --- | --- | --- | --- | --- | --- | --- |", *ig, ""]
+    rel = reliability_rows()
+    if rel:
+        lines += ["## Each estimator's own reliability", "",
+                  "Split half over the estimator's calibration items: its per-head values from the even and from the "
+                  "odd items (`atp-local`: each item's own term; additive weight-level estimators such as `atp`: the "
+                  "statistics of the first half, then of both), their Spearman, the Spearman–Brown reliability for "
+                  "all the items and projected for twice as many, beside the Spearman the same file measured "
+                  "against the held-out changes (of the loss, or the metric where said).", "",
+                  "| model | task | bits | objective | file | estimator | items | split half | reliability | "
+                  "twice the items | Spearman measured |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", *rel, ""]
+    lines += [COMMANDS]
     (REPO / "analyses" / "FAITHFUL_MAPS_METRIC.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

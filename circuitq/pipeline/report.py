@@ -270,6 +270,11 @@ def faithfulness_rows(rep: dict) -> list[dict]:
     if rep.get("noise_ceiling"):
         rows.append({"what": "noise ceiling: Spearman a perfect predictor would reach (split-half reliability, √)",
                      "value": rep["noise_ceiling"]["ceiling"]})
+    for k, r in (rep.get("estimator_reliability") or {}).items():
+        if r:
+            rows.append({"what": f"reliability of {k} over its {r['items']} calibration items (split half, "
+                                 f"Spearman–Brown; twice the items: {r['reliability_doubled']:.3f})",
+                         "value": r["reliability"]})
     for label, c in rep["contrasts"].items():
         rows.append({"what": f"loss change, {label} {rep.get('ablation')}d", "value": c["loss_change"]})
         if c.get("metric_change") is not None:
