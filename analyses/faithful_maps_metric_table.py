@@ -5,6 +5,8 @@ heads, mean ± sd over calibration seeds [lowest]. Read from the faithfulness JS
 Spearman against the metric is computed from each file's per-head predictions and measurements,
 so files of circuitq < 0.8 count too). Writes ``analyses/FAITHFUL_MAPS_METRIC.md``.
 
+    # greater-than, 2 bits, both objectives (0.8.2, no curves): commands in results/faithful_maps_gt_2bit/README.md
+    # IG at K = 4, 8, 16 and the weight-level estimators' reliability (0.8.2): results/faithful_maps_ig_steps/README.md
     .venv/bin/python analyses/faithful_maps_metric_table.py
 """
 from __future__ import annotations
@@ -69,6 +71,8 @@ COMMANDS = """## Commands (2 CPU cores; each seed after the first reuses the fir
     circuitq faithfulness --model gemma-3-270m --scores runs/gemma3/scores-ioi-3bit-s0 --units heads --all-units \
         --estimators atp atp-local atp-denoise --objective metric --curve --bits 3 --seed 0 --calib-samples 128 \
         --eval-samples 192 --measured runs/gemma3/faith-ioi-3bit-s0.json --out runs/gemma3/fm-metric-ioi-3bit-s0.json
+    # greater-than, 2 bits, both objectives (0.8.2, no curves): commands in results/faithful_maps_gt_2bit/README.md
+    # IG at K = 4, 8, 16 and the weight-level estimators' reliability (0.8.2): results/faithful_maps_ig_steps/README.md
     .venv/bin/python analyses/faithful_maps_metric_table.py
 """
 
@@ -150,7 +154,7 @@ def per_file(path: Path) -> dict:
 
 
 def main() -> None:
-    lines = ["# Head maps of the loss and of the task's metric (issue 23, 0.8.0–0.8.1)", "",
+    lines = ["# Head maps of the loss and of the task's metric (issue 23, 0.8.0–0.8.2)", "",
              f"Written by `analyses/faithful_maps_metric_table.py` from the faithfulness JSONs under `analyses/results/` "
              f"({machine()['platform']}, {machine()['cpus']} CPUs, torch {machine()['torch']}). **Both models' weights are "
              "dequantized from 4-bit GGUF files.** Every query head is replaced alone by its round-to-nearest value at "
