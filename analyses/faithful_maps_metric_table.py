@@ -127,14 +127,18 @@ def reliability_rows() -> list[str]:
                     rows.append(f"| {model} | {task} | {bits} | {obj} | {f.stem} | `{e}` | {r['items']} | "
                                 f"{r['split_half_spearman']:.3f} | {r['reliability']:.3f} | {r['reliability_doubled']:.3f} | "
                                 f"{rho} |")
-    for f in sorted((R / "faithful_maps_metric_calib").glob("atp-ioi-3bit-c*-s0.json")):
+    extra = sorted((R / "faithful_maps_metric_calib").glob("atp-ioi-3bit-c*-s0.json")) + \
+        sorted(IG_STEPS.glob("faith-ioi-3bit-ig4-s0.json"))   # one IG file: atp is the same in all three
+    for f in extra:
         rep = json.loads(f.read_text())
         for e, r in (rep.get("estimator_reliability") or {}).items():
             if r:
-                rho = spearman([u["predicted"][e] for u in rep["units"]], [-u["measured_metric"] for u in rep["units"]])
-                rows.append(f"| SmolLM2-135M | ioi | 3 | metric | {f.stem} | `{e}` | {r['items']} | "
+                metric = rep["objective"] == "metric"
+                rho = spearman([u["predicted"][e] for u in rep["units"]], [-u["measured_metric"] for u in rep["units"]]) \
+                    if metric else rep["spearman"][e]
+                rows.append(f"| SmolLM2-135M | ioi | 3 | {rep['objective']} | {f.stem} | `{e}` | {r['items']} | "
                             f"{r['split_half_spearman']:.3f} | {r['reliability']:.3f} | {r['reliability_doubled']:.3f} | "
-                            f"{rho:.3f} (metric) |")
+                            f"{rho:.3f} ({'metric' if metric else 'loss'}) |")
     return rows
 
 
