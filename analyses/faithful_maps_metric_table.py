@@ -5,6 +5,11 @@ heads, mean ± sd over calibration seeds [lowest]. Read from the faithfulness JS
 Spearman against the metric is computed from each file's per-head predictions and measurements,
 so files of circuitq < 0.8 count too). Writes ``analyses/FAITHFUL_MAPS_METRIC.md``.
 
+    # capitals and induction, 3 bits, loss objective (0.8.2): results/faithful_maps_capitals/, faithful_maps_induction/
+    .venv/bin/python analyses/faithful_maps.py --tasks capitals --bits 3 --seeds 0 1 2 --eval-samples 96 \
+        --root runs/fm-capitals --out analyses/results/faithful_maps_capitals
+    .venv/bin/python analyses/faithful_maps.py --tasks induction --bits 3 --seeds 0 1 2 --eval-samples 96 \
+        --root runs/fm-induction --out analyses/results/faithful_maps_induction
     # greater-than, 2 bits, both objectives (0.8.2, no curves): commands in results/faithful_maps_gt_2bit/README.md
     # IG at K = 4, 8, 16 and the weight-level estimators' reliability (0.8.2): results/faithful_maps_ig_steps/README.md
     .venv/bin/python analyses/faithful_maps_metric_table.py
@@ -41,6 +46,9 @@ GROUPS = [
      sorted((R / "faithful_maps_gt_2bit").glob("nll-greater-than-2bit-s?.json"))),
     ("SmolLM2-135M", "greater-than", 2, 96, "metric",
      sorted((R / "faithful_maps_gt_2bit").glob("faith-greater-than-2bit-s?.json"))),
+    # capitals: 20 calibration countries, so every seed draws the same items (one estimate; README there)
+    ("SmolLM2-135M", "capitals", 3, 20, "nll", sorted((R / "faithful_maps_capitals").glob("faith-capitals-3bit-s0.json"))),
+    ("SmolLM2-135M", "induction", 3, 96, "nll", sorted((R / "faithful_maps_induction").glob("faith-induction-3bit-s?.json"))),
     ("Gemma 3 270M", "ioi", 3, 192, "nll", sorted((R / "gemma3_270m_faith").glob("faith-ioi-3bit-s?.json"))),
     ("Gemma 3 270M", "ioi", 3, 192, "metric", sorted((R / "gemma3_270m_faith").glob("fm-metric-ioi-3bit-s?.json"))),
 ]
@@ -71,6 +79,11 @@ COMMANDS = """## Commands (2 CPU cores; each seed after the first reuses the fir
     circuitq faithfulness --model gemma-3-270m --scores runs/gemma3/scores-ioi-3bit-s0 --units heads --all-units \
         --estimators atp atp-local atp-denoise --objective metric --curve --bits 3 --seed 0 --calib-samples 128 \
         --eval-samples 192 --measured runs/gemma3/faith-ioi-3bit-s0.json --out runs/gemma3/fm-metric-ioi-3bit-s0.json
+    # capitals and induction, 3 bits, loss objective (0.8.2): results/faithful_maps_capitals/, faithful_maps_induction/
+    .venv/bin/python analyses/faithful_maps.py --tasks capitals --bits 3 --seeds 0 1 2 --eval-samples 96 \
+        --root runs/fm-capitals --out analyses/results/faithful_maps_capitals
+    .venv/bin/python analyses/faithful_maps.py --tasks induction --bits 3 --seeds 0 1 2 --eval-samples 96 \
+        --root runs/fm-induction --out analyses/results/faithful_maps_induction
     # greater-than, 2 bits, both objectives (0.8.2, no curves): commands in results/faithful_maps_gt_2bit/README.md
     # IG at K = 4, 8, 16 and the weight-level estimators' reliability (0.8.2): results/faithful_maps_ig_steps/README.md
     .venv/bin/python analyses/faithful_maps_metric_table.py
@@ -185,10 +198,11 @@ def main() -> None:
             lines.append(f"| {model} | {task} | {bits} | {items} | {obj} | {len(rows)} | `{e}` | "
                          f"{stats([r['loss'][e] for r in rows])} | {stats([r['metric'][e] for r in rows])} | "
                          f"{stats([r['ceiling'] for r in rows]).split(' ±')[0]} |")
+        curved = [r for r in rows if r["rec10"]]   # seeds run without --curve have no curve
         for o in list(ESTIMATORS) + ["random"]:
-            if all(o in r["rec10"] for r in rows):
-                rec = [r["rec10"][o] for r in rows]
-                curve_rows.append(f"| {model} | {task} | {bits} | {obj} | {len(rows)} | `{o}` | {stats([x[0] for x in rec])} | "
+            if curved and all(o in r["rec10"] for r in curved):
+                rec = [r["rec10"][o] for r in curved]
+                curve_rows.append(f"| {model} | {task} | {bits} | {obj} | {len(curved)} | `{o}` | {stats([x[0] for x in rec])} | "
                                   f"{stats([x[1] for x in rec])} | {rec[0][2]:.3f} | {rec[0][3]:.3f} |")
     lines += ["", "The loss and the metric as targets: Spearman between each head's measured loss change and its "
               "measured metric change (sign flipped so that both are \"hurts the task\"): "
