@@ -29,28 +29,31 @@ sys.path.insert(0, str(REPO))
 from circuitq.circuits.faithfulness import spearman  # noqa: E402
 
 R = REPO / "analyses" / "results"
+SMOL, GEMMA = "SmolLM2-135M", "Gemma 3 270M"
+
+
+def _group(model: str, task: str, bits: int, items: int, objective: str, folder: str, pattern: str) -> tuple:
+    """One group of seeds: its description and its faithfulness JSONs under ``results/folder``."""
+    return model, task, bits, items, objective, sorted((R / folder).glob(pattern))
+
+
 # (model, task, bits, held-out items, objective, files): one group of seeds each
 GROUPS = [
-    ("SmolLM2-135M", "ioi", 3, 192, "nll", sorted((R / "faithful_maps_names58").glob("faith-ioi-3bit-s?.json"))),
-    ("SmolLM2-135M", "ioi", 3, 192, "metric", sorted((R / "faithful_maps_metric").glob("faith-ioi-3bit-s?.json"))),
-    ("SmolLM2-135M", "ioi", 3, 192, "metric, 256 calib. items",
-     sorted((R / "faithful_maps_metric_calib").glob("faith-ioi-3bit-c256-s?.json"))),
-    ("SmolLM2-135M", "ioi", 3, 192, "metric, all 400 calib. items",
-     sorted((R / "faithful_maps_metric_calib").glob("faith-ioi-3bit-c400-s?.json"))),
-    ("SmolLM2-135M", "ioi", 2, 96, "nll", sorted((R / "faithful_maps_names58_2bit").glob("faith-ioi-2bit-s?-96.json"))),
-    ("SmolLM2-135M", "ioi", 2, 96, "metric", sorted((R / "faithful_maps_metric_2bit").glob("faith-ioi-2bit-s?.json"))),
-    ("SmolLM2-135M", "greater-than", 3, 96, "nll", sorted((R / "faithful_maps_gt").glob("faith-greater-than-3bit-s?.json"))),
-    ("SmolLM2-135M", "greater-than", 3, 96, "metric",
-     sorted((R / "faithful_maps_metric_gt").glob("faith-greater-than-3bit-s?.json"))),
-    ("SmolLM2-135M", "greater-than", 2, 96, "nll",
-     sorted((R / "faithful_maps_gt_2bit").glob("nll-greater-than-2bit-s?.json"))),
-    ("SmolLM2-135M", "greater-than", 2, 96, "metric",
-     sorted((R / "faithful_maps_gt_2bit").glob("faith-greater-than-2bit-s?.json"))),
+    _group(SMOL, "ioi", 3, 192, "nll", "faithful_maps_names58", "faith-ioi-3bit-s?.json"),
+    _group(SMOL, "ioi", 3, 192, "metric", "faithful_maps_metric", "faith-ioi-3bit-s?.json"),
+    _group(SMOL, "ioi", 3, 192, "metric, 256 calib. items", "faithful_maps_metric_calib", "faith-ioi-3bit-c256-s?.json"),
+    _group(SMOL, "ioi", 3, 192, "metric, all 400 calib. items", "faithful_maps_metric_calib", "faith-ioi-3bit-c400-s?.json"),
+    _group(SMOL, "ioi", 2, 96, "nll", "faithful_maps_names58_2bit", "faith-ioi-2bit-s?-96.json"),
+    _group(SMOL, "ioi", 2, 96, "metric", "faithful_maps_metric_2bit", "faith-ioi-2bit-s?.json"),
+    _group(SMOL, "greater-than", 3, 96, "nll", "faithful_maps_gt", "faith-greater-than-3bit-s?.json"),
+    _group(SMOL, "greater-than", 3, 96, "metric", "faithful_maps_metric_gt", "faith-greater-than-3bit-s?.json"),
+    _group(SMOL, "greater-than", 2, 96, "nll", "faithful_maps_gt_2bit", "nll-greater-than-2bit-s?.json"),
+    _group(SMOL, "greater-than", 2, 96, "metric", "faithful_maps_gt_2bit", "faith-greater-than-2bit-s?.json"),
     # capitals: 20 calibration countries, so every seed draws the same items (one estimate; README there)
-    ("SmolLM2-135M", "capitals", 3, 20, "nll", sorted((R / "faithful_maps_capitals").glob("faith-capitals-3bit-s0.json"))),
-    ("SmolLM2-135M", "induction", 3, 96, "nll", sorted((R / "faithful_maps_induction").glob("faith-induction-3bit-s?.json"))),
-    ("Gemma 3 270M", "ioi", 3, 192, "nll", sorted((R / "gemma3_270m_faith").glob("faith-ioi-3bit-s?.json"))),
-    ("Gemma 3 270M", "ioi", 3, 192, "metric", sorted((R / "gemma3_270m_faith").glob("fm-metric-ioi-3bit-s?.json"))),
+    _group(SMOL, "capitals", 3, 20, "nll", "faithful_maps_capitals", "faith-capitals-3bit-s0.json"),
+    _group(SMOL, "induction", 3, 96, "nll", "faithful_maps_induction", "faith-induction-3bit-s?.json"),
+    _group(GEMMA, "ioi", 3, 192, "nll", "gemma3_270m_faith", "faith-ioi-3bit-s?.json"),
+    _group(GEMMA, "ioi", 3, 192, "metric", "gemma3_270m_faith", "fm-metric-ioi-3bit-s?.json"),
 ]
 ESTIMATORS = ("score", "atp", "atp-local", "atp-denoise")
 COMMANDS = """## Commands (2 CPU cores; each seed after the first reuses the first's measurement)
@@ -170,6 +173,13 @@ def per_file(path: Path) -> dict:
     return out
 
 
+def section(title: str, text: str, header: list[str], rows: list[str]) -> list[str]:
+    """A Markdown section with a table, or nothing without rows."""
+    if not rows:
+        return []
+    return [f"## {title}", "", text, "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header), *rows, ""]
+
+
 def main() -> None:
     lines = ["# Head maps of the loss and of the task's metric (issue 23, 0.8.0–0.8.2)", "",
              f"Written by `analyses/faithful_maps_metric_table.py` from the faithfulness JSONs under `analyses/results/` "
@@ -215,26 +225,21 @@ def main() -> None:
               "replacing every head *raises* the metric (m_none > m_full), so its recovery has the opposite sign.", "",
               "| model | task | bits | objective | seeds | ordering | recovery at 10% | metric at 10% | 16-bit metric | all replaced |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", *curve_rows, ""]
-    ig = ig_rows()
-    if ig:
-        lines += ["## Integrated gradients by its number of steps (IOI, 3 bits, loss objective, seed 0)", "",
-                  "`ig` with K Gauss–Legendre nodes against the 0.7.2 measurement of all 270 heads (192 held-out "
-                  "items); completeness: Σ attributions over every targeted weight against the measured "
-                  "L(Q(W)) − L(W) on the 128 calibration items with every weight replaced. `atp` is the same run's "
-                  "one-pass estimate (K = 1 at α = 0). Time: the IG loop alone, on 2 CPU cores.", "",
-                  "| K | Spearman `ig` | Spearman `atp` | Σ attributions | measured | completeness gap | time |",
-                  "| --- | --- | --- | --- | --- | --- | --- |", *ig, ""]
-    rel = reliability_rows()
-    if rel:
-        lines += ["## Each estimator's own reliability", "",
-                  "Split half over the estimator's calibration items: its per-head values from the even and from the "
-                  "odd items (`atp-local`: each item's own term; additive weight-level estimators such as `atp`: the "
-                  "statistics of the first half, then of both), their Spearman, the Spearman–Brown reliability for "
-                  "all the items and projected for twice as many, beside the Spearman the same file measured "
-                  "against the held-out changes (of the loss, or the metric where said).", "",
-                  "| model | task | bits | objective | file | estimator | items | split half | reliability | "
-                  "twice the items | Spearman measured |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", *rel, ""]
+    lines += section("Integrated gradients by its number of steps (IOI, 3 bits, loss objective, seed 0)",
+                     "`ig` with K Gauss–Legendre nodes against the 0.7.2 measurement of all 270 heads (192 held-out "
+                     "items); completeness: Σ attributions over every targeted weight against the measured "
+                     "L(Q(W)) − L(W) on the 128 calibration items with every weight replaced. `atp` is the same run's "
+                     "one-pass estimate (K = 1 at α = 0). Time: the IG loop alone, on 2 CPU cores.",
+                     ["K", "Spearman `ig`", "Spearman `atp`", "Σ attributions", "measured", "completeness gap", "time"],
+                     ig_rows())
+    lines += section("Each estimator's own reliability",
+                     "Split half over the estimator's calibration items: its per-head values from the even and from the "
+                     "odd items (`atp-local`: each item's own term; additive weight-level estimators such as `atp`: the "
+                     "statistics of the first half, then of both), their Spearman, the Spearman–Brown reliability for "
+                     "all the items and projected for twice as many, beside the Spearman the same file measured "
+                     "against the held-out changes (of the loss, or the metric where said).",
+                     ["model", "task", "bits", "objective", "file", "estimator", "items", "split half", "reliability",
+                      "twice the items", "Spearman measured"], reliability_rows())
     lines += [COMMANDS]
     (REPO / "analyses" / "FAITHFUL_MAPS_METRIC.md").write_text("\n".join(lines))
     print("\n".join(lines))
