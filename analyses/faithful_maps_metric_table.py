@@ -5,13 +5,6 @@ heads, mean ± sd over calibration seeds [lowest]. Read from the faithfulness JS
 Spearman against the metric is computed from each file's per-head predictions and measurements,
 so files of circuitq < 0.8 count too). Writes ``analyses/FAITHFUL_MAPS_METRIC.md``.
 
-    # capitals and induction, 3 bits, loss objective (0.8.2): results/faithful_maps_capitals/, faithful_maps_induction/
-    .venv/bin/python analyses/faithful_maps.py --tasks capitals --bits 3 --seeds 0 1 2 --eval-samples 96 \
-        --root runs/fm-capitals --out analyses/results/faithful_maps_capitals
-    .venv/bin/python analyses/faithful_maps.py --tasks induction --bits 3 --seeds 0 1 2 --eval-samples 96 \
-        --root runs/fm-induction --out analyses/results/faithful_maps_induction
-    # greater-than, 2 bits, both objectives (0.8.2, no curves): commands in results/faithful_maps_gt_2bit/README.md
-    # IG at K = 4, 8, 16 and the weight-level estimators' reliability (0.8.2): results/faithful_maps_ig_steps/README.md
     .venv/bin/python analyses/faithful_maps_metric_table.py
 """
 from __future__ import annotations
@@ -83,9 +76,9 @@ COMMANDS = """## Commands (2 CPU cores; each seed after the first reuses the fir
         --estimators atp atp-local atp-denoise --objective metric --curve --bits 3 --seed 0 --calib-samples 128 \
         --eval-samples 192 --measured runs/gemma3/faith-ioi-3bit-s0.json --out runs/gemma3/fm-metric-ioi-3bit-s0.json
     # capitals and induction, 3 bits, loss objective (0.8.2): results/faithful_maps_capitals/, faithful_maps_induction/
-    .venv/bin/python analyses/faithful_maps.py --tasks capitals --bits 3 --seeds 0 1 2 --eval-samples 96 \
+    .venv/bin/python analyses/faithful_maps.py --tasks capitals --bits 3 --seeds 0 1 2 --eval-samples 96 \\
         --root runs/fm-capitals --out analyses/results/faithful_maps_capitals
-    .venv/bin/python analyses/faithful_maps.py --tasks induction --bits 3 --seeds 0 1 2 --eval-samples 96 \
+    .venv/bin/python analyses/faithful_maps.py --tasks induction --bits 3 --seeds 0 1 2 --eval-samples 96 \\
         --root runs/fm-induction --out analyses/results/faithful_maps_induction
     # greater-than, 2 bits, both objectives (0.8.2, no curves): commands in results/faithful_maps_gt_2bit/README.md
     # IG at K = 4, 8, 16 and the weight-level estimators' reliability (0.8.2): results/faithful_maps_ig_steps/README.md
