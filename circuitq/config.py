@@ -340,7 +340,8 @@ class FaithfulnessJob:
     estimators: tuple[str, ...] = field(default=("score", "atp"), metadata=_help(
         "what predicts each unit's change: score (the scores file), atp (attribution patching ΣG·ΔW), atp-local "
         "(atp with the unit's own attention/MLP block recomputed exactly: one more gradient pass and a block "
-        "forward per unit), atp-denoise (atp with the gradient taken where every unit is replaced: what restoring "
+        "forward per unit), atp-local2 (atp-local plus the empirical-Fisher second-order term ½Σt_i² of each item's "
+        "NLL: no pass beyond atp-local's; --objective nll), atp-denoise (atp with the gradient taken where every unit is replaced: what restoring "
         "one unit saves, the keep-top curve's direction; one more gradient pass), ig (integrated gradients, --ig-steps passes), or any saliency method (tacq, grad, fisher, magnitude, ...); "
         "ΔW is the replacement of --ablation"))
     ig_steps: int = field(default=4, metadata=_help("estimator ig: Gauss-Legendre nodes, one gradient pass each"))

@@ -224,6 +224,23 @@ def test_local_attribution_per_item_terms_are_each_items_own_estimate(tiny_dir):
             assert per[u.label][j].item() == pytest.approx(alone, rel=1e-6, abs=1e-12)
 
 
+def test_second_order_adds_half_the_square_of_each_items_own_term():
+    """atp-local2 per item is t + ½t² (the docstring's worked example: terms that cancel to first
+    order do not cancel here), summed per unit; a unit whose terms are all zero stays zero. And the
+    reason for the empirical Fisher: for one token's NLL, averaging (g_y·δ)² over labels y drawn
+    from the model's own p gives exactly the Gauss–Newton term δᵀ(diag p − ppᵀ)δ."""
+    from circuitq.saliency.attribution import second_order
+
+    tot, per = second_order({"a": torch.tensor([0.2, -0.2], dtype=torch.float64), "z": torch.zeros(3, dtype=torch.float64)})
+    assert tot["a"] == pytest.approx(0.04) and per["a"].tolist() == pytest.approx([0.22, -0.18])
+    assert tot["z"] == 0.0 and per["z"].shape == (3,)
+    g = torch.Generator().manual_seed(0)
+    z, delta = torch.randn(7, generator=g, dtype=torch.float64), torch.randn(7, generator=g, dtype=torch.float64)
+    p = torch.softmax(z, 0)
+    fisher = sum(p[y] * float((p - torch.eye(7, dtype=torch.float64)[y]) @ delta) ** 2 for y in range(7))
+    assert float(fisher) == pytest.approx(float(delta @ (torch.diag(p) - torch.outer(p, p)) @ delta), rel=1e-12)
+
+
 def test_denoising_attribution_is_the_first_order_effect_of_restoring_a_unit_in_the_replaced_model(tiny_dir):
     """atp-denoise: with every query head replaced by Q(W) (the keep-top curve's k = 0 model W'),
     a head's sum is ``−d/dt L(W' + t·(W_u − Q_u))`` at t = 0 (central difference, float64, the

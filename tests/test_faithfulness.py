@@ -160,25 +160,30 @@ def test_faithfulness_all_heads_estimators_and_curves_end_to_end(tmp_path, tiny_
     assert _score(d, task, tmp_path / "s", "--group-size", "32") == 0
     out = tmp_path / "f.json"
     assert main(["faithfulness", "--scores", str(tmp_path / "s"), "--units", "heads", "--all-units",
-                 "--estimators", "score", "atp", "atp-local", "atp-denoise", "ig", "grad", "--ig-steps", "2", "--curve", "--curve-grid", "0", "0.5", "1",
+                 "--estimators", "score", "atp", "atp-local", "atp-local2", "atp-denoise", "ig", "grad", "--ig-steps", "2", "--curve", "--curve-grid", "0", "0.5", "1",
                  "--calib-samples", "6", "--eval-samples", "6", "--group-size", "32", "--out", str(out)]) == 0
     rep = json.loads(out.read_text())
     cfg = json.loads((d / "config.json").read_text())
     assert len(rep["units"]) == cfg["num_hidden_layers"] * cfg["num_attention_heads"]   # every query head
-    assert set(rep["spearman"]) == {"score", "atp", "atp-local", "atp-denoise", "ig", "grad"} and rep["units_measured"] == "all"
-    assert all(math.isfinite(u["predicted"][e]) for u in rep["units"] for e in ("atp-local", "atp-denoise"))
+    assert set(rep["spearman"]) == {"score", "atp", "atp-local", "atp-local2", "atp-denoise", "ig", "grad"} \
+        and rep["units_measured"] == "all"
+    assert all(math.isfinite(u["predicted"][e]) for u in rep["units"] for e in ("atp-local", "atp-local2", "atp-denoise"))
+    # atp-local2 = atp-local + ½Σt_i²: never below it, above it wherever a head's block changes anything
+    gap = [u["predicted"]["atp-local2"] - u["predicted"]["atp-local"] for u in rep["units"]]
+    assert all(g >= 0 for g in gap) and sum(g > 0 for g in gap) > len(gap) // 2
     assert rep["completeness"]["ig_steps"] == 2 and math.isfinite(rep["completeness"]["ig"]["gap"])
     assert -1 <= rep["noise_ceiling"]["split_half_spearman"] <= 1 and 0 <= rep["noise_ceiling"]["ceiling"] <= 1
     er = rep["estimator_reliability"]
     # atp-local from its per-item terms; the additive weight-level methods (atp, grad) from two halves of the items
-    assert set(er) == {"atp-local", "atp", "grad"}
+    assert set(er) == {"atp-local", "atp-local2", "atp", "grad"}
     assert all(er[e]["items"] == 6 and -1 <= er[e]["split_half_spearman"] <= 1 for e in er)
     printed = capsys.readouterr().out
     assert "estimator noise: atp-local over the even and the odd of its 6 calibration items" in printed
     assert "estimator noise: atp over the even and the odd of its 6 calibration items" in printed
-    assert set(rep["curves"]["orderings"]) == {"score", "atp", "atp-local", "atp-denoise", "ig", "grad", "random"}
+    assert set(rep["curves"]["orderings"]) == {"score", "atp", "atp-local", "atp-local2", "atp-denoise", "ig", "grad",
+                                               "random"}
     rows = (tmp_path / "f.curves.csv").read_text().splitlines()
-    assert len(rows) == 1 + 7 * 2 * 3
+    assert len(rows) == 1 + 8 * 2 * 3
     for o in rep["curves"]["orderings"].values():
         for mode in ("keep-top", "replace-top"):
             assert [p["units"] for p in o[mode]["points"]] == [0, len(rep["units"]) // 2, len(rep["units"])]
@@ -407,4 +412,9 @@ def test_faithfulness_with_the_metric_objective_end_to_end(tmp_path, tiny_dir, c
                  "--out", str(tmp_path / "bad.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--objective metric needs a circuit task" in err[0]
-    assert not any((tmp_path / n).exists() for n in ("bad", "bad2", "bad.json"))
+    # the second-order term is the NLL's empirical Fisher: the metric has none
+    assert main(["faithfulness", "--scores", str(tmp_path / "s"), "--estimators", "atp-local2", "--objective", "metric",
+                 "--out", str(tmp_path / "bad3.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "atp-local2" in err[0] and "--objective nll" in err[0]
+    assert not any((tmp_path / n).exists() for n in ("bad", "bad2", "bad.json", "bad3.json"))

@@ -376,7 +376,7 @@ def cmd_faithfulness(a) -> int:
     from circuitq.saliency.files import load_scores
 
     job = build(FaithfulnessJob(), a, FAITH_FLAGS)
-    check_estimators(job.estimators)
+    check_estimators(job.estimators, job.calib.objective)
     out = check_writable(a.out, a.overwrite)
     for sibling in (".csv",) + ((".curves.csv",) if job.curve else ()):   # refused before the work, not after
         check_writable(out.with_suffix(sibling), a.overwrite)

@@ -48,7 +48,7 @@ from circuitq.quant.driver import qw_stream as _stream
 from circuitq.quant.export import export_all
 from circuitq.quant.hessians import write_hessians as _write
 from circuitq.quant.plan import PrecisionPlan
-from circuitq.saliency.attribution import denoising_attribution, integrated_gradients, local_attribution
+from circuitq.saliency.attribution import denoising_attribution, integrated_gradients, local_attribution, second_order
 from circuitq.saliency.capture import STATS, collect_stats
 from circuitq.saliency.masks import (
     combine,
@@ -341,8 +341,10 @@ def write_eval(out, doc: dict, items: list[dict], overwrite: bool = False) -> No
 
 
 # the scores file; integrated gradients; attribution patching with the unit's sublayer recomputed; attribution
-# patching at the model with every unit replaced (the denoising direction) (saliency.attribution)
-BUILTIN_ESTIMATORS = ("score", "ig", "atp-local", "atp-denoise")
+# patching at the model with every unit replaced (the denoising direction); atp-local with the empirical-Fisher
+# second-order term (saliency.attribution)
+BUILTIN_ESTIMATORS = ("score", "ig", "atp-local", "atp-local2", "atp-denoise")
+LOCAL_ESTIMATORS = ("atp-local", "atp-local2")     # one shared local_attribution pass
 
 
 def faithfulness_estimators() -> tuple[str, ...]:
@@ -351,12 +353,16 @@ def faithfulness_estimators() -> tuple[str, ...]:
     return BUILTIN_ESTIMATORS + tuple(m for m in METHODS if not saliency_method(m).hessian)
 
 
-def check_estimators(estimators) -> None:
-    """One line naming the allowed values for an unknown estimator (before any work)."""
+def check_estimators(estimators, objective: str = "nll") -> None:
+    """One line naming the allowed values for an unknown estimator, or the objective an estimator
+    needs (before any work)."""
     allowed = faithfulness_estimators()
     bad = [e for e in estimators if e not in allowed]
     if bad:
         raise UsageError(f"unknown estimator {', '.join(bad)} for --estimators; choose from {', '.join(allowed)}")
+    if "atp-local2" in estimators and objective != "nll":
+        raise UsageError(f"--estimators atp-local2 adds the empirical Fisher of the NLL, which --objective "
+                         f"{objective} has not: use --objective nll, or atp-local with the metric")
 
 
 def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dict:
@@ -375,7 +381,7 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
     computed on the first half of the calibration items before the statistics carry on over the
     second, for their split-half reliability (``estimator_reliability``): the same gradient pass,
     one more ``4 · P_lin`` temporary per method while its unit sums are taken."""
-    check_estimators(job.estimators)
+    check_estimators(job.estimators, job.calib.objective)
     task = Task(job.task, job.data, lm.tokenizer)
     check_objective(job.calib.objective, task.kind, job.calib.loss)
     model = lm.model
@@ -389,15 +395,16 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
     weights = {n: model.get_parameter(n).detach() for n in names}
     unit_list = units({n: tuple(w.shape) for n, w in weights.items()}, Geometry.from_config(model.config), job.units)
     methods = [e for e in job.estimators if e not in BUILTIN_ESTIMATORS]
+    local = any(e in LOCAL_ESTIMATORS for e in job.estimators)
     passes = evaluation_passes(len(unit_list), all_units=job.all_units, top=job.top, n_random=job.random,
                                curve_points=len(set(job.curve_grid)) if job.curve else 0,
                                orderings=len(job.estimators) + 1)
     say(f"[circuitq] faithfulness on {job.task}: up to {passes} evaluation passes of {len(items)} items "
         f"({len(unit_list) if job.all_units else min(len(unit_list), job.top + job.random)} of {len(unit_list)} "
         f"{job.units} units{', curves' if job.curve else ''}) and "
-        f"{1 + (job.ig_steps if 'ig' in job.estimators else 0) + ('atp-local' in job.estimators) + ('atp-denoise' in job.estimators)} gradient passes "
-        f"of {len(calib_items)} items" + (f", and {len(unit_list)} sublayer reruns per batch of them for atp-local"
-                                         if "atp-local" in job.estimators else ""))
+        f"{1 + (job.ig_steps if 'ig' in job.estimators else 0) + local + ('atp-denoise' in job.estimators)} gradient passes "
+        f"of {len(calib_items)} items" + (f", and {len(unit_list)} sublayer reruns per batch of them for "
+                                         f"{'/'.join(e for e in LOCAL_ESTIMATORS if e in job.estimators)}" if local else ""))
     key = {"model_fingerprint": model_fingerprint(model), "task": job.task, "eval_items": examples_digest(items),
            "eval": to_dict(job.eval), "units": job.units, "ablation": job.ablation,
            "bits": job.quantize.bits if job.ablation == "quantize" else None,
@@ -427,6 +434,8 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
     else:
         grads = collect_gradients(model, lm.tokenizer, calib_items, job.calib, tuple(need), progress=progress)["stats"]
     est: dict[str, dict] = {}
+    terms = UnitEstimate(*local_attribution(model, lm.tokenizer, calib_items, unit_list, values, job.calib,
+                                            progress=progress, per_item=True)) if local else None
     for e in job.estimators:
         if e == "score":
             est[e] = {n: scores[n].float() for n in names}
@@ -437,8 +446,9 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
             est[e] = denoising_attribution(model, lm.tokenizer, calib_items, union([u.entries for u in unit_list]),
                                            values, job.calib, model_path=lm.source, progress=progress)
         elif e == "atp-local":
-            est[e] = UnitEstimate(*local_attribution(model, lm.tokenizer, calib_items, unit_list, values, job.calib,
-                                                     progress=progress, per_item=True))
+            est[e] = terms
+        elif e == "atp-local2":
+            est[e] = UnitEstimate(*second_order(terms.per_item))
         else:
             est[e] = compute_scores(e, SaliencyInputs(weights, values, grads.tensors, None, job.seed))
     del grads

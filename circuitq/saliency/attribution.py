@@ -11,6 +11,13 @@ change the task loss ``L`` (summed over calibration items)?
   to 16-bit in an otherwise replaced model changes, which is what a keep-top faithfulness curve
   measures; ``atp`` (linearised at ``W``, the noising direction) predicts replacing the unit alone.
   One gradient pass.
+* ``atp-local`` (``local_attribution``): attribution patching with the unit's own attention or MLP
+  block recomputed exactly and only what follows it linearised (AtP*'s correction, carried to weights).
+* ``atp-local2`` (``second_order``): ``atp-local`` plus the second-order term of what follows the
+  block, its Hessian taken as the empirical Fisher of each item's NLL: ``Σ_i (t_i + ½ t_i²)`` over
+  the items' own first-order terms ``t_i``. The NLL is convex in the logits, so replacing a unit
+  whose effect swings from item to item costs more than the mean of its first-order terms; the term
+  says how much more. No extra pass over ``atp-local``.
 * ``ig`` (integrated gradients along the straight path ``W + α(Q(W) − W)``, every weight moving
   at once, as EAP-IG does for edges): ``(q − w) · ∫₀¹ ΣG(α) dα``. The integral is taken with
   ``K``-point Gauss–Legendre quadrature on ``[0, 1]``, exact for a gradient that is a polynomial
@@ -55,6 +62,22 @@ def atp(grad_sum: torch.Tensor, weight: torch.Tensor, quantized: torch.Tensor) -
     """Attribution patching: ``ΣG · (Q(W) − W)`` elementwise, ``[out, in]`` float32 (signed:
     positive where quantizing the weight is predicted to raise the loss)."""
     return grad_sum.float() * (quantized.float() - weight.float())
+
+
+def second_order(per_item: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """``atp-local2`` from ``atp-local``'s per-item terms ``{label: [n_items] t_i}``: each item's
+    second-order Taylor estimate of its loss change, ``t_i + ½ t_i²``, the Hessian of what follows
+    the unit's block approximated by the empirical Fisher ``g_i g_iᵀ`` of that item's NLL (so
+    ``½ Δyᵀ g_i g_iᵀ Δy = ½ t_i²``), and their sums. Returns ``({label: Σ_i}, {label: [n_items]})``.
+
+    Why the empirical Fisher: for the NLL of one token the Gauss–Newton Hessian in the logits is
+    ``diag(p) − ppᵀ = E_{y~p}[(p − e_y)(p − e_y)ᵀ]``, of which ``g_i g_iᵀ`` is the one-sample
+    estimate at the item's own answer; it needs no pass beyond ``atp-local``'s. An item with several
+    scored tokens takes the outer product of its mean gradient (the cross terms of its tokens stay).
+    Only the NLL has this Hessian: the task metric (``--objective metric``) does not. Worked
+    example: terms ``[0.2, −0.2]`` sum to 0 to first order and to ``0.04`` here."""
+    terms = {k: t + 0.5 * t * t for k, t in per_item.items()}
+    return {k: float(v.sum()) for k, v in terms.items()}, terms
 
 
 class Completeness(NamedTuple):
