@@ -82,6 +82,7 @@ COMMANDS = """## Commands (2 CPU cores; each seed after the first reuses the fir
         --root runs/fm-induction --out analyses/results/faithful_maps_induction
     # greater-than, 2 bits, both objectives (0.8.2, no curves): commands in results/faithful_maps_gt_2bit/README.md
     # IG at K = 4, 8, 16 and the weight-level estimators' reliability (0.8.2): results/faithful_maps_ig_steps/README.md
+    # atp-local2 against the same measurements, 3 seeds (0.8.3): results/faithful_maps_second_order/README.md
     .venv/bin/python analyses/faithful_maps_metric_table.py
 """
 
@@ -120,6 +121,36 @@ def ig_rows() -> list[str]:
         rows.append(f"| {k} | {rep['spearman']['ig']:.3f} | {rep['spearman'].get('atp', float('nan')):.3f} | "
                     f"{c['attributed']:+.4f} | {c['measured']:+.4f} | {abs(c['gap']):.1%} | "
                     f"{'—' if secs is None else f'{secs} s ({secs / k:.0f} s per step)'} |")
+    return rows
+
+
+SECOND = R / "faithful_maps_second_order"   # {ioi,gt,induction,capitals}-{B}bit-s{S}.json (0.8.3)
+SECOND_GROUPS = [("ioi", 3, 192, "ioi-3bit"), ("ioi", 2, 96, "ioi-2bit"), ("greater-than", 3, 96, "gt-3bit"),
+                 ("greater-than", 2, 96, "gt-2bit"), ("induction", 3, 96, "induction-3bit"),
+                 ("capitals", 3, 20, "capitals-3bit")]
+
+
+def second_order_rows() -> list[str]:
+    """``atp-local2`` beside ``atp-local`` and ``atp`` from the same runs (same calibration items,
+    same measurement), with the paired per-seed difference and each one's own reliability."""
+    rows = []
+    for task, bits, items, stem in SECOND_GROUPS:
+        reps = [json.loads(f.read_text()) for f in sorted(SECOND.glob(f"{stem}-s?.json"))]
+        if not reps:
+            continue
+        rho = {e: [r["spearman"][e] for r in reps] for e in ("atp", "atp-local", "atp-local2")}
+        diff = [b - a for a, b in zip(rho["atp-local"], rho["atp-local2"])]
+        rel = {e: [((r.get("estimator_reliability") or {}).get(e) or {}).get("reliability") for r in reps]
+               for e in ("atp-local", "atp-local2")}
+        # how large the second-order term is beside the first-order one: per head ½Σt² / |Σt|, median over heads
+        ratio = statistics.median((u["predicted"]["atp-local2"] - u["predicted"]["atp-local"])
+                                  / max(abs(u["predicted"]["atp-local"]), 1e-12) for u in reps[0]["units"])
+        best = max(rho, key=lambda e: statistics.mean(rho[e]))
+        cells = [f"**{stats(rho[e])}**" if e == best else stats(rho[e]) for e in ("atp", "atp-local", "atp-local2")]
+        rows.append(f"| {task} | {bits} | {items} | {len(reps)} | {' | '.join(cells)} | "
+                    f"{statistics.mean(diff):+.3f} ({min(diff):+.3f} … {max(diff):+.3f}) | {ratio:.2f} | "
+                    f"{stats(rel['atp-local']).split(' ±')[0]} / {stats(rel['atp-local2']).split(' ±')[0]} | "
+                    f"{reps[0]['noise_ceiling']['ceiling']:.3f} |")
     return rows
 
 
@@ -174,7 +205,7 @@ def section(title: str, text: str, header: list[str], rows: list[str]) -> list[s
 
 
 def main() -> None:
-    lines = ["# Head maps of the loss and of the task's metric (issue 23, 0.8.0–0.8.2)", "",
+    lines = ["# Head maps of the loss and of the task's metric (issue 23, 0.8.0–0.8.3)", "",
              f"Written by `analyses/faithful_maps_metric_table.py` from the faithfulness JSONs under `analyses/results/` "
              f"({machine()['platform']}, {machine()['cpus']} CPUs, torch {machine()['torch']}). **Both models' weights are "
              "dequantized from 4-bit GGUF files.** Every query head is replaced alone by its round-to-nearest value at "
@@ -225,6 +256,17 @@ def main() -> None:
                      "one-pass estimate (K = 1 at α = 0). Time: the IG loop alone, on 2 CPU cores.",
                      ["K", "Spearman `ig`", "Spearman `atp`", "Σ attributions", "measured", "completeness gap", "time"],
                      ig_rows())
+    lines += section("The second-order term: `atp-local2` (0.8.3, loss objective)",
+                     "`atp-local2` = Σ_i (t_i + ½ t_i²) over `atp-local`'s per-item terms t_i: the Hessian of what "
+                     "follows the head's attention block taken as each item's empirical Fisher (the coefficient ½ is "
+                     "Taylor's, fixed before any run, not fitted). The same runs give all three estimators (the same "
+                     "calibration items of each seed, the same stored measurement), so the difference is paired. "
+                     "The best mean in bold. ½Σt² ÷ abs(Σt): how large the second-order term is beside the first-order "
+                     "one for the median head. Reliability: split half over the calibration items (mean over seeds), "
+                     "`atp-local` / `atp-local2`.",
+                     ["task", "bits", "held-out items", "seeds", "`atp`", "`atp-local`", "`atp-local2`",
+                      "`atp-local2` − `atp-local` (min … max)", "½Σt² ÷ abs(Σt), median head, seed 0", "reliability",
+                      "loss ceiling"], second_order_rows())
     lines += section("Each estimator's own reliability",
                      "Split half over the estimator's calibration items: its per-head values from the even and from the "
                      "odd items (`atp-local`: each item's own term; additive weight-level estimators such as `atp`: the "
