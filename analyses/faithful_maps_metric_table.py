@@ -45,10 +45,15 @@ GROUPS = [
     # capitals: 20 calibration countries, so every seed draws the same items (one estimate; README there)
     _group(SMOL, "capitals", 3, 20, "nll", "faithful_maps_capitals", "faith-capitals-3bit-s0.json"),
     _group(SMOL, "induction", 3, 96, "nll", "faithful_maps_induction", "faith-induction-3bit-s?.json"),
+    # 0.8.3: capitals and induction at 2 bits, gsm8k (32 calibration and 32 held-out items: long answers)
+    _group(SMOL, "capitals", 2, 20, "nll", "faithful_maps_2bit_tasks", "capitals-2bit-s0.json"),
+    _group(SMOL, "induction", 2, 96, "nll", "faithful_maps_2bit_tasks", "induction-2bit-s?.json"),
+    _group(SMOL, "gsm8k", 3, 32, "nll, 32 calib. items", "faithful_maps_gsm8k", "gsm8k-3bit-s?.json"),
+    _group(SMOL, "gsm8k", 2, 32, "nll, 32 calib. items", "faithful_maps_gsm8k", "gsm8k-2bit-s?.json"),
     _group(GEMMA, "ioi", 3, 192, "nll", "gemma3_270m_faith", "faith-ioi-3bit-s?.json"),
     _group(GEMMA, "ioi", 3, 192, "metric", "gemma3_270m_faith", "fm-metric-ioi-3bit-s?.json"),
 ]
-ESTIMATORS = ("score", "atp", "atp-local", "atp-denoise")
+ESTIMATORS = ("score", "atp", "atp-local", "atp-local2", "atp-denoise")
 COMMANDS = """## Commands (2 CPU cores; each seed after the first reuses the first's measurement)
 
     # IOI, 3 bits, loss objective (0.7.2): results/faithful_maps_names58/
@@ -185,10 +190,13 @@ def reliability_rows() -> list[str]:
 def per_file(path: Path) -> dict:
     rep = json.loads(path.read_text())
     units = rep["units"]
+    has_metric = all(u.get("measured_metric") is not None for u in units)   # gsm8k: no metric per item
     out = {"loss": dict(rep["spearman"]), "metric": {}, "rec10": {}, "ceiling": (rep.get("noise_ceiling") or {}).get("ceiling"),
-           "agree": spearman([u["measured_loss"] for u in units], [-u["measured_metric"] for u in units])}
+           "agree": spearman([u["measured_loss"] for u in units], [-u["measured_metric"] for u in units])
+           if has_metric else None}
     for e in rep["spearman"]:
-        out["metric"][e] = spearman([u["predicted"][e] for u in units], [-u["measured_metric"] for u in units])
+        out["metric"][e] = spearman([u["predicted"][e] for u in units], [-u["measured_metric"] for u in units]) \
+            if has_metric else None
     curves = rep.get("curves")
     if curves:
         for o, modes in curves["orderings"].items():
@@ -240,7 +248,8 @@ def main() -> None:
                                   f"{stats([x[1] for x in rec])} | {rec[0][2]:.3f} | {rec[0][3]:.3f} |")
     lines += ["", "The loss and the metric as targets: Spearman between each head's measured loss change and its "
               "measured metric change (sign flipped so that both are \"hurts the task\"): "
-              + "; ".join(f"{m} {t} {b} bits {a:.2f}" for m, t, b, a in dict(((m, t, b), (m, t, b, a)) for m, t, b, a in agree).values())
+              + "; ".join(f"{m} {t} {b} bits {a:.2f}" for m, t, b, a in dict(((m, t, b), (m, t, b, a)) for m, t, b, a in agree
+                                                                        if a is not None).values())
               + ".", "",
               "## Keep-top curves at 10% of the heads", "",
               "The top 10% of heads by each ordering stay 16-bit, every other head is replaced. Recovery = "

@@ -339,6 +339,7 @@ def test_measured_reuses_an_earlier_measurement_and_refuses_another(tmp_path, ti
     assert main(base + ["--out", str(tmp_path / "a.json")]) == 0
     a = json.loads((tmp_path / "a.json").read_text())
     assert a["measurement"]["bits"] == 3 and a["measurement"]["units"] == "heads"
+    assert f"up to {len(a['units']) + 5} evaluation passes" in capsys.readouterr().out   # units, base, 4 contrasts
     calls = {"n": 0}
     real = F.measure
 
@@ -349,6 +350,8 @@ def test_measured_reuses_an_earlier_measurement_and_refuses_another(tmp_path, ti
     monkeypatch.setattr(F, "measure", counting)
     assert main(base + ["--seed", "1", "--measured", str(tmp_path / "a.json"), "--out", str(tmp_path / "b.json")]) == 0
     assert calls["n"] == 4          # the four circuit-vs-random contrasts only; no unit measured again
+    printed = capsys.readouterr().out      # the cost said up front counts only what is run
+    assert "up to 5 evaluation passes" in printed and "measured earlier (--measured)" in printed
     b = json.loads((tmp_path / "b.json").read_text())
     assert [u["measured_loss"] for u in b["units"]] == [u["measured_loss"] for u in a["units"]]
     assert [u["measured_halves"] for u in b["units"]] == [u["measured_halves"] for u in a["units"]]

@@ -342,10 +342,12 @@ def reusable_measurements(prev: dict, key: dict | None, source: str = "--measure
 
 
 def evaluation_passes(n_units: int, *, all_units: bool, top: int, n_random: int, curve_points: int,
-                      orderings: int) -> int:
+                      orderings: int, reused: bool = False) -> int:
     """How many evaluation passes of the task's items a faithfulness check makes: one per unit
-    measured, four contrasts, one base, and ``2 · curve_points · orderings`` for the curves."""
-    measured = n_units if all_units else min(n_units, top + n_random)
+    measured (none when ``reused``: ``--measured`` supplies them), four contrasts, one base, and
+    ``2 · curve_points · orderings`` for the curves. Worked example: 270 heads, all measured, no
+    curves: 275; reused: 5."""
+    measured = 0 if reused else n_units if all_units else min(n_units, top + n_random)
     return 1 + measured + 4 + 2 * curve_points * orderings
 
 

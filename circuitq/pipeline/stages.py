@@ -398,10 +398,10 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
     local = any(e in LOCAL_ESTIMATORS for e in job.estimators)
     passes = evaluation_passes(len(unit_list), all_units=job.all_units, top=job.top, n_random=job.random,
                                curve_points=len(set(job.curve_grid)) if job.curve else 0,
-                               orderings=len(job.estimators) + 1)
+                               orderings=len(job.estimators) + 1, reused=bool(job.measured))
     say(f"[circuitq] faithfulness on {job.task}: up to {passes} evaluation passes of {len(items)} items "
         f"({len(unit_list) if job.all_units else min(len(unit_list), job.top + job.random)} of {len(unit_list)} "
-        f"{job.units} units{', curves' if job.curve else ''}) and "
+        f"{job.units} units{' measured earlier (--measured)' if job.measured else ''}{', curves' if job.curve else ''}) and "
         f"{1 + (job.ig_steps if 'ig' in job.estimators else 0) + local + ('atp-denoise' in job.estimators)} gradient passes "
         f"of {len(calib_items)} items" + (f", and {len(unit_list)} sublayer reruns per batch of them for "
                                          f"{'/'.join(e for e in LOCAL_ESTIMATORS if e in job.estimators)}" if local else ""))
