@@ -132,7 +132,11 @@ def ig_rows() -> list[str]:
 SECOND = R / "faithful_maps_second_order"   # {ioi,gt,induction,capitals}-{B}bit-s{S}.json (0.8.3)
 SECOND_GROUPS = [("ioi", 3, 192, "ioi-3bit"), ("ioi", 2, 96, "ioi-2bit"), ("greater-than", 3, 96, "gt-3bit"),
                  ("greater-than", 2, 96, "gt-2bit"), ("induction", 3, 96, "induction-3bit"),
-                 ("capitals", 3, 20, "capitals-3bit")]
+                 ("capitals", 3, 20, "capitals-3bit"),
+                 # measured with atp-local2 from the start (0.8.3): results/faithful_maps_gsm8k, _2bit_tasks
+                 ("gsm8k", 3, 32, "../faithful_maps_gsm8k/gsm8k-3bit"),
+                 ("induction", 2, 96, "../faithful_maps_2bit_tasks/induction-2bit"),
+                 ("capitals", 2, 20, "../faithful_maps_2bit_tasks/capitals-2bit")]
 
 
 def second_order_rows() -> list[str]:
@@ -140,7 +144,8 @@ def second_order_rows() -> list[str]:
     same measurement), with the paired per-seed difference and each one's own reliability."""
     rows = []
     for task, bits, items, stem in SECOND_GROUPS:
-        reps = [json.loads(f.read_text()) for f in sorted(SECOND.glob(f"{stem}-s?.json"))]
+        folder, name = (SECOND / stem).parent, (SECOND / stem).name
+        reps = [json.loads(f.read_text()) for f in sorted(folder.glob(f"{name}-s?.json"))]
         if not reps:
             continue
         rho = {e: [r["spearman"][e] for r in reps] for e in ("atp", "atp-local", "atp-local2")}
