@@ -88,6 +88,9 @@ COMMANDS = """## Commands (2 CPU cores; each seed after the first reuses the fir
     # greater-than, 2 bits, both objectives (0.8.2, no curves): commands in results/faithful_maps_gt_2bit/README.md
     # IG at K = 4, 8, 16 and the weight-level estimators' reliability (0.8.2): results/faithful_maps_ig_steps/README.md
     # atp-local2 against the same measurements, 3 seeds (0.8.3): results/faithful_maps_second_order/README.md
+    # GSM8k at 3 bits (0.8.3): results/faithful_maps_gsm8k/README.md; capitals, induction at 2 bits:
+    # results/faithful_maps_2bit_tasks/README.md; Gemma seeds 1-2 (0.8.3): the Gemma command above with
+    # --seed 1|2, --estimators atp atp-local atp-denoise, no --curve, --measured <its seed-0 measurement>
     .venv/bin/python analyses/faithful_maps_metric_table.py
 """
 
