@@ -341,10 +341,15 @@ class FaithfulnessJob:
         "what predicts each unit's change: score (the scores file), atp (attribution patching ΣG·ΔW), atp-local "
         "(atp with the unit's own attention/MLP block recomputed exactly: one more gradient pass and a block "
         "forward per unit), atp-local2 (atp-local plus the empirical-Fisher second-order term ½Σt_i² of each item's "
-        "NLL: no pass beyond atp-local's; --objective nll), atp-denoise (atp with the gradient taken where every unit is replaced: what restoring "
+        "NLL: no pass beyond atp-local's; --objective nll), atp-window (atp with the unit's decoder layer and the --window "
+        "layers after it recomputed exactly: one more gradient pass and window + 1 layer forwards per unit), atp-window2 "
+        "(atp-window plus the same second-order term; --objective nll), atp-denoise (atp with the gradient taken where every unit is replaced: what restoring "
         "one unit saves, the keep-top curve's direction; one more gradient pass), ig (integrated gradients, --ig-steps passes), or any saliency method (tacq, grad, fisher, magnitude, ...); "
         "ΔW is the replacement of --ablation"))
     ig_steps: int = field(default=4, metadata=_help("estimator ig: Gauss-Legendre nodes, one gradient pass each"))
+    window: int = field(default=2, metadata=_help(
+        "estimators atp-window/atp-window2: decoder layers after the unit's own recomputed exactly before "
+        "linearising (0 = the unit's layer alone)"))
     curve: bool = field(default=False, metadata=_help(
         "also faithfulness curves: units ordered by each estimator and at random; keep the top k in 16-bit and "
         "replace the rest (and the converse) for k along --curve-grid"))
@@ -364,6 +369,7 @@ class FaithfulnessJob:
     def __post_init__(self) -> None:
         _at_least(self, ("top", "random"), 0)
         _at_least(self, ("ig_steps",), 1)
+        _at_least(self, ("window",), 0)
         if not self.estimators or len(set(self.estimators)) != len(self.estimators):
             raise ConfigError(f"--estimators needs distinct names, got {' '.join(self.estimators) or 'none'}")
         if not self.curve_grid or any(not 0 <= f <= 1 for f in self.curve_grid):

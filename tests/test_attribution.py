@@ -224,6 +224,92 @@ def test_local_attribution_per_item_terms_are_each_items_own_estimate(tiny_dir):
             assert per[u.label][j].item() == pytest.approx(alone, rel=1e-6, abs=1e-12)
 
 
+def test_window_attribution_is_the_directional_derivative_at_the_windows_last_layer(tiny_dir):
+    """atp-window = ⟨∂L/∂h_e, h_e(W_unit→Q) − h_e(W)⟩ with h_e the output of decoder layer
+    e = min(l + window, L − 1): checked against dL/dt of the summed loss (float64) along h_e + t·Δh_e,
+    Δh_e the exact change of that layer's output when only the unit is replaced (two full forwards),
+    on a 3-layer model for a head of layer 0 with window 0, 1 and 5 (capped at the last layer); per-item
+    terms sum to the total; the model is unchanged; a bad window or a unit across layers is one line."""
+    from conftest import tiny_model
+    from transformers import AutoTokenizer
+
+    from circuitq.circuits.faithfulness import Unit, units
+    from circuitq.data.tasks import Example, collate, tokenize_examples
+    from circuitq.model.arch import Geometry
+    from circuitq.pipeline.stages import quantized_weights
+    from circuitq.saliency.attribution import local_attribution
+
+    d, _ = tiny_dir
+    tok = AutoTokenizer.from_pretrained(d)
+    model = tiny_model(layers=3, vocab=len(tok)).double()
+    model.config.use_cache = False
+    words = "the quick brown fox jumps over the lazy dog".split()
+    ex = [Example(" ".join(words[: 2 + i % 5]), " " + " ".join(words[i % 3: i % 3 + 3])) for i in range(6)]
+    qw = quantized_weights(model, QuantizeConfig(bits=2, group_size=32, method="rtn")).weights
+    calib = CalibConfig(samples=len(ex), seq_len=64, batch_size=4)
+    geo = Geometry.from_config(model.config)
+    head = units({n: tuple(q.shape) for n, q in qw.items()}, geo, "heads")[1]      # layer 0, head 1
+    assert {n.split(".")[2] for n in head.entries} == {"0"}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tk = tokenize_examples(ex, tok, 64)
+    layers = model.model.layers
+
+    def summed_loss():
+        total = 0.0
+        for i in range(0, len(ex), 4):
+            ids, attn, lm = collate(tk.ids[i:i + 4], tk.scored_from[i:i + 4], tok.pad_token_id or 0)
+            logp = torch.log_softmax(model(input_ids=ids, attention_mask=attn.long()).logits[:, :-1].double(), -1)
+            nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]
+            m = lm[:, :-1].double()
+            total = total + ((nll * m).sum(1) / m.sum(1)).sum()
+        return total
+
+    def outputs_of(e):
+        got = []
+        h = layers[e].register_forward_hook(lambda m, a, out: got.append(out[0] if isinstance(out, tuple) else out))
+        with torch.no_grad():
+            summed_loss()
+        h.remove()
+        return got
+
+    for window, e in ((0, 0), (1, 1), (5, 2)):
+        est, per = local_attribution(model, tok, ex, [head], qw, calib, progress=False, per_item=True, window=window)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        assert per[head.label].sum().item() == pytest.approx(est[head.label], rel=1e-9)
+        h0 = outputs_of(e)
+        saved = {n: model.get_parameter(n).data.clone() for n in head.entries}
+        with torch.no_grad():
+            for n, msk in head.entries.items():
+                model.get_parameter(n).data[msk] = qw[n][msk]
+        h1 = outputs_of(e)
+        with torch.no_grad():
+            for n in head.entries:
+                model.get_parameter(n).data.copy_(saved[n])
+        t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        calls = iter(range(len(h0)))
+
+        def shift(m, args, out):
+            k = next(calls)
+            d_ = h1[k] - h0[k]
+            return (out[0] + t * d_,) + tuple(out[1:]) if isinstance(out, tuple) else out + t * d_
+
+        hook = layers[e].register_forward_hook(shift)
+        try:
+            summed_loss().backward()
+        finally:
+            hook.remove()
+        assert abs(float(t.grad)) > 1e-6 and est[head.label] == pytest.approx(float(t.grad), rel=1e-3), window
+    # the window changes the estimate (layer 0's change goes through nonlinear layers 1 and 2)
+    ests = [local_attribution(model, tok, ex, [head], qw, calib, progress=False, window=w)[head.label] for w in (0, 2)]
+    assert ests[0] != pytest.approx(ests[1], rel=1e-3)
+    with pytest.raises(UsageError, match="--window"):
+        local_attribution(model, tok, ex, [head], qw, calib, progress=False, window=-1)
+    two = Unit("two", {n: m for u in units({n: tuple(q.shape) for n, q in qw.items()}, geo, "heads")[::4]
+                       for n, m in u.entries.items()})
+    with pytest.raises(UsageError, match="one decoder layer"):
+        local_attribution(model, tok, ex, [two], qw, calib, progress=False, window=1)
+
+
 def test_second_order_adds_half_the_square_of_each_items_own_term():
     """atp-local2 per item is t + ½t² (the docstring's worked example: terms that cancel to first
     order do not cancel here), summed per unit; a unit whose terms are all zero stays zero. And the

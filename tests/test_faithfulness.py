@@ -160,14 +160,21 @@ def test_faithfulness_all_heads_estimators_and_curves_end_to_end(tmp_path, tiny_
     assert _score(d, task, tmp_path / "s", "--group-size", "32") == 0
     out = tmp_path / "f.json"
     assert main(["faithfulness", "--scores", str(tmp_path / "s"), "--units", "heads", "--all-units",
-                 "--estimators", "score", "atp", "atp-local", "atp-local2", "atp-denoise", "ig", "grad", "--ig-steps", "2", "--curve", "--curve-grid", "0", "0.5", "1",
+                 "--estimators", "score", "atp", "atp-local", "atp-local2", "atp-window", "atp-window2", "atp-denoise", "ig",
+                 "grad", "--ig-steps", "2", "--window", "1", "--curve", "--curve-grid", "0", "0.5", "1",
                  "--calib-samples", "6", "--eval-samples", "6", "--group-size", "32", "--out", str(out)]) == 0
     rep = json.loads(out.read_text())
     cfg = json.loads((d / "config.json").read_text())
     assert len(rep["units"]) == cfg["num_hidden_layers"] * cfg["num_attention_heads"]   # every query head
-    assert set(rep["spearman"]) == {"score", "atp", "atp-local", "atp-local2", "atp-denoise", "ig", "grad"} \
-        and rep["units_measured"] == "all"
-    assert all(math.isfinite(u["predicted"][e]) for u in rep["units"] for e in ("atp-local", "atp-local2", "atp-denoise"))
+    assert set(rep["spearman"]) == {"score", "atp", "atp-local", "atp-local2", "atp-window", "atp-window2", "atp-denoise",
+                                    "ig", "grad"} and rep["units_measured"] == "all"
+    assert all(math.isfinite(u["predicted"][e]) for u in rep["units"]
+               for e in ("atp-local", "atp-local2", "atp-window", "atp-window2", "atp-denoise"))
+    assert rep["window"] == 1
+    # layer 0's heads: the window carries their change through layer 1 exactly, so it differs from atp-local
+    first = [u for u in rep["units"] if u["label"].startswith("L0.")]
+    assert any(u["predicted"]["atp-window"] != pytest.approx(u["predicted"]["atp-local"], rel=1e-4) for u in first)
+    assert all(u["predicted"]["atp-window2"] >= u["predicted"]["atp-window"] for u in rep["units"])
     # atp-local2 = atp-local + ½Σt_i²: never below it, above it wherever a head's block changes anything
     gap = [u["predicted"]["atp-local2"] - u["predicted"]["atp-local"] for u in rep["units"]]
     assert all(g >= 0 for g in gap) and sum(g > 0 for g in gap) > len(gap) // 2
@@ -175,15 +182,15 @@ def test_faithfulness_all_heads_estimators_and_curves_end_to_end(tmp_path, tiny_
     assert -1 <= rep["noise_ceiling"]["split_half_spearman"] <= 1 and 0 <= rep["noise_ceiling"]["ceiling"] <= 1
     er = rep["estimator_reliability"]
     # atp-local from its per-item terms; the additive weight-level methods (atp, grad) from two halves of the items
-    assert set(er) == {"atp-local", "atp-local2", "atp", "grad"}
+    assert set(er) == {"atp-local", "atp-local2", "atp-window", "atp-window2", "atp", "grad"}
     assert all(er[e]["items"] == 6 and -1 <= er[e]["split_half_spearman"] <= 1 for e in er)
     printed = capsys.readouterr().out
     assert "estimator noise: atp-local over the even and the odd of its 6 calibration items" in printed
     assert "estimator noise: atp over the even and the odd of its 6 calibration items" in printed
-    assert set(rep["curves"]["orderings"]) == {"score", "atp", "atp-local", "atp-local2", "atp-denoise", "ig", "grad",
-                                               "random"}
+    assert set(rep["curves"]["orderings"]) == {"score", "atp", "atp-local", "atp-local2", "atp-window", "atp-window2",
+                                               "atp-denoise", "ig", "grad", "random"}
     rows = (tmp_path / "f.curves.csv").read_text().splitlines()
-    assert len(rows) == 1 + 8 * 2 * 3
+    assert len(rows) == 1 + 10 * 2 * 3
     for o in rep["curves"]["orderings"].values():
         for mode in ("keep-top", "replace-top"):
             assert [p["units"] for p in o[mode]["points"]] == [0, len(rep["units"]) // 2, len(rep["units"])]
@@ -199,6 +206,7 @@ def test_faithfulness_bad_input_is_one_line(tmp_path, tiny_dir, capsys):
     base = ["faithfulness", "--scores", str(tmp_path / "s"), "--out", str(tmp_path / "x.json")]
     for extra, needle in ((["--estimators", "atp", "nope"], "unknown estimator nope for --estimators; choose from score, ig"),
                           (["--ig-steps", "0"], "--ig-steps"),
+                          (["--window", "-1"], "--window"),
                           (["--estimators", "spqr"], "unknown estimator spqr"),
                           (["--curve-grid", "0", "1.5"], "--curve-grid takes fractions in [0, 1]")):
         capsys.readouterr()
@@ -420,4 +428,8 @@ def test_faithfulness_with_the_metric_objective_end_to_end(tmp_path, tiny_dir, c
                  "--out", str(tmp_path / "bad3.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "atp-local2" in err[0] and "--objective nll" in err[0]
-    assert not any((tmp_path / n).exists() for n in ("bad", "bad2", "bad.json", "bad3.json"))
+    assert main(["faithfulness", "--scores", str(tmp_path / "s"), "--estimators", "atp-window2", "--objective", "metric",
+                 "--out", str(tmp_path / "bad4.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "atp-window2" in err[0] and "--objective nll" in err[0] and "atp-window with" in err[0]
+    assert not any((tmp_path / n).exists() for n in ("bad", "bad2", "bad.json", "bad3.json", "bad4.json"))

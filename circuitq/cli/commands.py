@@ -43,7 +43,7 @@ RUN_FLAGS = [("--model", "model"), ("--tasks", "tasks"), ("--bits", "bits"), ("-
              ("--batch-tokens", "calib.batch_tokens"), ("--attention", "calib.attention"), ("--loss", "calib.loss"),
              ("--recompute", "calib.recompute"), ("--seed", "calib.seed"), *DATA]
 FAITH_FLAGS = [("--task", "task"), ("--units", "units"), ("--all-units", "all_units"), ("--top", "top"),
-               ("--random", "random"), ("--estimators", "estimators"), ("--ig-steps", "ig_steps"), ("--curve", "curve"),
+               ("--random", "random"), ("--estimators", "estimators"), ("--ig-steps", "ig_steps"), ("--window", "window"), ("--curve", "curve"),
                ("--curve-grid", "curve_grid"), ("--ablation", "ablation"), ("--fraction", "fraction"), ("--measured", "measured"), ("--seed", ("seed", "calib.seed")),
                ("--calib-samples", "calib.samples"), ("--objective", "calib.objective"),
                ("--eval-samples", "eval.samples"), ("--bits", "quantize.bits"),

@@ -343,8 +343,10 @@ def write_eval(out, doc: dict, items: list[dict], overwrite: bool = False) -> No
 # the scores file; integrated gradients; attribution patching with the unit's sublayer recomputed; attribution
 # patching at the model with every unit replaced (the denoising direction); atp-local with the empirical-Fisher
 # second-order term (saliency.attribution)
-BUILTIN_ESTIMATORS = ("score", "ig", "atp-local", "atp-local2", "atp-denoise")
+BUILTIN_ESTIMATORS = ("score", "ig", "atp-local", "atp-local2", "atp-window", "atp-window2", "atp-denoise")
 LOCAL_ESTIMATORS = ("atp-local", "atp-local2")     # one shared local_attribution pass
+WINDOW_ESTIMATORS = ("atp-window", "atp-window2")  # one shared local_attribution pass over --window layers
+SECOND_ORDER = {"atp-local2": "atp-local", "atp-window2": "atp-window"}   # NLL only
 
 
 def faithfulness_estimators() -> tuple[str, ...]:
@@ -360,9 +362,10 @@ def check_estimators(estimators, objective: str = "nll") -> None:
     bad = [e for e in estimators if e not in allowed]
     if bad:
         raise UsageError(f"unknown estimator {', '.join(bad)} for --estimators; choose from {', '.join(allowed)}")
-    if "atp-local2" in estimators and objective != "nll":
-        raise UsageError(f"--estimators atp-local2 adds the empirical Fisher of the NLL, which --objective "
-                         f"{objective} has not: use --objective nll, or atp-local with the metric")
+    second = [e for e in estimators if e in SECOND_ORDER]
+    if second and objective != "nll":
+        raise UsageError(f"--estimators {second[0]} adds the empirical Fisher of the NLL, which --objective "
+                         f"{objective} has not: use --objective nll, or {SECOND_ORDER[second[0]]} with the metric")
 
 
 def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dict:
@@ -396,15 +399,19 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
     unit_list = units({n: tuple(w.shape) for n, w in weights.items()}, Geometry.from_config(model.config), job.units)
     methods = [e for e in job.estimators if e not in BUILTIN_ESTIMATORS]
     local = any(e in LOCAL_ESTIMATORS for e in job.estimators)
+    windowed = any(e in WINDOW_ESTIMATORS for e in job.estimators)
     passes = evaluation_passes(len(unit_list), all_units=job.all_units, top=job.top, n_random=job.random,
                                curve_points=len(set(job.curve_grid)) if job.curve else 0,
                                orderings=len(job.estimators) + 1, reused=bool(job.measured))
     say(f"[circuitq] faithfulness on {job.task}: up to {passes} evaluation passes of {len(items)} items "
         f"({len(unit_list) if job.all_units else min(len(unit_list), job.top + job.random)} of {len(unit_list)} "
         f"{job.units} units{' measured earlier (--measured)' if job.measured else ''}{', curves' if job.curve else ''}) and "
-        f"{1 + (job.ig_steps if 'ig' in job.estimators else 0) + local + ('atp-denoise' in job.estimators)} gradient passes "
-        f"of {len(calib_items)} items" + (f", and {len(unit_list)} sublayer reruns per batch of them for "
-                                         f"{'/'.join(e for e in LOCAL_ESTIMATORS if e in job.estimators)}" if local else ""))
+        f"{1 + (job.ig_steps if 'ig' in job.estimators else 0) + local + windowed + ('atp-denoise' in job.estimators)} "
+        f"gradient passes of {len(calib_items)} items"
+        + (f", and {len(unit_list)} sublayer reruns per batch of them for "
+           f"{'/'.join(e for e in LOCAL_ESTIMATORS if e in job.estimators)}" if local else "")
+        + (f", and {len(unit_list)} reruns of {job.window + 1} decoder layers per batch of them for "
+           f"{'/'.join(e for e in WINDOW_ESTIMATORS if e in job.estimators)}" if windowed else ""))
     key = {"model_fingerprint": model_fingerprint(model), "task": job.task, "eval_items": examples_digest(items),
            "eval": to_dict(job.eval), "units": job.units, "ablation": job.ablation,
            "bits": job.quantize.bits if job.ablation == "quantize" else None,
@@ -436,6 +443,8 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
     est: dict[str, dict] = {}
     terms = UnitEstimate(*local_attribution(model, lm.tokenizer, calib_items, unit_list, values, job.calib,
                                             progress=progress, per_item=True)) if local else None
+    wterms = UnitEstimate(*local_attribution(model, lm.tokenizer, calib_items, unit_list, values, job.calib,
+                                             progress=progress, per_item=True, window=job.window)) if windowed else None
     for e in job.estimators:
         if e == "score":
             est[e] = {n: scores[n].float() for n in names}
@@ -449,6 +458,10 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
             est[e] = terms
         elif e == "atp-local2":
             est[e] = UnitEstimate(*second_order(terms.per_item))
+        elif e == "atp-window":
+            est[e] = wterms
+        elif e == "atp-window2":
+            est[e] = UnitEstimate(*second_order(wterms.per_item))
         else:
             est[e] = compute_scores(e, SaliencyInputs(weights, values, grads.tensors, None, job.seed))
     del grads
@@ -497,4 +510,6 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
     rep.update(format="circuitq.faithfulness", measurement=key, measured_from=job.measured, task=job.task, units_kind=job.units, ablation=job.ablation, items=len(items),
                calib_items=len(calib_items), estimators=list(job.estimators), objective=job.calib.objective, base_accuracy=base.get("accuracy"),
                metric=base.get("task_metric") or "accuracy", circuitq_version=__version__)
+    if windowed:
+        rep["window"] = job.window
     return rep

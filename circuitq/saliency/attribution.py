@@ -35,6 +35,7 @@ gradient passes and two forward passes.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
@@ -43,6 +44,7 @@ from tqdm.auto import tqdm
 
 from circuitq.data.tasks import collate, scored_positions, tokenize_examples
 from circuitq.errors import UsageError
+from circuitq.model.arch import arch_for, parse_name
 from circuitq.saliency.capture import collect_stats
 from circuitq.saliency.objectives import Objective
 from circuitq.storage import replaced
@@ -206,7 +208,8 @@ def sublayer_of(entries) -> str:
 
 
 @torch.no_grad()
-def _patched_output(mod, args, kwargs, model, entries, values):
+def _patched_output(run, model, entries, values):
+    """``run()`` with ``entries`` of the model's weights set to ``values`` (restored after, also on an error)."""
     saved = {}
     try:
         for n, m in entries.items():
@@ -214,15 +217,44 @@ def _patched_output(mod, args, kwargs, model, entries, values):
             m = m.to(p.device)
             saved[n] = (m, p.data[m].clone())
             p.data[m] = values[n].to(p.device, p.dtype)[m]
-        out = mod(*args, **kwargs)
+        out = run()
     finally:
         for n, (m, old) in saved.items():
             model.get_parameter(n).data[m] = old
     return out[0] if isinstance(out, tuple) else out
 
 
+def _hidden_in(args, kwargs):
+    """The hidden states a decoder layer was called with (first positional, or ``hidden_states=``)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args, kwargs, h):
+    return ((h,) + tuple(args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": h})
+
+
+def _layer_of(entries) -> int:
+    layers = {p[0] for p in (parse_name(n) for n in entries) if p}
+    if len(layers) != 1 or any(parse_name(n) is None for n in entries):
+        raise UsageError("estimator atp-window needs each unit inside one decoder layer; "
+                         f"this one spans {sorted(layers) or 'weights outside the layers'}")
+    return layers.pop()
+
+
+def _run_layers(layers, calls, first: int, last: int, h=None):
+    """Decoder layers ``first..last`` on their recorded calls (``[(args, kwargs)]``), from the
+    recorded input of ``first`` (or ``h``), every later layer fed the previous one's output."""
+    for j in range(first, last + 1):
+        args, kwargs = calls[j]
+        if h is not None:
+            args, kwargs = _with_hidden(args, kwargs, h)
+        out = layers[j](*args, **kwargs)
+        h = out[0] if isinstance(out, tuple) else out
+    return h
+
+
 def local_attribution(model, tokenizer, examples, unit_list, values: dict[str, torch.Tensor], calib, *,
-                      progress: bool = True, per_item: bool = False):
+                      progress: bool = True, per_item: bool = False, window: int | None = None):
     """``atp-local``: per unit (anything with ``label`` and ``entries`` ``{weight: [out, in] bool}``),
     the predicted change of the summed task loss when the unit's entries take ``values``, with the
     unit's own sublayer (its attention or MLP block) recomputed **exactly** and only what follows
@@ -237,11 +269,24 @@ def local_attribution(model, tokenizer, examples, unit_list, values: dict[str, t
     with ``per_item`` also ``{label: [n_items] float64}``, each item's own term (the items' losses are
     summed, so item ``j``'s output gradient depends on item ``j`` alone; the terms sum to the total),
     for the estimator's split-half reliability (``circuits.faithfulness.estimator_reliability``), at
-    ``8·n_items`` bytes per unit. The model's weights are restored after each unit, also on an error."""
+    ``8·n_items`` bytes per unit. The model's weights are restored after each unit, also on an error.
+
+    ``window`` (``atp-window``): recompute exactly the unit's whole decoder layer and the ``window``
+    layers after it (capped at the last), and linearise only what follows: ``Σ ⟨∂L/∂h_e, h_e(W_unit→Q)
+    − h_e(W)⟩`` with ``h_e`` the output of layer ``e = min(l + window, L − 1)``. What a change in layer
+    ``l`` does to the attention patterns and MLPs of the next layers is then kept, not linearised.
+    Cost per unit and batch: ``window + 1`` layer forwards (``(window + 1) / L`` of a forward pass)
+    instead of one sublayer's; memory adds every layer's output gradient for one batch
+    (``4 · L · B · T · d`` bytes)."""
     device = next(model.parameters()).device
-    by_layer: dict[str, list] = {}
+    by_layer: dict = {}
     for u in unit_list:
-        by_layer.setdefault(sublayer_of(u.entries), []).append(u)
+        by_layer.setdefault(sublayer_of(u.entries) if window is None else _layer_of(u.entries), []).append(u)
+    if window is not None:
+        if not isinstance(window, int) or window < 0:
+            raise UsageError(f"--window must be a whole number ≥ 0 (decoder layers after the unit's own), got {window!r}")
+        layers = model.get_submodule(arch_for(model.config.model_type).layers)
+        n_layers = len(layers)
     est = {u.label: 0.0 for u in unit_list}
     tok = tokenize_examples(examples, tokenizer, calib.seq_len, loss=calib.loss)
     items = {u.label: torch.zeros(len(tok.ids), dtype=torch.float64) for u in unit_list} if per_item else None
@@ -259,14 +304,16 @@ def local_attribution(model, tokenizer, examples, unit_list, values: dict[str, t
             skip = [tok.unscored[j] for j in idx] if tok.unscored is not None else None
             ids, attn, lmask = (t.to(device) for t in collate([tok.ids[j] for j in idx],
                                                               [tok.scored_from[j] for j in idx], pad, skip))
-            seen: dict[str, tuple] = {}
+            seen: dict = {}
             hooks = []
-            for name in by_layer:
+            watched = by_layer if window is None else range(n_layers)
+            for name in watched:
                 def keep(mod, args, kwargs, out, name=name):
                     y = out[0] if isinstance(out, tuple) else out
                     y.retain_grad()
                     seen[name] = (_detached(args), _detached(kwargs), y)
-                hooks.append(model.get_submodule(name).register_forward_hook(keep, with_kwargs=True))
+                mod = model.get_submodule(name) if window is None else layers[name]
+                hooks.append(mod.register_forward_hook(keep, with_kwargs=True))
             try:
                 with torch.enable_grad():
                     x = embed(ids).detach().requires_grad_(True)
@@ -280,14 +327,20 @@ def local_attribution(model, tokenizer, examples, unit_list, values: dict[str, t
                     h.remove()
             del logits, x
             for name, units_here in by_layer.items():
-                args, kwargs, y = seen[name]
-                mod = model.get_submodule(name)
-                g = y.grad
+                if window is None:
+                    args, kwargs, y = seen[name]
+                    mod = model.get_submodule(name)
+                    g = y.grad
+                    run = partial(mod, *args, **kwargs)
+                else:
+                    last = min(name + window, n_layers - 1)
+                    g = seen[last][2].grad
+                    run = partial(_run_layers, layers, {j: seen[j][:2] for j in range(name, last + 1)}, name, last)
                 with torch.no_grad():
-                    y0 = mod(*args, **kwargs)
+                    y0 = run()
                     y0 = y0[0] if isinstance(y0, tuple) else y0
                 for u in units_here:
-                    y1 = _patched_output(mod, args, kwargs, model, u.entries, values)
+                    y1 = _patched_output(run, model, u.entries, values)
                     terms = (g.double() * (y1 - y0).double()).flatten(1).sum(1)     # [batch], one per item
                     est[u.label] += float(terms.sum())
                     if items is not None:
