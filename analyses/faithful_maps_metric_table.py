@@ -5,6 +5,8 @@ heads, mean ± sd over calibration seeds [lowest]. Read from the faithfulness JS
 Spearman against the metric is computed from each file's per-head predictions and measurements,
 so files of circuitq < 0.8 count too). Writes ``analyses/FAITHFUL_MAPS_METRIC.md``.
 
+    # IOI's loss at 3 bits against 384 held-out items, and the window estimators (0.8.4):
+    # results/faithful_maps_ioi384/README.md, results/faithful_maps_window/README.md
     .venv/bin/python analyses/faithful_maps_metric_table.py
 """
 from __future__ import annotations
@@ -50,10 +52,17 @@ GROUPS = [
     _group(SMOL, "induction", 2, 96, "nll", "faithful_maps_2bit_tasks", "induction-2bit-s?.json"),
     _group(SMOL, "gsm8k", 3, 32, "nll, 32 calib. items", "faithful_maps_gsm8k", "gsm8k-3bit-s?.json"),
     _group(SMOL, "gsm8k", 2, 32, "nll, 32 calib. items", "faithful_maps_gsm8k", "gsm8k-2bit-s?.json"),
+    # 0.8.4: IOI's loss at 3 bits against 384 held-out items (twice the items: a higher ceiling), and
+    # from all 400 calibration items; the window estimators against the 192-item measurement
+    _group(SMOL, "ioi", 3, 384, "nll", "faithful_maps_ioi384", "ioi-3bit-e384-s?.json"),
+    _group(SMOL, "ioi", 3, 384, "nll, all 400 calib. items", "faithful_maps_ioi384", "ioi-3bit-e384-c400-s0.json"),
+    _group(SMOL, "ioi", 3, 192, "nll, all 400 calib. items", "faithful_maps_window", "ioi-3bit-c400-nll-s0.json"),
+    _group(SMOL, "ioi", 3, 192, "nll, --window 2", "faithful_maps_window", "ioi-3bit-w2-s0.json"),
+    _group(SMOL, "ioi", 3, 192, "nll, --window 29 (to the last layer)", "faithful_maps_window", "ioi-3bit-wend-s0.json"),
     _group(GEMMA, "ioi", 3, 192, "nll", "gemma3_270m_faith", "faith-ioi-3bit-s?.json"),
     _group(GEMMA, "ioi", 3, 192, "metric", "gemma3_270m_faith", "fm-metric-ioi-3bit-s?.json"),
 ]
-ESTIMATORS = ("score", "atp", "atp-local", "atp-local2", "atp-denoise")
+ESTIMATORS = ("score", "atp", "atp-local", "atp-local2", "atp-window", "atp-window2", "atp-denoise")
 COMMANDS = """## Commands (2 CPU cores; each seed after the first reuses the first's measurement)
 
     # IOI, 3 bits, loss objective (0.7.2): results/faithful_maps_names58/
@@ -91,6 +100,8 @@ COMMANDS = """## Commands (2 CPU cores; each seed after the first reuses the fir
     # GSM8k at 3 bits (0.8.3): results/faithful_maps_gsm8k/README.md; capitals, induction at 2 bits:
     # results/faithful_maps_2bit_tasks/README.md; Gemma seeds 1-2 (0.8.3): the Gemma command above with
     # --seed 1|2, --estimators atp atp-local atp-denoise, no --curve, --measured <its seed-0 measurement>
+    # IOI's loss at 3 bits against 384 held-out items, and the window estimators (0.8.4):
+    # results/faithful_maps_ioi384/README.md, results/faithful_maps_window/README.md
     .venv/bin/python analyses/faithful_maps_metric_table.py
 """
 
@@ -167,6 +178,57 @@ def second_order_rows() -> list[str]:
     return rows
 
 
+IOI384 = R / "faithful_maps_ioi384"   # ioi-3bit-e384-s{S}.json, ioi-3bit-e384-c400-s0.json (0.8.4)
+FIRST192 = R / "faithful_maps_names58" / "faith-ioi-3bit-s0.json"
+
+
+def ioi384_rows() -> list[str]:
+    """IOI, 3 bits, loss: each estimator against the 384-item measurement, against its first 192 items
+    (0.7.2's measurement: the same items, the same batches) and against the other 192. Every answer is
+    one token, so the 384-item mean is the mean of the two halves' and the second half's change is
+    ``2 · m384 − m192`` exactly."""
+    first = {u["label"]: u["measured_loss"] for u in json.loads(FIRST192.read_text())["units"]} \
+        if FIRST192.exists() else None
+    rows = []
+    for f in sorted(IOI384.glob("ioi-3bit-e384-*.json")):
+        rep = json.loads(f.read_text())
+        labels = [u["label"] for u in rep["units"]]
+        m384 = {u["label"]: u["measured_loss"] for u in rep["units"]}
+        for e in ("atp", "atp-local", "atp-local2"):
+            if e not in rep["spearman"]:
+                continue
+            p = [u["predicted"][e] for u in rep["units"]]
+            a = spearman(p, [first[x] for x in labels]) if first else float("nan")
+            b = spearman(p, [2 * m384[x] - first[x] for x in labels]) if first else float("nan")
+            rows.append(f"| {f.stem} | {rep['calib_items']} | `{e}` | **{rep['spearman'][e]:.3f}** | {a:.3f} | {b:.3f} | "
+                        f"{rep['noise_ceiling']['ceiling']:.3f} |")
+    if first and rows:
+        rep = json.loads(sorted(IOI384.glob("ioi-3bit-e384-s0.json"))[0].read_text())
+        labels = [u["label"] for u in rep["units"]]
+        m384 = {u["label"]: u["measured_loss"] for u in rep["units"]}
+        agree = spearman([first[x] for x in labels], [2 * m384[x] - first[x] for x in labels])
+        rows.append(f"| the measurement itself: first 192 vs the other 192 items | — | — | — | — | {agree:.3f} | — |")
+    return rows
+
+
+def ioi384_band_rows() -> list[str]:
+    """The same split by the heads' layer: `atp-local` from all 400 calibration items against each half,
+    and the two halves' measurements against each other."""
+    f = IOI384 / "ioi-3bit-e384-c400-s0.json"
+    if not (f.exists() and FIRST192.exists()):
+        return []
+    first = {u["label"]: u["measured_loss"] for u in json.loads(FIRST192.read_text())["units"]}
+    units = json.loads(f.read_text())["units"]
+    rows = []
+    for lo, hi in ((0, 3), (3, 10), (10, 20), (20, 30), (3, 30)):
+        us = [u for u in units if lo <= int(u["label"].split(".")[0][1:]) < hi]
+        p = [u["predicted"]["atp-local"] for u in us]
+        m1 = [first[u["label"]] for u in us]
+        m2 = [2 * u["measured_loss"] - first[u["label"]] for u in us]
+        rows.append(f"| {lo}–{hi - 1} | {len(us)} | {spearman(p, m1):.3f} | {spearman(p, m2):.3f} | {spearman(m1, m2):.3f} |")
+    return rows
+
+
 def reliability_rows() -> list[str]:
     """Each estimator's split-half reliability over its own calibration items, where a file has it."""
     rows = []
@@ -221,7 +283,7 @@ def section(title: str, text: str, header: list[str], rows: list[str]) -> list[s
 
 
 def main() -> None:
-    lines = ["# Head maps of the loss and of the task's metric (issue 23, 0.8.0–0.8.3)", "",
+    lines = ["# Head maps of the loss and of the task's metric (issue 23, 0.8.0–0.8.4)", "",
              f"Written by `analyses/faithful_maps_metric_table.py` from the faithfulness JSONs under `analyses/results/` "
              f"({machine()['platform']}, {machine()['cpus']} CPUs, torch {machine()['torch']}). **Both models' weights are "
              "dequantized from 4-bit GGUF files.** Every query head is replaced alone by its round-to-nearest value at "
@@ -284,6 +346,19 @@ def main() -> None:
                      ["task", "bits", "held-out items", "seeds", "`atp`", "`atp-local`", "`atp-local2`",
                       "`atp-local2` − `atp-local` (min … max)", "½Σt² ÷ abs(Σt), median head, seed 0", "reliability",
                       "loss ceiling"], second_order_rows())
+    lines += section("IOI's loss at 3 bits against 384 held-out items (0.8.4)",
+                     "Every query head measured on 384 held-out items (its first 192 are 0.7.2's measurement, "
+                     "the same items in the same batches), the estimators from 128 calibration items per seed or all "
+                     "400 (`c400`). The same estimator against the first and the other 192 items shows how much a "
+                     "192-item measurement's own sample moves the figure.",
+                     ["file", "calibration items", "estimator", "vs 384 items", "vs items 0–191", "vs items 192–383",
+                      "ceiling (384)"], ioi384_rows())
+    lines += section("The same by layer (IOI, 3 bits, `atp-local` from 400 calibration items)",
+                     "Heads grouped by their decoder layer: the estimator against items 0–191 and 192–383, and the "
+                     "two halves' measured changes against each other. `analyses/ioi_heavy_items.py` names the "
+                     "items behind the first layers' disagreement (`results/faithful_maps_ioi384/heavy_items.json`).",
+                     ["layers", "heads", "vs items 0–191", "vs items 192–383", "items 0–191 vs 192–383"],
+                     ioi384_band_rows())
     lines += section("Each estimator's own reliability",
                      "Split half over the estimator's calibration items: its per-head values from the even and from the "
                      "odd items (`atp-local`: each item's own term; additive weight-level estimators such as `atp`: the "

@@ -294,7 +294,7 @@ def local_attribution(model, tokenizer, examples, unit_list, values: dict[str, t
     obj = Objective(calib.objective, tokenizer)
     embed = model.get_input_embeddings()
     starts = range(0, len(tok.ids), calib.batch_size)
-    bar = tqdm(total=len(starts) * len(unit_list), desc="atp-local", unit="unit", disable=not progress)
+    bar = tqdm(total=len(starts) * len(unit_list), desc="atp-local" if window is None else f"atp-window {window}", unit="unit", disable=not progress)
     wanted = {p: p.requires_grad for p in model.parameters()}   # activations' gradients only
     for p in wanted:
         p.requires_grad_(False)
