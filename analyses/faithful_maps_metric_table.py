@@ -59,6 +59,9 @@ GROUPS = [
     _group(SMOL, "ioi", 3, 192, "nll, all 400 calib. items", "faithful_maps_window", "ioi-3bit-c400-nll-s0.json"),
     _group(SMOL, "ioi", 3, 192, "nll, --window 2", "faithful_maps_window", "ioi-3bit-w2-s0.json"),
     _group(SMOL, "ioi", 3, 192, "nll, --window 29 (to the last layer)", "faithful_maps_window", "ioi-3bit-wend-s0.json"),
+    # 0.8.4: IOI at 2 bits with curves (the 0.7.3 measurement of 96 items reused)
+    _group(SMOL, "ioi", 2, 96, "metric, with curves", "faithful_maps_curves_2bit", "ioi-2bit-metric-s?.json"),
+    _group(SMOL, "ioi", 2, 96, "nll, with curves", "faithful_maps_curves_2bit", "ioi-2bit-nll-s?.json"),
     _group(GEMMA, "ioi", 3, 192, "nll", "gemma3_270m_faith", "faith-ioi-3bit-s?.json"),
     _group(GEMMA, "ioi", 3, 192, "metric", "gemma3_270m_faith", "fm-metric-ioi-3bit-s?.json"),
 ]
@@ -271,7 +274,8 @@ def per_file(path: Path) -> dict:
     if curves:
         for o, modes in curves["orderings"].items():
             pts = [p for p in modes["keep-top"]["points"] if p["fraction"] <= 0.1 + 1e-9]
-            out["rec10"][o] = (pts[-1]["recovery"], pts[-1]["metric"], curves["full"]["metric"], curves["none"]["metric"])
+            out["rec10"][o] = (pts[-1]["recovery"], pts[-1]["metric"], curves["full"]["metric"], curves["none"]["metric"],
+                               modes["keep-top"].get("area"))
     return out
 
 
@@ -315,7 +319,8 @@ def main() -> None:
             if curved and all(o in r["rec10"] for r in curved):
                 rec = [r["rec10"][o] for r in curved]
                 curve_rows.append(f"| {model} | {task} | {bits} | {obj} | {len(curved)} | `{o}` | {stats([x[0] for x in rec])} | "
-                                  f"{stats([x[1] for x in rec])} | {rec[0][2]:.3f} | {rec[0][3]:.3f} |")
+                                  f"{stats([x[1] for x in rec])} | {rec[0][2]:.3f} | {rec[0][3]:.3f} | "
+                                  f"{stats([x[4] for x in rec])} |")
     lines += ["", "The loss and the metric as targets: Spearman between each head's measured loss change and its "
               "measured metric change (sign flipped so that both are \"hurts the task\"): "
               + "; ".join(f"{m} {t} {b} bits {a:.2f}" for m, t, b, a in dict(((m, t, b), (m, t, b, a)) for m, t, b, a in agree
@@ -326,8 +331,8 @@ def main() -> None:
               "(m − m_none) / (m_full − m_none) of the task metric: 1 = the 16-bit model's, 0 = every head replaced; "
               "above 1 the ordering leaves out heads whose replacement raises the metric. Greater-than at 3 bits: "
               "replacing every head *raises* the metric (m_none > m_full), so its recovery has the opposite sign.", "",
-              "| model | task | bits | objective | seeds | ordering | recovery at 10% | metric at 10% | 16-bit metric | all replaced |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", *curve_rows, ""]
+              "| model | task | bits | objective | seeds | ordering | recovery at 10% | metric at 10% | 16-bit metric | all replaced | keep-top area |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", *curve_rows, ""]
     lines += section("Integrated gradients by its number of steps (IOI, 3 bits, loss objective, seed 0)",
                      "`ig` with K Gauss–Legendre nodes against the 0.7.2 measurement of all 270 heads (192 held-out "
                      "items); completeness: Σ attributions over every targeted weight against the measured "
