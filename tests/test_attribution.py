@@ -33,6 +33,20 @@ def test_atp_is_signed_first_order_and_completeness_is_measured():
     assert c.gap == pytest.approx(0.05 / 0.8)
 
 
+def _summed_loss(model, tok, tk, n: int):
+    """Σ items' mean NLL over their scored positions, in float64, batches of 4 (its own collation)."""
+    from circuitq.data.tasks import collate
+
+    total = 0.0
+    for i in range(0, n, 4):
+        ids, attn, lm = collate(tk.ids[i:i + 4], tk.scored_from[i:i + 4], tok.pad_token_id or 0)
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=attn.long()).logits[:, :-1].double(), -1)
+        nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]
+        m = lm[:, :-1].double()
+        total = total + ((nll * m).sum(1) / m.sum(1)).sum()
+    return total
+
+
 def _setup(tiny_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -116,9 +130,9 @@ def test_local_attribution_is_the_directional_derivative_through_the_exact_subla
     query head (attention block) and a neuron block (MLP block); for a unit inside o_proj alone
     (linear in the weight) it equals attribution patching ΣG·ΔW; the model is unchanged."""
     from circuitq.circuits.faithfulness import units
+    from circuitq.data.tasks import tokenize_examples
     from circuitq.model.arch import Geometry
     from circuitq.pipeline.stages import collect_gradients
-    from circuitq.data.tasks import collate, tokenize_examples
     from circuitq.saliency.attribution import local_attribution, sublayer_of
 
     d, tok, model, ex, qw = _setup(tiny_dir)
@@ -134,15 +148,8 @@ def test_local_attribution_is_the_directional_derivative_through_the_exact_subla
     o_only = type(head)("o", {n: m for n, m in head.entries.items() if "o_proj" in n})
     tk = tokenize_examples(ex, tok, 64)
 
-    def summed_loss(*_):   # Σ items' mean NLL over their scored positions, in float64, batches of 4
-        total = 0.0
-        for i in range(0, len(ex), 4):
-            ids, attn, lm = collate(tk.ids[i:i + 4], tk.scored_from[i:i + 4], tok.pad_token_id or 0)
-            logp = torch.log_softmax(model(input_ids=ids, attention_mask=attn.long()).logits[:, :-1].double(), -1)
-            nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]
-            m = lm[:, :-1].double()
-            total = total + ((nll * m).sum(1) / m.sum(1)).sum()
-        return total
+    def summed_loss(*_):
+        return _summed_loss(model, tok, tk, len(ex))
 
     est = local_attribution(model, tok, ex, [head, block, o_only], qw, calib, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -234,7 +241,7 @@ def test_window_attribution_is_the_directional_derivative_at_the_windows_last_la
     from transformers import AutoTokenizer
 
     from circuitq.circuits.faithfulness import Unit, units
-    from circuitq.data.tasks import Example, collate, tokenize_examples
+    from circuitq.data.tasks import Example, tokenize_examples
     from circuitq.model.arch import Geometry
     from circuitq.pipeline.stages import quantized_weights
     from circuitq.saliency.attribution import local_attribution
@@ -255,14 +262,7 @@ def test_window_attribution_is_the_directional_derivative_at_the_windows_last_la
     layers = model.model.layers
 
     def summed_loss():
-        total = 0.0
-        for i in range(0, len(ex), 4):
-            ids, attn, lm = collate(tk.ids[i:i + 4], tk.scored_from[i:i + 4], tok.pad_token_id or 0)
-            logp = torch.log_softmax(model(input_ids=ids, attention_mask=attn.long()).logits[:, :-1].double(), -1)
-            nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]
-            m = lm[:, :-1].double()
-            total = total + ((nll * m).sum(1) / m.sum(1)).sum()
-        return total
+        return _summed_loss(model, tok, tk, len(ex))
 
     def outputs_of(e):
         got = []
