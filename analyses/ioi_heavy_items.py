@@ -32,7 +32,8 @@ from circuitq.pipeline.stages import quantized_weights  # noqa: E402
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--heads", nargs="+", default=["L0.H8", "L0.H2", "L1.H4", "L1.H5", "L15.H0"])
+    ap.add_argument("--heads", nargs="+", default=["L0.H8", "L0.H2", "L1.H4", "L1.H5", "L15.H0"],
+                    help="head labels, or 'layers:A-B' for every head of layers A..B")
     ap.add_argument("--items", type=int, default=384)
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--out", required=True)
@@ -44,6 +45,9 @@ def main(argv=None) -> int:
     weights = {n: model.get_parameter(n).detach() for n in names}
     by_label = {u.label: u for u in units({n: tuple(w.shape) for n, w in weights.items()},
                                           Geometry.from_config(model.config), "heads")}
+    if len(a.heads) == 1 and a.heads[0].startswith("layers:"):
+        lo, hi = (int(x) for x in a.heads[0].split(":")[1].split("-"))
+        a.heads = [x for x in by_label if lo <= int(x.split(".")[0][1:]) <= hi]
     unknown = [h for h in a.heads if h not in by_label]
     if unknown:
         print(f"unknown head {unknown[0]} for --heads (e.g. L0.H8)", file=sys.stderr)
@@ -80,13 +84,20 @@ def main(argv=None) -> int:
                 model.get_parameter(n).data.copy_(old)
         top = np.argsort(-np.abs(d))[:5]
         heads[label] = {"mean_first_half": float(d[:half].mean()), "mean_second_half": float(d[half:].mean()),
-                        "median": float(np.median(d)), "top5_share_of_abs_sum": float(np.abs(d[top]).sum() / np.abs(d).sum()),
+                        "median": float(np.median(d)), "median_first_half": float(np.median(d[:half])),
+                        "median_second_half": float(np.median(d[half:])), "top5_share_of_abs_sum": float(np.abs(d[top]).sum() / np.abs(d).sum()),
                         "top5": [{"item": int(i), "change": float(d[i]), "prompt": items[i].prompt,
                                   "answer": items[i].completion} for i in top]}
         print(f"{label}: mean items 0–{half - 1} {d[:half].mean():+.4f}, items {half}–{len(items) - 1} "
               f"{d[half:].mean():+.4f}, median {np.median(d):+.4f}; the 5 items that change most carry "
               f"{heads[label]['top5_share_of_abs_sum']:.0%} of Σ|change|: "
               + "; ".join(f"#{int(i)} {d[i]:+.2f}" for i in top))
+    if len(heads) >= 3:   # do the two halves rank the heads alike by their mean, and by their median?
+        from circuitq.circuits.faithfulness import spearman
+        h = list(heads.values())
+        for stat in ("mean", "median"):
+            r = spearman([x[f"{stat}_first_half"] for x in h], [x[f"{stat}_second_half"] for x in h])
+            print(f"{len(h)} heads, items 0–{half - 1} vs {half}–{len(items) - 1}, by the {stat}: Spearman {r:.3f}")
     write_json(a.out, {"format": "circuitq.ioi_heavy_items", "bits": a.bits, "items": len(items), "heads": heads,
                        "machine": machine(), "note": "per-item NLL change of the answer, one head replaced by RTN"})
     return 0
