@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -238,9 +239,18 @@ def read_json(path, flag: str):
                          "command wrote") from None
 
 
-def write_json(path: str | Path, obj, overwrite: bool = True) -> None:
+# an indented list of numbers: only indentation puts a raw newline after "[" (JSON strings escape theirs)
+_NUMBER_LIST = re.compile(r"\[\n\s*((?:-?[0-9][0-9.eE+-]*|null|NaN|-?Infinity)(?:,\n\s*(?:-?[0-9][0-9.eE+-]*|null|NaN|-?Infinity))*)\n\s*\]")
+
+
+def write_json(path: str | Path, obj, overwrite: bool = True, compact_lists: bool = False) -> None:
+    """``obj`` as indented JSON, written atomically. ``compact_lists``: lists of plain numbers on one
+    line each (per-item vectors stay readable and the file ~5x smaller); the same JSON value."""
+    text = json.dumps(obj, indent=2, sort_keys=False, default=str)
+    if compact_lists:
+        text = _NUMBER_LIST.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
     with atomic_file(path, overwrite=overwrite) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+        tmp.write_text(text + "\n")
 
 
 def csv_text(rows: list[dict]) -> str:

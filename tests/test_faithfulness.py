@@ -267,6 +267,47 @@ def test_noise_ceiling_from_split_halves():
     assert noise_ceiling([UnitResult("u", 1, {}, 0.0, None)] * 5) is None
 
 
+def test_item_statistics_worked_example_and_refusal():
+    from circuitq.circuits.faithfulness import item_statistic
+    from circuitq.errors import UsageError
+
+    assert item_statistic([9, 0, 1, 0], "median") == pytest.approx(0.5)
+    assert item_statistic([0, 0, 1, 9], "trimmed", trim=0.25) == pytest.approx(0.5)
+    assert item_statistic([0, 0, 1, 9, 100], "trimmed", trim=0.2) == pytest.approx(10 / 3)
+    assert item_statistic(torch.tensor([3.0]), "trimmed", trim=0.5) == pytest.approx(3.0)   # too few to trim: median
+    with pytest.raises(UsageError, match="unknown item statistic 'mode'; choose one of median, trimmed"):
+        item_statistic([1.0], "mode")
+
+
+def test_robust_statistics_rank_through_a_few_heavy_items():
+    """Each unit's true effect moves every item a little; a few heavy items move some units by a
+    lot, at random. The mean follows the heavy items (the estimator of the true effects ranks
+    poorly against it, and the two halves of the items disagree), the median and the trimmed mean
+    do not; an estimator's per-item terms summarised by the same statistic are scored too."""
+    from circuitq.circuits.faithfulness import UnitResult, robust_measurements, spearman
+
+    g = torch.Generator().manual_seed(0)
+    n_units, n_items = 40, 200
+    truth = torch.randn(n_units, generator=g, dtype=torch.float64)
+    items = truth[:, None] * 0.01 + 0.002 * torch.randn(n_units, n_items, generator=g, dtype=torch.float64)
+    heavy = torch.randint(0, n_items, (3,), generator=g)
+    items[:, heavy] += 3 * torch.randn(n_units, 3, generator=g, dtype=torch.float64)   # nats, not hundredths
+    rows = [UnitResult(f"u{i}", 1, {"truth": float(truth[i])}, float(items[i].mean()), None,
+                       measured_items=tuple(items[i].tolist())) for i in range(n_units)]
+    per_item = {"truth-items": {f"u{i}": truth[i] + 0.5 * torch.randn(64, generator=g, dtype=torch.float64)
+                                for i in range(n_units)}}
+    rob = robust_measurements(rows, per_item)
+    by_mean = spearman([r.predicted["truth"] for r in rows], [r.measured_loss for r in rows])
+    assert by_mean < 0.6
+    for stat in ("median", "trimmed"):
+        d = rob["statistics"][stat]
+        assert d["spearman"]["truth"] > 0.9 > by_mean + 0.3, stat
+        assert d["noise_ceiling"]["ceiling"] > 0.9 and d["spearman_matched"]["truth-items"] > 0.8
+        assert "spearman_metric" not in d                  # the rows carry no per-item metric
+    assert rob["trim"] == 0.1
+    assert robust_measurements([r._replace(measured_items=None) for r in rows]) is None   # measured before 0.8.5
+
+
 def test_estimator_reliability_from_its_own_items_split_in_half():
     """Per-item terms of a unit estimator: halves of a clean estimate agree (reliability near 1),
     of a noisy one less; Spearman–Brown for the full and for twice the items; the worked example."""
@@ -363,6 +404,10 @@ def test_measured_reuses_an_earlier_measurement_and_refuses_another(tmp_path, ti
     b = json.loads((tmp_path / "b.json").read_text())
     assert [u["measured_loss"] for u in b["units"]] == [u["measured_loss"] for u in a["units"]]
     assert [u["measured_halves"] for u in b["units"]] == [u["measured_halves"] for u in a["units"]]
+    assert [u["measured_items"] for u in b["units"]] == [u["measured_items"] for u in a["units"]]
+    assert all(len(u["measured_items"]) == 6 for u in a["units"])      # one loss change per evaluation item
+    assert set(a["robust"]["statistics"]) == {"median", "trimmed"} and "spearman" in a["robust"]["statistics"]["median"]
+    assert '"measured_items": [' in (tmp_path / "a.json").read_text()     # a vector per line, not a number per line
     assert [u["predicted"]["atp"] for u in b["units"]] != [u["predicted"]["atp"] for u in a["units"]]
     assert b["measured_from"] == str(tmp_path / "a.json")
     bad = tmp_path / "bad.json"

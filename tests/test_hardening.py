@@ -84,6 +84,21 @@ def test_outputs_follow_the_umask(tmp_path):
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
 
 
+def test_compact_json_puts_number_lists_on_one_line_and_keeps_the_value(tmp_path):
+    """Only lists of numbers fold; a string that looks like one, and nested lists' layout, stay."""
+    import json
+
+    from circuitq.artifacts import write_json
+
+    obj = {"v": [1, -2.5e-05, None, 3.0], "s": "x [\n 1,\n 2\n]", "m": [[1, 2], [3]], "e": [], "d": [{"a": 1}]}
+    write_json(tmp_path / "c.json", obj, compact_lists=True)
+    text = (tmp_path / "c.json").read_text()
+    assert json.loads(text) == obj
+    assert '"v": [1, -2.5e-05, null, 3.0]' in text and '\n    [1, 2],\n    [3]\n' in text
+    write_json(tmp_path / "p.json", obj)
+    assert json.loads((tmp_path / "p.json").read_text()) == obj and '"v": [\n' in (tmp_path / "p.json").read_text()
+
+
 def test_a_killed_writers_temporary_folder_is_removed_by_the_next_writer(tmp_path):
     import subprocess
     import sys

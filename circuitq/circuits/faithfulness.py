@@ -297,6 +297,66 @@ class UnitResult(NamedTuple):
     measured_metric: float | None
     measured_halves: tuple | None = None   # the loss change on the even and on the odd items
     measured_metric_halves: tuple | None = None   # the same for the task metric (0.8)
+    measured_items: tuple | None = None    # each evaluation item's loss change (its NLL per token; 0.8.5)
+    measured_metric_items: tuple | None = None   # each item's change of the task metric (0.8.5)
+
+
+ITEM_STATISTICS = ("median", "trimmed")
+TRIM = 0.1   # "trimmed": the mean of the items' changes without the lowest and the highest 10%
+
+
+def item_statistic(changes, stat: str, trim: float = TRIM) -> float:
+    """A statistic of the items' changes (``[n_items]``) robust to a few heavy items: ``median``
+    (the mean of the two middle values for even ``n``) or ``trimmed`` (the mean without the
+    ``⌊trim · n⌋`` lowest and highest). Items count alike, whatever their number of tokens (the task
+    loss, ``mean``, weighs them by tokens). Worked example: ``[0, 0, 1, 9]``: median 0.5, trimmed
+    (trim 0.25) 0.5, mean 2.5."""
+    x = torch.as_tensor(changes, dtype=torch.float64).flatten().sort().values
+    if x.numel() == 0:
+        return float("nan")
+    if stat == "median":
+        return float(torch.quantile(x, 0.5))
+    if stat == "trimmed":
+        k = int(math.floor(trim * x.numel()))
+        return float(x[k:x.numel() - k].mean()) if x.numel() > 2 * k else float(torch.quantile(x, 0.5))
+    raise UsageError(f"unknown item statistic '{stat}'; choose one of {', '.join(ITEM_STATISTICS)}")
+
+
+def _rounded(x: float) -> float:
+    return float(f"{x:.5g}")
+
+
+def robust_measurements(rows: list[UnitResult], per_item_estimates: dict | None = None) -> dict | None:
+    """The measured change of each unit as a per-item ``ITEM_STATISTICS`` rather than the task
+    loss's mean, and how the estimators rank against it: a mean over a few hundred items is carried
+    by a handful of items when those move by nats where the rest move by hundredths (IOI's first
+    layers, 0.8.4), and its ranking then follows the handful. Per statistic: ``spearman`` of every
+    estimator against it, ``spearman_metric`` (the task metric's change, sign flipped), their
+    ``noise_ceiling``s (the statistic on the even vs the odd items), and ``spearman_matched``: an
+    estimator with per-item terms (``per_item_estimates``: ``{name: {label: [n_calib]}}``, e.g.
+    ``atp-local``) summarised by the same statistic over its calibration items. None when the rows
+    carry no per-item changes (a report measured before 0.8.5)."""
+    if len(rows) < 3 or any(r.measured_items is None for r in rows):
+        return None
+    has_metric = all(r.measured_metric_items is not None for r in rows)
+    out: dict = {"trim": TRIM, "statistics": {}}
+    for stat in ITEM_STATISTICS:
+        loss = [item_statistic(r.measured_items, stat) for r in rows]
+        halves = [(item_statistic(r.measured_items[0::2], stat), item_statistic(r.measured_items[1::2], stat))
+                  for r in rows]
+        d = {"spearman": {k: spearman([r.predicted[k] for r in rows], loss) for k in rows[0].predicted},
+             "noise_ceiling": _ceiling([h[0] for h in halves], [h[1] for h in halves])}
+        if per_item_estimates:
+            d["spearman_matched"] = {k: spearman([item_statistic(v[r.label], stat) for r in rows], loss)
+                                     for k, v in per_item_estimates.items()}
+        if has_metric:
+            metric = [-item_statistic(r.measured_metric_items, stat) for r in rows]
+            mh = [(-item_statistic(r.measured_metric_items[0::2], stat), -item_statistic(r.measured_metric_items[1::2], stat))
+                  for r in rows]
+            d["spearman_metric"] = {k: spearman([r.predicted[k] for r in rows], metric) for k in rows[0].predicted}
+            d["noise_ceiling_metric"] = _ceiling([h[0] for h in mh], [h[1] for h in mh])
+        out["statistics"][stat] = d
+    return out
 
 
 def noise_ceiling(rows: list[UnitResult], field: str = "measured_halves") -> dict | None:
@@ -307,14 +367,19 @@ def noise_ceiling(rows: list[UnitResult], field: str = "measured_halves") -> dic
     halves = [getattr(r, field) for r in rows]
     if any(h is None for h in halves) or len(rows) < 3:
         return None
-    r = spearman([h[0] for h in halves], [h[1] for h in halves])
+    return _ceiling([h[0] for h in halves], [h[1] for h in halves])
+
+
+def _ceiling(even: list[float], odd: list[float]) -> dict:
+    """``noise_ceiling`` of one value per unit measured on the even and on the odd items."""
+    r = spearman(even, odd)
     rel = 2 * r / (1 + r) if r == r and r > -1 else float("nan")
     return {"split_half_spearman": r, "reliability": rel, "ceiling": math.sqrt(rel) if rel == rel and rel > 0 else 0.0}
 
 
 def measure(model, loss_fn, entries: dict, values: dict, cache: LayerReplay | None = None) -> tuple[float, float | None]:
     """``loss_fn(model) -> (loss, metric[, (loss on even items, loss on odd items)[, (the metric on
-    them)]])`` with
+    them)[, {"loss": [n_items], "metric": [n_items] | None} each item's]]])`` with
     ``entries`` replaced by ``values``; with ``cache``
     (recorded on the unchanged model), the layers below the first replaced one are replayed."""
     with replaced(model, entries, values):
@@ -375,6 +440,7 @@ def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], val
     base_loss, base_metric = base[0], base[1]
     base_halves = base[2] if len(base) > 2 else None
     base_mhalves = base[3] if len(base) > 3 and base[3] is not None else None
+    base_items = base[4] if len(base) > 4 else None
     known = {}
     if prior is not None:
         was = prior["base"]["loss"]
@@ -399,15 +465,22 @@ def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], val
             k = known[u.label]
             halves = tuple(k["measured_halves"]) if k.get("measured_halves") is not None else None
             mh = tuple(k["measured_metric_halves"]) if k.get("measured_metric_halves") is not None else None
-            rows.append(UnitResult(u.label, size, predicted, k["measured_loss"], k["measured_metric"], halves, mh))
+            its, mits = (tuple(k[f]) if k.get(f) is not None else None for f in ("measured_items", "measured_metric_items"))
+            rows.append(UnitResult(u.label, size, predicted, k["measured_loss"], k["measured_metric"], halves, mh, its, mits))
             continue
         got = measure(model, loss_fn, u.entries, values, cache)
         loss, metric = got[0], got[1]
         halves = tuple(a - b for a, b in zip(got[2], base_halves)) if base_halves is not None else None
         mh = tuple(a - b for a, b in zip(got[3], base_mhalves)) if base_mhalves is not None and len(got) > 3 and got[3] is not None \
             else None
+        its = mits = None
+        if base_items is not None and len(got) > 4:
+            its = tuple(_rounded(a - b) for a, b in zip(got[4]["loss"], base_items["loss"]))
+            if got[4].get("metric") is not None and base_items.get("metric") is not None:
+                mits = tuple(_rounded(a - b) for a, b in zip(got[4]["metric"], base_items["metric"]))
         rows.append(UnitResult(u.label, size, predicted, loss - base_loss,
-                               None if metric is None or base_metric is None else metric - base_metric, halves, mh))
+                               None if metric is None or base_metric is None else metric - base_metric, halves, mh,
+                               its, mits))
     rho = {k: spearman([r.predicted[k] for r in rows], [r.measured_loss for r in rows]) for k in estimators}
     # the same against the task metric's measured change, sign flipped so that "hurts the task" is positive
     # for both (the ranking an estimator of --objective metric is made for)
@@ -430,6 +503,8 @@ def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], val
             "noise_ceiling": noise_ceiling(rows),
             "noise_ceiling_metric": noise_ceiling(rows, "measured_metric_halves"),
             "estimator_reliability": _reliabilities(rows, estimators, estimator_halves or {}) or None,
+            "robust": robust_measurements(rows, {k: v.per_item for k, v in estimators.items()
+                                                 if isinstance(v, UnitEstimate) and v.per_item is not None}),
             "contrasts": contrasts, "only_circuit_over_only_random": ratio,
             "circuit_entries": int(sum(int(m.sum()) for m in circuit.values()))}
 

@@ -397,7 +397,7 @@ def cmd_faithfulness(a) -> int:
     lm = load_model(a.model or meta.get("model_source") or meta.get("model"), device=device_for(a.device))
     rep = faithfulness(lm, sf["scores"], job)
     rep.update(scores=str(a.scores), model=lm.name, model_note=lm.note)
-    write_json(out, rep, overwrite=a.overwrite)
+    write_json(out, rep, overwrite=a.overwrite, compact_lists=True)
     write_csv(out.with_suffix(".csv"), [{"unit": u["label"], "size": u["size"], **{f"predicted_{k}": v for k, v in
                                          u["predicted"].items()}, "measured_loss": u["measured_loss"],
                                          "measured_metric": u["measured_metric"]} for u in rep["units"]], a.overwrite)
@@ -427,6 +427,12 @@ def cmd_faithfulness(a) -> int:
           + f"; only the circuit {c['only circuit']['loss_change']:+.4f} vs only random "
             f"{c['only random']['loss_change']:+.4f} nats; all but the circuit {c['all but circuit']['loss_change']:+.4f} "
             f"vs all but random {c['all but random']['loss_change']:+.4f}")
+    for stat, d in ((rep.get("robust") or {}).get("statistics") or {}).items():
+        name = "median" if stat == "median" else f"{rep['robust']['trim']:.0%}-trimmed mean"
+        print(f"[circuitq] robust to a few heavy items, each unit's {name} item change of the loss: Spearman "
+              + ", ".join(f"{k} {v:.3f}" for k, v in d["spearman"].items())
+              + "".join(f", {k} by its own {stat} item {v:.3f}" for k, v in (d.get("spearman_matched") or {}).items())
+              + (f" (a perfect predictor: about {d['noise_ceiling']['ceiling']:.3f})" if d.get("noise_ceiling") else ""))
     if rep.get("spearman_metric"):
         print(f"[circuitq] against the measured change of the task metric ({rep['metric']}, sign flipped; the estimators' "
               f"objective: {rep['objective']}): " + ", ".join(f"{k} {v:.3f}" for k, v in rep["spearman_metric"].items())

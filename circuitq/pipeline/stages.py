@@ -484,8 +484,11 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
             return sum(vals) / len(vals) if vals and len(vals) == len(recs) else None
 
         mh = (mean_metric(res.items[0::2]), mean_metric(res.items[1::2]))
+        per_metric = [x.get(key) for x in res.items]
+        each = {"loss": [float(x["nll"]) for x in res.items],   # each item's NLL per token, for the robust statistics
+                "metric": None if None in per_metric else [float(v) for v in per_metric]}
         return (r["nll_per_token"], r.get(key), (nll(res.items[0::2]), nll(res.items[1::2])),
-                mh if None not in mh else None)
+                mh if None not in mh else None, each)
 
     base = evaluate(model, lm.tokenizer, items, task.kind, cfg=job.eval, progress=False).metrics
     chance = TASK_KINDS[task.kind].chance
