@@ -236,6 +236,7 @@ def test_faithfulness_page(runs, monkeypatch):
     assert "Spearman: score" in labels and "Spearman: atp" in labels
     assert len(at.get("plotly_chart")) == 3   # scatter, faithfulness curves, contrasts
     assert "Faithfulness curves" in at.get("plotly_chart")[1].proto.spec
+    assert any("median item change" in c.value for c in at.caption)   # the robust ranking beside the scatter
     at.radio(key="faith_curve_mode").set_value("replace-top").run()
     assert not at.exception
     at.sidebar.selectbox(key="run").set_value("small").run()

@@ -214,6 +214,9 @@ def test_run_with_faithfulness_checks_each_circuit_and_reports_it(tmp_path, tiny
     html = (out / "report.html").read_text()
     assert "Faithfulness: mmlu, 3-bit circuit vs real ablation" in html and "best estimator" in html
     assert "Measured faithfulness on mmlu (this run)" in html and "atp" in html   # beside the map it measures
+    # each unit's per-item changes, and the ranking against their median, in the file and the report
+    assert all(len(u["measured_items"]) == rep["items"] for u in rep["units"])
+    assert "measured as each unit&#x27;s median item change" in html     # escaped, as every table cell
     # atp's own split-half reliability over its calibration items, in the file and the report's table
     assert rep["estimator_reliability"]["atp"]["items"] == rep["calib_items"] > 1
     assert f"reliability of atp over its {rep['calib_items']} calibration items" in html

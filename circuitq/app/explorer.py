@@ -96,7 +96,9 @@ def faithfulness_caption(run: runs_catalog.RunEntry, task: str, estimator: str, 
     rho = d[field][estimator]
     what = f"the measured change of {runs_catalog.md(d.get('metric'))} (sign flipped)" if objective == "metric" \
         else "the measured loss change"
-    return (f"Measured faithfulness: Spearman {rho:.3f} between {estimator}'s prediction and {what} "
+    med = (((d.get("robust") or {}).get("statistics") or {}).get("median") or {}).get(field) or {}
+    robust = f" (each unit's median item change: {med[estimator]:.3f})" if estimator in med else ""
+    return (f"Measured faithfulness: Spearman {rho:.3f} between {estimator}'s prediction and {what}{robust} "
             f"over {len(d.get('units', []))} {runs_catalog.md(d.get('units_kind'))} units "
             f"({runs_catalog.md(d.get('units_measured', 'top + random'))}); most faithful here: "
             f"{runs_catalog.md(d.get('best_estimator'))}.")
@@ -396,6 +398,11 @@ def page_faithfulness(run: runs_catalog.RunEntry) -> None:
     for c, (k, v) in zip(cols, rho.items()):
         c.metric(f"Spearman: {k}", "—" if v != v else f"{v:.3f}")
     cols[-1].metric("only circuit / only random", f"{doc.get('only_circuit_over_only_random', float('nan')):.2f}×")
+    for stat, d in ((doc.get("robust") or {}).get("statistics") or {}).items():
+        nc = d.get("noise_ceiling") or {}
+        st.caption(f"Against each unit's {'median' if stat == 'median' else 'trimmed-mean'} item change (robust to a "
+                   "few heavy items): " + ", ".join(f"{runs_catalog.md(k)} {v:.3f}" for k, v in d["spearman"].items())
+                   + (f"; a perfect predictor: about {nc['ceiling']:.3f}" if nc else "") + ".")
     est = st.radio("Predicted by", list(rho) or ["score"], horizontal=True, key="faith_est")
     units = doc.get("units", [])
     fig = go.Figure(go.Scatter(x=[u["predicted"].get(est) for u in units], y=[u["measured_loss"] for u in units],

@@ -270,6 +270,12 @@ def faithfulness_rows(rep: dict) -> list[dict]:
     if rep.get("noise_ceiling"):
         rows.append({"what": "noise ceiling: Spearman a perfect predictor would reach (split-half reliability, √)",
                      "value": rep["noise_ceiling"]["ceiling"]})
+    for stat, d in ((rep.get("robust") or {}).get("statistics") or {}).items():
+        what = "median item change" if stat == "median" else f"{rep['robust']['trim']:.0%}-trimmed mean item change"
+        rows += [{"what": f"Spearman(predicted by {k}, measured as each unit's {what}; robust to a few heavy items)",
+                  "value": v} for k, v in d["spearman"].items()]
+        if d.get("noise_ceiling"):
+            rows.append({"what": f"noise ceiling of the {what}", "value": d["noise_ceiling"]["ceiling"]})
     for k, r in (rep.get("estimator_reliability") or {}).items():
         if r:
             rows.append({"what": f"reliability of {k} over its {r['items']} calibration items (split half, "

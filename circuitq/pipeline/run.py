@@ -561,7 +561,7 @@ class Runner:
             torch.manual_seed(job.seed)
             rep = stages.faithfulness(self.lm, scores, job, say=self.say, progress=self.progress)
             rep.update(model=self.lm.name, model_note=self.lm.note, bits=bits)
-            write_json(tmp / "faithfulness.json", rep)
+            write_json(tmp / "faithfulness.json", rep, compact_lists=True)
         step = self.store.step("faithfulness", key, f"faithfulness-{_slug(task)}-{job.units}-{bits}bit", compute)
         return json.loads((step / "faithfulness.json").read_text())
 
@@ -638,7 +638,7 @@ def _run_jobs(r: Runner, jobs, *, cfg: RunConfig, run_dir: Path, lm, device, com
     if cfg.faithfulness != "off":
         for t in cfg.tasks:
             faith[t] = r.faithfulness(t)
-            write_json(run_dir / f"faithfulness-{_slug(t)}-{cfg.faithfulness}.json", faith[t], overwrite=True)
+            write_json(run_dir / f"faithfulness-{_slug(t)}-{cfg.faithfulness}.json", faith[t], overwrite=True, compact_lists=True)
     res = RunResult(rows, transfer_rows(rows), dict(r.counts), item_kl, {k: v for k, v in score_dirs.items() if v},
                     time.perf_counter() - t0, faith, maps)
     doc = {"format": RUN_FORMAT, "circuitq_version": __version__, "command": command, "config": to_dict(cfg),
