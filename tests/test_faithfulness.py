@@ -187,6 +187,14 @@ def test_faithfulness_all_heads_estimators_and_curves_end_to_end(tmp_path, tiny_
     printed = capsys.readouterr().out
     assert "estimator noise: atp-local over the even and the odd of its 6 calibration items" in printed
     assert "estimator noise: atp over the even and the odd of its 6 calibration items" in printed
+    # the peak memory of each stage, where the kernel gives it (Linux): in the file and one line
+    from circuitq.pipeline.budget import PeakMeter
+    if PeakMeter().ok:
+        peaks = rep["memory"]["measured_peak_bytes"]
+        assert {"Q(W) and the replacement", "gradient pass", "unit attribution (atp-local, atp-window)",
+                "measurement (units, contrasts)", "curves"} <= set(peaks)
+        assert all(v > 0 for v in peaks.values()) and rep["memory"]["process_peak_bytes"] >= max(peaks.values())
+        assert "[circuitq] peak memory by stage: Q(W) and the replacement" in printed
     assert set(rep["curves"]["orderings"]) == {"score", "atp", "atp-local", "atp-local2", "atp-window", "atp-window2",
                                                "atp-denoise", "ig", "grad", "random"}
     rows = (tmp_path / "f.curves.csv").read_text().splitlines()
@@ -303,6 +311,8 @@ def test_robust_statistics_rank_through_a_few_heavy_items():
         d = rob["statistics"][stat]
         assert d["spearman"]["truth"] > 0.9 > by_mean + 0.3, stat
         assert d["noise_ceiling"]["ceiling"] > 0.9 and d["spearman_matched"]["truth-items"] > 0.8
+        assert set(d["predicted_matched"]["truth-items"]) == {r.label for r in rows}
+        assert d["spearman_matched_vs_mean"]["truth-items"] < d["spearman_matched"]["truth-items"]
         assert "spearman_metric" not in d                  # the rows carry no per-item metric
     assert rob["trim"] == 0.1
     assert robust_measurements([r._replace(measured_items=None) for r in rows]) is None   # measured before 0.8.5

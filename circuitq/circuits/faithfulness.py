@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from circuitq.errors import UsageError
 from circuitq.model.arch import Geometry, module_parts, parse_name
-from circuitq.saliency.masks import select_topk
+from circuitq.saliency.masks import select_topk_stream
 from circuitq.storage import replaced  # noqa: F401  (re-exported: units are replaced with it)
 
 UNIT_KINDS = ("heads", "kv-heads", "neurons", "modules")
@@ -334,7 +334,8 @@ def robust_measurements(rows: list[UnitResult], per_item_estimates: dict | None 
     estimator against it, ``spearman_metric`` (the task metric's change, sign flipped), their
     ``noise_ceiling``s (the statistic on the even vs the odd items), and ``spearman_matched``: an
     estimator with per-item terms (``per_item_estimates``: ``{name: {label: [n_calib]}}``, e.g.
-    ``atp-local``) summarised by the same statistic over its calibration items. None when the rows
+    ``atp-local``) summarised by the same statistic over its calibration items (its values per unit in
+    ``predicted_matched``; ``spearman_matched_vs_mean`` ranks them against the mean). None when the rows
     carry no per-item changes (a report measured before 0.8.5)."""
     if len(rows) < 3 or any(r.measured_items is None for r in rows):
         return None
@@ -347,8 +348,12 @@ def robust_measurements(rows: list[UnitResult], per_item_estimates: dict | None 
         d = {"spearman": {k: spearman([r.predicted[k] for r in rows], loss) for k in rows[0].predicted},
              "noise_ceiling": _ceiling([h[0] for h in halves], [h[1] for h in halves])}
         if per_item_estimates:
-            d["spearman_matched"] = {k: spearman([item_statistic(v[r.label], stat) for r in rows], loss)
-                                     for k, v in per_item_estimates.items()}
+            pm = {k: [item_statistic(v[r.label], stat) for r in rows] for k, v in per_item_estimates.items()}
+            d["spearman_matched"] = {k: spearman(x, loss) for k, x in pm.items()}
+            # the same summary against the task loss's own (mean) change: is it a better estimator, or a
+            # better match for the robust measurement only?
+            d["spearman_matched_vs_mean"] = {k: spearman(x, [r.measured_loss for r in rows]) for k, x in pm.items()}
+            d["predicted_matched"] = {k: {r.label: _rounded(v) for r, v in zip(rows, x)} for k, x in pm.items()}
         if has_metric:
             metric = [-item_statistic(r.measured_metric_items, stat) for r in rows]
             mh = [(-item_statistic(r.measured_metric_items[0::2], stat), -item_statistic(r.measured_metric_items[1::2], stat))
@@ -487,7 +492,7 @@ def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], val
     rho_metric = {k: spearman([r.predicted[k] for r in rows], [-r.measured_metric for r in rows]) for k in estimators} \
         if rows and all(r.measured_metric is not None for r in rows) else None
     shapes = {n: tuple(t.shape) for n, t in scores.items()}
-    circuit = select_topk(scores, fraction)
+    circuit = select_topk_stream(scores.items(), shapes, fraction)   # 12·k bytes, not a sort of every score
     rand = random_like(circuit, shapes, seed)
     contrasts = {}
     for label, ent in (("only circuit", circuit), ("only random", rand), ("all but circuit", complement(circuit, shapes)),

@@ -9,7 +9,7 @@ from pathlib import Path
 from circuitq import __version__
 from circuitq.cli.flags import add_flags, build, given_flags
 from circuitq.config import DEFAULT_MODEL, EvalJob, FaithfulnessJob, MaskConfig, QuantizeJob, RunConfig, ScoreConfig
-from circuitq.errors import UsageError
+from circuitq.errors import UsageError, human_bytes
 
 QUANT = [("--bits", "quantize.bits"), ("--group-size", "quantize.group_size"), ("--sym", "quantize.sym"),
          ("--mse", "quantize.mse"), ("--act-order", "quantize.act_order"), ("--hessian", "quantize.hessian"),
@@ -438,6 +438,9 @@ def cmd_faithfulness(a) -> int:
               f"objective: {rep['objective']}): " + ", ".join(f"{k} {v:.3f}" for k, v in rep["spearman_metric"].items())
               + (f" (a perfect predictor: about {rep['noise_ceiling_metric']['ceiling']:.3f})"
                  if rep.get("noise_ceiling_metric") else ""))
+    if rep.get("memory"):
+        print("[circuitq] peak memory by stage: " + "; ".join(f"{k} {human_bytes(v)}" for k, v in
+                                                           rep["memory"]["measured_peak_bytes"].items()))
     print(f"[circuitq] wrote {out}, {out.with_suffix('.csv')}" + (f" and {out.with_suffix('.curves.csv')}"
                                                                  if "curves" in rep else ""))
     return 0

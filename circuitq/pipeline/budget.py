@@ -184,12 +184,14 @@ def gb(x: float) -> str:
 class PeakMeter:
     """The measured peak resident memory of this process per stage (Linux: ``VmHWM`` of
     ``/proc/self/status``, reset through ``/proc/self/clear_refs`` when a stage starts). ``peaks``:
-    ``{stage: bytes}`` (the largest over the stage's runs); empty where the kernel does not offer it.
+    ``{stage: bytes}`` (the largest over the stage's runs); empty where the kernel does not offer it;
+    ``starts``: the resident memory as each stage started, so ``peaks − starts`` is what it added.
     Shared by the other threads of the process; what a stage frees stays counted until the next
     reset. ``process_peak()`` is the whole process's peak (the kernel's own figure is reset too)."""
 
     def __init__(self):
         self.peaks: dict[str, float] = {}
+        self.starts: dict[str, float] = {}   # resident memory as the stage (its last run) started
         self.ok = _hwm() is not None
         self._before = 0.0
 
@@ -204,6 +206,7 @@ class PeakMeter:
         def cm():
             if self.ok:
                 self._before = max(self._before, _hwm() or 0.0)
+                self.starts[name] = _proc_kb("/proc/self/status", "VmRSS") or 0.0
                 try:
                     with open("/proc/self/clear_refs", "w") as fh:
                         fh.write("5")

@@ -383,7 +383,11 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
     Additive methods (``SaliencyMethod.additive``: atp, atp-abs, tacq, grad, fisher) are also
     computed on the first half of the calibration items before the statistics carry on over the
     second, for their split-half reliability (``estimator_reliability``): the same gradient pass,
-    one more ``4 · P_lin`` temporary per method while its unit sums are taken."""
+    one more ``4 · P_lin`` temporary per method while its unit sums are taken. The measurement adds
+    the layer replay (``4 · L · T_eval · d``), a contrast's saved weights (``4 · P_lin``) and its
+    masks (``P_lin`` bytes each, four) and the circuit's selection (``12 · k``; before 0.8.5 a sort of
+    every score, ``~23 · P_lin`` at its peak: 2.5 GB of SmolLM2's 5.1). Measured per stage in the
+    report's ``memory``."""
     check_estimators(job.estimators, job.calib.objective)
     task = Task(job.task, job.data, lm.tokenizer)
     check_objective(job.calib.objective, task.kind, job.calib.loss)
@@ -417,53 +421,60 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
            "bits": job.quantize.bits if job.ablation == "quantize" else None,
            "group_size": job.quantize.group_size if job.ablation == "quantize" else None}
     prior = reusable_measurements(read_json(job.measured, "--measured"), key) if job.measured else None
+    from circuitq.pipeline.budget import PeakMeter
+
+    meter = PeakMeter()   # the peak resident memory of each stage below, in the report
     quantized = None
-    if job.ablation == "quantize":
-        # entry by entry: round-to-nearest at the same bits and group size. GPTQ's Q(W) is a joint
-        # solution (its updates compensate other entries' errors), so putting GPTQ values into a
-        # subset of entries is not the effect of quantizing that subset.
-        quantized = quantized_weights(model, replace(job.quantize, method="rtn"), progress=progress).weights
-    values = replacement(weights, job.ablation, quantized)
+    with meter.stage("Q(W) and the replacement"):
+        if job.ablation == "quantize":
+            # entry by entry: round-to-nearest at the same bits and group size. GPTQ's Q(W) is a joint
+            # solution (its updates compensate other entries' errors), so putting GPTQ values into a
+            # subset of entries is not the effect of quantizing that subset.
+            quantized = quantized_weights(model, replace(job.quantize, method="rtn"), progress=progress).weights
+        values = replacement(weights, job.ablation, quantized)
     need = sorted({"sum"} | {s for m in methods for s in saliency_method(m).stats})
     # additive methods (sums over items) are also computed on the first half of the items, and the
     # second half's values are the full's minus the first's: their split-half reliability at no
     # extra gradient pass and no second set of statistics
     additive = [m for m in methods if saliency_method(m).additive]
     first = {}
-    if additive and len(calib_items) >= 2:
-        grads = collect_gradients(model, lm.tokenizer, calib_items[0::2], job.calib, tuple(need),
-                                  progress=progress)["stats"]
-        for m in additive:
-            first[m] = unit_values(unit_list, compute_scores(m, SaliencyInputs(weights, values, grads.tensors, None,
-                                                                               job.seed)))
-        grads = collect_gradients(model, lm.tokenizer, calib_items[1::2], job.calib, tuple(need), state=grads,
-                                  progress=progress)["stats"]
-    else:
-        grads = collect_gradients(model, lm.tokenizer, calib_items, job.calib, tuple(need), progress=progress)["stats"]
-    est: dict[str, dict] = {}
-    terms = UnitEstimate(*local_attribution(model, lm.tokenizer, calib_items, unit_list, values, job.calib,
-                                            progress=progress, per_item=True)) if local else None
-    wterms = UnitEstimate(*local_attribution(model, lm.tokenizer, calib_items, unit_list, values, job.calib,
-                                             progress=progress, per_item=True, window=job.window)) if windowed else None
-    for e in job.estimators:
-        if e == "score":
-            est[e] = {n: scores[n].float() for n in names}
-        elif e == "ig":
-            est[e], comp = integrated_gradients(model, lm.tokenizer, calib_items, values, job.calib,
-                                                steps=job.ig_steps, model_path=lm.source, progress=progress)
-        elif e == "atp-denoise":
-            est[e] = denoising_attribution(model, lm.tokenizer, calib_items, union([u.entries for u in unit_list]),
-                                           values, job.calib, model_path=lm.source, progress=progress)
-        elif e == "atp-local":
-            est[e] = terms
-        elif e == "atp-local2":
-            est[e] = UnitEstimate(*second_order(terms.per_item))
-        elif e == "atp-window":
-            est[e] = wterms
-        elif e == "atp-window2":
-            est[e] = UnitEstimate(*second_order(wterms.per_item))
+    with meter.stage("gradient pass"):
+        if additive and len(calib_items) >= 2:
+            grads = collect_gradients(model, lm.tokenizer, calib_items[0::2], job.calib, tuple(need),
+                                      progress=progress)["stats"]
+            for m in additive:
+                first[m] = unit_values(unit_list, compute_scores(m, SaliencyInputs(weights, values, grads.tensors, None,
+                                                                                   job.seed)))
+            grads = collect_gradients(model, lm.tokenizer, calib_items[1::2], job.calib, tuple(need), state=grads,
+                                      progress=progress)["stats"]
         else:
-            est[e] = compute_scores(e, SaliencyInputs(weights, values, grads.tensors, None, job.seed))
+            grads = collect_gradients(model, lm.tokenizer, calib_items, job.calib, tuple(need), progress=progress)["stats"]
+    est: dict[str, dict] = {}
+    with meter.stage("unit attribution (atp-local, atp-window)"):
+        terms = UnitEstimate(*local_attribution(model, lm.tokenizer, calib_items, unit_list, values, job.calib,
+                                                progress=progress, per_item=True)) if local else None
+        wterms = UnitEstimate(*local_attribution(model, lm.tokenizer, calib_items, unit_list, values, job.calib,
+                                                 progress=progress, per_item=True, window=job.window)) if windowed else None
+    with meter.stage("other estimators (ig, atp-denoise, weight-level)"):
+        for e in job.estimators:
+            if e == "score":
+                est[e] = {n: scores[n].float() for n in names}
+            elif e == "ig":
+                est[e], comp = integrated_gradients(model, lm.tokenizer, calib_items, values, job.calib,
+                                                    steps=job.ig_steps, model_path=lm.source, progress=progress)
+            elif e == "atp-denoise":
+                est[e] = denoising_attribution(model, lm.tokenizer, calib_items, union([u.entries for u in unit_list]),
+                                               values, job.calib, model_path=lm.source, progress=progress)
+            elif e == "atp-local":
+                est[e] = terms
+            elif e == "atp-local2":
+                est[e] = UnitEstimate(*second_order(terms.per_item))
+            elif e == "atp-window":
+                est[e] = wterms
+            elif e == "atp-window2":
+                est[e] = UnitEstimate(*second_order(wterms.per_item))
+            else:
+                est[e] = compute_scores(e, SaliencyInputs(weights, values, grads.tensors, None, job.seed))
     del grads
     halves = {}
     for m, part in first.items():
@@ -497,9 +508,11 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
             f"chance {chance:.2f}); the measured changes are still reported, but a circuit of a task the model "
             "cannot do says little")
     cache = LayerReplay(model.get_submodule(arch_for(model.config.model_type).layers))
-    rep = faithfulness_report(model, loss_fn, {n: scores[n].float() for n in names}, unit_list, values, est,
-                              top=job.top, n_random=job.random, fraction=job.fraction, seed=job.seed,
-                              all_units=job.all_units, cache=cache, prior=prior, progress=progress, estimator_halves=halves)
+    with meter.stage("measurement (units, contrasts)"):
+        rep = faithfulness_report(model, loss_fn, {n: scores[n].float() for n in names}, unit_list, values, est,
+                                  top=job.top, n_random=job.random, fraction=job.fraction, seed=job.seed,
+                                  all_units=job.all_units, cache=cache, prior=prior, progress=progress,
+                                  estimator_halves=halves)
     if "ig" in job.estimators:
         rep["completeness"] = {"ig": comp._asdict(), "ig_steps": job.ig_steps,
                                "note": "Σ attributions vs measured L(Q(W)) − L(W), summed over the calibration items, "
@@ -507,12 +520,18 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
     if job.curve:
         orderings = {e: unit_order(unit_list, est[e]) for e in job.estimators}
         orderings["random"] = unit_order(unit_list, None, seed=job.seed)
-        rep["curves"] = faithfulness_curves(model, loss_fn, unit_list, values, orderings, job.curve_grid,
-                                            cache=cache, progress=progress)
+        with meter.stage("curves"):
+            rep["curves"] = faithfulness_curves(model, loss_fn, unit_list, values, orderings, job.curve_grid,
+                                                cache=cache, progress=progress)
     del cache
     rep.update(format="circuitq.faithfulness", measurement=key, measured_from=job.measured, task=job.task, units_kind=job.units, ablation=job.ablation, items=len(items),
                calib_items=len(calib_items), estimators=list(job.estimators), objective=job.calib.objective, base_accuracy=base.get("accuracy"),
                metric=base.get("task_metric") or "accuracy", circuitq_version=__version__)
     if windowed:
         rep["window"] = job.window
+    if meter.peaks:
+        rep["memory"] = {"measured_peak_bytes": meter.peaks, "start_bytes": meter.starts,
+                         "process_peak_bytes": meter.process_peak(),
+                         "note": "peak resident memory of the process during each stage (VmHWM, reset as it starts), "
+                                 "and the resident memory as it started"}
     return rep
