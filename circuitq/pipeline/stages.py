@@ -27,6 +27,7 @@ from circuitq.circuits.faithfulness import (
     evaluation_passes,
     faithfulness_curves,
     faithfulness_report,
+    item_statistic,
     replacement,
     reusable_measurements,
     union,
@@ -343,8 +344,11 @@ def write_eval(out, doc: dict, items: list[dict], overwrite: bool = False) -> No
 # the scores file; integrated gradients; attribution patching with the unit's sublayer recomputed; attribution
 # patching at the model with every unit replaced (the denoising direction); atp-local with the empirical-Fisher
 # second-order term (saliency.attribution)
-BUILTIN_ESTIMATORS = ("score", "ig", "atp-local", "atp-local2", "atp-window", "atp-window2", "atp-denoise")
-LOCAL_ESTIMATORS = ("atp-local", "atp-local2")     # one shared local_attribution pass
+BUILTIN_ESTIMATORS = ("score", "ig", "atp-local", "atp-local2", "atp-local-median", "atp-local-trimmed", "atp-window",
+                      "atp-window2", "atp-denoise")
+# one shared local_attribution pass; -median / -trimmed: its per-item terms summarised by a robust statistic
+LOCAL_ESTIMATORS = ("atp-local", "atp-local2", "atp-local-median", "atp-local-trimmed")
+ROBUST_LOCAL = {"atp-local-median": "median", "atp-local-trimmed": "trimmed"}
 WINDOW_ESTIMATORS = ("atp-window", "atp-window2")  # one shared local_attribution pass over --window layers
 SECOND_ORDER = {"atp-local2": "atp-local", "atp-window2": "atp-window"}   # NLL only
 
@@ -469,6 +473,9 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
                 est[e] = terms
             elif e == "atp-local2":
                 est[e] = UnitEstimate(*second_order(terms.per_item))
+            elif e in ROBUST_LOCAL:   # n · the statistic: on the scale of atp-local's sum, ranked by the statistic
+                n = len(calib_items)
+                est[e] = UnitEstimate({k: n * item_statistic(v, ROBUST_LOCAL[e]) for k, v in terms.per_item.items()})
             elif e == "atp-window":
                 est[e] = wterms
             elif e == "atp-window2":
