@@ -42,6 +42,7 @@ from circuitq.errors import UsageError
 from circuitq.evals import check_same_vocab, generate_exact_match, perplexity
 from circuitq.evals import evaluate as _evaluate
 from circuitq.model.arch import Geometry, arch_for, target_shapes
+from circuitq.pipeline.budget import PeakMeter
 from circuitq.pipeline.store import examples_digest, model_fingerprint
 from circuitq.quant.driver import check_group_size, quantize_copy, quantize_model, qw_quantization
 from circuitq.quant.driver import collect_hessians as _collect
@@ -425,8 +426,6 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
            "bits": job.quantize.bits if job.ablation == "quantize" else None,
            "group_size": job.quantize.group_size if job.ablation == "quantize" else None}
     prior = reusable_measurements(read_json(job.measured, "--measured"), key) if job.measured else None
-    from circuitq.pipeline.budget import PeakMeter
-
     meter = PeakMeter()   # the peak resident memory of each stage below, in the report
     quantized = None
     with meter.stage("Q(W) and the replacement"):

@@ -92,7 +92,7 @@ class Completeness(NamedTuple):
 
 
 def completeness(attributions: dict[str, torch.Tensor], loss_w: float, loss_q: float) -> Completeness:
-    total = float(sum(float(a.double().sum()) for a in attributions.values()))
+    total = float(sum(float(a.detach().double().sum()) for a in attributions.values()))
     measured = loss_q - loss_w
     return Completeness(total, measured, abs(total - measured) / max(abs(measured), 1e-30))
 
