@@ -124,6 +124,41 @@ def one_file(doc: dict) -> dict:
     return out
 
 
+def brown(rel: float, factor: float) -> float:
+    """Spearman–Brown: the reliability of ``factor`` times the items."""
+    return factor * rel / (1 + (factor - 1) * rel)
+
+
+def attenuation_rows(docs: list[dict]) -> tuple[list[str], dict]:
+    """The mean's Spearman corrected for both samples' noise (``circuits.faithfulness.attenuation``,
+    recomputed from each file's reliabilities) and what it projects for more calibration (K) and
+    held-out (M) items: ``corrected · √(rel_e(K) · rel_m(M))``, with Spearman–Brown for both."""
+    ests = [e for e in docs[0]["spearman"] if all((d.get("estimator_reliability") or {}).get(e) for d in docs)]
+    out: dict = {}
+    lines = ["", "The mean, corrected for both samples' noise (Spearman / √(reliability of the estimator's calibration "
+             "items × of the held-out items)), and projected (Spearman–Brown) for K calibration and M held-out items:", "",
+             "| estimator | observed | attainable | corrected | K 400, M 384 | K 400, M 768 | K 1200, M 768 | K ∞, M 384 | K ∞, M 768 |",
+             "| --- |" + " --- |" * 8]
+    for e in ests:
+        rows = []
+        for d in docs:
+            re_, rm = d["estimator_reliability"][e]["reliability"], d["noise_ceiling"]["reliability"]
+            k0, m0 = d["calib_items"], d["items"]
+            att = math.sqrt(re_ * rm)
+            cor = d["spearman"][e] / att
+            proj = {(k, m): cor * math.sqrt((1.0 if k == math.inf else brown(re_, k / k0)) * brown(rm, m / m0))
+                    for k, m in ((400, 384), (400, 768), (1200, 768), (math.inf, 384), (math.inf, 768))}
+            rows.append((d["spearman"][e], att, cor, proj))
+        out[e] = {"observed": summary([r[0] for r in rows]), "attainable": summary([r[1] for r in rows]),
+                  "corrected": summary([r[2] for r in rows]),
+                  "projected": {f"K{k}-M{m}": summary([r[3][(k, m)] for r in rows]) for k, m in rows[0][3]}}
+        lines.append(f"| `{e}` | " + " | ".join(fmt(out[e][x]) for x in ("observed", "attainable", "corrected")) + " | "
+                     + " | ".join(f"{v['mean']:.3f}" for v in out[e]["projected"].values()) + " |")
+    lines += ["", "(Projections assume the estimator's per-item terms and the measurement's item changes are "
+              "exchangeable samples; the corrected figure itself carries the reliabilities' sampling noise.)"]
+    return lines, out
+
+
 def summary(xs: list[float]) -> dict:
     xs = [x for x in xs if x == x]
     return {"mean": statistics.fmean(xs) if xs else float("nan"), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0,
@@ -163,6 +198,8 @@ def main(argv=None) -> int:
         for e in ests:
             lines.append(f"| `{e}` | " + " | ".join(fmt(summary([p[s]["metric"][e] for p in per])) for s in STATS) + " |")
         lines.append("| ceiling | " + " | ".join(f"{per[0][s]['ceiling_metric']:.3f}" for s in STATS) + " |")
+    att_lines, res["attenuation"] = attenuation_rows(docs)
+    lines += att_lines
     bands_ = list(per[0]["mean"]["bands"])
     lines += ["", "By layer band (mean over the files; ceiling in brackets):", "",
               "| estimator, statistic | " + " | ".join(f"layers {b}" for b in bands_) + " |",

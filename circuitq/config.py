@@ -219,7 +219,7 @@ class ScoreConfig:
     contrast with it (the same function and settings the run uses)."""
 
     model: str = field(default=DEFAULT_MODEL, metadata=_help("alias, a local HF directory or a hub id"))
-    task: str = field(default="mmlu", metadata=_help("mmlu, mmlu:CATEGORY, mmlu:SUBJECT, gsm8k, ioi, greater-than, induction, capitals, text:PATH, jsonl:PATH"))
+    task: str = field(default="mmlu", metadata=_help("mmlu, mmlu:CATEGORY, mmlu:SUBJECT, gsm8k, ioi, greater-than, induction (ioi:N etc.: N items per split, default 400, 200 for induction), capitals, text:PATH, jsonl:PATH"))
     method: str = field(default="tacq", metadata=_help(
         "saliency method, or ig (integrated gradients between W and Q(W), --ig-steps passes)"))
     data: DataConfig = field(default_factory=DataConfig)
@@ -408,7 +408,7 @@ def _nested_type(cls, name: str):
 class EvalJob:
     """``circuitq eval``: one model (and a reference) on one task's split."""
 
-    task: str = field(default="mmlu", metadata=_help("mmlu, mmlu:CATEGORY, mmlu:SUBJECT, gsm8k, ioi, greater-than, induction, capitals, text:PATH, jsonl:PATH"))
+    task: str = field(default="mmlu", metadata=_help("mmlu, mmlu:CATEGORY, mmlu:SUBJECT, gsm8k, ioi, greater-than, induction (ioi:N etc.: N items per split, default 400, 200 for induction), capitals, text:PATH, jsonl:PATH"))
     split: str = field(default="eval", metadata=_help("the task's evaluation or calibration items",
                                                       choices=("eval", "calib")))
     data: DataConfig = field(default_factory=DataConfig)

@@ -31,6 +31,26 @@ def test_generators_are_deterministic_and_splits_disjoint(kind):
         assert not {e.completion for e in a} & {e.completion for e in ev}
 
 
+@pytest.mark.parametrize("kind", ["ioi", "greater-than", "induction"])
+def test_larger_splits_extend_the_default_ones(kind):
+    """``ioi:800``: twice the items per split; the held-out items begin with the default split's own
+    (a larger measurement extends the smaller one), the splits stay disjoint; a fixed pool
+    (capitals) or a bad count is refused in one line naming the form."""
+    from circuitq.data.circuit_tasks import SIZED_TASKS
+    from circuitq.data.tasks import DataError, TaskSpec, load_examples
+
+    n = SIZED_TASKS[kind]
+    small, big = load_examples(kind, "eval", seed=0), load_examples(f"{kind}:{2 * n}", "eval", seed=0)
+    assert len(small) == n and len(big) == 2 * n
+    assert [(e.prompt, e.completion) for e in big[:n]] == [(e.prompt, e.completion) for e in small]
+    cal = load_examples(f"{kind}:{2 * n}", "calib", seed=0)
+    assert len(cal) == 2 * n and not {e.prompt for e in cal} & {e.prompt for e in big}
+    for bad, needle in ((f"{kind}:0", f"e.g. {kind}:800"), (f"{kind}:many", "number of items per split"),
+                        ("capitals:40", "takes no argument")):
+        with pytest.raises(DataError, match=needle):
+            TaskSpec.parse(bad)
+
+
 def test_metrics_on_fixed_logits():
     from types import SimpleNamespace
 

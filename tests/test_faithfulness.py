@@ -187,6 +187,9 @@ def test_faithfulness_all_heads_estimators_and_curves_end_to_end(tmp_path, tiny_
     printed = capsys.readouterr().out
     assert "estimator noise: atp-local over the even and the odd of its 6 calibration items" in printed
     assert "estimator noise: atp over the even and the odd of its 6 calibration items" in printed
+    for k, v in (rep["attenuation"] or {}).items():   # only where both reliabilities are positive
+        assert er[k]["reliability"] > 0 and v["attainable"] == pytest.approx(
+            math.sqrt(er[k]["reliability"] * rep["noise_ceiling"]["reliability"]))
     # the peak memory of each stage, where the kernel gives it (Linux): in the file and one line
     from circuitq.pipeline.budget import PeakMeter
     if PeakMeter().ok:
@@ -316,6 +319,17 @@ def test_robust_statistics_rank_through_a_few_heavy_items():
         assert "spearman_metric" not in d                  # the rows carry no per-item metric
     assert rob["trim"] == 0.1
     assert robust_measurements([r._replace(measured_items=None) for r in rows]) is None   # measured before 0.8.5
+
+
+def test_attenuation_worked_example_and_when_it_cannot_be_said():
+    from circuitq.circuits.faithfulness import attenuation
+
+    out = attenuation({"atp": 0.877, "score": 0.05}, {"atp": {"reliability": 0.971}}, {"reliability": 0.904})
+    assert set(out) == {"atp"}                      # score has no reliability of its own
+    assert round(out["atp"]["attainable"], 3) == 0.937 and round(out["atp"]["corrected"], 3) == 0.936
+    assert attenuation({"atp": 0.9}, {"atp": {"reliability": 0.9}}, None) is None
+    assert attenuation({"atp": 0.9}, {"atp": {"reliability": -0.2}}, {"reliability": 0.9}) is None
+    assert attenuation({"atp": 0.9}, None, {"reliability": 0.9}) is None
 
 
 def test_estimator_reliability_from_its_own_items_split_in_half():

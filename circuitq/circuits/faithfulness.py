@@ -502,16 +502,38 @@ def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], val
                             "metric_change": None if metric is None or base_metric is None else metric - base_metric}
     ratio = contrasts["only circuit"]["loss_change"] / contrasts["only random"]["loss_change"] \
         if contrasts["only random"]["loss_change"] else float("inf")
+    reliab = _reliabilities(rows, estimators, estimator_halves or {}) or None
+    nc = noise_ceiling(rows)
     return {"base": {"loss": base_loss, "metric": base_metric}, "units": [r._asdict() for r in rows],
             "units_measured": "all" if all_units else f"top {top} by score + {n_random} random (seed {seed})",
             "spearman": rho, "spearman_metric": rho_metric, "best_estimator": max(rho, key=lambda k: -1 if math.isnan(rho[k]) else rho[k]),
-            "noise_ceiling": noise_ceiling(rows),
+            "noise_ceiling": nc,
             "noise_ceiling_metric": noise_ceiling(rows, "measured_metric_halves"),
-            "estimator_reliability": _reliabilities(rows, estimators, estimator_halves or {}) or None,
+            "estimator_reliability": reliab,
+            "attenuation": attenuation(rho, reliab, nc),
             "robust": robust_measurements(rows, {k: v.per_item for k, v in estimators.items()
                                                  if isinstance(v, UnitEstimate) and v.per_item is not None}),
             "contrasts": contrasts, "only_circuit_over_only_random": ratio,
             "circuit_entries": int(sum(int(m.sum()) for m in circuit.values()))}
+
+
+def attenuation(rho: dict, reliability: dict | None, ceiling: dict | None) -> dict | None:
+    """Per estimator with a split-half reliability ``r_e`` (its calibration items) and the
+    measurement's ``r_m`` (its evaluation items): ``attainable = √(r_e · r_m)``, the Spearman that
+    an estimator ranking the units perfectly *in the population of items* would reach with both
+    samples this noisy, and ``corrected = ρ / attainable`` (Spearman's correction for attenuation;
+    above 1 where the noise estimates are themselves noisy). A target above ``attainable`` cannot be
+    met at these sample sizes whatever the estimator; ``corrected`` near 1 says the estimator's
+    remaining gap is sampling. None without both reliabilities. Worked example: ρ 0.877, r_e 0.971,
+    r_m 0.904 give attainable 0.937 and corrected 0.936."""
+    if not reliability or not ceiling or not (ceiling.get("reliability", 0) > 0):
+        return None
+    out = {}
+    for k, r in reliability.items():
+        if r and r.get("reliability", 0) > 0 and k in rho and rho[k] == rho[k]:
+            att = math.sqrt(r["reliability"] * ceiling["reliability"])
+            out[k] = {"attainable": att, "corrected": rho[k] / att}
+    return out or None
 
 
 def _reliabilities(rows: list[UnitResult], estimators: dict, halves: dict[str, SplitHalves]) -> dict:

@@ -417,6 +417,10 @@ def cmd_faithfulness(a) -> int:
             print(f"[circuitq] estimator noise: {e} over the even and the odd of its {er['items']} calibration items "
                   f"agrees with itself at Spearman {er['split_half_spearman']:.3f} (reliability {er['reliability']:.3f}; "
                   f"twice the items: about {er['reliability_doubled']:.3f}, --calib-samples {2 * er['items']})")
+    if rep.get("attenuation"):
+        print("[circuitq] with both samples this noisy, an estimator ranking the units perfectly over all items would "
+              "reach about: " + ", ".join(f"{k} {v['attainable']:.3f} (this one, corrected for both noises: "
+                                          f"{v['corrected']:.3f})" for k, v in rep["attenuation"].items()))
     if "completeness" in rep:
         ig = rep["completeness"]["ig"]
         print(f"[circuitq] ig completeness: Σ attributions {ig['attributed']:+.4f} vs measured {ig['measured']:+.4f} "

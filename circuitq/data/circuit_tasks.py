@@ -126,3 +126,8 @@ def capitals_items(split: str, seed: int) -> list[tuple[str, str, dict]]:
 
 GENERATORS = {"ioi": ioi_items, "greater-than": greater_than_items, "induction": induction_items,
               "capitals": capitals_items}
+# tasks whose splits can be made larger (``ioi:800``): {task: default items per split}. Each item is
+# drawn in turn from the split's own random stream, so the first N of a larger split are the default
+# split's N (a larger held-out set extends the smaller one); the calibration items a seed picks are a
+# permutation of the whole split, so they differ between ioi and ioi:800.
+SIZED_TASKS = {"ioi": N_ITEMS, "greater-than": N_ITEMS, "induction": N_ITEMS // 2}

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 from circuitq.config import LOSS_SCOPES, DataConfig
-from circuitq.data.circuit_tasks import CIRCUIT_TASKS, GENERATORS
+from circuitq.data.circuit_tasks import CIRCUIT_TASKS, GENERATORS, SIZED_TASKS
 from circuitq.data.prompts import (
     GSM8K_COT_EXEMPLARS,
     LETTERS,
@@ -114,8 +114,10 @@ class TaskSpec:
         if kind not in TASK_KINDS:
             raise DataError(f"unknown task '{name}': use mmlu, mmlu:CATEGORY ({', '.join(MMLU_CATEGORIES)}), "
                             f"mmlu:SUBJECT, gsm8k, {', '.join(CIRCUIT_TASKS)}, text:PATH or jsonl:PATH")
-        if kind in CIRCUIT_TASKS and arg:
-            raise DataError(f"task '{kind}' takes no argument (got '{name}')")
+        if kind in CIRCUIT_TASKS and arg and (kind not in SIZED_TASKS or not arg.isdigit() or not 1 <= int(arg) <= 100_000):
+            raise DataError(f"task '{name}': " + (f"the argument is the number of items per split, 1 to 100000, e.g. "
+                                                  f"{kind}:800 (default {SIZED_TASKS[kind]})" if kind in SIZED_TASKS
+                                                  else f"'{kind}' takes no argument (its pool is fixed)"))
         if kind in ("text", "jsonl") and not arg:
             raise DataError(f"task '{name}' needs a path, e.g. {kind}:corpus.{'txt' if kind == 'text' else 'jsonl'}")
         if kind == "mmlu" and arg and arg not in MMLU_CATEGORIES and arg not in _SUBCATEGORY:
@@ -241,7 +243,8 @@ def load_examples(task: str, split: str = "calib", n: int | None = None, *, seed
         raise DataError(f"split must be 'calib' or 'eval', got '{split}'")
     spec = TaskSpec.parse(task)
     if spec.kind in CIRCUIT_TASKS:   # generated: the two splits come from disjoint pools
-        out = Examples(Example(p, c, {**m, "kind": spec.kind}) for p, c, m in GENERATORS[spec.kind](split, seed))
+        size = {"n": int(spec.arg)} if spec.arg else {}   # ioi:800: 800 items per split, the first 400 ioi's own
+        out = Examples(Example(p, c, {**m, "kind": spec.kind}) for p, c, m in GENERATORS[spec.kind](split, seed, **size))
         return out[:n] if n is not None else out
     mode = resolve_eval_split(spec.kind, eval_split, data_dir)
     source = ("test" if split == "eval" else CALIB_SOURCE[spec.kind]) if mode == "test" else None
