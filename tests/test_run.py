@@ -447,3 +447,22 @@ def test_run_with_an_attribution_baseline_collects_the_signed_sum_too(tmp_path, 
     steps = sorted((out / "steps").glob("stats-mmlu-*"))
     st = open_stats(steps[0] / "stats.safetensors")
     assert {"sum_abs", "sum"} <= set(st.tensors)
+
+
+def test_report_rows_of_a_faithfulness_check_name_every_figure():
+    """The run report's faithfulness table: per estimator Spearman against the mean and the median
+    item change, the noise ceilings, the attainable Spearman and its correction."""
+    from circuitq.pipeline.report import faithfulness_rows
+
+    rep = {"spearman": {"atp": 0.8}, "units": [{}] * 30, "units_kind": "heads", "best_estimator": "atp",
+           "noise_ceiling": {"ceiling": 0.95}, "estimator_reliability": {"atp": {"items": 64, "reliability": 0.9,
+                                                                                  "reliability_doubled": 0.947}},
+           "attenuation": {"atp": {"attainable": 0.9, "corrected": 0.889}},
+           "robust": {"trim": 0.1, "statistics": {"median": {"spearman": {"atp": 0.93}, "noise_ceiling": {"ceiling": 0.99}}}},
+           "contrasts": {"only circuit": {"loss_change": 0.2}}, "only_circuit_over_only_random": 3.0, "ablation": "quantize"}
+    rows = {r["what"]: r["value"] for r in faithfulness_rows(rep)}
+    assert rows["Spearman(predicted by atp, measured) over 30 heads units"] == 0.8
+    assert rows["Spearman(predicted by atp, measured as each unit's median item change; robust to a few heavy items)"] == 0.93
+    assert rows["noise ceiling of the median item change"] == 0.99
+    assert rows["attainable Spearman for atp with both samples this noisy (√ of the two reliabilities); atp corrected "
+                "for them: 0.889"] == 0.9

@@ -276,6 +276,9 @@ def faithfulness_rows(rep: dict) -> list[dict]:
                   "value": v} for k, v in d["spearman"].items()]
         if d.get("noise_ceiling"):
             rows.append({"what": f"noise ceiling of the {what}", "value": d["noise_ceiling"]["ceiling"]})
+    for k, a in (rep.get("attenuation") or {}).items():
+        rows.append({"what": f"attainable Spearman for {k} with both samples this noisy (√ of the two reliabilities); "
+                             f"{k} corrected for them: {a['corrected']:.3f}", "value": a["attainable"]})
     for k, r in (rep.get("estimator_reliability") or {}).items():
         if r:
             rows.append({"what": f"reliability of {k} over its {r['items']} calibration items (split half, "
