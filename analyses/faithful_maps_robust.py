@@ -133,7 +133,8 @@ def attenuation_rows(docs: list[dict]) -> tuple[list[str], dict]:
     """The mean's Spearman corrected for both samples' noise (``circuits.faithfulness.attenuation``,
     recomputed from each file's reliabilities) and what it projects for more calibration (K) and
     held-out (M) items: ``corrected · √(rel_e(K) · rel_m(M))``, with Spearman–Brown for both."""
-    ests = [e for e in docs[0]["spearman"] if all((d.get("estimator_reliability") or {}).get(e) for d in docs)]
+    ests = [e for e in docs[0]["spearman"] if all((d.get("estimator_reliability") or {}).get(e) and e in d["spearman"]
+                                                  for d in docs)]
     out: dict = {}
     lines = ["", "The mean, corrected for both samples' noise (Spearman / √(reliability of the estimator's calibration "
              "items × of the held-out items)), and projected (Spearman–Brown) for K calibration and M held-out items:", "",
@@ -179,7 +180,7 @@ def main(argv=None) -> int:
     if len(keys) != 1:
         raise SystemExit("the files measured different things; give the seeds of one measurement")
     per = [one_file(d) for d in docs]
-    ests = list(docs[0]["units"][0]["predicted"])
+    ests = [e for e in docs[0]["units"][0]["predicted"] if all(e in d["units"][0]["predicted"] for d in docs)]
     res: dict = {"files": [str(f) for f in a.files], "units": len(docs[0]["units"]), "items": docs[0]["items"],
                  "task": docs[0]["task"], "machine": machine(), "statistics": {}}
     lines = [f"# {docs[0]['task']}: Spearman over all {res['units']} {docs[0].get('units_kind')} units against three "
@@ -204,7 +205,8 @@ def main(argv=None) -> int:
     lines += ["", "By layer band (mean over the files; ceiling in brackets):", "",
               "| estimator, statistic | " + " | ".join(f"layers {b}" for b in bands_) + " |",
               "| --- |" + " --- |" * len(bands_)]
-    band_rows = [k for k in per[0]["mean"]["bands"][bands_[0]] if k != "ceiling"]
+    band_rows = [k for k in per[0]["mean"]["bands"][bands_[0]] if k != "ceiling"
+                 and all(k in p["mean"]["bands"][bands_[0]] for p in per)]
     for s in STATS:
         for e in band_rows:
             lines.append(f"| `{e.split(', ')[0]}`{', ' + e.split(', ', 1)[1] if ', ' in e else ''}, {s} | " + " | ".join(
@@ -212,11 +214,13 @@ def main(argv=None) -> int:
                 for b in bands_) + " |")
     for s in STATS:
         res["statistics"][s] = {"all": {e: summary([p[s]["all"][e] for p in per]) for e in ests},
-                                "matched": {e: summary([p[s]["matched"][e] for p in per])
+                                "matched": {e: summary([p[s]["matched"].get(e, float("nan")) for p in per])
                                             for e in per[0][s]["matched"]},
-                                "metric": {e: summary([p[s]["metric"][e] for p in per]) for e in per[0][s]["metric"]},
+                                "metric": {e: summary([p[s]["metric"][e] for p in per]) for e in ests
+                                           if e in per[0][s]["metric"]},
                                 "ceiling": per[0][s]["ceiling"], "ceiling_metric": per[0][s].get("ceiling_metric"),
-                                "bands": {b: {k: summary([p[s]["bands"][b][k] for p in per]) for k in per[0][s]["bands"][b]}
+                                "bands": {b: {k: summary([p[s]["bands"][b][k] for p in per]) for k in per[0][s]["bands"][b]
+                                              if all(k in p[s]["bands"][b] for p in per)}
                                           for b in bands_}}
     m = res["machine"]
     lines += ["", f"Machine: {m['platform']}, {m['cpus']} CPUs, torch {m['torch']}; files: "
