@@ -264,6 +264,88 @@ def test_layer_replay_gives_the_same_losses_with_less_work(tiny_dir):
             pass                                 # no call at all: not what was recorded
 
 
+def test_layer_replay_window_holds_few_layers_and_gives_every_units_loss():
+    """With a window of one layer the replay holds at most two layers' outputs, moves once per layer
+    going up (and from scratch going down), and every unit's loss equals a full forward's; a move
+    whose unchanged loss does not reproduce is refused."""
+    from circuitq.circuits.faithfulness import LayerReplay, first_layer, measure
+
+    model = tiny_model(layers=5)
+    batches = [torch.randint(0, 100, (2, 10)), torch.randint(0, 100, (3, 7))]
+
+    def loss_fn(m):
+        with torch.no_grad():
+            losses = [float(m(input_ids=b, labels=b).loss) for b in batches]
+        return sum(losses) / len(losses), None
+
+    geo = Geometry.from_config(model.config)
+    shapes = {n: tuple(model.get_parameter(n).shape) for n in target_shapes(model)}
+    heads = sorted(units(shapes, geo, "heads"), key=lambda u: first_layer(u.entries))
+    per_layer = [[u for u in heads if first_layer(u.entries) == layer][0] for layer in range(geo.n_layers)]
+    values = {n: torch.randn(s) for n, s in shapes.items()}
+    full = [measure(model, loss_fn, u.entries, values)[0] for u in per_layer]
+    cache = LayerReplay(model.model.layers, span=1)
+    assert LayerReplay(model.model.layers).span == math.ceil(math.sqrt(geo.n_layers))
+    with cache.record():
+        base = loss_fn(model)
+    cache.reference = base[0]
+    held = []
+    for u, want in zip(per_layer, full):             # up: one move per layer above the first window
+        got = measure(model, loss_fn, u.entries, values, cache)[0]
+        assert got == pytest.approx(want, abs=1e-6) and got != pytest.approx(base[0], abs=1e-6)
+        held.append(sorted(cache.outputs))
+        assert all(len(v) == len(batches) for v in cache.outputs.values())
+    assert max(len(h) for h in held) <= 1 and cache.moves == geo.n_layers - 2
+    moves = cache.moves
+    got = measure(model, loss_fn, per_layer[1].entries, values, cache)[0]   # down: from scratch
+    assert got == pytest.approx(full[1], abs=1e-6) and cache.moves == moves + 1 and sorted(cache.outputs) == [0]
+    assert loss_fn(model) == base                    # everything restored
+    cache.reference = base[0] + 1.0                  # a replay that would not reproduce the unchanged model
+    with pytest.raises(RuntimeError, match="moved"):
+        cache.ensure(geo.n_layers - 1, lambda: loss_fn(model))
+    with pytest.raises(RuntimeError, match="not held"):
+        with LayerReplay(model.model.layers, span=1).replay(1):
+            pass
+
+
+def test_curves_and_report_with_a_one_layer_replay_equal_full_forwards():
+    """Curves and the per-unit report measured through a replay window of one layer (units taken in
+    layer order, the window moving up and starting again) give the numbers of full forwards, in the
+    order asked for."""
+    from circuitq.circuits.faithfulness import LayerReplay, faithfulness_curves, faithfulness_report, unit_order
+
+    model = tiny_model(layers=4)
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(3))
+
+    def loss_fn(m):
+        with torch.no_grad():
+            return float(m(input_ids=ids, labels=ids).loss), None
+
+    geo = Geometry.from_config(model.config)
+    shapes = {n: tuple(model.get_parameter(n).shape) for n in target_shapes(model)}
+    us = units(shapes, geo, "heads")
+    values = {n: torch.randn(s, generator=torch.Generator().manual_seed(1)) for n, s in shapes.items()}
+    scores = {n: torch.rand(s, generator=torch.Generator().manual_seed(2)) for n, s in shapes.items()}
+    orderings = {"random": unit_order(us, None, seed=1), "reverse": unit_order(us, None, seed=1)[::-1]}
+    grid = (0, 0.25, 0.5, 1)
+    plain = faithfulness_curves(model, loss_fn, us, values, orderings, grid, progress=False)
+    plain_rep = faithfulness_report(model, loss_fn, scores, us, values, {"score": scores}, top=3, n_random=3,
+                                    fraction=0.05, seed=0, progress=False)
+    cache = LayerReplay(model.model.layers, span=1)
+    rep = faithfulness_report(model, loss_fn, scores, us, values, {"score": scores}, top=3, n_random=3, fraction=0.05,
+                              seed=0, cache=cache, progress=False)
+    assert [u["label"] for u in rep["units"]] == [u["label"] for u in plain_rep["units"]]
+    assert [u["measured_loss"] for u in rep["units"]] == pytest.approx([u["measured_loss"] for u in plain_rep["units"]],
+                                                                       abs=1e-6)
+    moves = cache.moves
+    fast = faithfulness_curves(model, loss_fn, us, values, orderings, grid, cache=cache, progress=False)
+    assert cache.moves > moves and len(cache.outputs) == 1
+    for name in orderings:
+        for mode in ("keep-top", "replace-top"):
+            a, b = plain["orderings"][name][mode]["points"], fast["orderings"][name][mode]["points"]
+            assert [p["loss"] for p in b] == pytest.approx([p["loss"] for p in a], abs=1e-6)
+
+
 def test_noise_ceiling_from_split_halves():
     from circuitq.circuits.faithfulness import UnitResult, noise_ceiling
 

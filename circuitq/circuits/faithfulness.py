@@ -234,52 +234,103 @@ def random_like(entries: dict, shapes: dict, seed: int) -> dict:
 
 
 class LayerReplay:
-    """Skip the decoder layers that a replacement cannot change.
+    """Skip the decoder layers that a replacement cannot change, holding a few layers' outputs.
 
     Replacing weights of layer ``l`` leaves the outputs of layers ``< l`` as they were, so an
-    evaluation of the changed model may take those outputs from one recorded evaluation of the
-    unchanged model (same items, same batches, same order) instead of computing them. ``record()``
-    wraps that one evaluation; ``replay(first)`` makes layers ``< first`` return their recorded
-    outputs, call by call, and restores them afterwards. An evaluation made inside ``replay`` must
-    call the model exactly as the recorded one did (the count of calls is checked). Saves about half
-    the forward work over units spread evenly across layers. Memory: every layer's output of every
-    evaluation batch, ``4 · L · T_eval · d`` bytes (float32), held until the object is dropped."""
+    evaluation of the changed model may take layer ``l − 1``'s output from an evaluation of the
+    unchanged model (same items, same batches, same order) instead of computing layers ``0 … l − 1``.
+    The replay keeps a *window* of ``span`` consecutive layers' outputs (every evaluation batch of
+    each), not every layer's: ``record()`` wraps the base evaluation and keeps layers ``0 … span −
+    1``; ``ensure(first, evaluate)``, called on the unchanged model, moves the window so that it holds
+    layer ``first − 1`` (one evaluation of the unchanged model that itself replays the layers below
+    the old window's end and records the new window; its loss is checked against ``reference`` when
+    set); ``replay(first)`` then makes layers ``< first`` return layer ``first − 1``'s recorded output
+    (the layers below it return the same tensor, which the next replayed layer ignores), call by call,
+    and restores them afterwards. An evaluation inside ``replay`` must call the model exactly as the
+    recorded one did (the count of calls is checked). Units taken in ascending layer order move the
+    window about ``L / span`` times.
 
-    def __init__(self, layers):
+    Memory: ``4 · (span + 1) · T_eval · d`` bytes (float32) at most, against ``4 · L · T_eval · d``
+    for keeping every layer (before 0.8.6). Time: each move is one evaluation of the layers above the
+    old window, about ``L / (2 · span)`` evaluation passes over a run in layer order; the default
+    ``span = ⌈√L⌉`` (6 of SmolLM2's 30 layers) holds a fifth of the outputs for ~2.5 more passes.
+    Saves about half the forward work over units spread evenly across layers."""
+
+    def __init__(self, layers, span: int | None = None):
         self.layers = list(layers)
-        self.outputs: list[list] = [[] for _ in self.layers]
+        n = len(self.layers)
+        self.span = max(1, min(n, span if span is not None else math.ceil(math.sqrt(n))))
+        self.lo = 0
+        self.outputs: dict[int, list] = {}
+        self.reference: float | None = None   # the unchanged model's loss, checked after each move
+        self.moves = 0
 
     @contextmanager
-    def record(self):
-        self.outputs = [[] for _ in self.layers]
-        hooks = [layer.register_forward_hook(lambda _m, _a, out, i=i: self.outputs[i].append(out))
-                 for i, layer in enumerate(self.layers)]
+    def _recording(self, lo: int):
+        keep = range(lo, min(lo + self.span, len(self.layers)))
+        got: dict[int, list] = {i: [] for i in keep}
+        hooks = [self.layers[i].register_forward_hook(lambda _m, _a, out, i=i: got[i].append(out)) for i in keep]
         try:
-            yield self
+            yield
         finally:
             for h in hooks:
                 h.remove()
+        self.outputs, self.lo = got, lo
+
+    @contextmanager
+    def record(self):
+        """Wrap one evaluation of the unchanged model: keeps layers ``0 … span − 1``."""
+        self.outputs = {}
+        with self._recording(0):
+            yield self
+
+    def ensure(self, first: int, evaluate) -> None:
+        """Make the window hold layer ``first − 1``'s outputs (nothing to do for ``first ≤ 0``).
+        ``evaluate()`` runs the same evaluation as the recorded one on the *unchanged* model and
+        returns its ``(loss, ...)``. Moving up replays the layers below the old window's end; moving
+        down starts again from layer 0."""
+        need = min(first, len(self.layers)) - 1
+        if need < 0 or need in self.outputs:
+            return
+        if not self.outputs:
+            raise RuntimeError("LayerReplay: nothing recorded (wrap the base evaluation in record())")
+        top = max(self.outputs)
+        start = top + 1 if top < need else 0            # replay up to the old window's end, or from scratch
+        self.outputs = {top: self.outputs[top]} if start else {}   # only the layer the replay still needs
+        with self.replay(start), self._recording(need):
+            got = evaluate()
+        self.moves += 1
+        if self.reference is not None and not math.isclose(got[0], self.reference, rel_tol=1e-6, abs_tol=1e-9):
+            raise RuntimeError(f"LayerReplay: the unchanged model's loss moved from {self.reference!r} to {got[0]!r} "
+                               "while the replay window moved (the evaluation is not deterministic)")
 
     @contextmanager
     def replay(self, first: int):
-        calls = [0] * len(self.layers)
+        first = min(first, len(self.layers))
+        if first <= 0:
+            yield self
+            return
+        if first - 1 not in self.outputs:
+            raise RuntimeError(f"LayerReplay: layer {first - 1}'s outputs are not held (call ensure({first}, ...) first)")
+        source = self.outputs[first - 1]
+        calls = [0] * first
 
         def replayed(i):
             def forward(*args, **kwargs):
-                if calls[i] >= len(self.outputs[i]):
+                if calls[i] >= len(source):
                     raise RuntimeError("LayerReplay: more model calls than were recorded")
                 calls[i] += 1
-                return self.outputs[i][calls[i] - 1]
+                return source[calls[i] - 1]
             return forward
 
-        for i in range(min(first, len(self.layers))):
+        for i in range(first):
             self.layers[i].forward = replayed(i)
         try:
             yield self
         finally:
-            for i in range(min(first, len(self.layers))):
+            for i in range(first):
                 del self.layers[i].forward
-        if any(calls[i] != len(self.outputs[i]) for i in range(min(first, len(self.layers)))):
+        if any(c != len(source) for c in calls):
             raise RuntimeError("LayerReplay: the evaluation called the model differently from the recorded one")
 
 
@@ -387,11 +438,13 @@ def measure(model, loss_fn, entries: dict, values: dict, cache: LayerReplay | No
     them)[, {"loss": [n_items], "metric": [n_items] | None} each item's]]])`` with
     ``entries`` replaced by ``values``; with ``cache``
     (recorded on the unchanged model), the layers below the first replaced one are replayed."""
-    with replaced(model, entries, values):
-        if cache is None:
+    if cache is None:
+        with replaced(model, entries, values):
             return loss_fn(model)
-        with cache.replay(first_layer(entries)):
-            return loss_fn(model)
+    first = first_layer(entries)
+    cache.ensure(first, lambda: loss_fn(model))     # on the unchanged model: the window holds layer first - 1
+    with replaced(model, entries, values), cache.replay(first):
+        return loss_fn(model)
 
 
 def reusable_measurements(prev: dict, key: dict | None, source: str = "--measured") -> dict:
@@ -440,6 +493,7 @@ def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], val
     if cache is not None:
         with cache.record():
             base = loss_fn(model)
+        cache.reference = base[0]
     else:
         base = loss_fn(model)
     base_loss, base_metric = base[0], base[1]
@@ -458,12 +512,16 @@ def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], val
     g = torch.Generator().manual_seed(seed)
     picked = by_score if all_units else \
         by_score[:top] + [rest[i] for i in torch.randperm(len(rest), generator=g)[:n_random].tolist()]
-    rows = []
     lacking = [u.label for u in picked if known and u.label not in known]
     if lacking:
         raise UsageError(f"--measured: the earlier file has no measurement of {len(lacking)} of the units asked for "
                          f"(e.g. {lacking[0]}); ask for the units it measured (e.g. --all-units if it did) or drop --measured")
-    for u in tqdm(picked, desc="units" + (" (measured earlier)" if known else ""), disable=not progress):
+    # measured in ascending layer order (the replay window then only moves up), reported in ``picked``'s order
+    order = sorted(range(len(picked)), key=lambda i: first_layer(picked[i].entries)) if cache is not None and not known \
+        else list(range(len(picked)))
+    done: dict[int, UnitResult] = {}
+    for i in tqdm(order, desc="units" + (" (measured earlier)" if known else ""), disable=not progress):
+        u = picked[i]
         predicted = {k: predict(u, v) for k, v in estimators.items()}
         size = int(sum(int(m.sum()) for m in u.entries.values()))
         if known:
@@ -471,7 +529,7 @@ def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], val
             halves = tuple(k["measured_halves"]) if k.get("measured_halves") is not None else None
             mh = tuple(k["measured_metric_halves"]) if k.get("measured_metric_halves") is not None else None
             its, mits = (tuple(k[f]) if k.get(f) is not None else None for f in ("measured_items", "measured_metric_items"))
-            rows.append(UnitResult(u.label, size, predicted, k["measured_loss"], k["measured_metric"], halves, mh, its, mits))
+            done[i] = UnitResult(u.label, size, predicted, k["measured_loss"], k["measured_metric"], halves, mh, its, mits)
             continue
         got = measure(model, loss_fn, u.entries, values, cache)
         loss, metric = got[0], got[1]
@@ -483,9 +541,10 @@ def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], val
             its = tuple(_rounded(a - b) for a, b in zip(got[4]["loss"], base_items["loss"]))
             if got[4].get("metric") is not None and base_items.get("metric") is not None:
                 mits = tuple(_rounded(a - b) for a, b in zip(got[4]["metric"], base_items["metric"]))
-        rows.append(UnitResult(u.label, size, predicted, loss - base_loss,
-                               None if metric is None or base_metric is None else metric - base_metric, halves, mh,
-                               its, mits))
+        done[i] = UnitResult(u.label, size, predicted, loss - base_loss,
+                             None if metric is None or base_metric is None else metric - base_metric, halves, mh,
+                             its, mits)
+    rows = [done[i] for i in range(len(picked))]
     rho = {k: spearman([r.predicted[k] for r in rows], [r.measured_loss for r in rows]) for k in estimators}
     # the same against the task metric's measured change, sign flipped so that "hurts the task" is positive
     # for both (the ranking an estimator of --objective metric is made for)
@@ -594,30 +653,36 @@ def faithfulness_curves(model, loss_fn, unit_list: list[Unit], values: dict, ord
     def metric_of(loss, metric):
         return -loss if metric is None else metric
 
+    steps = [(name, mode, f) for name in orderings for mode in CURVE_MODES for f in fr]
+
+    def replaced_at(name, mode, f) -> tuple[int, ...]:
+        order, k = orderings[name], round(f * n)
+        return tuple(sorted(order[k:] if mode == "keep-top" else order[:k]))
+
+    # every distinct set of replaced units once (k = 0 and k = n of the two modes are the same two models),
+    # the unchanged model first, then in ascending order of their lowest layer (the replay window only moves up)
+    keys = {(): None, tuple(range(n)): None}
+    for s in steps:
+        keys.setdefault(replaced_at(*s), None)
+    lowest = [first_layer(u.entries) for u in unit_list]
     seen: dict = {}
+    for key in tqdm(sorted(keys, key=lambda key: (bool(key), min((lowest[i] for i in key), default=0))),
+                    desc="curves", disable=not progress):
+        # one union mask at a time (the weights' size in bool)
+        seen[key] = measure(model, loss_fn, union([unit_list[i].entries for i in key]), values, cache) if key \
+            else loss_fn(model)
 
-    def run(idx: list[int]):
-        key = tuple(sorted(idx))
-        if key not in seen:   # k = 0 and k = n of the two modes are the same two models
-            ent = union([unit_list[i].entries for i in idx]) if idx else {}
-            seen[key] = measure(model, loss_fn, ent, values, cache) if ent else loss_fn(model)
-        return seen[key]
-
-    full_loss, full_metric = run([])[:2]
-    none_loss, none_metric = run(list(range(n)))[:2]
+    full_loss, full_metric = seen[()][:2]
+    none_loss, none_metric = seen[tuple(range(n))][:2]
     m_full, m_none = metric_of(full_loss, full_metric), metric_of(none_loss, none_metric)
     out = {"units": n, "grid": fr, "full": {"loss": full_loss, "metric": full_metric},
            "none": {"loss": none_loss, "metric": none_metric}, "orderings": {}}
-    steps = [(name, mode, f) for name in orderings for mode in CURVE_MODES for f in fr]
     points: dict = {}
-    for name, mode, f in tqdm(steps, desc="curves", disable=not progress):
-        order = orderings[name]
-        k = round(f * n)
-        idx = order[k:] if mode == "keep-top" else order[:k]
-        loss, metric = run(idx)[:2]
+    for name, mode, f in steps:
+        loss, metric = seen[replaced_at(name, mode, f)][:2]
         m = metric_of(loss, metric)
         points.setdefault(name, {}).setdefault(mode, []).append(
-            {"fraction": f, "units": k, "loss": loss, "metric": metric, "recovery": recovery(mode, m, m_full, m_none)})
+            {"fraction": f, "units": round(f * n), "loss": loss, "metric": metric, "recovery": recovery(mode, m, m_full, m_none)})
     for name, modes in points.items():
         out["orderings"][name] = {mode: {"points": pts, "area": curve_area([p["fraction"] for p in pts],
                                                                            [p["recovery"] for p in pts])}
