@@ -389,7 +389,7 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
     computed on the first half of the calibration items before the statistics carry on over the
     second, for their split-half reliability (``estimator_reliability``): the same gradient pass,
     one more ``4 · P_lin`` temporary per method while its unit sums are taken. The measurement adds
-    the layer replay (``4 · L · T_eval · d``), a contrast's saved weights (``4 · P_lin``) and its
+    the layer replay (``4 · (⌈√L⌉ + 1) · T_eval · d``; every layer's ``4 · L · T_eval · d`` before 0.8.6), a contrast's saved weights (``4 · P_lin``) and its
     masks (``P_lin`` bytes each, four) and the circuit's selection (``12 · k``; before 0.8.5 a sort of
     every score, ``~23 · P_lin`` at its peak: 2.5 GB of SmolLM2's 5.1). Measured per stage in the
     report's ``memory``."""
