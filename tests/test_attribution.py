@@ -229,6 +229,19 @@ def test_local_attribution_per_item_terms_are_each_items_own_estimate(tiny_dir):
         for j in (0, 3, 5):
             alone = local_attribution(model, tok, [ex[j]], [u], qw, calib, progress=False)[u.label]
             assert per[u.label][j].item() == pytest.approx(alone, rel=1e-6, abs=1e-12)
+    # batches bounded by padded tokens (as the gradient pass): more, smaller batches, the same terms
+    seen = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda _m, a, _o: seen.append(a[0].numel()))
+    try:
+        from circuitq.data.tasks import tokenize_examples
+        small = dict(batch_size=4, batch_tokens=max(len(x) for x in tokenize_examples(ex, tok, 64, loss=calib.loss).ids))
+        est2, per2 = local_attribution(model, tok, ex, picked, qw, CalibConfig(samples=len(ex), seq_len=64, **small),
+                                       progress=False, per_item=True)
+    finally:
+        hook.remove()
+    assert len(seen) > 2 and max(seen) <= small["batch_tokens"]     # by batch_size alone: 2 batches of 6 items
+    for u in picked:
+        assert torch.allclose(per2[u.label], per[u.label], rtol=1e-6, atol=1e-12)
 
 
 def test_window_attribution_is_the_directional_derivative_at_the_windows_last_layer(tiny_dir):

@@ -179,6 +179,15 @@ def test_faithfulness_all_heads_estimators_and_curves_end_to_end(tmp_path, tiny_
     gap = [u["predicted"]["atp-local2"] - u["predicted"]["atp-local"] for u in rep["units"]]
     assert all(g >= 0 for g in gap) and sum(g > 0 for g in gap) > len(gap) // 2
     assert rep["completeness"]["ig_steps"] == 2 and math.isfinite(rep["completeness"]["ig"]["gap"])
+    # ig's cost: its 2 + 2 passes over the calibration items, timed, with the tokens they hold
+    cost = rep["ig_cost"]
+    assert cost["passes"] == 4 and cost["calibration_tokens"] > 6 and cost["seconds"] > 0
+    assert cost["seconds_per_step"] == pytest.approx(cost["seconds"] / 4)
+    assert cost["tokens_per_second"] == pytest.approx(cost["calibration_tokens"] / cost["seconds_per_step"])
+    secs = rep["timing"]["seconds"]
+    assert {"gradient pass", "measurement (units, contrasts)", "curves"} <= set(secs)
+    assert secs["other estimators (ig, atp-denoise, weight-level)"] >= cost["seconds"]
+    assert rep["replay"]["span"] == math.ceil(math.sqrt(cfg["num_hidden_layers"])) and rep["replay"]["moves"] >= 0
     assert -1 <= rep["noise_ceiling"]["split_half_spearman"] <= 1 and 0 <= rep["noise_ceiling"]["ceiling"] <= 1
     er = rep["estimator_reliability"]
     # atp-local from its per-item terms; the additive weight-level methods (atp, grad) from two halves of the items
@@ -198,6 +207,7 @@ def test_faithfulness_all_heads_estimators_and_curves_end_to_end(tmp_path, tiny_
                 "measurement (units, contrasts)", "curves"} <= set(peaks)
         assert all(v > 0 for v in peaks.values()) and rep["memory"]["process_peak_bytes"] >= max(peaks.values())
         assert "[circuitq] peak memory by stage: Q(W) and the replacement" in printed
+    assert "[circuitq] time by stage: Q(W) and the replacement" in printed and "[circuitq] ig cost: " in printed
     assert set(rep["curves"]["orderings"]) == {"score", "atp", "atp-local", "atp-local2", "atp-window", "atp-window2",
                                                "atp-denoise", "ig", "grad", "random"}
     rows = (tmp_path / "f.curves.csv").read_text().splitlines()

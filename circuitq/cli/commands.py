@@ -425,6 +425,10 @@ def cmd_faithfulness(a) -> int:
         ig = rep["completeness"]["ig"]
         print(f"[circuitq] ig completeness: Σ attributions {ig['attributed']:+.4f} vs measured {ig['measured']:+.4f} "
               f"(gap {ig['gap']:.1%}, {rep['completeness']['ig_steps']} steps)")
+        if rep.get("ig_cost"):
+            c = rep["ig_cost"]
+            print(f"[circuitq] ig cost: {c['seconds']:.0f} s for {c['passes']} passes over {c['calibration_tokens']} "
+                  f"calibration tokens ({c['seconds_per_step']:.1f} s per step, {c['tokens_per_second']:.0f} tokens/s)")
     c = rep["contrasts"]
     print(f"[circuitq] {len(rep['units'])} {job.units} units on {job.task} ({job.ablation}): Spearman(predicted, "
           f"measured) " + ", ".join(f"{k} {v:.3f}" for k, v in rep["spearman"].items())
@@ -442,6 +446,8 @@ def cmd_faithfulness(a) -> int:
               f"objective: {rep['objective']}): " + ", ".join(f"{k} {v:.3f}" for k, v in rep["spearman_metric"].items())
               + (f" (a perfect predictor: about {rep['noise_ceiling_metric']['ceiling']:.3f})"
                  if rep.get("noise_ceiling_metric") else ""))
+    if rep.get("timing"):
+        print("[circuitq] time by stage: " + "; ".join(f"{k} {v:.0f} s" for k, v in rep["timing"]["seconds"].items()))
     if rep.get("memory"):
         print("[circuitq] peak memory by stage: " + "; ".join(f"{k} {human_bytes(v)}" for k, v in
                                                            rep["memory"]["measured_peak_bytes"].items()))

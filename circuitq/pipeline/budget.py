@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -187,10 +188,12 @@ class PeakMeter:
     ``{stage: bytes}`` (the largest over the stage's runs); empty where the kernel does not offer it;
     ``starts``: the resident memory as each stage started, so ``peaks − starts`` is what it added.
     Shared by the other threads of the process; what a stage frees stays counted until the next
-    reset. ``process_peak()`` is the whole process's peak (the kernel's own figure is reset too)."""
+    reset. ``process_peak()`` is the whole process's peak (the kernel's own figure is reset too).
+    ``seconds``: each stage's wall time (summed over its runs), on every platform."""
 
     def __init__(self):
         self.peaks: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}
         self.starts: dict[str, float] = {}   # resident memory as the stage (its last run) started
         self.ok = _hwm() is not None
         self._before = 0.0
@@ -212,9 +215,11 @@ class PeakMeter:
                         fh.write("5")
                 except OSError:
                     self.ok = False
+            t0 = time.perf_counter()
             try:
                 yield
             finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
                 peak = _hwm() if self.ok else None
                 if peak is not None:
                     self.peaks[name] = max(self.peaks.get(name, 0.0), peak)

@@ -11,6 +11,7 @@ and file layout belong to the drivers (``pipeline.run``, ``pipeline.score``).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
@@ -37,7 +38,7 @@ from circuitq.circuits.faithfulness import (
 )
 from circuitq.config import CalibConfig, EvalConfig, MaskConfig, QuantizeConfig, QuantizeJob, to_dict
 from circuitq.data.calib import calibration_sequences, heldout_windows
-from circuitq.data.tasks import TASK_KINDS, Task
+from circuitq.data.tasks import TASK_KINDS, Task, tokenize_examples
 from circuitq.errors import UsageError
 from circuitq.evals import check_same_vocab, generate_exact_match, perplexity
 from circuitq.evals import evaluate as _evaluate
@@ -463,8 +464,10 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
             if e == "score":
                 est[e] = {n: scores[n].float() for n in names}
             elif e == "ig":
+                t0 = time.perf_counter()
                 est[e], comp = integrated_gradients(model, lm.tokenizer, calib_items, values, job.calib,
                                                     steps=job.ig_steps, model_path=lm.source, progress=progress)
+                ig_seconds = time.perf_counter() - t0
             elif e == "atp-denoise":
                 est[e] = denoising_attribution(model, lm.tokenizer, calib_items, union([u.entries for u in unit_list]),
                                                values, job.calib, model_path=lm.source, progress=progress)
@@ -520,21 +523,34 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
                                   all_units=job.all_units, cache=cache, prior=prior, progress=progress,
                                   estimator_halves=halves)
     if "ig" in job.estimators:
+        tokens = sum(len(x) for x in tokenize_examples(calib_items, lm.tokenizer, job.calib.seq_len,
+                                                       loss=job.calib.loss).ids)
+        per_step = ig_seconds / (job.ig_steps + 2)
         rep["completeness"] = {"ig": comp._asdict(), "ig_steps": job.ig_steps,
                                "note": "Σ attributions vs measured L(Q(W)) − L(W), summed over the calibration items, "
                                        "every targeted weight replaced"}
+        rep["ig_cost"] = {"seconds": ig_seconds, "passes": job.ig_steps + 2, "calibration_tokens": tokens,
+                          "seconds_per_step": per_step, "tokens_per_second": tokens / per_step if per_step else None,
+                          "note": "ig's K gradient passes and its two loss passes (at W and at Q(W)) over the "
+                                  "calibration items; seconds_per_step = seconds / (K + 2), an upper bound on one "
+                                  "gradient pass"}
     if job.curve:
         orderings = {e: unit_order(unit_list, est[e]) for e in job.estimators}
         orderings["random"] = unit_order(unit_list, None, seed=job.seed)
         with meter.stage("curves"):
             rep["curves"] = faithfulness_curves(model, loss_fn, unit_list, values, orderings, job.curve_grid,
                                                 cache=cache, progress=progress)
+    cache_span, cache_moves = cache.span, cache.moves
     del cache
     rep.update(format="circuitq.faithfulness", measurement=key, measured_from=job.measured, task=job.task, units_kind=job.units, ablation=job.ablation, items=len(items),
                calib_items=len(calib_items), estimators=list(job.estimators), objective=job.calib.objective, base_accuracy=base.get("accuracy"),
                metric=base.get("task_metric") or "accuracy", circuitq_version=__version__)
     if windowed:
         rep["window"] = job.window
+    rep["timing"] = {"seconds": meter.seconds, "note": "wall time of each stage"}
+    rep["replay"] = {"span": cache_span, "moves": cache_moves,
+                     "note": "the measurement's layer replay: layers whose outputs it held at once, and how often the "
+                             "window moved (each an evaluation of the layers above it)"}
     if meter.peaks:
         rep["memory"] = {"measured_peak_bytes": meter.peaks, "start_bytes": meter.starts,
                          "process_peak_bytes": meter.process_peak(),

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from circuitq.data.tasks import collate, scored_positions, tokenize_examples
 from circuitq.errors import UsageError
 from circuitq.model.arch import arch_for, parse_name
-from circuitq.saliency.capture import collect_stats
+from circuitq.saliency.capture import collect_stats, plan_batches
 from circuitq.saliency.objectives import Objective
 from circuitq.storage import replaced
 
@@ -265,7 +265,9 @@ def local_attribution(model, tokenizer, examples, unit_list, values: dict[str, t
 
     Cost: one forward+backward over ``examples`` (the plain HF model, gradients of activations
     only), then per unit and batch one forward of its sublayer. Memory: the autograd graph of one
-    batch plus every hooked sublayer's inputs and output for that batch. Returns ``{label: float}``;
+    batch plus every hooked sublayer's inputs and output for that batch; a batch holds at most
+    ``calib.batch_size`` items and ``calib.batch_tokens`` padded tokens (0.8.6; before, ``batch_size``
+    items whatever their length: 8 GSM8k items of ~300 tokens). Returns ``{label: float}``;
     with ``per_item`` also ``{label: [n_items] float64}``, each item's own term (the items' losses are
     summed, so item ``j``'s output gradient depends on item ``j`` alone; the terms sum to the total),
     for the estimator's split-half reliability (``circuits.faithfulness.estimator_reliability``), at
@@ -293,14 +295,15 @@ def local_attribution(model, tokenizer, examples, unit_list, values: dict[str, t
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     obj = Objective(calib.objective, tokenizer)
     embed = model.get_input_embeddings()
-    starts = range(0, len(tok.ids), calib.batch_size)
-    bar = tqdm(total=len(starts) * len(unit_list), desc="atp-local" if window is None else f"atp-window {window}", unit="unit", disable=not progress)
+    # batches of at most batch_size items and batch_tokens padded tokens (as the gradient pass): the graph of
+    # one batch is what this holds, so long items (GSM8k, MMLU with shots) go a few at a time
+    batches = plan_batches([len(x) for x in tok.ids], calib.batch_size, calib.batch_tokens)
+    bar = tqdm(total=len(batches) * len(unit_list), desc="atp-local" if window is None else f"atp-window {window}", unit="unit", disable=not progress)
     wanted = {p: p.requires_grad for p in model.parameters()}   # activations' gradients only
     for p in wanted:
         p.requires_grad_(False)
     try:
-        for i in starts:
-            idx = list(range(i, min(i + calib.batch_size, len(tok.ids))))
+        for idx in batches:
             skip = [tok.unscored[j] for j in idx] if tok.unscored is not None else None
             ids, attn, lmask = (t.to(device) for t in collate([tok.ids[j] for j in idx],
                                                               [tok.scored_from[j] for j in idx], pad, skip))
