@@ -50,6 +50,7 @@ def worktree(rev: str) -> tuple[Path, str]:
 def measure_child(argv: list[str], env: dict, cwd: str | Path, log: Path) -> dict:
     """Run ``python ARGV`` in a child; ``{"rc", "seconds", "peak_rss_bytes"}`` (the kernel's
     ``ru_maxrss`` of that one process, what ``/usr/bin/time -v`` prints) with its output in ``log``."""
+    env = {**env, "PYTHONSAFEPATH": "1"}   # see run_circuitq
     t0 = time.perf_counter()
     with Path(log).open("w") as fh:
         p = subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
@@ -64,6 +65,10 @@ def run_circuitq(cmd: list[str], env: dict, log: Path) -> float:
     import shlex
 
     print("$", shlex.join(cmd), flush=True)
+    # `python -m` puts the current folder first on sys.path, ahead of PYTHONPATH: run from the repository root it
+    # would import today's working tree instead of the worktree on PYTHONPATH (so before 0.8.6 a "before" run from
+    # the root was the working tree's code). PYTHONSAFEPATH (Python 3.11+) leaves the current folder out.
+    env = {**env, "PYTHONSAFEPATH": "1"}
     t0 = time.perf_counter()
     with Path(log).open("w") as fh:
         subprocess.run([sys.executable, "-m", "circuitq", *cmd], check=True, env=env, stdout=fh,
