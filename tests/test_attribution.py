@@ -83,6 +83,34 @@ def test_integrated_gradients_are_complete_and_restore_the_model(tiny_dir):
     assert gaps[4] < first.gap
 
 
+def test_integrated_gradients_equal_the_quadrature_written_out(tiny_dir):
+    """IG (which makes Q(W) − W one weight at a time and turns its integral into the attribution in
+    place, 0.8.6) equals Σ_k w_k · ΣG(W + α_k(Q − W)) · (Q − W) computed here node by node."""
+    from circuitq.pipeline.stages import collect_gradients
+    from circuitq.saliency.attribution import gauss_legendre
+
+    d, tok, model, ex, qw = _setup(tiny_dir)
+    calib = CalibConfig(samples=len(ex), seq_len=64, batch_size=3)
+    attr, _ = integrated_gradients(model, tok, ex, qw, calib, steps=3, model_path=str(d), progress=False)
+    w = {n: model.get_parameter(n).detach().clone() for n in qw}
+    want = {n: torch.zeros_like(w[n]) for n in qw}
+    nodes, weights = gauss_legendre(3)
+    try:
+        for a, wt in zip(nodes, weights):
+            with torch.no_grad():
+                for n in qw:
+                    model.get_parameter(n).copy_(w[n] + a * (qw[n].float() - w[n]))
+            g = collect_gradients(model, tok, ex, calib, ("sum",), progress=False, model_path=str(d))["stats"].tensors["sum"]
+            for n in qw:
+                want[n] += wt * g[n]
+    finally:
+        with torch.no_grad():
+            for n in qw:
+                model.get_parameter(n).copy_(w[n])
+    for n in qw:
+        assert torch.allclose(attr[n], want[n] * (qw[n].float() - w[n]), rtol=1e-4, atol=1e-7), n
+
+
 def test_atp_is_a_saliency_method_like_the_others(tiny_dir):
     from circuitq.pipeline.stages import collect_gradients, quantized_weights, score_weights
 

@@ -385,7 +385,7 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
     alone; GPTQ's values are a joint solution), and that is the ``Q(W)`` every estimator sees.
     Memory: the model, ``W`` views, the replacement (``4 · P_lin``), one gradient pass's statistics
     (``4 · P_lin`` per statistic), each estimator's values (``4 · P_lin`` each; ``ig`` adds
-    ``12 · P_lin`` while it runs) and the units' masks (``P_lin`` bytes per unit kind's cover).
+    ``8 · P_lin`` while it runs; ``16 · P_lin`` before 0.8.6) and the units' masks (``P_lin`` bytes per unit kind's cover).
     Additive methods (``SaliencyMethod.additive``: atp, atp-abs, tacq, grad, fisher) are also
     computed on the first half of the calibration items before the statistics carry on over the
     second, for their split-half reliability (``estimator_reliability``): the same gradient pass,

@@ -26,10 +26,11 @@ change the task loss ``L`` (summed over calibration items)?
   attributions sum to ``L(Q(W)) − L(W)`` up to the quadrature error (completeness), which
   ``completeness`` measures.
 
-Memory of ``integrated_gradients``: the model, plus a copy of ``W``, ``Q(W) − W`` and the running
-integral of every targeted weight (``12 · P_lin`` bytes in float32) beside the caller's ``Q(W)``
-(``4 · P_lin``), plus one gradient pass's statistics (``4 · P_lin``) and activations. Measured on
-SmolLM2-135M, 16 GSM8k items: 4.04 GB peak (the default run's gradient pass: 2.37 GB). Time: ``K``
+Memory of ``integrated_gradients``: the model, plus a copy of ``W`` and the running integral of every
+targeted weight (``8 · P_lin`` bytes in float32; 0.8.6, ``12 · P_lin`` and ``16 · P_lin`` at the end
+before) beside the caller's ``Q(W)`` (``4 · P_lin``), plus one gradient pass's statistics
+(``4 · P_lin``) and activations. Measured on SmolLM2-135M, 16 GSM8k items, before 0.8.6: 4.04 GB peak
+(the default run's gradient pass: 2.37 GB). Time: ``K``
 gradient passes and two forward passes.
 """
 from __future__ import annotations
@@ -98,9 +99,11 @@ def completeness(attributions: dict[str, torch.Tensor], loss_w: float, loss_q: f
 
 
 @torch.no_grad()
-def _set_path(model, names: list[str], base: dict, delta: dict, alpha: float) -> None:
+def _set_path(model, names: list[str], base: dict, delta, alpha: float) -> None:
+    """Every weight of ``names`` to ``W + alpha · (Q(W) − W)``; ``delta(name)`` makes one weight's ``Q(W) − W``
+    (a weight-sized temporary, not a copy of the model's)."""
     for n in names:
-        model.get_parameter(n).copy_((base[n].float() + alpha * delta[n]).to(base[n].dtype))
+        model.get_parameter(n).copy_((base[n].float() + alpha * delta(n)).to(base[n].dtype))
 
 
 @torch.no_grad()
@@ -129,13 +132,22 @@ def integrated_gradients(model, tokenizer, examples, quantized: dict[str, torch.
     """``{HF weight name: [out, in]}`` IG attributions of replacing each weight by ``quantized``
     (``Q(W)``, e.g. ``stages.quantized_weights(...).weights``) on ``examples``, and their
     completeness. The model's weights are moved along the path and restored at the end, also on
-    an error. ``calib``: a ``CalibConfig`` (batching, sequence length, loss scope)."""
+    an error. ``calib``: a ``CalibConfig`` (batching, sequence length, loss scope).
+
+    Memory: a copy of ``W`` and the running integral (``8 · P_lin`` bytes, float32) besides ``Q(W)``
+    (the caller's) and one gradient pass's ``Σ G`` (``4 · P_lin``); ``Q(W) − W`` is made one weight at a
+    time and the integral becomes the attribution in place. Before 0.8.6 ``Q(W) − W`` was held for every
+    weight and the attribution was a new tensor beside the integral: ``16 · P_lin`` at the end (0.43 GB
+    per ``4 · P_lin`` on SmolLM2, about 28 GB on an 8B model)."""
     nodes, weights = gauss_legendre(steps)
     path = model_path or getattr(model.config, "_name_or_path", "") or "model"
     names = list(quantized)
     base = {n: model.get_parameter(n).detach().clone() for n in names}
-    delta = {n: quantized[n].float().to(base[n].device) - base[n].float() for n in names}
-    integral = {n: torch.zeros_like(delta[n]) for n in names}
+    integral = {n: torch.zeros(base[n].shape, dtype=torch.float32, device=base[n].device) for n in names}
+
+    def delta(n):   # Q(W) − W of one weight, when needed (0.8.6: no longer held for every weight at once)
+        return quantized[n].float().to(base[n].device) - base[n].float()
+
     try:
         loss_w = summed_loss(model, tokenizer, examples, calib)
         _set_path(model, names, base, delta, 1.0)
@@ -150,11 +162,12 @@ def integrated_gradients(model, tokenizer, examples, quantized: dict[str, torch.
                 integral[n].add_(st.tensors["sum"][n].to(integral[n].device), alpha=wt)
             del st
     finally:
-        _set_path(model, names, base, delta, 0.0)
         with torch.no_grad():
             for n in names:
                 model.get_parameter(n).copy_(base[n])
-    attr = {n: integral[n] * delta[n] for n in names}
+    attr = {}
+    for n in names:   # in place: the integral becomes the attribution, weight by weight
+        attr[n] = integral.pop(n).mul_(delta(n))
     comp = completeness(attr, loss_w, loss_q)
     if not math.isfinite(comp.attributed):
         raise UsageError("integrated gradients are not finite on these items (a NaN loss along the path)")
