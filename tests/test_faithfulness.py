@@ -316,6 +316,18 @@ def test_layer_replay_window_holds_few_layers_and_gives_every_units_loss():
     with pytest.raises(RuntimeError, match="not held"):
         with LayerReplay(model.model.layers, span=1).replay(1):
             pass
+    # planned: only the layers below the units that will be measured, no move when they fit in one window
+    planned = LayerReplay(model.model.layers, span=2)
+    planned.plan([0, 3])                             # units of layers 1 and 4
+    with planned.record():
+        loss_fn(model)
+    assert sorted(planned.outputs) == [0, 3]
+    for layer in (1, 4):
+        got = measure(model, loss_fn, per_layer[layer].entries, values, planned)[0]
+        assert got == pytest.approx(full[layer], abs=1e-6)
+    assert planned.moves == 0 and sorted(planned.outputs) == [0, 3]
+    got = measure(model, loss_fn, per_layer[3].entries, values, planned)[0]   # unplanned: moved there
+    assert got == pytest.approx(full[3], abs=1e-6) and planned.moves == 1 and 2 in planned.outputs
 
 
 def test_curves_and_report_with_a_one_layer_replay_equal_full_forwards():

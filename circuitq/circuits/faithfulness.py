@@ -239,35 +239,46 @@ class LayerReplay:
     Replacing weights of layer ``l`` leaves the outputs of layers ``< l`` as they were, so an
     evaluation of the changed model may take layer ``l − 1``'s output from an evaluation of the
     unchanged model (same items, same batches, same order) instead of computing layers ``0 … l − 1``.
-    The replay keeps a *window* of ``span`` consecutive layers' outputs (every evaluation batch of
-    each), not every layer's: ``record()`` wraps the base evaluation and keeps layers ``0 … span −
-    1``; ``ensure(first, evaluate)``, called on the unchanged model, moves the window so that it holds
+    The replay keeps a *window* of at most ``span`` layers' outputs (every evaluation batch of each),
+    not every layer's, and with ``plan(layers)`` only the layers that will be asked for (the layer
+    below each unit's lowest): ``record()`` wraps the base evaluation and keeps the first window;
+    ``ensure(first, evaluate)``, called on the unchanged model, moves the window so that it holds
     layer ``first − 1`` (one evaluation of the unchanged model that itself replays the layers below
-    the old window's end and records the new window; its loss is checked against ``reference`` when
+    the old window's top and records the new window; its loss is checked against ``reference`` when
     set); ``replay(first)`` then makes layers ``< first`` return layer ``first − 1``'s recorded output
     (the layers below it return the same tensor, which the next replayed layer ignores), call by call,
     and restores them afterwards. An evaluation inside ``replay`` must call the model exactly as the
     recorded one did (the count of calls is checked). Units taken in ascending layer order move the
-    window about ``L / span`` times.
+    window ``⌈|S| / span⌉ − 1`` times for ``S`` the planned layers.
 
-    Memory: ``4 · (span + 1) · T_eval · d`` bytes (float32) at most, against ``4 · L · T_eval · d``
-    for keeping every layer (before 0.8.6). Time: each move is one evaluation of the layers above the
-    old window, about ``L / (2 · span)`` evaluation passes over a run in layer order; the default
-    ``span = ⌈√L⌉`` (6 of SmolLM2's 30 layers) holds a fifth of the outputs for ~2.5 more passes.
-    Saves about half the forward work over units spread evenly across layers."""
+    Memory: ``4 · (min(span, |S|) + 1) · T_eval · d`` bytes (float32) at most, against
+    ``4 · L · T_eval · d`` for keeping every layer (before 0.8.6). Time: each move is one evaluation of
+    the layers above the old window's top; the default ``span = ⌈√L⌉`` (6 of SmolLM2's 30 layers) holds
+    a fifth of the outputs for 4 moves over all 270 heads (about 2 evaluation passes), 0–2 moves over
+    a top-and-random sample of 20 heads. Saves about half the forward work over units spread evenly
+    across layers."""
 
     def __init__(self, layers, span: int | None = None):
         self.layers = list(layers)
         n = len(self.layers)
         self.span = max(1, min(n, span if span is not None else math.ceil(math.sqrt(n))))
-        self.lo = 0
+        self.needed: list[int] | None = None   # the layers whose outputs will be asked for (plan), None: any
         self.outputs: dict[int, list] = {}
         self.reference: float | None = None   # the unchanged model's loss, checked after each move
         self.moves = 0
 
+    def plan(self, layers) -> None:
+        """Keep only ``layers`` (and the one ``ensure`` is asked for): e.g. ``first_layer − 1`` of every
+        unit about to be measured."""
+        self.needed = sorted({int(x) for x in layers if 0 <= x < len(self.layers)})
+
+    def _window(self, lo: int) -> list[int]:
+        if self.needed is None:
+            return list(range(lo, min(lo + self.span, len(self.layers))))
+        return sorted({lo, *[x for x in self.needed if x > lo][: self.span - 1]}) if lo >= 0 else self.needed[: self.span]
+
     @contextmanager
-    def _recording(self, lo: int):
-        keep = range(lo, min(lo + self.span, len(self.layers)))
+    def _recording(self, keep: list[int]):
         got: dict[int, list] = {i: [] for i in keep}
         hooks = [self.layers[i].register_forward_hook(lambda _m, _a, out, i=i: got[i].append(out)) for i in keep]
         try:
@@ -275,29 +286,28 @@ class LayerReplay:
         finally:
             for h in hooks:
                 h.remove()
-        self.outputs, self.lo = got, lo
+        self.outputs = got
 
     @contextmanager
     def record(self):
-        """Wrap one evaluation of the unchanged model: keeps layers ``0 … span − 1``."""
+        """Wrap one evaluation of the unchanged model: keeps the first window (layers ``0 … span − 1``,
+        or the first ``span`` planned layers)."""
         self.outputs = {}
-        with self._recording(0):
+        with self._recording(self._window(0) if self.needed is None else self._window(-1)):
             yield self
 
     def ensure(self, first: int, evaluate) -> None:
         """Make the window hold layer ``first − 1``'s outputs (nothing to do for ``first ≤ 0``).
         ``evaluate()`` runs the same evaluation as the recorded one on the *unchanged* model and
-        returns its ``(loss, ...)``. Moving up replays the layers below the old window's end; moving
+        returns its ``(loss, ...)``. Moving up replays the layers below the old window's top; moving
         down starts again from layer 0."""
         need = min(first, len(self.layers)) - 1
         if need < 0 or need in self.outputs:
             return
-        if not self.outputs:
-            raise RuntimeError("LayerReplay: nothing recorded (wrap the base evaluation in record())")
-        top = max(self.outputs)
-        start = top + 1 if top < need else 0            # replay up to the old window's end, or from scratch
+        top = max(self.outputs) if self.outputs else -1
+        start = top + 1 if 0 <= top < need else 0       # replay up to the old window's top, or from scratch
         self.outputs = {top: self.outputs[top]} if start else {}   # only the layer the replay still needs
-        with self.replay(start), self._recording(need):
+        with self.replay(start), self._recording(self._window(need)):
             got = evaluate()
         self.moves += 1
         if self.reference is not None and not math.isclose(got[0], self.reference, rel_tol=1e-6, abs_tol=1e-9):
@@ -490,7 +500,14 @@ def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], val
     after the base loss measured here is checked against its own. ``estimator_halves``: weight-level
     estimators computed on each half of the calibration items, for their split-half reliability
     over the units measured (``atp-local``'s comes from its own per-item terms)."""
+    by_score = sorted(unit_list, key=lambda u: -unit_sum(u, scores))
+    rest = by_score[top:]
+    g = torch.Generator().manual_seed(seed)
+    picked = by_score if all_units else \
+        by_score[:top] + [rest[i] for i in torch.randperm(len(rest), generator=g)[:n_random].tolist()]
     if cache is not None:
+        # only the layer below each measured unit's lowest (none with --measured: nothing is measured here)
+        cache.plan([] if prior is not None else [first_layer(u.entries) - 1 for u in picked])
         with cache.record():
             base = loss_fn(model)
         cache.reference = base[0]
@@ -507,11 +524,6 @@ def faithfulness_report(model, loss_fn, scores: dict, unit_list: list[Unit], val
             raise UsageError(f"--measured: the base loss measured now ({base_loss:.6f}) differs from the earlier file's "
                              f"({was:.6f}); the measurements do not reproduce here, so measure again without --measured")
         known = {u["label"]: u for u in prior["units"]}
-    by_score = sorted(unit_list, key=lambda u: -unit_sum(u, scores))
-    rest = by_score[top:]
-    g = torch.Generator().manual_seed(seed)
-    picked = by_score if all_units else \
-        by_score[:top] + [rest[i] for i in torch.randperm(len(rest), generator=g)[:n_random].tolist()]
     lacking = [u.label for u in picked if known and u.label not in known]
     if lacking:
         raise UsageError(f"--measured: the earlier file has no measurement of {len(lacking)} of the units asked for "
@@ -665,6 +677,8 @@ def faithfulness_curves(model, loss_fn, unit_list: list[Unit], values: dict, ord
     for s in steps:
         keys.setdefault(replaced_at(*s), None)
     lowest = [first_layer(u.entries) for u in unit_list]
+    if cache is not None:
+        cache.plan(min((lowest[i] for i in key), default=0) - 1 for key in keys if key)
     seen: dict = {}
     for key in tqdm(sorted(keys, key=lambda key: (bool(key), min((lowest[i] for i in key), default=0))),
                     desc="curves", disable=not progress):
