@@ -40,12 +40,21 @@ def one(side: str, src: Path, args, rep: int) -> dict:
     got["code"] = str(src)
     if got["rc"] != 0:
         raise SystemExit(f"{side} failed (rc {got['rc']}): see {got['log']}")
+    got.update(summary(out))
+    return got
+
+
+def summary(out: Path) -> dict:
+    """What one run's faithfulness report says of its memory, time and numbers."""
+    got: dict = {}
     r = json.loads(out.read_text())
     mem = r.get("memory") or {}
     peaks, starts = mem.get("measured_peak_bytes", {}), mem.get("start_bytes", {})
     got["stage_peak_bytes"] = peaks
     got["stage_added_bytes"] = {k: peaks[k] - starts.get(k, 0) for k in peaks}
     got["stage_seconds"] = (r.get("timing") or {}).get("seconds", {})
+    # the kernel's ru_maxrss restarts with each stage's reset (PeakMeter): the report keeps the process's peak
+    got["process_peak_bytes"] = mem.get("process_peak_bytes")
     got["numbers"] = ([u["measured_loss"] for u in r["units"]]
                       + [v for u in r["units"] for _, v in sorted(u["predicted"].items())]
                       + [p["loss"] for o in (r.get("curves") or {}).get("orderings", {}).values()
@@ -62,15 +71,24 @@ def main() -> None:
     ap.add_argument("--name", required=True, help="file stem of this comparison")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--summarize-only", action="store_true", help="rebuild NAME.md/json from an earlier run's files")
     args = ap.parse_args(argv)
     args.rest = rest
     args.out.mkdir(parents=True, exist_ok=True)
-    old_src, old_sha = worktree(args.before)
     runs: dict[str, list[dict]] = {"before": [], "after": []}
-    for rep in range(args.reps):
-        for side, src in (("before", old_src), ("after", REPO)):
-            print(f"[bench_faithfulness] {args.name}: {side}, repetition {rep + 1} of {args.reps}", flush=True)
-            runs[side].append(one(side, src, args, rep))
+    if args.summarize_only:   # the per-run reports and NAME.json of an earlier run of this script
+        prev = json.loads((args.out / f"{args.name}.json").read_text())
+        old_sha, rest = prev["before"], prev["command"][2:]
+        args.rest, args.reps = rest, len(prev["runs"]["before"])
+        for side in runs:
+            for rep, r in enumerate(prev["runs"][side]):
+                runs[side].append({**r, **summary(args.out / f"{args.name}-{side}-r{rep}.json")})
+    else:
+        old_src, old_sha = worktree(args.before)
+        for rep in range(args.reps):
+            for side, src in (("before", old_src), ("after", REPO)):
+                print(f"[bench_faithfulness] {args.name}: {side}, repetition {rep + 1} of {args.reps}", flush=True)
+                runs[side].append(one(side, src, args, rep))
     a, b = runs["before"][0]["numbers"], runs["after"][0]["numbers"]
     diff = max((abs(x - y) for x, y in zip(a, b)), default=0.0) if len(a) == len(b) else float("nan")
     rel = max((abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b)), default=0.0) if len(a) == len(b) else float("nan")
@@ -82,7 +100,8 @@ def main() -> None:
         rows.append((f"{k}: peak", med("before", lambda r: r["stage_peak_bytes"][k]), med("after", lambda r: r["stage_peak_bytes"][k]), "GB"))
         if all(k in r["stage_seconds"] for s in runs for r in runs[s]):
             rows.append((f"{k}: seconds", med("before", lambda r: r["stage_seconds"][k]), med("after", lambda r: r["stage_seconds"][k]), "s"))
-    rows.append(("process peak RSS", med("before", lambda r: r["peak_rss_bytes"]), med("after", lambda r: r["peak_rss_bytes"]), "GB"))
+    rows.append(("process peak (the report's)", med("before", lambda r: r["process_peak_bytes"]),
+                 med("after", lambda r: r["process_peak_bytes"]), "GB"))
     rows.append(("wall time (whole command)", med("before", lambda r: r["seconds"]), med("after", lambda r: r["seconds"]), "s"))
     res = {"before": old_sha, "after": "working tree", "command": ["circuitq", "faithfulness", *rest], "machine": machine(),
            "reps": args.reps, "max_abs_difference": diff, "max_rel_difference": rel,
