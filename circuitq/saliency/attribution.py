@@ -115,8 +115,9 @@ def summed_loss(model, tokenizer, examples, calib) -> float:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     obj = Objective(calib.objective, tokenizer)
     total = 0.0
-    for i in range(0, len(tok.ids), calib.batch_size):
-        idx = list(range(i, min(i + calib.batch_size, len(tok.ids))))
+    # batches bounded by padded tokens as the gradient pass (0.8.6): 8 long items' logits at every scored position
+    # (8 · ~200 · V floats, twice with the log-softmax) are not held at once
+    for idx in plan_batches([len(x) for x in tok.ids], calib.batch_size, calib.batch_tokens):
         skip = [tok.unscored[j] for j in idx] if tok.unscored is not None else None
         ids, attn, lmask = (t.to(device) for t in collate([tok.ids[j] for j in idx], [tok.scored_from[j] for j in idx],
                                                           pad, skip))
