@@ -25,7 +25,8 @@ _API = ("CalibConfig", "DataConfig", "EvalConfig", "MaskConfig", "QuantizeConfig
         "ScoreConfig", "DEFAULT_FRACTION", "Task", "Geometry", "target_shapes", "load_model", "calibration_tokens",
         "collect_gradients", "collect_hessians", "compare", "evaluate", "export", "quantize", "quantized_weights",
         "qw_config", "score_weights", "select", "run", "circuit_map", "apply_preset", "PRESETS", "load_masks",
-        "save_masks", "CircuitqError", "quantized_reference", "reference_config", "integrated_gradients")
+        "save_masks", "CircuitqError", "quantized_reference", "reference_config", "integrated_gradients",
+        "walk_path", "path_diagnosis")
 
 
 def __getattr__(name):

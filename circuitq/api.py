@@ -55,7 +55,7 @@ from circuitq.pipeline.stages import (
     select,
 )
 from circuitq.presets import PRESETS, apply_preset
-from circuitq.saliency.attribution import integrated_gradients
+from circuitq.saliency.attribution import integrated_gradients, path_diagnosis, walk_path
 from circuitq.saliency.masks import load_masks, save_masks
 
 # Names before 0.6.2, where "reference" meant Q(W) here and the unquantized model elsewhere:
@@ -82,4 +82,5 @@ __all__ = ["CalibConfig", "DataConfig", "EvalConfig", "MaskConfig", "QuantizeCon
            "ScoreConfig", "DEFAULT_FRACTION", "Task", "Geometry", "target_shapes", "load_model", "calibration_tokens",
            "collect_gradients", "collect_hessians", "compare", "evaluate", "export", "quantize", "quantized_weights",
            "qw_config", "score_weights", "select", "run", "circuit_map", "apply_preset", "PRESETS", "load_masks",
-           "save_masks", "CircuitqError", "quantized_reference", "reference_config", "integrated_gradients"]
+           "save_masks", "CircuitqError", "quantized_reference", "reference_config", "integrated_gradients",
+           "walk_path", "path_diagnosis"]

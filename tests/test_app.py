@@ -227,15 +227,18 @@ def test_faithfulness_page(runs, monkeypatch):
     out = root / "other" / "mmlu" / "faithfulness-heads.json"
     assert main(["faithfulness", "--scores", str(root / "other" / "mmlu"), "--units", "heads", "--top", "2",
                  "--random", "2", "--calib-samples", "4", "--eval-samples", "4", "--group-size", "32",
-                 "--curve", "--curve-grid", "0", "0.5", "1", "--data-dir", str(data), "--out", str(out)]) == 0
+                 "--curve", "--curve-grid", "0", "0.5", "1", "--estimators", "score", "atp", "ig", "--ig-steps", "2",
+                 "--data-dir", str(data), "--out", str(out)]) == 0
     at = _app(root, monkeypatch)
     at.sidebar.radio(key="page").set_value("Faithfulness").run()
     at.sidebar.selectbox(key="run").set_value("other").run()
     assert not at.exception, at.exception
     labels = [m.label for m in at.metric]
     assert "Spearman: score" in labels and "Spearman: atp" in labels
-    assert len(at.get("plotly_chart")) == 3   # scatter, faithfulness curves, contrasts
-    assert "Faithfulness curves" in at.get("plotly_chart")[1].proto.spec
+    assert len(at.get("plotly_chart")) == 4   # scatter, ig's path, faithfulness curves, contrasts
+    assert "Integrated gradients' path" in at.get("plotly_chart")[1].proto.spec
+    assert any("∫|dL/dα|" in c.value for c in at.caption)
+    assert "Faithfulness curves" in at.get("plotly_chart")[2].proto.spec
     assert any("median item change" in c.value for c in at.caption)   # the robust ranking beside the scatter
     at.radio(key="faith_curve_mode").set_value("replace-top").run()
     assert not at.exception

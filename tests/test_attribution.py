@@ -418,3 +418,70 @@ def test_denoising_attribution_is_the_first_order_effect_of_restoring_a_unit_in_
         assert abs(deriv) > 1e-6 and pred == pytest.approx(-deriv, rel=2e-3, abs=1e-7), u.label
         differ += pred != pytest.approx(unit_sum(u, noising), rel=0.05)
     assert differ >= 1          # the base point matters: restoring in W' is not replacing in W
+
+
+def test_walk_path_gives_the_loss_and_its_slope_along_the_path(tiny_dir):
+    """Each point's loss is the summed loss at W + α(Q − W) (a loss pass written out here) and its slope is
+    dL/dα (a central difference of that loss); the model is unchanged after; IG's nodes carry the same, and
+    the rule over their slopes is IG's Σ attributions."""
+    from circuitq.saliency.attribution import summed_loss, walk_path
+
+    d, tok, model, ex, qw = _setup(tiny_dir)
+    calib = CalibConfig(samples=len(ex), seq_len=64, batch_size=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pts = walk_path(model, tok, ex, qw, calib, [0.0, 0.5, 1.0], model_path=str(d), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    w = {n: model.get_parameter(n).detach().clone() for n in qw}
+
+    def loss_at(a):
+        with torch.no_grad():
+            for n in qw:
+                model.get_parameter(n).copy_(w[n] + a * (qw[n].float() - w[n]))
+        try:
+            return summed_loss(model, tok, ex, calib)
+        finally:
+            with torch.no_grad():
+                for n in qw:
+                    model.get_parameter(n).copy_(w[n])
+
+    from circuitq.saliency.attribution import path_item_losses
+
+    per_item = path_item_losses(model, tok, ex, qw, calib, [p.alpha for p in pts], progress=False)
+    assert per_item.shape == (3, len(ex)) and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert per_item.sum(1).tolist() == pytest.approx([p.loss for p in pts], rel=1e-5)   # forward-only = the passes' loss
+    h = 0.02
+    for p in pts:
+        assert p.loss == pytest.approx(loss_at(p.alpha), rel=1e-5)
+        fd = (loss_at(p.alpha + h) - loss_at(p.alpha - h)) / (2 * h)
+        assert p.slope == pytest.approx(fd, rel=0.02, abs=1e-3), p
+    assert abs(pts[-1].loss - pts[0].loss) > 1e-3
+    attr, comp = integrated_gradients(model, tok, ex, qw, calib, steps=3, model_path=str(d), progress=False)
+    nodes, weights = gauss_legendre(3)
+    assert [p.alpha for p in comp.path] == pytest.approx(nodes)
+    assert sum(wt * p.slope for wt, p in zip(weights, comp.path)) == pytest.approx(comp.attributed, rel=1e-4)
+    assert comp.loss_w == pytest.approx(pts[0].loss, rel=1e-6)
+    assert comp.measured == pytest.approx(pts[-1].loss - pts[0].loss, rel=1e-4)
+
+
+def test_path_diagnosis_finds_cancellation_and_the_unresolved_segment():
+    import math
+
+    from circuitq.saliency.attribution import PathPoint, path_diagnosis
+
+    # L(α) = 10 sin(2πα) + α: net change 1 made of rises and falls of ~40
+    f = lambda a: 10 * math.sin(2 * math.pi * a) + a                      # noqa: E731
+    df = lambda a: 20 * math.pi * math.cos(2 * math.pi * a) + 1           # noqa: E731
+    x, w = gauss_legendre(8)
+    d = path_diagnosis(f(0), f(1), [PathPoint(a, f(a), df(a)) for a in x], w)
+    assert d["rule"] == pytest.approx(1.0, abs=1e-3) and d["measured"] == pytest.approx(1.0)
+    assert d["variation"] == pytest.approx(40, rel=0.05) and d["cancellation"] > 30     # ∫|20π cos 2πα| = 40
+    # L(α) = 100 α^12: the rise is near α = 1, the unresolved segments are the last two (sparse nodes there)
+    g = lambda a: 100 * a ** 12                                           # noqa: E731
+    x, w = gauss_legendre(4)
+    d = path_diagnosis(g(0), g(1), [PathPoint(a, g(a), 1200 * a ** 11) for a in x], w)
+    assert d["worst"]["from"] >= x[-2] - 1e-12
+    assert abs(d["worst"]["rise"] - d["worst"]["predicted"]) > 10
+    assert d["cancellation"] == pytest.approx(d["variation"] / 100) and abs(d["rule"] - 100) < 1   # GL still integrates it
+    # the trapezoid form (no weights) over a straight line is exact
+    d = path_diagnosis(1.0, 3.0, [PathPoint(0.25, 1.5, 2.0), PathPoint(0.75, 2.5, 2.0)])
+    assert d["rule"] == pytest.approx(2.0) and all(abs(s["rise"] - s["predicted"]) < 1e-12 for s in d["segments"])

@@ -179,6 +179,12 @@ def test_faithfulness_all_heads_estimators_and_curves_end_to_end(tmp_path, tiny_
     gap = [u["predicted"]["atp-local2"] - u["predicted"]["atp-local"] for u in rep["units"]]
     assert all(g >= 0 for g in gap) and sum(g > 0 for g in gap) > len(gap) // 2
     assert rep["completeness"]["ig_steps"] == 2 and math.isfinite(rep["completeness"]["ig"]["gap"])
+    # the loss and slope at ig's 2 nodes (0.8.7): the rule over the slopes is Σ attributions, and the diagnosis reads them
+    comp = rep["completeness"]
+    assert [p["alpha"] for p in comp["path"]] == pytest.approx([0.5 - 3 ** -0.5 / 2, 0.5 + 3 ** -0.5 / 2])
+    assert comp["path_diagnosis"]["rule"] == pytest.approx(comp["ig"]["attributed"], rel=1e-4, abs=1e-6)
+    assert comp["path_diagnosis"]["variation"] >= abs(comp["path_diagnosis"]["rule"]) - 1e-9
+    assert len(comp["path_diagnosis"]["segments"]) == 3 and comp["path_diagnosis"]["worst"] in comp["path_diagnosis"]["segments"]
     # ig's cost: its 2 + 2 passes over the calibration items, timed, with the tokens they hold
     cost = rep["ig_cost"]
     assert cost["passes"] == 4 and cost["calibration_tokens"] > 6 and cost["seconds"] > 0

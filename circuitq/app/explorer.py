@@ -414,6 +414,21 @@ def page_faithfulness(run: runs_catalog.RunEntry) -> None:
         ig = doc["completeness"]["ig"]
         st.caption(f"Integrated gradients ({doc['completeness'].get('ig_steps')} steps): Σ attributions "
                    f"{ig['attributed']:+.4f} vs measured L(Q(W)) − L(W) {ig['measured']:+.4f}, gap {ig['gap']:.1%}.")
+        path, diag = doc["completeness"].get("path"), doc["completeness"].get("path_diagnosis")
+        if path and diag:   # 0.8.7: the loss at IG's nodes (from its own gradient passes) between L(W) and L(Q(W))
+            lw = doc["completeness"]["loss_w"]
+            xs = [0.0] + [p["alpha"] for p in path] + [1.0]
+            ys = [lw] + [p["loss"] for p in path] + [lw + ig["measured"]]
+            pfig = go.Figure(go.Scatter(x=xs, y=ys, mode="lines+markers"))
+            pfig.update_layout(xaxis_title="α (W + α(Q(W) − W), every weight at once)",
+                               yaxis_title="summed calibration loss", height=300, title="Integrated gradients' path")
+            st.plotly_chart(pfig, key="faith_ig_path")
+            w = diag["worst"]
+            st.caption(f"The slope dL/dα varies over ∫|dL/dα| ≈ {diag['variation']:.3f} nats, "
+                       f"{diag['cancellation']:.1f}x the net change: a quadrature error of a small share of that is a "
+                       f"large share of the net. Least resolved between α = {w['from']:.3f} and {w['to']:.3f} (the loss "
+                       f"moved {w['rise']:+.3f}, the slopes at the ends say {w['predicted']:+.3f}); more --ig-steps "
+                       "resolve it.")
     curves = doc.get("curves")
     if curves:
         mode = st.radio("Curve", ["keep-top", "replace-top"], horizontal=True, key="faith_curve_mode",

@@ -292,6 +292,9 @@ def faithfulness_rows(rep: dict) -> list[dict]:
     if rep.get("completeness"):
         rows.append({"what": f"ig completeness gap ({rep['completeness'].get('ig_steps')} steps)",
                      "value": rep["completeness"]["ig"]["gap"]})
+        if rep["completeness"].get("path_diagnosis"):
+            rows.append({"what": "ig path: ∫|dL/dα| over |L(Q(W)) − L(W)| (cancellation along the path)",
+                         "value": rep["completeness"]["path_diagnosis"]["cancellation"]})
     for o, modes in ((rep.get("curves") or {}).get("orderings") or {}).items():
         for mode, c in modes.items():
             rows.append({"what": f"faithfulness curve area, units ordered by {o}, {mode}", "value": c["area"]})

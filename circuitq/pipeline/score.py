@@ -154,7 +154,8 @@ def run_ig(lm, cfg: ScoreConfig, out: Path, overwrite: bool = False, progress: b
                                       model_path=lm.source, progress=progress)
     del qw
     meta.update(ig_steps=cfg.ig_steps, quadrature="gauss-legendre", signed=True,
-                completeness={"attributed": comp.attributed, "measured": comp.measured, "gap": comp.gap},
+                completeness={"attributed": comp.attributed, "measured": comp.measured, "gap": comp.gap,
+                              **stages.ig_path_report(comp, cfg.ig_steps)},
                 seconds=time.perf_counter() - t0, n_samples=len(examples))
     print(f"[circuitq] completeness: attributions sum to {comp.attributed:.4f}, L(Q(W)) - L(W) = "
           f"{comp.measured:.4f} (gap {comp.gap:.1%})")

@@ -51,7 +51,14 @@ from circuitq.quant.driver import qw_stream as _stream
 from circuitq.quant.export import export_all
 from circuitq.quant.hessians import write_hessians as _write
 from circuitq.quant.plan import PrecisionPlan
-from circuitq.saliency.attribution import denoising_attribution, integrated_gradients, local_attribution, second_order
+from circuitq.saliency.attribution import (
+    denoising_attribution,
+    gauss_legendre,
+    integrated_gradients,
+    local_attribution,
+    path_diagnosis,
+    second_order,
+)
 from circuitq.saliency.capture import STATS, collect_stats
 from circuitq.saliency.masks import (
     combine,
@@ -526,7 +533,8 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
         tokens = sum(len(x) for x in tokenize_examples(calib_items, lm.tokenizer, job.calib.seq_len,
                                                        loss=job.calib.loss).ids)
         per_step = ig_seconds / (job.ig_steps + 2)
-        rep["completeness"] = {"ig": comp._asdict(), "ig_steps": job.ig_steps,
+        rep["completeness"] = {"ig": {k: getattr(comp, k) for k in ("attributed", "measured", "gap")},
+                               "ig_steps": job.ig_steps, **ig_path_report(comp, job.ig_steps),
                                "note": "Σ attributions vs measured L(Q(W)) − L(W), summed over the calibration items, "
                                        "every targeted weight replaced"}
         rep["ig_cost"] = {"seconds": ig_seconds, "passes": job.ig_steps + 2, "calibration_tokens": tokens,
@@ -557,3 +565,14 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
                          "note": "peak resident memory of the process during each stage (VmHWM, reset as it starts), "
                                  "and the resident memory as it started"}
     return rep
+
+
+def ig_path_report(comp, steps: int) -> dict:
+    """The report's view of IG's path (0.8.7): the loss and slope at each node and ``path_diagnosis``'s reading
+    (``variation``: ∫|dL/dα| by the rule; ``cancellation``: variation / |L(Q(W)) − L(W)|; the worst segment)."""
+    if not comp.path:
+        return {}
+    d = path_diagnosis(comp.loss_w, comp.loss_w + comp.measured, comp.path, gauss_legendre(steps)[1])
+    return {"loss_w": comp.loss_w, "path": [p._asdict() for p in comp.path],
+            "path_diagnosis": {k: d[k] for k in ("rule", "variation", "cancellation", "worst", "segments")}}
+

@@ -35,6 +35,7 @@ gradient passes and two forward passes.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import partial
 from typing import NamedTuple
@@ -83,19 +84,69 @@ def second_order(per_item: dict[str, torch.Tensor]) -> tuple[dict[str, float], d
     return {k: float(v.sum()) for k, v in terms.items()}, terms
 
 
+class PathPoint(NamedTuple):
+    """The summed loss ``L(α)`` and its slope ``dL/dα = Σ_w ⟨ΣG_w(α), Q(W) − W⟩`` at one point ``α`` of the
+    straight path ``W + α(Q(W) − W)``; the slope comes from the gradient pass IG makes there anyway."""
+
+    alpha: float
+    loss: float
+    slope: float
+
+
 class Completeness(NamedTuple):
     """``attributed``: the sum of all attributions; ``measured``: ``L(Q(W)) − L(W)``; ``gap``:
-    ``|attributed − measured| / |measured|``."""
+    ``|attributed − measured| / |measured|``; ``path``: ``PathPoint`` at every quadrature node and ``loss_w``:
+    ``L(W)`` (0.8.7)."""
 
     attributed: float
     measured: float
     gap: float
+    path: tuple = ()
+    loss_w: float = float("nan")
 
 
-def completeness(attributions: dict[str, torch.Tensor], loss_w: float, loss_q: float) -> Completeness:
+def completeness(attributions: dict[str, torch.Tensor], loss_w: float, loss_q: float, path=()) -> Completeness:
     total = float(sum(float(a.detach().double().sum()) for a in attributions.values()))
     measured = loss_q - loss_w
-    return Completeness(total, measured, abs(total - measured) / max(abs(measured), 1e-30))
+    return Completeness(total, measured, abs(total - measured) / max(abs(measured), 1e-30), tuple(path), loss_w)
+
+
+def path_diagnosis(loss_w: float, loss_q: float, path, weights=None) -> dict:
+    """Why IG's completeness gap is what it is, from the loss and slope at its nodes (pure; no pass).
+
+    ``path``: ``PathPoint`` sorted by ``alpha``; ``weights``: the quadrature weights of the nodes (``None``: the
+    trapezoid rule over ``0, α_1, …, α_K, 1`` with the slopes at the ends taken from their nearest node).
+    Returns ``{"rule": ∫ slope by the rule, "variation": ∫ |slope| by the rule, "cancellation": variation /
+    |L(Q(W)) − L(W)|, "segments": [{"from", "to", "rise", "predicted"}], "worst": the segment whose measured
+    rise ``L(b) − L(a)`` differs most from the trapezoid of the slopes at its ends}``.
+
+    Reading it: a quadrature error is at most a share of the *variation* it integrates, so a small net change
+    made of large rises and falls (``cancellation`` ≫ 1) gives a large relative gap from a small error; a
+    ``worst`` segment whose rise is far from what its end slopes predict is where the nodes are too sparse.
+    Worked example: slopes ``[+10, −10]`` at ``α = ¼, ¾`` with equal weights integrate to 0, vary by 10."""
+    pts = sorted(path, key=lambda p: p.alpha)
+    if not pts:
+        raise ValueError("path_diagnosis needs at least one point of the path")
+    measured = loss_q - loss_w
+    if weights is None:   # trapezoid over the points and the ends
+        xs = [0.0] + [p.alpha for p in pts] + [1.0]
+        ds = [pts[0].slope] + [p.slope for p in pts] + [pts[-1].slope]
+        rule = sum((xs[i + 1] - xs[i]) * (ds[i] + ds[i + 1]) / 2 for i in range(len(xs) - 1))
+        variation = sum((xs[i + 1] - xs[i]) * (abs(ds[i]) + abs(ds[i + 1])) / 2 for i in range(len(xs) - 1))
+    else:
+        rule = sum(w * p.slope for w, p in zip(weights, pts))
+        variation = sum(w * abs(p.slope) for w, p in zip(weights, pts))
+    known = [(0.0, loss_w, None)] + [(p.alpha, p.loss, p.slope) for p in pts] + [(1.0, loss_q, None)]
+    segments = []
+    for (a, la, da), (b, lb, db) in zip(known, known[1:]):
+        if b <= a:
+            continue
+        da = db if da is None else da
+        db = da if db is None else db
+        segments.append({"from": a, "to": b, "rise": lb - la, "predicted": (b - a) * (da + db) / 2})
+    worst = max(segments, key=lambda s: abs(s["rise"] - s["predicted"])) if segments else None
+    return {"rule": rule, "variation": variation, "measured": measured,
+            "cancellation": variation / max(abs(measured), 1e-30), "segments": segments, "worst": worst}
 
 
 @torch.no_grad()
@@ -107,14 +158,14 @@ def _set_path(model, names: list[str], base: dict, delta, alpha: float) -> None:
 
 
 @torch.no_grad()
-def summed_loss(model, tokenizer, examples, calib) -> float:
-    """``Σ_s`` of each item's objective (``calib.objective``; ``nll``: the mean next-token NLL over
-    its scored positions): the loss whose gradient the statistics sum (``capture.sample_losses``, the same collation)."""
+def item_losses(model, tokenizer, examples, calib) -> torch.Tensor:
+    """``[n_items]`` float64: each item's objective (``calib.objective``; ``nll``: the mean next-token NLL over its
+    scored positions), NaN where it is not finite; one forward pass (``summed_loss`` sums the finite ones)."""
     device = next(model.parameters()).device
     tok = tokenize_examples(examples, tokenizer, calib.seq_len, loss=calib.loss)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     obj = Objective(calib.objective, tokenizer)
-    total = 0.0
+    out = torch.full((len(examples),), float("nan"), dtype=torch.float64)
     # batches bounded by padded tokens as the gradient pass (0.8.6): 8 long items' logits at every scored position
     # (8 · ~200 · V floats, twice with the log-softmax) are not held at once
     for idx in plan_batches([len(x) for x in tok.ids], calib.batch_size, calib.batch_tokens):
@@ -123,17 +174,104 @@ def summed_loss(model, tokenizer, examples, calib) -> float:
                                                           pad, skip))
         pos = scored_positions(lmask)
         logits = model(input_ids=ids, attention_mask=attn.long(), logits_to_keep=pos).logits
-        losses = obj(logits, ids, lmask, pos, [examples[j] for j in idx])
-        total += float(losses[torch.isfinite(losses)].sum())
-    return total
+        losses = obj(logits, ids, lmask, pos, [examples[j] for j in idx]).double().cpu()
+        out[idx] = torch.where(torch.isfinite(losses), losses, torch.full_like(losses, float("nan")))
+    return out
+
+
+def summed_loss(model, tokenizer, examples, calib) -> float:
+    """``Σ_s`` of each item's objective (``item_losses``, the finite ones): the loss whose gradient the statistics
+    sum (``capture.sample_losses``, the same collation)."""
+    losses = item_losses(model, tokenizer, examples, calib)
+    return float(losses[torch.isfinite(losses)].sum())
+
+
+@contextlib.contextmanager
+def _replaced(model, values: dict[str, torch.Tensor]):
+    """The weights of ``values`` set to them inside the block and restored after it, also on an error (a copy
+    of those weights meanwhile: ``4 · P_lin`` float32)."""
+    saved = {}
+    try:
+        with torch.no_grad():
+            for n, v in values.items():
+                p = model.get_parameter(n)
+                saved[n] = p.detach().clone()
+                p.copy_(v.to(p.device, p.dtype))
+        yield model
+    finally:
+        with torch.no_grad():
+            for n, w in saved.items():
+                model.get_parameter(n).copy_(w)
+
+
+def walk_path(model, tokenizer, examples, quantized: dict[str, torch.Tensor], calib, alphas, *,
+              model_path: str | None = None, progress: bool = True, on_step=None, desc: str = "path") -> list[PathPoint]:
+    """One gradient pass at each ``α`` of ``alphas`` on the straight path ``W + α(Q(W) − W)``, every weight of
+    ``quantized`` moving at once: a ``PathPoint`` (summed loss, slope ``dL/dα``) per ``α``, in the order given.
+    ``on_step(k, α, sums)`` sees each point's summed gradients ``{name: [out, in] ΣG(α)}`` (IG accumulates them).
+    The weights are restored at the end, also on an error.
+
+    Memory: a copy of ``W`` (``4 · P_lin`` float32) and one gradient pass's ``ΣG`` (``4 · P_lin``); ``Q(W) − W``
+    one weight at a time. Time: ``len(alphas)`` gradient passes; the loss is the pass's own (no extra pass)."""
+    path = model_path or getattr(model.config, "_name_or_path", "") or "model"
+    names = list(quantized)
+    base = {n: model.get_parameter(n).detach().clone() for n in names}
+
+    def delta(n):   # Q(W) − W of one weight, when needed (0.8.6: no longer held for every weight at once)
+        return quantized[n].float().to(base[n].device) - base[n].float()
+
+    points = []
+    try:
+        for k, a in enumerate(tqdm(list(alphas), desc=desc, unit="step", disable=not progress)):
+            _set_path(model, names, base, delta, a)
+            res = collect_stats(model, tokenizer, examples, path, batch_size=calib.batch_size,
+                                seq_len=calib.seq_len, stats=("sum",), progress=False, batch_tokens=calib.batch_tokens,
+                                attention=calib.attention, loss=calib.loss, recompute=calib.recompute,
+                                objective=calib.objective)
+            sums = res["stats"].tensors["sum"]
+            slope = sum(float((sums[n].to(base[n].device).double() * delta(n).double()).sum()) for n in names)
+            points.append(PathPoint(float(a), float(res["loss"]), slope))
+            if on_step is not None:
+                on_step(k, a, sums)
+            del res, sums
+    finally:
+        with torch.no_grad():
+            for n in names:
+                model.get_parameter(n).copy_(base[n])
+    return points
+
+
+@torch.no_grad()
+def path_item_losses(model, tokenizer, examples, quantized: dict[str, torch.Tensor], calib, alphas, *,
+                     progress: bool = True) -> torch.Tensor:
+    """``[len(alphas), n_items]`` float64: each item's loss at each ``α`` of the straight path ``W + α(Q(W) − W)``
+    (every weight of ``quantized`` moving at once), one forward pass per ``α``; the weights are restored after, also
+    on an error. Where along the path, and for which items, the summed loss bends (``analyses/ig_path.py``).
+    Memory: a copy of ``W`` (``4 · P_lin``) and ``Q(W) − W`` one weight at a time."""
+    names = list(quantized)
+    base = {n: model.get_parameter(n).detach().clone() for n in names}
+
+    def delta(n):
+        return quantized[n].float().to(base[n].device) - base[n].float()
+
+    rows = []
+    try:
+        for a in tqdm(list(alphas), desc="path losses", unit="point", disable=not progress):
+            _set_path(model, names, base, delta, a)
+            rows.append(item_losses(model, tokenizer, examples, calib))
+    finally:
+        for n in names:
+            model.get_parameter(n).copy_(base[n])
+    return torch.stack(rows)
 
 
 def integrated_gradients(model, tokenizer, examples, quantized: dict[str, torch.Tensor], calib, *, steps: int = 8,
                          model_path: str | None = None, progress: bool = True) -> tuple[dict, Completeness]:
     """``{HF weight name: [out, in]}`` IG attributions of replacing each weight by ``quantized``
     (``Q(W)``, e.g. ``stages.quantized_weights(...).weights``) on ``examples``, and their
-    completeness. The model's weights are moved along the path and restored at the end, also on
-    an error. ``calib``: a ``CalibConfig`` (batching, sequence length, loss scope).
+    completeness, with the loss and slope at every node (``Completeness.path``, from the gradient passes
+    themselves; ``path_diagnosis`` reads them). The model's weights are moved along the path and restored
+    at the end, also on an error. ``calib``: a ``CalibConfig`` (batching, sequence length, loss scope).
 
     Memory: a copy of ``W`` and the running integral (``8 · P_lin`` bytes, float32) besides ``Q(W)``
     (the caller's) and one gradient pass's ``Σ G`` (``4 · P_lin``); ``Q(W) − W`` is made one weight at a
@@ -141,35 +279,24 @@ def integrated_gradients(model, tokenizer, examples, quantized: dict[str, torch.
     weight and the attribution was a new tensor beside the integral: ``16 · P_lin`` at the end (0.43 GB
     per ``4 · P_lin`` on SmolLM2, about 28 GB on an 8B model)."""
     nodes, weights = gauss_legendre(steps)
-    path = model_path or getattr(model.config, "_name_or_path", "") or "model"
     names = list(quantized)
-    base = {n: model.get_parameter(n).detach().clone() for n in names}
-    integral = {n: torch.zeros(base[n].shape, dtype=torch.float32, device=base[n].device) for n in names}
+    integral = {n: torch.zeros(model.get_parameter(n).shape, dtype=torch.float32,
+                               device=model.get_parameter(n).device) for n in names}
 
-    def delta(n):   # Q(W) − W of one weight, when needed (0.8.6: no longer held for every weight at once)
-        return quantized[n].float().to(base[n].device) - base[n].float()
+    def accumulate(k, a, sums):
+        for n in names:
+            integral[n].add_(sums[n].to(integral[n].device), alpha=weights[k])
 
-    try:
-        loss_w = summed_loss(model, tokenizer, examples, calib)
-        _set_path(model, names, base, delta, 1.0)
+    loss_w = summed_loss(model, tokenizer, examples, calib)
+    points = walk_path(model, tokenizer, examples, quantized, calib, nodes, model_path=model_path,
+                       progress=progress, desc="ig", on_step=lambda k, a, sums: accumulate(k, a, sums))
+    with _replaced(model, quantized):   # L(Q(W)): a loss pass, not a gradient pass
         loss_q = summed_loss(model, tokenizer, examples, calib)
-        for a, wt in tqdm(list(zip(nodes, weights)), desc="ig", unit="step", disable=not progress):
-            _set_path(model, names, base, delta, a)
-            st = collect_stats(model, tokenizer, examples, path, batch_size=calib.batch_size,
-                               seq_len=calib.seq_len, stats=("sum",), progress=False, batch_tokens=calib.batch_tokens,
-                               attention=calib.attention, loss=calib.loss, recompute=calib.recompute,
-                               objective=calib.objective)["stats"]
-            for n in names:
-                integral[n].add_(st.tensors["sum"][n].to(integral[n].device), alpha=wt)
-            del st
-    finally:
-        with torch.no_grad():
-            for n in names:
-                model.get_parameter(n).copy_(base[n])
     attr = {}
-    for n in names:   # in place: the integral becomes the attribution, weight by weight
-        attr[n] = integral.pop(n).mul_(delta(n))
-    comp = completeness(attr, loss_w, loss_q)
+    for n in names:   # in place: the integral becomes the attribution, weight by weight (the model is at W again)
+        w = model.get_parameter(n)
+        attr[n] = integral.pop(n).mul_(quantized[n].float().to(w.device) - w.float())
+    comp = completeness(attr, loss_w, loss_q, points)
     if not math.isfinite(comp.attributed):
         raise UsageError("integrated gradients are not finite on these items (a NaN loss along the path)")
     return attr, comp

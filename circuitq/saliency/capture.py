@@ -405,7 +405,9 @@ def _take_back(bridge, cap: HookCapture, input_ids, attn, lmask, bad: torch.Tens
 
 
 class CollectResult(dict):
-    """``{"stats": GradStats, "truncated": int, "seconds": float, "tokens_per_s": float}``."""
+    """``{"stats": GradStats, "truncated": int, "seconds": float, "tokens_per_s": float, "loss": float}``; ``loss``:
+    the sum of the items' finite objective values (``attribution.summed_loss``'s quantity, of the items counted in
+    this call)."""
 
 
 def plan_batches(lengths: list[int], batch_size: int, batch_tokens: int = 0, start: int = 0) -> list[list[int]]:
@@ -473,7 +475,7 @@ def collect_stats(model, tokenizer, examples, model_path: str, *, batch_size: in
     batches = plan_batches([len(tok.ids[i]) for i in order], batch_size, batch_tokens, start)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    t0, tokens = time.perf_counter(), 0
+    t0, tokens, loss_sum = time.perf_counter(), 0, 0.0
     bar = tqdm(total=len(examples) - start, desc="scoring", unit="sample", disable=not progress)
     with contextlib.ExitStack() as stack:
         stack.callback(bar.close)
@@ -502,6 +504,7 @@ def collect_stats(model, tokenizer, examples, model_path: str, *, batch_size: in
                 del logits
                 ok = torch.isfinite(losses)
                 cap.sample_ok = ok
+                loss_sum += float(losses[ok].detach().sum())
                 if ok.any():
                     losses[ok].sum().backward()
             bad = cap.bad.clone()
@@ -518,4 +521,5 @@ def collect_stats(model, tokenizer, examples, model_path: str, *, batch_size: in
             if on_batch is not None:
                 on_batch(state, positions[-1] + 1)
     secs = time.perf_counter() - t0
-    return CollectResult(stats=state, truncated=tok.truncated, seconds=secs, tokens_per_s=tokens / max(secs, 1e-9))
+    return CollectResult(stats=state, truncated=tok.truncated, seconds=secs, tokens_per_s=tokens / max(secs, 1e-9),
+                         loss=loss_sum)
