@@ -66,9 +66,9 @@ def analyse(loss_w: float, loss_q: float, grid: list, nodes_by_k: dict) -> dict:
     x = np.array([p.alpha for p in grid])
     d = np.array([p.slope for p in grid])
     Cheb = np.polynomial.Chebyshev
-    spline = Cheb.fit(x, d, min(len(x) - 1, 2 * (len(x) // 3)))   # a smooth curve through the grid (least squares)
+    spline = Cheb.fit(x, d, min(12, 2 * (len(x) // 3)))   # a smooth curve through the grid (least squares, degree ≤ 12)
     # its own error, from a curve through every other grid point predicting the skipped ones
-    coarse = Cheb.fit(x[::2], d[::2], min(len(x[::2]) - 1, 2 * (len(x[::2]) // 3)))
+    coarse = Cheb.fit(x[::2], d[::2], min(12, 2 * (len(x[::2]) // 3)))
     loo = np.abs(coarse(x[1::2]) - d[1::2])
     rules = {}
     for k, pts in nodes_by_k.items():
@@ -117,15 +117,26 @@ def item_bends(alphas, losses, top: int = 5) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--task", required=True)
+    ap.add_argument("--task")
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--grid", type=int, default=16, help="uniform intervals on [0, 1] (even)")
     ap.add_argument("--ig-steps", type=int, nargs="*", default=[4, 8, 16])
     ap.add_argument("--item-grid", type=int, default=0, help="also every item's loss at this many uniform intervals")
+    ap.add_argument("--items-only", action="store_true", help="only the per-item losses of --item-grid (no gradient pass)")
+    ap.add_argument("--reanalyse", action="store_true",
+                    help="recompute the summary of an existing --out from its stored points (no model) and rewrite it")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
+    if a.reanalyse:
+        return reanalyse(Path(a.out))
+    if not a.task:
+        print("--task is needed (e.g. --task greater-than)", file=sys.stderr)
+        return 2
+    if a.items_only and not a.item_grid:
+        print("--items-only needs --item-grid N", file=sys.stderr)
+        return 2
     if a.grid < 2 or a.grid % 2:
         print(f"--grid must be an even number ≥ 2, got {a.grid}", file=sys.stderr)
         return 2
@@ -140,6 +151,16 @@ def main(argv=None) -> int:
     model, tok = lm.model, lm.tokenizer
     items = Task(a.task, job.data, tok).calib_for(calib)
     qw = quantized_weights(model, qcfg, progress=False).weights
+    if a.items_only:
+        fine = [i / a.item_grid for i in range(a.item_grid + 1)]
+        t1 = time.perf_counter()
+        b = item_bends(fine, path_item_losses(model, tok, items, qw, calib, fine))
+        write_json(out, {"task": a.task, "bits": a.bits, "seed": a.seed, "calib_items": len(items), "model": lm.name,
+                         "model_note": lm.note, "quantizer": "round-to-nearest", "group_size": qcfg.group_size,
+                         "item_bends": {"grid": a.item_grid, **b, "seconds": time.perf_counter() - t1},
+                         "machine": machine()})
+        print_bends({"grid": a.item_grid, **b})
+        return 0
     t0 = time.perf_counter()
     loss_w = summed_loss(model, tok, items, calib)
     grid_alphas = [i / a.grid for i in range(a.grid + 1)]
@@ -183,13 +204,33 @@ def main(argv=None) -> int:
               f"(gap {r['gap_on_spline']:.1%}); largest node residual from the spline {r['max_node_residual']:.3f} "
               f"(spline error median {res['spline_error_median']:.3f}, max {res['spline_error_max']:.3f})")
     if a.item_grid:
-        b = res["item_bends"]
-        print(f"[ig_path] per item over {b['grid']} intervals: the summed loss's slope varies by {b['summed_bend']:.1f}, "
-              f"the items' by {b['items_bend']:.1f} in all, {b['top_share']:.0%} of it from the top {b['top']} items "
-              f"{b['top_items']}; sharpest turn of the sum at α {b['sharpest_alpha']:.3f} "
-              f"({b['sharpest_change_of_slope']:+.1f}), items there {[x['item'] for x in b['sharpest_items']]}")
+        print_bends(res["item_bends"])
     print(f"[ig_path] wrote {out} in {seconds:.0f} s")
     return 0
+
+
+def reanalyse(path: Path) -> int:
+    """The summary of a stored run again from its points (when ``analyse`` changes); everything else is kept."""
+    from circuitq.saliency.attribution import PathPoint
+
+    doc = __import__("json").loads(path.read_text())
+    pts = [PathPoint(**p) for p in doc["points"]]
+    n = doc["grid"] + 1
+    nodes, i = {}, n
+    for k in doc["ig_steps"]:
+        nodes[k] = pts[i:i + k]
+        i += k
+    doc.update(analyse(doc["loss_w"], doc["loss_q"], pts[:n], {int(k): v for k, v in nodes.items()}))
+    write_json(path, doc, overwrite=True)
+    print(f"[ig_path] rewrote the summary of {path}")
+    return 0
+
+
+def print_bends(b: dict) -> None:
+    print(f"[ig_path] per item over {b['grid']} intervals: the summed loss's slope varies by {b['summed_bend']:.1f}, "
+          f"the items' by {b['items_bend']:.1f} in all, {b['top_share']:.0%} of it from the top {b['top']} items "
+          f"{b['top_items']}; sharpest turn of the sum at α {b['sharpest_alpha']:.3f} "
+          f"({b['sharpest_change_of_slope']:+.1f}), items there {[x['item'] for x in b['sharpest_items']]}")
 
 
 if __name__ == "__main__":

@@ -551,7 +551,7 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
     cache_span, cache_moves = cache.span, cache.moves
     del cache
     rep.update(format="circuitq.faithfulness", measurement=key, measured_from=job.measured, task=job.task, units_kind=job.units, ablation=job.ablation, items=len(items),
-               calib_items=len(calib_items), estimators=list(job.estimators), objective=job.calib.objective, base_accuracy=base.get("accuracy"),
+               calib_items=len(calib_items), seed=job.seed, calib_seed=job.calib.seed, estimators=list(job.estimators), objective=job.calib.objective, base_accuracy=base.get("accuracy"),
                metric=base.get("task_metric") or "accuracy", circuitq_version=__version__)
     if windowed:
         rep["window"] = job.window
