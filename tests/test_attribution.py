@@ -144,6 +144,8 @@ def test_score_method_ig_writes_a_scores_directory_with_its_completeness(tmp_pat
     sf = load_scores(tmp_path / "ig")
     meta = json.loads((tmp_path / "ig" / "score.json").read_text())
     assert meta["method"] == "ig" and meta["ig_steps"] == 4 and meta["completeness"]["gap"] < 0.05
+    assert len(meta["completeness"]["path"]) == 4 and "ig path: the slope" in capsys.readouterr().out   # 0.8.7
+    assert meta["completeness"]["path_diagnosis"]["rule"] == pytest.approx(meta["completeness"]["attributed"], rel=1e-4)
     assert any((s < 0).any() for s in sf["scores"].values())        # signed
     assert main(["mask", "--scores", str(tmp_path / "ig"), "--out", str(tmp_path / "m.safetensors")]) == 0
     capsys.readouterr()
@@ -485,3 +487,11 @@ def test_path_diagnosis_finds_cancellation_and_the_unresolved_segment():
     # the trapezoid form (no weights) over a straight line is exact
     d = path_diagnosis(1.0, 3.0, [PathPoint(0.25, 1.5, 2.0), PathPoint(0.75, 2.5, 2.0)])
     assert d["rule"] == pytest.approx(2.0) and all(abs(s["rise"] - s["predicted"]) < 1e-12 for s in d["segments"])
+
+
+def test_describe_path_says_what_to_do_only_when_the_gap_is_large():
+    from circuitq.saliency.attribution import PathPoint, describe_path, path_diagnosis
+
+    d = path_diagnosis(1.0, 3.0, [PathPoint(0.25, 1.5, 2.0), PathPoint(0.75, 2.5, 2.0)], [0.5, 0.5])
+    assert "variation ∫|dL/dα| of 2.0000 (1.0x the net change)" in describe_path(d, 0.01)
+    assert "more --ig-steps" not in describe_path(d, 0.01) and "more --ig-steps" in describe_path(d, 0.2)

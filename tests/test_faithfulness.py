@@ -200,6 +200,7 @@ def test_faithfulness_all_heads_estimators_and_curves_end_to_end(tmp_path, tiny_
     assert set(er) == {"atp-local", "atp-local2", "atp-window", "atp-window2", "atp", "grad"}
     assert all(er[e]["items"] == 6 and -1 <= er[e]["split_half_spearman"] <= 1 for e in er)
     printed = capsys.readouterr().out
+    assert "[circuitq] ig path: the slope dL/dα at the nodes integrates to" in printed
     assert "estimator noise: atp-local over the even and the odd of its 6 calibration items" in printed
     assert "estimator noise: atp over the even and the odd of its 6 calibration items" in printed
     for k, v in (rep["attenuation"] or {}).items():   # only where both reliabilities are positive

@@ -427,11 +427,9 @@ def cmd_faithfulness(a) -> int:
               f"(gap {ig['gap']:.1%}, {rep['completeness']['ig_steps']} steps)")
         d = rep["completeness"].get("path_diagnosis")
         if d:
-            w = d["worst"]
-            print(f"[circuitq] ig path: the slope dL/dα at the nodes integrates to {d['rule']:+.4f} out of a variation "
-                  f"∫|dL/dα| of {d['variation']:.4f} ({d['cancellation']:.1f}x the net change); least resolved: "
-                  f"α {w['from']:.3f}–{w['to']:.3f}, where the loss moved {w['rise']:+.4f} and the end slopes say "
-                  f"{w['predicted']:+.4f}")
+            from circuitq.saliency.attribution import describe_path
+
+            print(f"[circuitq] ig path: {describe_path(d, ig['gap'])}")
         if rep.get("ig_cost"):
             c = rep["ig_cost"]
             print(f"[circuitq] ig cost: {c['seconds']:.0f} s for {c['passes']} passes over {c['calibration_tokens']} "

@@ -20,7 +20,7 @@ from circuitq.errors import UsageError
 from circuitq.model.arch import Geometry
 from circuitq.pipeline import stages
 from circuitq.pipeline.store import model_fingerprint
-from circuitq.saliency.attribution import integrated_gradients
+from circuitq.saliency.attribution import describe_path, integrated_gradients
 from circuitq.saliency.files import load_stats, save_stats, write_scores_dir
 from circuitq.saliency.methods import method as saliency_method
 from circuitq.saliency.objectives import check_objective
@@ -159,6 +159,8 @@ def run_ig(lm, cfg: ScoreConfig, out: Path, overwrite: bool = False, progress: b
                 seconds=time.perf_counter() - t0, n_samples=len(examples))
     print(f"[circuitq] completeness: attributions sum to {comp.attributed:.4f}, L(Q(W)) - L(W) = "
           f"{comp.measured:.4f} (gap {comp.gap:.1%})")
+    if meta["completeness"].get("path_diagnosis"):
+        print(f"[circuitq] ig path: {describe_path(meta['completeness']['path_diagnosis'], comp.gap)}")
     write_scores_dir(out, attr, None, meta, overwrite=overwrite)
     return out
 

@@ -149,6 +149,19 @@ def path_diagnosis(loss_w: float, loss_q: float, path, weights=None) -> dict:
             "cancellation": variation / max(abs(measured), 1e-30), "segments": segments, "worst": worst}
 
 
+def describe_path(diag: dict, gap: float | None = None) -> str:
+    """One line from ``path_diagnosis`` (its ``rule``, ``variation``, ``cancellation``, ``worst``) for the CLI; with a
+    completeness ``gap`` over 10%, what to do about it."""
+    w = diag["worst"]
+    line = (f"the slope dL/dα at the nodes integrates to {diag['rule']:+.4f} out of a variation ∫|dL/dα| of "
+            f"{diag['variation']:.4f} ({diag['cancellation']:.1f}x the net change); least resolved: α {w['from']:.3f}–"
+            f"{w['to']:.3f}, where the loss moved {w['rise']:+.4f} and the end slopes say {w['predicted']:+.4f}")
+    if gap is not None and gap > 0.10:
+        line += ("; the nodes do not resolve this path: more --ig-steps (a few times the net change in variation "
+                 "turns a small quadrature error into a large gap; analyses/results/ig_path)")
+    return line
+
+
 @torch.no_grad()
 def _set_path(model, names: list[str], base: dict, delta, alpha: float) -> None:
     """Every weight of ``names`` to ``W + alpha · (Q(W) − W)``; ``delta(name)`` makes one weight's ``Q(W) − W``
