@@ -72,6 +72,9 @@ def test_integrated_gradients_are_complete_and_restore_the_model(tiny_dir):
         attr, comp = integrated_gradients(model, tok, ex, qw, calib, steps=k, model_path=str(d), progress=False)
         gaps[k] = comp.gap
         assert set(attr) == set(qw) and all(a.shape == qw[n].shape for n, a in attr.items())
+        # plain tensors: no autograd graph that would hold a weight-sized Q(W) − W per weight out of sight (0.8.7
+        # made the attribution from the parameter itself, which requires grad: +4 · P_lin resident after IG)
+        assert all(a.grad_fn is None and not a.requires_grad for a in attr.values())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert abs(comp.measured) > 1e-3                  # 3-bit RTN changes the loss measurably
     assert gaps[4] <= 0.02 and gaps[4] <= gaps[1]
