@@ -289,8 +289,7 @@ def integrated_gradients(model, tokenizer, examples, quantized: dict[str, torch.
             integral[n].add_(sums[n].to(integral[n].device), alpha=weights[k])
 
     loss_w = summed_loss(model, tokenizer, examples, calib)
-    # L(Q(W)) at α = 1 by a loss pass, with walk_path's own copy of W (0.8.7: a second copy made after it was freed
-    # left ~4 · P_lin of resident memory the allocator did not give back, +0.19 GB process peak on IOI)
+    # L(Q(W)) at α = 1 by a loss pass, with walk_path's own copy of W (one copy of W for the whole walk)
     points = walk_path(model, tokenizer, examples, quantized, calib, nodes, model_path=model_path,
                        progress=progress, desc="ig", on_step=lambda k, a, sums: accumulate(k, a, sums),
                        forward_alphas=(1.0,))
