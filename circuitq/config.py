@@ -47,7 +47,7 @@ def _help(text: str, **extra) -> dict:
 
 
 GPTQ_FORMAT_CHOICES = ("auto", "v1", "v2")
-FAITH_UNITS_CHOICES = ("off", "heads", "kv-heads", "neurons", "modules")
+FAITH_UNITS_CHOICES = ("off", "heads", "kv-heads", "neurons", "modules", "sublayers", "layers")
 
 
 class ConfigError(CircuitqError, ValueError):
@@ -327,8 +327,9 @@ class FaithfulnessJob:
     whole) and compare the measured change of the task loss with the predicted one."""
 
     task: str | None = field(default=None, metadata=_help("task (default: the scores' task)"))
-    units: str = field(default="heads", metadata=_help("heads, kv-heads, neurons (blocks of 64) or modules",
-                                                        choices=("heads", "kv-heads", "neurons", "modules")))
+    units: str = field(default="heads", metadata=_help(
+        "heads, kv-heads, neurons (blocks of 64), modules (layer x module), sublayers (each layer's attention and "
+        "MLP blocks) or layers (whole decoder layers)", choices=FAITH_UNITS_CHOICES[1:]))
     top: int = field(default=10, metadata=_help("units with the highest summed score"))
     random: int = field(default=10, metadata=_help("further units drawn at random"))
     ablation: str = field(default="quantize", metadata=_help(

@@ -239,6 +239,27 @@ def test_local_attribution_is_the_directional_derivative_through_the_exact_subla
     assert est[block.label] != pytest.approx(first_order(block), rel=0.1)
 
 
+def test_local_attribution_of_whole_layers_recomputes_the_layer(tiny_dir):
+    """A ``layers`` unit spans attention and MLP: atp-local recomputes its common parent, the decoder layer,
+    exactly, which is what atp-window does with window 0; an ``.mlp`` sublayer's atp-local is the same as its
+    layer's window-0 recompute too (the layer's attention does not see the MLP's weights)."""
+    from circuitq.circuits.faithfulness import units
+    from circuitq.model.arch import Geometry
+    from circuitq.saliency.attribution import local_attribution, sublayer_of
+
+    d, tok, model, ex, qw = _setup(tiny_dir)
+    calib = CalibConfig(samples=len(ex), seq_len=64, batch_size=4)
+    geo = Geometry.from_config(model.config)
+    shapes = {n: tuple(q.shape) for n, q in qw.items()}
+    layer_units, subs = units(shapes, geo, "layers"), units(shapes, geo, "sublayers")
+    assert [sublayer_of(u.entries) for u in layer_units] == ["model.layers.0", "model.layers.1"]
+    for group in (layer_units, [u for u in subs if u.label.endswith(".mlp")]):
+        local = local_attribution(model, tok, ex, group, qw, calib, progress=False)
+        window = local_attribution(model, tok, ex, group, qw, calib, progress=False, window=0)
+        assert all(abs(local[u.label]) > 1e-6 and local[u.label] == pytest.approx(window[u.label], rel=1e-4)
+                   for u in group)
+
+
 def test_local_attribution_per_item_terms_are_each_items_own_estimate(tiny_dir):
     """``per_item``: the terms sum to the totals, and item j's term equals atp-local run on item j
     alone (the items' losses are summed, so nothing crosses between items in a batch)."""

@@ -29,7 +29,55 @@ def test_units_are_gqa_aware_slices():
     assert len(neurons) == 4 and neurons[0].entries["model.layers.0.mlp.down_proj.weight"][:, :64].all()
     assert len(units(shapes, geo, "modules")) == 14
     with pytest.raises(ValueError, match="unknown unit kind"):
-        units(shapes, geo, "layers")
+        units(shapes, geo, "blocks")
+
+
+def test_sublayer_and_layer_units_cover_their_blocks_exactly():
+    """``sublayers``: each layer's attention block (every entry of q, k, v, o) and MLP block (gate, up,
+    down); ``layers``: both; the two attention and MLP units of a layer partition its layer unit."""
+    model = tiny_model(seed=0)
+    geo = Geometry.from_config(model.config)
+    shapes = target_shapes(model)
+    subs = units(shapes, geo, "sublayers")
+    layers = units(shapes, geo, "layers")
+    assert [u.label for u in subs] == ["L0.attn", "L0.mlp", "L1.attn", "L1.mlp"] and [u.label for u in layers] == ["L0", "L1"]
+    attn = {n.rsplit(".", 2)[-2] for n in subs[0].entries}
+    mlp = {n.rsplit(".", 2)[-2] for n in subs[1].entries}
+    assert attn == {"q_proj", "k_proj", "v_proj", "o_proj"} and mlp == {"gate_proj", "up_proj", "down_proj"}
+    assert all(m.all() for u in subs + layers for m in u.entries.values())        # whole weights
+    for lay, (a, b) in zip(layers, zip(subs[0::2], subs[1::2])):
+        assert set(lay.entries) == set(a.entries) | set(b.entries) and not set(a.entries) & set(b.entries)
+        assert all(n.startswith(f"model.layers.{lay.label[1:]}.") for n in lay.entries)
+    assert sum(int(m.sum()) for u in layers for m in u.entries.values()) == sum(a * b for a, b in shapes.values())
+
+
+def test_faithfulness_over_layers_with_local_estimators(tmp_path, tiny_dir, capsys):
+    """Attention and MLP blocks as units, every one measured; for an MLP block atp-local (which recomputes the
+    block) and atp-window with window 0 (the whole layer, whose attention the unit does not touch) agree. Whole
+    layers: too few on a 2-layer model, a one-line error."""
+    from circuitq.cli import main
+    from test_score import _score, _task
+
+    d, _ = tiny_dir
+    task = _task(tmp_path)
+    assert _score(d, task, tmp_path / "s", "--group-size", "32") == 0
+    out = tmp_path / "layers.json"
+    assert main(["faithfulness", "--scores", str(tmp_path / "s"), "--units", "layers", "--all-units",
+                 "--estimators", "atp", "atp-local", "atp-window", "--window", "0", "--calib-samples", "6",
+                 "--eval-samples", "6", "--group-size", "32", "--out", str(out)]) == 2   # 2 units: too few to rank
+    assert "--units layers: this model has 2 such units" in capsys.readouterr().err and not out.exists()
+    out = tmp_path / "sub.json"
+    assert main(["faithfulness", "--scores", str(tmp_path / "s"), "--units", "sublayers", "--all-units",
+                 "--estimators", "atp", "atp-local", "atp-window", "--window", "0", "--calib-samples", "6",
+                 "--eval-samples", "6", "--group-size", "32", "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["units_kind"] == "sublayers" and sorted(u["label"] for u in rep["units"]) == ["L0.attn", "L0.mlp",
+                                                                                             "L1.attn", "L1.mlp"]
+    for u in rep["units"]:
+        p = u["predicted"]
+        assert math.isfinite(u["measured_loss"]) and all(math.isfinite(v) for v in p.values())
+        if u["label"].endswith(".mlp"):
+            assert p["atp-local"] == pytest.approx(p["atp-window"], rel=1e-4, abs=1e-7)
 
 
 def test_replacing_a_unit_changes_only_it_and_is_undone():

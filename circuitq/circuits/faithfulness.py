@@ -5,8 +5,9 @@ random set of the same size?
 Units (pure, ``units``): a query head (its rows of ``q_proj`` and columns of ``o_proj``), a KV
 head (its rows of ``k_proj`` and ``v_proj``; GQA-aware: one KV head serves
 ``n_heads / n_kv_heads`` query heads), a block of MLP neurons (rows of ``gate_proj``/``up_proj``
-and columns of ``down_proj``), or one layer × module. A unit is ``{HF weight name: [out, in]
-bool}``.
+and columns of ``down_proj``), one layer × module, one layer's attention or MLP block
+(``sublayers``: every linear weight of it), or a whole decoder layer (``layers``). A unit is
+``{HF weight name: [out, in] bool}``.
 
 For each unit the *predicted* change is the sum of an estimator over its entries (the TaCQ
 selection score, attribution patching ``Σ_s G_s · ΔW``, integrated gradients, any saliency method);
@@ -41,12 +42,12 @@ from circuitq.model.arch import Geometry, module_parts, parse_name
 from circuitq.saliency.masks import select_topk_stream
 from circuitq.storage import replaced  # noqa: F401  (re-exported: units are replaced with it)
 
-UNIT_KINDS = ("heads", "kv-heads", "neurons", "modules")
+UNIT_KINDS = ("heads", "kv-heads", "neurons", "modules", "sublayers", "layers")
 ABLATIONS = ("quantize", "zero", "mean")
 
 
 class Unit(NamedTuple):
-    label: str                        # "L3.H5", "L3.KV1", "L3.N128-191", "L3.mlp.down_proj"
+    label: str                        # "L3.H5", "L3.KV1", "L3.N128-191", "L3.down_proj", "L3.attn", "L3"
     entries: dict                     # {HF weight name: [out, in] bool}
 
 
@@ -54,14 +55,19 @@ def units(shapes: dict[str, tuple[int, int]], geometry: Geometry, kind: str, blo
           spec=None) -> list[Unit]:
     """Every unit of ``kind`` (``UNIT_KINDS``) of a model with these weight ``shapes``.
     Worked example: 2 query heads of dim 4 in one layer give units ``L0.H0`` (q rows 0-3, o
-    columns 0-3) and ``L0.H1`` (q rows 4-7, o columns 4-7)."""
+    columns 0-3) and ``L0.H1`` (q rows 4-7, o columns 4-7); ``sublayers`` gives ``L0.attn`` (every row of
+    q, k, v, o: a module belongs to attention when one of its axes indexes heads) and ``L0.mlp`` (the
+    rest), ``layers`` ``L0`` (both). Fused weights (``qkv_proj``, ``gate_up_proj``) are OR-ed by rows."""
     if kind not in UNIT_KINDS:
         raise UsageError(f"unknown unit kind '{kind}'; choose one of {', '.join(UNIT_KINDS)}")
     geo = geometry
     by_layer: dict[int, dict[str, tuple[str, slice]]] = {}   # layer -> module kind -> (weight, its rows there)
+    attention: set[str] = set()                               # module kinds with an axis of heads
     for name in shapes:
-        for layer, mod, _, _, rows in module_parts(name, geo, spec):
+        for layer, mod, rows_mean, cols_mean, rows in module_parts(name, geo, spec):
             by_layer.setdefault(layer, {})[mod] = (name, rows)
+            if "heads" in f"{rows_mean}{cols_mean}":
+                attention.add(mod)
     hd, out = geometry.head_dim, []
 
     def part(mod, rows=None, cols=None):
@@ -81,11 +87,15 @@ def units(shapes: dict[str, tuple[int, int]], geometry: Geometry, kind: str, blo
         if lacking:
             raise UsageError(f"--units {kind} needs {', '.join(need)} in every layer, but layer {layer} has no "
                              f"{', '.join(lacking)}; choose another --units ({', '.join(UNIT_KINDS)})")
-        if kind == "modules":   # a fused module is one unit per module it holds (its block of rows)
+        if kind in ("modules", "sublayers", "layers"):   # a fused module: one part per module it holds (its rows)
+            groups: dict[str, list] = {}
             for t, (n, sl) in mods.items():
                 m = torch.zeros(shapes[n], dtype=torch.bool)
                 m[sl] = True
-                out.append(Unit(f"L{layer}.{t}", {n: m}))
+                g = {"modules": f".{t}", "layers": ""}.get(kind, ".attn" if t in attention else ".mlp")
+                groups.setdefault(g, []).append((n, m))
+            for g in sorted(groups, key=lambda g: (g == ".mlp", g)) if kind != "modules" else groups:
+                out.append(Unit(f"L{layer}{g}", _merge(*groups[g])))
         elif kind == "heads":
             for h in range(geometry.n_heads):
                 s = slice(h * hd, (h + 1) * hd)

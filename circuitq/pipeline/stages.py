@@ -414,6 +414,9 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
     calib_items = task.calib_for(job.calib)
     weights = {n: model.get_parameter(n).detach() for n in names}
     unit_list = units({n: tuple(w.shape) for n, w in weights.items()}, Geometry.from_config(model.config), job.units)
+    if len(unit_list) < 3:
+        raise UsageError(f"--units {job.units}: this model has {len(unit_list)} such units and a rank correlation needs "
+                         "at least 3; choose finer units (--units sublayers, modules, heads or neurons)")
     methods = [e for e in job.estimators if e not in BUILTIN_ESTIMATORS]
     local = any(e in LOCAL_ESTIMATORS for e in job.estimators)
     windowed = any(e in WINDOW_ESTIMATORS for e in job.estimators)
