@@ -221,6 +221,22 @@ def test_browser_end_to_end(runs, tmp_path):
         server.wait(timeout=20)
 
 
+def test_faithfulness_page_draws_blocks_by_layer(runs, monkeypatch):
+    """A report over attention and MLP blocks (--units sublayers) adds the by-layer chart."""
+    root, data = runs
+    out = root / "other" / "mmlu" / "faithfulness-sublayers.json"
+    assert main(["faithfulness", "--scores", str(root / "other" / "mmlu"), "--units", "sublayers", "--all-units",
+                 "--calib-samples", "4", "--eval-samples", "4", "--group-size", "32", "--data-dir", str(data),
+                 "--out", str(out)]) == 0
+    at = _app(root, monkeypatch)
+    at.sidebar.radio(key="page").set_value("Faithfulness").run()
+    at.sidebar.selectbox(key="run").set_value("other").run()
+    assert not at.exception, at.exception
+    specs = [c.proto.spec for c in at.get("plotly_chart")]
+    assert len(specs) == 3 and "By layer" in specs[1]      # scatter, by layer, contrasts
+    assert "attn: measured" in specs[1] and "mlp: predicted" in specs[1]
+
+
 def test_faithfulness_page(runs, monkeypatch):
     """A real `circuitq faithfulness` report inside a scores directory is listed and drawn."""
     root, data = runs

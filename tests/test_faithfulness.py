@@ -51,6 +51,17 @@ def test_sublayer_and_layer_units_cover_their_blocks_exactly():
     assert sum(int(m.sum()) for u in layers for m in u.entries.values()) == sum(a * b for a, b in shapes.values())
 
 
+def test_layer_profile_orders_blocks_by_layer():
+    from circuitq.circuits.faithfulness import layer_profile
+
+    rows = [{"label": "L1.mlp", "measured_loss": 0.3, "predicted": {"atp": 3.0}},
+            {"label": "L0.attn", "measured_loss": 0.1, "predicted": {"atp": 1.0}},
+            {"label": "L0.mlp", "measured_loss": 0.2, "predicted": {"atp": 2.0}}]
+    assert layer_profile(rows, "atp") == {"attn": [(0, 0.1, 1.0)], "mlp": [(0, 0.2, 2.0), (1, 0.3, 3.0)]}
+    assert layer_profile([{"label": "L2", "measured_loss": 1.0, "predicted": {}}], "atp") == {"layer": [(2, 1.0, None)]}
+    assert layer_profile([{"label": "L0.H3", "measured_loss": 0.1, "predicted": {}}] + rows, "atp") == {}
+
+
 def test_faithfulness_over_layers_with_local_estimators(tmp_path, tiny_dir, capsys):
     """Attention and MLP blocks as units, every one measured; for an MLP block atp-local (which recomputes the
     block) and atp-window with window 0 (the whole layer, whose attention the unit does not touch) agree. Whole

@@ -384,6 +384,9 @@ def jobs_panel(run: runs_catalog.RunEntry) -> None:
 def page_faithfulness(run: runs_catalog.RunEntry) -> None:
     """Measured vs predicted change per unit, and the circuit against random sets."""
     import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from circuitq.circuits.faithfulness import layer_profile
 
     st.header("Faithfulness")
     if not run.faithfulness:
@@ -410,6 +413,18 @@ def page_faithfulness(run: runs_catalog.RunEntry) -> None:
     fig.update_layout(xaxis_title=f"predicted ({est})", yaxis_title="measured change of the task loss (nats)",
                       height=460, title="One unit replaced at a time")
     st.plotly_chart(fig, key="faith_scatter")
+    profile = layer_profile(units, est)
+    if profile:   # 0.8.8: attention and MLP blocks, or whole layers, drawn along the depth of the model
+        lfig = make_subplots(specs=[[{"secondary_y": True}]])
+        for name, pts in profile.items():
+            lfig.add_trace(go.Bar(x=[p[0] for p in pts], y=[p[1] for p in pts], name=f"{name}: measured"))
+            lfig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[2] for p in pts], mode="lines+markers",
+                                      name=f"{name}: predicted ({est})"), secondary_y=True)
+        lfig.update_layout(xaxis_title="layer", height=380, barmode="group",
+                           title="By layer: each block replaced alone")
+        lfig.update_yaxes(title_text="measured change of the task loss (nats)", secondary_y=False)
+        lfig.update_yaxes(title_text=f"predicted ({est})", secondary_y=True)
+        st.plotly_chart(lfig, key="faith_layers")
     if doc.get("completeness"):
         ig = doc["completeness"]["ig"]
         st.caption(f"Integrated gradients ({doc['completeness'].get('ig_steps')} steps): Σ attributions "

@@ -205,6 +205,20 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float((ra * rb).sum()) / den if den > 0 else float("nan")
 
 
+def layer_profile(rows: list[dict], estimator: str) -> dict[str, list[tuple[int, float, float]]]:
+    """A report's ``sublayers`` or ``layers`` units by layer (pure): ``{"attn" | "mlp" | "layer": [(layer,
+    measured loss change, predicted by estimator)]}``, each series in layer order; ``{}`` for other unit kinds
+    (a head's or a neuron block's change is its own, not its layer's). Worked example: rows labelled ``L1.mlp``
+    and ``L0.mlp`` give ``{"mlp": [(0, ...), (1, ...)]}``."""
+    out: dict[str, list] = {}
+    for r in rows:
+        head, _, rest = r["label"].partition(".")
+        if not head[1:].isdigit() or rest not in ("", "attn", "mlp"):
+            return {}
+        out.setdefault(rest or "layer", []).append((int(head[1:]), r["measured_loss"], r["predicted"].get(estimator)))
+    return {k: sorted(v) for k, v in sorted(out.items())}
+
+
 def replacement(weights: dict[str, torch.Tensor], ablation: str, quantized: dict | None = None) -> dict:
     """The values a unit's entries take: ``Q(W)``, zero, or each row's mean (``{name: [out, in]}``)."""
     if ablation not in ABLATIONS:
