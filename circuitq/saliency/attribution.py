@@ -266,7 +266,7 @@ def path_item_losses(model, tokenizer, examples, quantized: dict[str, torch.Tens
     return torch.stack(rows)
 
 
-def integrated_gradients(model, tokenizer, examples, quantized: dict[str, torch.Tensor], calib, *, steps: int = 8,
+def integrated_gradients(model, tokenizer, examples, quantized: dict[str, torch.Tensor], calib, *, steps: int = 16,
                          model_path: str | None = None, progress: bool = True) -> tuple[dict, Completeness]:
     """``{HF weight name: [out, in]}`` IG attributions of replacing each weight by ``quantized``
     (``Q(W)``, e.g. ``stages.quantized_weights(...).weights``) on ``examples``, and their
