@@ -170,6 +170,36 @@ def test_faithfulness_cli_end_to_end(tmp_path, tiny_dir):
                  "--out", str(tmp_path / "g.json")]) == 2   # too few units for a rank correlation
 
 
+def test_weight_level_estimators_reach_the_measurement_as_unit_sums(tmp_path, tiny_dir, monkeypatch):
+    """Each weight-level estimator (the scores, atp, ig, a saliency method) is reduced to its unit sums as soon as it
+    is made (0.8.8): the measurement holds no [out, in] tensor of any (4 · P_lin each before), and the predictions
+    are those sums."""
+    import circuitq.pipeline.stages as stages
+    from circuitq.circuits.faithfulness import UnitEstimate
+    from circuitq.cli import main
+    from test_score import _score, _task
+
+    d, _ = tiny_dir
+    task = _task(tmp_path)
+    assert _score(d, task, tmp_path / "s", "--group-size", "32") == 0
+    seen = {}
+    real = stages.faithfulness_report
+
+    def spy(model, loss_fn, scores, unit_list, values, estimators, **kw):
+        seen.update(estimators)
+        return real(model, loss_fn, scores, unit_list, values, estimators, **kw)
+
+    monkeypatch.setattr(stages, "faithfulness_report", spy)
+    out = tmp_path / "f.json"
+    assert main(["faithfulness", "--scores", str(tmp_path / "s"), "--units", "heads", "--all-units", "--estimators",
+                 "score", "atp", "ig", "grad", "--ig-steps", "2", "--calib-samples", "6", "--eval-samples", "6",
+                 "--group-size", "32", "--out", str(out)]) == 0
+    assert set(seen) == {"score", "atp", "ig", "grad"} and all(isinstance(v, UnitEstimate) for v in seen.values())
+    rep = json.loads(out.read_text())
+    for u in rep["units"]:
+        assert all(u["predicted"][e] == pytest.approx(seen[e].values[u["label"]]) for e in seen)
+
+
 def test_curve_helpers_worked_examples():
     from circuitq.circuits.faithfulness import curve_area, recovery, unit_order, Unit
 

@@ -391,8 +391,10 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
     value at ``job.quantize``'s bits and group size (elementwise, so a subset can be quantized
     alone; GPTQ's values are a joint solution), and that is the ``Q(W)`` every estimator sees.
     Memory: the model, ``W`` views, the replacement (``4 · P_lin``), one gradient pass's statistics
-    (``4 · P_lin`` per statistic), each estimator's values (``4 · P_lin`` each; ``ig`` adds
-    ``8 · P_lin`` while it runs; ``16 · P_lin`` before 0.8.6) and the units' masks (``P_lin`` bytes per unit kind's cover).
+    (``4 · P_lin`` per statistic), one weight-level estimator's values at a time (``4 · P_lin``, reduced to
+    its unit sums as soon as it is made; before 0.8.8 every estimator's were held to the end, ``4 · P_lin`` each;
+    ``ig`` adds ``8 · P_lin`` and one gradient pass's activations while it runs; ``16 · P_lin`` before 0.8.6) and the
+    units' masks (``P_lin`` bytes per unit kind's cover).
     Additive methods (``SaliencyMethod.additive``: atp, atp-abs, tacq, grad, fisher) are also
     computed on the first half of the calibration items before the statistics carry on over the
     second, for their split-half reliability (``estimator_reliability``): the same gradient pass,
@@ -494,10 +496,14 @@ def faithfulness(lm, scores: dict, job, say=print, progress: bool = True) -> dic
                 est[e] = UnitEstimate(*second_order(wterms.per_item))
             else:
                 est[e] = compute_scores(e, SaliencyInputs(weights, values, grads.tensors, None, job.seed))
+            if not isinstance(est[e], UnitEstimate):
+                # only its unit sums are read from here on (predictions, orderings, halves): 4 · P_lin freed now,
+                # not held beside the next estimator's passes and through the measurement (0.8.8)
+                est[e] = UnitEstimate(unit_values(unit_list, est[e]))
     del grads
     halves = {}
     for m, part in first.items():
-        full = unit_values(unit_list, est[m])
+        full = est[m].values
         halves[m] = SplitHalves(part, {x: full[x] - part[x] for x in full}, len(calib_items))
 
     def loss_fn(m):
