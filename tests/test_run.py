@@ -227,7 +227,7 @@ def test_run_with_faithfulness_checks_each_circuit_and_reports_it(tmp_path, tiny
     assert json.loads((out / "run.json").read_text())["steps"]["computed"] == 0
     assert json.loads((out / "faithfulness-mmlu-heads.json").read_text())["spearman"] == rep["spearman"]
     with pytest.raises(ConfigError, match="--faithfulness"):
-        RunConfig(faithfulness="layers")
+        RunConfig(faithfulness="blocks")
 
 
 def test_run_without_plot_packages_writes_tables_and_a_report_without_figures(tmp_path, tiny_dir, monkeypatch, capsys):

@@ -22,6 +22,7 @@ from circuitq.app import jobs as background_jobs
 from circuitq.app.catalog import confine
 from circuitq.circuits import explore
 from circuitq.circuits.compare import same_model
+from circuitq.circuits.faithfulness import layer_profile
 from circuitq.circuits.maps import aggregate, compare_circuits, compare_masks, read_map, spearman, top_units
 from circuitq.circuits.plots import attribution_heatmaps, head_heatmaps, overlap_by_layer
 from circuitq.config import DEFAULT_FRACTION, CalibConfig, DataConfig, EvalConfig, QuantizeConfig, QuantizeJob
@@ -385,8 +386,6 @@ def page_faithfulness(run: runs_catalog.RunEntry) -> None:
     """Measured vs predicted change per unit, and the circuit against random sets."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
-
-    from circuitq.circuits.faithfulness import layer_profile
 
     st.header("Faithfulness")
     if not run.faithfulness:
