@@ -702,3 +702,24 @@ def test_faithfulness_with_the_metric_objective_end_to_end(tmp_path, tiny_dir, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "atp-window2" in err[0] and "--objective nll" in err[0] and "atp-window with" in err[0]
     assert not any((tmp_path / n).exists() for n in ("bad", "bad2", "bad.json", "bad3.json", "bad4.json"))
+
+
+def test_measured_accepts_a_larger_split_of_the_same_task_on_the_same_items():
+    """A measurement of ``ioi:800`` is reusable by ``ioi:1600`` (or ``ioi``) when the evaluation
+    items' digest matches (a larger split starts with the smaller one's items); not when the items
+    differ, nor across tasks or for tasks that cannot be resized."""
+    from circuitq.circuits.faithfulness import reusable_measurements
+    from circuitq.errors import UsageError
+
+    was = {"task": "ioi:800", "eval_items": "abc", "units": "heads", "bits": 3}
+    prev = {"format": "circuitq.faithfulness", "units": [], "measurement": was}
+    for task in ("ioi:1600", "ioi", "ioi:800"):
+        assert reusable_measurements(prev, {**was, "task": task}) is prev
+    for key, needle in (({**was, "task": "ioi:1600", "eval_items": "abd"}, "eval_items, task differ"),
+                        ({**was, "task": "greater-than:800"}, "task differ"),
+                        ({**was, "task": "ioi:1600", "bits": 2}, "bits, task differ")):
+        with pytest.raises(UsageError, match=needle):
+            reusable_measurements(prev, key)
+    other = {**prev, "measurement": {**was, "task": "mmlu:anatomy"}}
+    with pytest.raises(UsageError, match="task differ"):
+        reusable_measurements(other, {**was, "task": "mmlu:astronomy"})

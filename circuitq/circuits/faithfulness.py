@@ -37,6 +37,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from circuitq.data.circuit_tasks import SIZED_TASKS
 from circuitq.errors import UsageError
 from circuitq.model.arch import Geometry, module_parts, parse_name
 from circuitq.saliency.masks import select_topk_stream
@@ -481,11 +482,20 @@ def measure(model, loss_fn, entries: dict, values: dict, cache: LayerReplay | No
         return loss_fn(model)
 
 
+def _resizable_family(task) -> str | None:
+    """``ioi`` for ``ioi``, ``ioi:800``, ``ioi:1600`` (a circuit task whose splits can be made
+    larger, the first items of a larger split being the smaller one's); None for any other task."""
+    kind, _, arg = str(task).partition(":")
+    return kind if kind in SIZED_TASKS and (not arg or arg.isdigit()) else None
+
+
 def reusable_measurements(prev: dict, key: dict | None, source: str = "--measured") -> dict:
     """``prev`` (an earlier faithfulness report) as ``faithfulness_report``'s ``prior``, when it
     measured the same thing: its ``measurement`` equals ``key`` (model fingerprint, task, the
     evaluation items' digest and settings, unit kind, ablation, bits, group size; ``key=None``
-    checks only that it is such a report). One line naming the fields that differ otherwise."""
+    checks only that it is such a report). Sizes of one resizable circuit task (``ioi:800`` and
+    ``ioi:1600``) count as the same task when the evaluation items' digest matches, so a larger
+    calibration split can reuse a measurement. One line naming the fields that differ otherwise."""
     if not isinstance(prev, dict) or prev.get("format") != "circuitq.faithfulness" or "units" not in prev:
         raise UsageError(f"{source} is not a circuitq faithfulness JSON (made by `circuitq faithfulness --out`)")
     was = prev.get("measurement")
@@ -493,6 +503,8 @@ def reusable_measurements(prev: dict, key: dict | None, source: str = "--measure
         raise UsageError(f"{source} was made by circuitq {prev.get('circuitq_version', '?')}, which did not record what it "
                          "measured; measure again without --measured")
     diff = [] if key is None else sorted(k for k in set(key) | set(was) if key.get(k) != was.get(k))
+    if diff == ["task"] and _resizable_family(key["task"]) == _resizable_family(was.get("task")) is not None:
+        diff = []   # ioi:800 and ioi:1600 on the same held-out items (the digest matched): the same measurement
     if diff:
         raise UsageError(f"{source} measured something else ({', '.join(diff)} differ); match them or drop --measured")
     return prev
