@@ -19,7 +19,7 @@ The public API (``circuitq.collect_gradients``, ``saliency``, ``select``, ``quan
 ``evaluate``, ``compare``, ...) is ``circuitq.api``, loaded on first use. Importing circuitq
 changes no global state.
 """
-__version__ = "0.8.8"
+__version__ = "0.8.9"
 
 _API = ("CalibConfig", "DataConfig", "EvalConfig", "MaskConfig", "QuantizeConfig", "QuantizeJob", "RunConfig",
         "ScoreConfig", "DEFAULT_FRACTION", "Task", "Geometry", "target_shapes", "load_model", "calibration_tokens",
